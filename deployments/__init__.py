@@ -1,0 +1,1 @@
+"""facedetailer-serve package."""

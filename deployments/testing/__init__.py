@@ -1,0 +1,1 @@
+"""Test and demo support: packaged real weights and photos, and self-built tiny models."""
