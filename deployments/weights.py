@@ -65,9 +65,43 @@ def _download_url(url: str, cache_dir: Path) -> Path:
     return target
 
 
+def _resolve_package_file(reference: str) -> Path:
+    """``pkg://package/relative/path``: a file shipped inside an installed Python package."""
+    import importlib.util
+
+    package, _, relative = reference.removeprefix("pkg://").partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise WeightsNotFoundError(f"{reference}: package {package!r} is not installed")
+    path = Path(spec.origin).parent / relative
+    if not path.exists():
+        raise WeightsNotFoundError(f"{reference}: {path} does not exist")
+    return path
+
+
+def _resolve_tiny_model(reference: str) -> Path:
+    """``tiny://component/key``: a self-built tiny test model, built on first use."""
+    from deployments.testing.build_tiny_models import build_component, default_tiny_models_dir
+
+    component, _, key = reference.removeprefix("tiny://").partition("/")
+    try:
+        paths = build_component(component, default_tiny_models_dir() / component)
+        return Path(paths[key])
+    except KeyError as error:
+        raise WeightsNotFoundError(f"{reference}: unknown tiny model {error}") from error
+
+
 def resolve_weights(reference: str | os.PathLike[str], cache_dir: Path | None = None) -> Path:
-    """Return a local path for ``reference``; raise :class:`WeightsNotFoundError` naming it."""
+    """Return a local path for ``reference``; raise :class:`WeightsNotFoundError` naming it.
+
+    Besides paths, hub files and URLs, ``pkg://package/path`` names a file an installed package
+    ships and ``tiny://component/key`` a self-built tiny model (tests and the offline demo).
+    """
     reference = os.fspath(reference)
+    if reference.startswith("pkg://"):
+        return _resolve_package_file(reference)
+    if reference.startswith("tiny://"):
+        return _resolve_tiny_model(reference)
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     local = Path(reference).expanduser()
     if local.exists():

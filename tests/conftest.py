@@ -23,6 +23,7 @@ from deployments.runtime_env import apply_offline_env  # noqa: E402
 
 apply_offline_env(CACHE_DIR / "ultralytics")
 os.environ.setdefault("FACEDETAILER_CACHE", str(CACHE_DIR / "weights"))
+os.environ["FACEDETAILER_TINY_MODELS"] = str(CACHE_DIR / "tiny-models")
 _BLOCKED_PROXY = "http://127.0.0.1:9"
 for _name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
     os.environ[_name] = _BLOCKED_PROXY

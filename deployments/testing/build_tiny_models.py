@@ -13,6 +13,7 @@ redone rather than half-used.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import json
 import os
@@ -34,6 +35,14 @@ BUILDERS: dict[str, str] = {
 }
 
 
+def default_tiny_models_dir() -> Path:
+    """Where ``tiny://`` references are built: $FACEDETAILER_TINY_MODELS or the user cache."""
+    configured = os.environ.get("FACEDETAILER_TINY_MODELS")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("FACEDETAILER_CACHE", Path.home() / ".cache" / "facedetailer")) / "tiny-models"
+
+
 def _builder(component: str) -> Callable[[Path], dict[str, Any]]:
     module_name, function_name = BUILDERS[component].split(":")
     return getattr(importlib.import_module(module_name), function_name)
@@ -46,12 +55,19 @@ def _relocate(value: Any, old: str, new: str) -> Any:
 def build_component(component: str, directory: Path) -> dict[str, Any]:
     """Build one component into ``directory`` unless a finished build is there; return its paths."""
     directory = Path(directory).resolve()
-    manifest_path = directory / MANIFEST
-    if manifest_path.is_file():
-        stored = json.loads(manifest_path.read_text())
-        if stored.get("version") == BUILD_VERSION:
-            return _relocate(stored["paths"], ROOT_PLACEHOLDER, str(directory))
     directory.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (test workers, Ray replicas) may ask at once: build under a lock.
+    with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest_path = directory / MANIFEST
+        if manifest_path.is_file():
+            stored = json.loads(manifest_path.read_text())
+            if stored.get("version") == BUILD_VERSION:
+                return _relocate(stored["paths"], ROOT_PLACEHOLDER, str(directory))
+        return _build_unlocked(component, directory)
+
+
+def _build_unlocked(component: str, directory: Path) -> dict[str, Any]:
     staging = Path(tempfile.mkdtemp(prefix=f".{component}-building-", dir=directory.parent))
     try:
         paths = _builder(component)(staging)

@@ -1,0 +1,237 @@
+"""``facedetailer``: serve the application, detail files through it, or run the offline demo."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "local-cpu.yaml"
+
+
+def _application(config: dict[str, Any]) -> dict[str, Any]:
+    from serve_app.app import APP_NAME
+
+    for application in config.get("applications", []):
+        if application.get("name") == APP_NAME:
+            return application
+    raise SystemExit(f"the config has no application named {APP_NAME!r}")
+
+
+def start_serving(config_path: Path, *, port: int | None = None, blocking: bool = False) -> tuple[Any, int]:
+    """Start (or join) Ray, then deploy the application from a Serve config file; return (handle, port)."""
+    import ray
+    from ray import serve
+
+    from serve_app.app import APP_NAME, build_app, load_serve_config
+
+    config = load_serve_config(config_path)
+    application = _application(config)
+    env_vars = {key: str(value) for key, value in application.get("runtime_env", {}).get("env_vars", {}).items()}
+    os.environ.update(env_vars)
+    if not ray.is_initialized():
+        try:
+            ray.init(address="auto", runtime_env={"env_vars": env_vars}, log_to_driver=False)
+            print("joined the running Ray cluster", file=sys.stderr)
+        except ConnectionError:
+            ray.init(runtime_env={"env_vars": env_vars}, include_dashboard=False, log_to_driver=False)
+            print("started a local Ray instance", file=sys.stderr)
+    http = dict(config.get("http_options", {}))
+    if port is not None:
+        http["port"] = port
+    serve.start(http_options=http)
+    handle = serve.run(
+        build_app(application.get("args", {})),
+        name=APP_NAME,
+        route_prefix=application.get("route_prefix", "/"),
+        blocking=blocking,
+    )
+    return handle, int(http.get("port", 8000))
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise SystemExit(f"--param expects name=value, got {text!r}")
+    name, raw = text.split("=", 1)
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return name.strip(), value
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    if array.dtype != np.uint8:
+        array = np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial" + path.suffix)
+    Image.fromarray(array).save(partial, format="PNG")
+    os.replace(partial, path)  # never leave a half-written output behind
+
+
+def side_by_side(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    gap = np.full((before.shape[0], 8, 3), 255, dtype=np.uint8)
+    return np.concatenate([before, gap, after], axis=1)
+
+
+def command_serve(args: argparse.Namespace) -> None:
+    start_serving(args.config, port=args.port, blocking=True)
+
+
+def command_detail(args: argparse.Namespace) -> None:
+    """Detail files through the Python handle API, with a progress bar per image and face."""
+    from tqdm import tqdm
+
+    from deployments.testing.assets import load_rgb
+    from facedetailer.params import FaceDetailerParams
+
+    params = FaceDetailerParams.model_validate(dict(_parse_param(item) for item in args.param))
+    handle, _ = start_serving(args.config, port=args.port)
+    outdir = Path(args.output)
+    for path in tqdm(args.images, desc="images", unit="image"):
+        image = load_rgb(Path(path))
+        faces = tqdm(desc=f"{Path(path).name}: faces", unit="face", leave=False)
+        result = None
+        async_gen = handle.options(stream=True).detail_with_progress.remote(image, params.model_dump())
+        for event in async_gen:
+            if event["event"] == "face":
+                faces.update(1)
+                faces.set_postfix_str(event["status"])
+            else:
+                result = event["result"]
+        faces.close()
+        assert result is not None
+        stem = Path(path).stem
+        _save(result.images[0], outdir / f"{stem}.png")
+        _save(result.masks[0], outdir / f"{stem}.mask.png")
+        for index, crop in enumerate(result.per_image[0].cropped_refined):
+            _save(crop, outdir / f"{stem}.refined-{index}.png")
+        tqdm.write(f"{path}: {len(result.per_image[0].segments)} face(s) → {outdir / (stem + '.png')}")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _post_multipart(url: str, image_bytes: bytes, fields: dict[str, str], timeout: float) -> dict[str, Any]:
+    boundary = uuid.uuid4().hex
+    body = io.BytesIO()
+    for name, value in fields.items():
+        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    body.write(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n".encode()
+    )
+    body.write(image_bytes + f"\r\n--{boundary}--\r\n".encode())
+    request = urllib.request.Request(
+        url, data=body.getvalue(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # localhost only
+    with opener.open(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _decode_png(text: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(text))) as image:
+        return np.asarray(image)
+
+
+def command_demo(args: argparse.Namespace) -> None:
+    """Offline end to end: serve local-cpu.yaml, detail a packaged photo over HTTP, write the outputs."""
+    import ray
+    from ray import serve
+
+    from deployments.runtime_env import apply_offline_env
+    from deployments.testing.assets import load_rgb, ultralytics_asset
+    from deployments.testing.build_tiny_models import build_component, default_tiny_models_dir
+
+    apply_offline_env()
+    started = time.perf_counter()
+    print("building the tiny inpainter if missing (random weights: refined faces will be noise)…")
+    build_component("sd", default_tiny_models_dir() / "sd")
+    photo = ultralytics_asset(args.photo)
+    port = args.port or _free_port()
+    try:
+        print(f"serving {args.config} on 127.0.0.1:{port}…")
+        start_serving(args.config, port=port)
+        ready = time.perf_counter()
+        fields = {"params": json.dumps({"use_sam": True, "steps": args.steps, "seed": args.seed})}
+        print(f"POST /v1/detail?format=json with {photo.name}…")
+        request_start = time.perf_counter()
+        result = _post_multipart(
+            f"http://127.0.0.1:{port}/v1/detail?format=json", photo.read_bytes(), fields, timeout=900
+        )
+        request_seconds = time.perf_counter() - request_start
+    except urllib.error.HTTPError as error:
+        raise SystemExit(f"the service answered {error.code}: {error.read().decode(errors='replace')}") from error
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    outdir = Path(args.output)
+    before = load_rgb(photo)
+    after = _decode_png(result["image"])
+    _save(after, outdir / "detailed.png")
+    _save(_decode_png(result["mask"]), outdir / "mask.png")
+    _save(side_by_side(before, after), outdir / "comparison.png")
+    for index, crop in enumerate(result["cropped_refined"]):
+        _save(_decode_png(crop), outdir / f"cropped_refined_{index}.png")
+    for index, crop in enumerate(result["cropped_enhanced_alpha"]):
+        _save(_decode_png(crop), outdir / f"cropped_enhanced_alpha_{index}.png")
+    print(f"faces detected: {result['faces_detected']}, refined: {result['faces_refined']}")
+    for segment in result["segments"][0]:
+        print(f"  face {segment['index']}: bbox {[round(v) for v in segment['bbox']]} conf {segment['confidence']:.2f} "
+              f"seed {segment['seed']} upscale {segment['upscale']:.2f} skipped {segment['skipped']}")
+    print("stage timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in result["timings"].items()))
+    print(f"start-up {ready - started:.1f} s, HTTP request {request_seconds:.2f} s, "
+          f"total {time.perf_counter() - started:.1f} s")
+    print(f"outputs written to {outdir.resolve()}/ (detailed.png, mask.png, comparison.png, crops)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facedetailer", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="serve the application from a Serve config")
+    serve_parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    serve_parser.add_argument("--port", type=int)
+    serve_parser.set_defaults(run=command_serve)
+    detail = commands.add_parser("detail", help="detail image files through the service")
+    detail.add_argument("images", nargs="+")
+    detail.add_argument("-o", "--output", required=True)
+    detail.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    detail.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    detail.add_argument("--port", type=int)
+    detail.set_defaults(run=command_detail)
+    demo = commands.add_parser("demo", help="offline demo on a photo shipped by ultralytics")
+    demo.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    demo.add_argument("--photo", default="zidane.jpg")
+    demo.add_argument("--output", default="demo-output")
+    demo.add_argument("--steps", type=int, default=8)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--port", type=int)
+    demo.set_defaults(run=command_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

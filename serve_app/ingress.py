@@ -1,0 +1,435 @@
+"""The ingress deployment: FaceDetailer's cycle and blend over the model deployments, and its HTTP API.
+
+It holds no model. The image goes to the detector (and SAM) once per image; only upscaled crops
+and their masks go to the inpainter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import numpy as np
+from deployments.inpainter import RefineJob, SamplingSettings
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from facedetailer.params import FaceDetailerParams
+from facedetailer.sam_prompts import SamPrompt
+from facedetailer.segs import Detection
+from serve_app.config import Limits
+from serve_app.images import (
+    ImageInputError,
+    as_uint8_image,
+    decode_base64_image,
+    decode_image,
+    encode_png,
+    encode_png_base64,
+)
+from serve_app.pipeline import DetailResult, PipelineInputError, SegmentReport, detail_batch
+
+logger = logging.getLogger("ray.serve")
+
+http_app = FastAPI(
+    title="facedetailer-serve",
+    version="0.1.0",
+    description=(
+        "ComfyUI Impact Pack's FaceDetailer as a service: every face found, refined by a diffusion "
+        "inpainter at a higher resolution, and blended back. Parameters use the node's names and defaults."
+    ),
+)
+
+
+class RequestError(Exception):
+    """A client error with its HTTP status and a message that says what is wrong."""
+
+    def __init__(self, status_code: int, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.details = details
+
+
+def _validation_error(error: ValidationError) -> RequestError:
+    details = [
+        {"field": ".".join(str(part) for part in item["loc"]) or "params", "message": item["msg"]}
+        for item in error.errors(include_url=False)
+    ]
+    summary = "; ".join(f"{item['field']}: {item['message']}" for item in details)
+    return RequestError(422, f"invalid parameters: {summary}", details)
+
+
+def parse_params(values: dict[str, Any] | FaceDetailerParams | None) -> FaceDetailerParams:
+    if isinstance(values, FaceDetailerParams):
+        return values
+    try:
+        return FaceDetailerParams.model_validate(values or {})
+    except ValidationError as error:
+        raise _validation_error(error) from error
+
+
+class HandleStages:
+    """The pipeline's stages, each a call to a model deployment."""
+
+    def __init__(
+        self,
+        detector: DeploymentHandle,
+        inpainter: DeploymentHandle,
+        sam: DeploymentHandle | None,
+        segm_detector: DeploymentHandle | None,
+    ) -> None:
+        self.detector, self.inpainter, self.sam, self.segm_detector = detector, inpainter, sam, segm_detector
+
+    async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]:
+        return await self.detector.detect.remote(image, threshold)
+
+    async def detect_segm(self, image: np.ndarray, threshold: float) -> list[Detection]:
+        assert self.segm_detector is not None
+        return await self.segm_detector.detect.remote(image, threshold)
+
+    async def segment(self, image: np.ndarray, prompts: Sequence[SamPrompt]) -> list[Any]:
+        assert self.sam is not None
+        return await self.sam.predict.remote(image, list(prompts))
+
+    async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings) -> list[np.ndarray]:
+        return await self.inpainter.refine.remote(list(jobs), settings)
+
+
+def sampling_settings(params: FaceDetailerParams) -> SamplingSettings:
+    return SamplingSettings(
+        steps=params.steps,
+        cfg=params.cfg,
+        sampler_name=params.sampler_name,
+        scheduler=params.scheduler,
+        denoise=params.denoise,
+        cycle=params.cycle,
+        noise_mask_feather=params.noise_mask_feather,
+        inpaint_model=params.inpaint_model,
+    )
+
+
+@serve.deployment(name="FaceDetailerIngress")
+@serve.ingress(http_app)
+class FaceDetailerIngress:
+    """Runs FaceDetailer by calling the Detector, Sam and Inpainter deployments."""
+
+    def __init__(
+        self,
+        detector: DeploymentHandle,
+        inpainter: DeploymentHandle,
+        sam: DeploymentHandle | None = None,
+        segm_detector: DeploymentHandle | None = None,
+        limits: dict[str, Any] | None = None,
+    ) -> None:
+        self.stages = HandleStages(detector, inpainter, sam, segm_detector)
+        self.limits = Limits.model_validate(limits or {})
+        self._supported: tuple[list[str], list[str]] | None = None
+
+    # ---- Python handle API -------------------------------------------------------------------
+    async def detail(
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        params: dict[str, Any] | FaceDetailerParams | None = None,
+        on_face: Callable[[SegmentReport], None] | None = None,
+    ) -> DetailResult:
+        """Detail one image [H, W, 3] or a batch ([B, H, W, 3] or a list); image k uses seed + k."""
+        batch = [images] if isinstance(images, np.ndarray) and images.ndim == 3 else list(images)
+        if not batch:
+            raise RequestError(422, "images: at least one image is required")
+        if len(batch) > self.limits.max_batch_images:
+            raise RequestError(413, f"images: {len(batch)} images exceeds the limit of {self.limits.max_batch_images}")
+        try:
+            arrays = [as_uint8_image(image, f"images[{k}]") for k, image in enumerate(batch)]
+        except ImageInputError as error:
+            raise RequestError(error.status_code, str(error)) from error
+        for k, array in enumerate(arrays):
+            if array.shape[0] * array.shape[1] > self.limits.max_image_pixels:
+                raise RequestError(413, f"images[{k}]: exceeds the limit of {self.limits.max_image_pixels} pixels")
+        resolved = parse_params(params)
+        return await self._run(arrays, resolved, on_face)
+
+    async def detail_with_progress(
+        self, images: np.ndarray | Sequence[np.ndarray], params: dict[str, Any] | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Streaming variant for progress bars: a ``face`` event per face, then the ``result``."""
+        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        def on_face(report: SegmentReport) -> None:
+            status = report.skip_reason if report.skipped else "refined"
+            events.put_nowait({"event": "face", "index": report.index, "status": status})
+
+        task = asyncio.ensure_future(self.detail(images, params, on_face=on_face))
+        while not task.done() or not events.empty():
+            getter = asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                yield getter.result()
+            else:
+                getter.cancel()
+        yield {"event": "result", "result": task.result()}
+
+    async def info(self) -> dict[str, Any]:
+        samplers, schedulers = await self._supported_names()
+        detector_info = await self.stages.detector.info.remote()
+        return {
+            "models": {
+                "detector": detector_info,
+                "segm_detector": await self.stages.segm_detector.info.remote() if self.stages.segm_detector else None,
+                "sam": await self.stages.sam.info.remote() if self.stages.sam else None,
+                "inpainter": await self.stages.inpainter.info.remote(),
+            },
+            "samplers": samplers,
+            "schedulers": schedulers,
+            "limits": self.limits.model_dump(),
+            "defaults": FaceDetailerParams().model_dump(),
+        }
+
+    async def _supported_names(self) -> tuple[list[str], list[str]]:
+        if self._supported is None:
+            samplers = await self.stages.inpainter.supported_samplers.remote()
+            schedulers = await self.stages.inpainter.supported_schedulers.remote()
+            self._supported = (samplers, schedulers)
+        return self._supported
+
+    async def _validate_sampling(self, params: FaceDetailerParams) -> None:
+        samplers, schedulers = await self._supported_names()
+        if params.sampler_name not in samplers:
+            raise RequestError(
+                422, f"sampler_name: unsupported {params.sampler_name!r}; supported: {', '.join(samplers)}"
+            )
+        if params.scheduler not in schedulers:
+            raise RequestError(422, f"scheduler: unsupported {params.scheduler!r}; supported: {', '.join(schedulers)}")
+        if params.use_sam and self.stages.sam is None:
+            raise RequestError(422, "use_sam: this service has no SAM deployment configured")
+        if params.use_segm and self.stages.segm_detector is None:
+            raise RequestError(422, "use_segm: this service has no segm detector deployment configured")
+
+    async def _run(
+        self,
+        images: list[np.ndarray],
+        params: FaceDetailerParams,
+        on_face: Callable[[SegmentReport], None] | None = None,
+    ) -> DetailResult:
+        await self._validate_sampling(params)
+        try:
+            return await asyncio.wait_for(
+                detail_batch(
+                    images,
+                    params,
+                    self.stages,
+                    make_job=RefineJob,
+                    settings=sampling_settings(params),
+                    has_sam=self.stages.sam is not None,
+                    has_segm=self.stages.segm_detector is not None,
+                    on_face=on_face,
+                ),
+                timeout=self.limits.request_timeout_s,
+            )
+        except PipelineInputError as error:
+            raise RequestError(422, str(error)) from error
+        except TimeoutError as error:
+            raise RequestError(504, f"request took longer than {self.limits.request_timeout_s} s") from error
+        except ValueError as error:  # e.g. the inpainter rejecting a sampler/scheduler combination
+            raise RequestError(422, str(error)) from error
+
+    # ---- HTTP API ----------------------------------------------------------------------------
+    @http_app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """Ready when every model deployment answers its health probe."""
+        checks: dict[str, str] = {}
+        handles = {
+            "detector": self.stages.detector,
+            "segm_detector": self.stages.segm_detector,
+            "sam": self.stages.sam,
+            "inpainter": self.stages.inpainter,
+        }
+        for name, handle in handles.items():
+            if handle is None:
+                continue
+            try:
+                await asyncio.wait_for(handle.check_health.remote(), timeout=10)
+                checks[name] = "ok"
+            except Exception as error:  # a replica down or failing its probe
+                checks[name] = f"unhealthy: {type(error).__name__}: {error}"[:300]
+        healthy = all(value == "ok" for value in checks.values())
+        status = {"status": "ok" if healthy else "unhealthy", "deployments": checks}
+        return JSONResponse(status, 200 if healthy else 503)
+
+    @http_app.get("/v1/info")
+    async def http_info(self) -> JSONResponse:
+        """Models loaded, samplers and schedulers supported, limits and parameter defaults."""
+        return JSONResponse(await self.info())
+
+    @http_app.post(
+        "/v1/detail",
+        responses={200: {"content": {"image/png": {}, "application/json": {}}}},
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "image": {"type": "string", "format": "binary"},
+                                "params": {"type": "string", "description": "JSON object of parameters"},
+                            },
+                            "required": ["image"],
+                            "additionalProperties": {"type": "string"},
+                        }
+                    },
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "image": {"type": "string", "description": "base64 PNG/JPEG/WebP"},
+                                "images": {"type": "array", "items": {"type": "string"}},
+                                "params": FaceDetailerParams.model_json_schema(),
+                            },
+                        }
+                    },
+                },
+                "required": True,
+            }
+        },
+    )
+    async def http_detail(self, request: Request, format: str = "png") -> Response:
+        """Detail an uploaded image. Returns the PNG, or with ``?format=json`` every output as JSON."""
+        try:
+            if format not in ("png", "json"):
+                raise RequestError(422, f"format: must be 'png' or 'json', got {format!r}")
+            started = time.perf_counter()
+            images, values = await self._read_request(request)
+            decoded = time.perf_counter()
+            result = await self.detail(images, values)
+        except RequestError as error:
+            return _error_response(error)
+        except ImageInputError as error:
+            return _error_response(RequestError(error.status_code, str(error)))
+        result.timings["decode"] = decoded - started
+        encode_start = time.perf_counter()
+        if format == "json":
+            body = result_to_json(result)
+            body["timings"]["encode"] = time.perf_counter() - encode_start
+            body["timings"]["total"] = time.perf_counter() - started
+            return JSONResponse(body)
+        png = encode_png(result.images[0])
+        result.timings["encode"] = time.perf_counter() - encode_start
+        result.timings["total"] = time.perf_counter() - started
+        headers = {
+            "X-Faces-Refined": str(sum(len(r.cropped_refined) for r in result.per_image)),
+            "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in result.timings.items()),
+        }
+        return Response(png, media_type="image/png", headers=headers)
+
+    async def _read_request(self, request: Request) -> tuple[list[np.ndarray], dict[str, Any]]:
+        content_type = request.headers.get("content-type", "")
+        declared = int(request.headers.get("content-length") or 0)
+        budget = self.limits.max_upload_bytes * self.limits.max_batch_images + 1024 * 1024
+        if declared > budget:
+            raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {budget} bytes")
+        if content_type.startswith("multipart/form-data"):
+            return await self._read_multipart(request)
+        if content_type.startswith("application/json"):
+            return await self._read_json(request)
+        raise RequestError(415, "send multipart/form-data with an 'image' file, or JSON with a base64 'image'")
+
+    async def _read_multipart(self, request: Request) -> tuple[list[np.ndarray], dict[str, Any]]:
+        try:
+            form = await request.form(max_files=self.limits.max_batch_images, max_fields=100)
+        except Exception as error:
+            raise RequestError(400, f"malformed multipart body: {error}") from error
+        uploads = form.getlist("image")
+        if not uploads:
+            raise RequestError(422, "image: a file field named 'image' is required")
+        images = []
+        for index, upload in enumerate(uploads):
+            if isinstance(upload, str):
+                raise RequestError(422, "image: must be a file upload, not a text field")
+            data = await upload.read(self.limits.max_upload_bytes + 1)
+            images.append(decode_image(data, self.limits, f"image[{index}]" if len(uploads) > 1 else "image"))
+        values: dict[str, Any] = {}
+        if "params" in form:
+            values.update(_json_object(form["params"], "params"))
+        for key, value in form.multi_items():
+            if key not in ("image", "params"):
+                values[key] = value
+        return images, values
+
+    async def _read_json(self, request: Request) -> tuple[list[np.ndarray], dict[str, Any]]:
+        body = _json_object((await request.body()).decode("utf-8", "replace"), "body")
+        encoded = body.pop("images", None)
+        if encoded is None:
+            if "image" not in body:
+                raise RequestError(422, "image: a base64-encoded image is required")
+            encoded = [body.pop("image")]
+        elif not isinstance(encoded, list) or not encoded:
+            raise RequestError(422, "images: must be a non-empty list of base64 strings")
+        if len(encoded) > self.limits.max_batch_images:
+            limit = self.limits.max_batch_images
+            raise RequestError(413, f"images: {len(encoded)} images exceeds the limit of {limit}")
+        images = [decode_base64_image(text, self.limits, f"images[{k}]") for k, text in enumerate(encoded)]
+        values = body.pop("params", {}) or {}
+        if not isinstance(values, dict):
+            raise RequestError(422, "params: must be a JSON object")
+        values.update(body)
+        return images, values
+
+
+def _json_object(text: Any, name: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError) as error:
+        raise RequestError(422, f"{name}: not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise RequestError(422, f"{name}: must be a JSON object")
+    return value
+
+
+def _error_response(error: RequestError) -> JSONResponse:
+    content: dict[str, Any] = {"error": error.message}
+    if error.details is not None:
+        content["details"] = error.details
+    headers = {"Retry-After": "5"} if error.status_code in (429, 503) else None
+    return JSONResponse(content, status_code=error.status_code, headers=headers)
+
+
+def result_to_json(result: DetailResult) -> dict[str, Any]:
+    """Every output of spec §8 as base64 PNGs, plus per-face metadata and stage timings."""
+    per_image = result.per_image
+    return {
+        "image": encode_png_base64(result.images[0]),
+        "images": [encode_png_base64(image) for image in result.images],
+        "mask": encode_png_base64(per_image[0].mask),
+        "masks": [encode_png_base64(item.mask) for item in per_image],
+        "cropped_refined": [encode_png_base64(crop) for crop in result.cropped_refined],
+        "cropped_enhanced_alpha": [encode_png_base64(crop) for crop in result.cropped_enhanced_alpha],
+        "cnet_images": [],
+        "segments": [[_segment_json(segment) for segment in item.segments] for item in per_image],
+        "faces_detected": sum(len(item.segments) for item in per_image),
+        "faces_refined": sum(len(item.cropped_refined) for item in per_image),
+        "timings": result.timings,
+        "detailer_pipe": result.detailer_pipe,
+    }
+
+
+def _segment_json(segment: Any) -> dict[str, Any]:
+    return {
+        "index": segment.index,
+        "bbox": list(segment.bbox),
+        "crop_region": list(segment.crop_region),
+        "confidence": segment.confidence,
+        "label": segment.label,
+        "seed": segment.seed,
+        "upscale": segment.upscale,
+        "upscaled_size": list(segment.upscaled_size) if segment.upscaled_size else None,
+        "skipped": segment.skipped,
+        "skip_reason": segment.skip_reason,
+        "prompt": segment.prompt,
+    }

@@ -1,0 +1,391 @@
+"""FaceDetailer's per-image cycle: detect → (SAM | segm) → plan → refine each face → blend.
+
+The stages are reached through the small async :class:`Stages` protocol, so the same code runs
+behind Ray Serve deployment handles (the ingress) and with in-process models (tests, the
+benchmark's in-process baseline). Nothing here imports Ray or a model library.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from facedetailer.blend import feather_mask, paste, resize_image, resize_mask, rgba_with_alpha
+from facedetailer.guide_size import plan_upscale
+from facedetailer.params import FaceDetailerParams
+from facedetailer.sam_prompts import SamPrompt, combine_sam_masks, make_sam_prompts, select_sam_masks
+from facedetailer.seeds import SEED_MODULUS, sampling_seed
+from facedetailer.segs import (
+    SEG,
+    SEGS,
+    Detection,
+    detections_to_segs,
+    segs_bitwise_and_mask,
+    segs_to_combined_mask,
+)
+from facedetailer.waves import refinement_waves
+from facedetailer.wildcards import FacePrompt, plan_wildcards, split_break
+
+EMPTY_PLACEHOLDER_SIZE = 64
+
+
+class Stages(Protocol):
+    """What the cycle needs from the model deployments."""
+
+    async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]: ...
+
+    async def detect_segm(self, image: np.ndarray, threshold: float) -> list[Detection]: ...
+
+    async def segment(self, image: np.ndarray, prompts: Sequence[SamPrompt]) -> list[Any]: ...
+
+    async def refine(self, jobs: Sequence[Any], settings: Any) -> list[np.ndarray]: ...
+
+
+class PipelineInputError(ValueError):
+    """The request cannot be served as asked (e.g. SAM requested but not deployed)."""
+
+
+@dataclass
+class SegmentReport:
+    """Per-face metadata returned with the result (HTTP ``segments``)."""
+
+    index: int
+    bbox: tuple[float, float, float, float]
+    crop_region: tuple[int, int, int, int]
+    confidence: float
+    label: str
+    seed: int | None = None
+    upscale: float | None = None
+    upscaled_size: tuple[int, int] | None = None
+    skipped: bool = False
+    skip_reason: str | None = None
+    prompt: str | None = None
+
+
+@dataclass
+class ImageResult:
+    """Every output of spec §8 for one image."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    cropped_refined: list[np.ndarray]
+    cropped_enhanced_alpha: list[np.ndarray]
+    segments: list[SegmentReport]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DetailResult:
+    """The batch result, the node's outputs in its shapes (lists joined across images)."""
+
+    images: list[np.ndarray]
+    masks: np.ndarray  # [B, H, W] when sizes agree, else see ``per_image``
+    cropped_refined: list[np.ndarray]
+    cropped_enhanced_alpha: list[np.ndarray]
+    cnet_images: list[np.ndarray]
+    per_image: list[ImageResult]
+    detailer_pipe: dict[str, Any]
+    timings: dict[str, float]
+
+
+@dataclass
+class _Timer:
+    timings: dict[str, float]
+
+    async def run(self, stage: str, awaitable: Awaitable[Any]) -> Any:
+        start = time.perf_counter()
+        try:
+            return await awaitable
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+    def measure(self, stage: str, function: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        try:
+            return function()
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def black_placeholder(channels: int = 3) -> np.ndarray:
+    """The node's stand-in for an empty image list."""
+    return np.zeros((EMPTY_PLACEHOLDER_SIZE, EMPTY_PLACEHOLDER_SIZE, channels), dtype=np.uint8)
+
+
+def _positive_chunks(params: FaceDetailerParams, prompt: FacePrompt) -> tuple[str, ...]:
+    base = tuple(split_break(params.positive))
+    if prompt.text is None:
+        return base
+    face = tuple(split_break(prompt.text))
+    return base + face if prompt.concat else face
+
+
+async def build_segs(
+    image: np.ndarray, params: FaceDetailerParams, stages: Stages, timer: _Timer, *, has_sam: bool, has_segm: bool
+) -> SEGS:
+    """Detection and mask refinement (spec §2, §3): SAM takes priority over the segm detector."""
+    detections = await timer.run("detect", stages.detect(image, params.bbox_threshold))
+    segs = detections_to_segs(
+        image,
+        detections,
+        dilation=params.bbox_dilation,
+        crop_factor=params.bbox_crop_factor,
+        drop_size=params.drop_size,
+    )
+    if params.use_sam:
+        if not has_sam:
+            raise PipelineInputError("use_sam is set but this service has no SAM deployment")
+        if not segs.segs:
+            return segs
+        prompts = make_sam_prompts(
+            segs,
+            detection_hint=params.sam_detection_hint,
+            bbox_expansion=params.sam_bbox_expansion,
+            mask_hint_threshold=params.sam_mask_hint_threshold,
+            mask_hint_use_negative=params.sam_mask_hint_use_negative,
+        )
+        predictions = await timer.run("sam", stages.segment(image, prompts))
+        selected: list[np.ndarray] = []
+        for prediction in predictions:
+            selected.extend(select_sam_masks(prediction.masks, prediction.scores, params.sam_threshold))
+        sam_mask = combine_sam_masks(selected, segs.shape, params.sam_dilation)
+        return segs_bitwise_and_mask(segs, sam_mask)
+    if params.use_segm:
+        if not has_segm:
+            raise PipelineInputError("use_segm is set but this service has no segm detector deployment")
+        segm_detections = await timer.run("detect_segm", stages.detect_segm(image, params.bbox_threshold))
+        segm_segs = detections_to_segs(
+            image,
+            segm_detections,
+            dilation=params.bbox_dilation,
+            crop_factor=params.bbox_crop_factor,
+            drop_size=params.drop_size,
+        )
+        if params.override_bbox_by_segm:
+            return segm_segs
+        return segs_bitwise_and_mask(segs, segs_to_combined_mask(segm_segs))
+    return segs
+
+
+@dataclass
+class RefinePlan:
+    """One face ready for the inpainter, and how to bring its result back."""
+
+    position: int
+    seg: SEG
+    report: SegmentReport
+    job: Any
+    crop_size: tuple[int, int]
+    paste_mask: np.ndarray
+
+
+def _report(position: int, seg: SEG) -> SegmentReport:
+    return SegmentReport(
+        index=position,
+        bbox=tuple(float(v) for v in seg.bbox),  # type: ignore[arg-type]
+        crop_region=tuple(int(v) for v in seg.crop_region),  # type: ignore[arg-type]
+        confidence=float(seg.confidence),
+        label=seg.label,
+    )
+
+
+def plan_face(
+    current: np.ndarray,
+    seg: SEG,
+    position: int,
+    prompt: FacePrompt,
+    params: FaceDetailerParams,
+    image_seed: int,
+    make_job: Callable[..., Any],
+) -> RefinePlan | SegmentReport:
+    """Crop from the *current* image and decide the upscale (spec §4); None-like → a report."""
+    report = _report(position, seg)
+    seed = prompt.seed if prompt.seed is not None else (image_seed + position) % SEED_MODULUS
+    report.seed = seed
+    x1, y1, x2, y2 = seg.crop_region
+    crop = current[y1:y2, x1:x2]
+    crop_h, crop_w = crop.shape[:2]
+    plan = plan_upscale(
+        (crop_w, crop_h),
+        seg.bbox,
+        guide_size=params.guide_size,
+        guide_size_for_bbox=params.guide_size_for,
+        max_size=params.max_size,
+        force_inpaint=params.force_inpaint,
+    )
+    report.upscale = float(plan.upscale)
+    if plan.skip:
+        report.skipped, report.skip_reason = True, plan.reason
+        return report
+    report.upscaled_size = plan.new_size
+    upscaled = resize_image(crop, plan.new_size)
+    noise_mask = None
+    if params.noise_mask:
+        noise_mask = resize_mask(feather_mask(seg.cropped_mask, params.noise_mask_feather), plan.new_size)
+    positive = _positive_chunks(params, prompt)
+    report.prompt = " BREAK ".join(positive)
+    job = make_job(
+        image=upscaled,
+        noise_mask=noise_mask,
+        positive=positive,
+        negative=tuple(split_break(params.negative)),
+        seed=seed,
+        loras=tuple((lora.name, lora.model_weight, lora.clip_weight) for lora in prompt.loras),
+    )
+    return RefinePlan(
+        position=position,
+        seg=seg,
+        report=report,
+        job=job,
+        crop_size=(crop_w, crop_h),
+        paste_mask=feather_mask(seg.cropped_mask, params.feather),
+    )
+
+
+async def detail_image(
+    image: np.ndarray,
+    image_index: int,
+    params: FaceDetailerParams,
+    stages: Stages,
+    *,
+    make_job: Callable[..., Any],
+    settings: Any,
+    has_sam: bool = False,
+    has_segm: bool = False,
+    batch_faces: bool = True,
+    on_face: Callable[[SegmentReport], None] | None = None,
+) -> ImageResult:
+    """FaceDetailer for one image (spec §2–§8).
+
+    Faces are refined in waves (:func:`refinement_waves`): faces whose crops overlap an earlier
+    face wait for its result, as in the reference's one-by-one loop; the others share one
+    inpainter call. ``batch_faces=False`` refines strictly one face per call.
+    """
+    timings: dict[str, float] = {}
+    timer = _Timer(timings)
+    segs = await build_segs(image, params, stages, timer, has_sam=has_sam, has_segm=has_segm)
+    mask = timer.measure("blend", lambda: segs_to_combined_mask(segs))
+    image_seed = sampling_seed(params.seed, image_index, 0, 0)
+    plan = plan_wildcards(params.wildcard, segs.segs, seed=image_seed)
+    reports: list[SegmentReport] = []
+    pending: list[tuple[int, SEG, FacePrompt]] = []
+    for position, (seg_index, prompt) in enumerate(zip(plan.order, plan.prompts, strict=True)):
+        seg = segs.segs[seg_index]
+        reason = "empty mask" if not np.any(seg.cropped_mask) else "[SKIP]" if prompt.skip else None
+        if reason is None and prompt.stop:
+            break
+        if reason is not None:
+            report = _report(position, seg)
+            report.skipped, report.skip_reason = True, reason
+            reports.append(report)
+            if on_face is not None:
+                on_face(report)
+            continue
+        pending.append((position, seg, prompt))
+
+    waves = (
+        refinement_waves([seg.crop_region for _, seg, _ in pending])
+        if batch_faces
+        else [[index] for index in range(len(pending))]
+    )
+    current = image
+    refined_crops: list[np.ndarray] = []
+    alpha_crops: list[np.ndarray] = []
+    for wave in waves:
+        ready: list[RefinePlan] = []
+        for member in wave:
+            position, seg, prompt = pending[member]
+            face = plan_face(current, seg, position, prompt, params, image_seed, make_job)
+            if isinstance(face, SegmentReport):
+                reports.append(face)
+                if on_face is not None:
+                    on_face(face)
+            else:
+                ready.append(face)
+        if not ready:
+            continue
+        refined_batch = await timer.run("inpaint", stages.refine([face.job for face in ready], settings))
+        for face, refined in zip(ready, refined_batch, strict=True):
+            current, refined_crop, alpha = timer.measure(
+                "blend", lambda image=current, f=face, r=refined: _blend(image, f, r)
+            )
+            refined_crops.append(refined_crop)
+            alpha_crops.append(alpha)
+            reports.append(face.report)
+            if on_face is not None:
+                on_face(face.report)
+    reports.sort(key=lambda report: report.index)
+    return ImageResult(
+        image=current,
+        mask=mask,
+        cropped_refined=_sorted_by_shape(refined_crops),
+        cropped_enhanced_alpha=_sorted_by_shape(alpha_crops),
+        segments=reports,
+        timings=timings,
+    )
+
+
+def _blend(current: np.ndarray, face: RefinePlan, refined: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bring a refined crop back to crop size and paste it through the feathered mask (spec §6)."""
+    refined_crop = resize_image(np.asarray(refined), face.crop_size)
+    pasted = paste(current, refined_crop, face.paste_mask, face.seg.crop_region)
+    return pasted, refined_crop, rgba_with_alpha(refined_crop, face.paste_mask)
+
+
+def _sorted_by_shape(crops: list[np.ndarray]) -> list[np.ndarray]:
+    """The node sorts its crop lists by (height, width) descending (reference Q9)."""
+    return sorted(crops, key=lambda crop: crop.shape[:2], reverse=True)
+
+
+async def detail_batch(
+    images: Sequence[np.ndarray],
+    params: FaceDetailerParams,
+    stages: Stages,
+    *,
+    make_job: Callable[..., Any],
+    settings: Any,
+    has_sam: bool = False,
+    has_segm: bool = False,
+    batch_faces: bool = True,
+    on_face: Callable[[SegmentReport], None] | None = None,
+) -> DetailResult:
+    """Each image on its own with base seed + k (spec §6); the lists joined like the node's."""
+    start = time.perf_counter()
+    per_image = [
+        await detail_image(
+            image,
+            index,
+            params,
+            stages,
+            make_job=make_job,
+            settings=settings,
+            has_sam=has_sam,
+            has_segm=has_segm,
+            batch_faces=batch_faces,
+            on_face=on_face,
+        )
+        for index, image in enumerate(images)
+    ]
+    timings: dict[str, float] = {}
+    for result in per_image:
+        for stage, seconds in result.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+    timings["pipeline"] = time.perf_counter() - start
+    refined = [crop for result in per_image for crop in result.cropped_refined] or [black_placeholder()]
+    alpha = [crop for result in per_image for crop in result.cropped_enhanced_alpha] or [black_placeholder(4)]
+    shapes = {result.mask.shape for result in per_image}
+    masks = np.stack([result.mask for result in per_image]) if len(shapes) == 1 else np.empty((0, 0, 0))
+    return DetailResult(
+        images=[result.image for result in per_image],
+        masks=masks,
+        cropped_refined=refined,
+        cropped_enhanced_alpha=alpha,
+        cnet_images=[black_placeholder()],
+        per_image=per_image,
+        detailer_pipe={"params": params.model_dump()},
+        timings=timings,
+    )

@@ -1,0 +1,91 @@
+"""The Serve config files build into the intended graph, so they cannot rot.
+
+The GPU application is built (not started: no GPU here) and every deployment's options are
+checked; the CPU one is checked to fit this 2-core, GPU-less machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from ray.serve import Application
+
+from serve_app.app import app_args_from_config, build_app, load_serve_config
+from serve_app.config import AppArgs
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def deployments_of(app: Application) -> dict[str, object]:
+    """Walk a bound application: {deployment name: Deployment}."""
+    found: dict[str, object] = {}
+    pending = [app]
+    while pending:
+        deployment = pending.pop()._bound_deployment
+        found[deployment.name] = deployment
+        children = list(deployment.init_args) + list(deployment.init_kwargs.values())
+        pending.extend(child for child in children if isinstance(child, Application))
+    return found
+
+
+def test_gpu_config_builds_with_fractional_gpus_and_autoscaling():
+    config = load_serve_config(CONFIGS / "gpu.yaml")
+    [application] = config["applications"]
+    assert application["import_path"] == "serve_app.app:build_app"
+    app = build_app(app_args_from_config(config))
+    deployments = deployments_of(app)
+    assert set(deployments) == {"FaceDetailerIngress", "Detector", "Sam", "Inpainter"}
+    expected_gpus = {"Detector": 0.1, "Sam": 0.2, "Inpainter": 0.7, "FaceDetailerIngress": 0}
+    for name, gpus in expected_gpus.items():
+        deployment = deployments[name]
+        assert deployment.ray_actor_options.get("num_gpus", 0) == pytest.approx(gpus), name
+        autoscaling = deployment._deployment_config.autoscaling_config
+        assert autoscaling is not None and autoscaling.max_replicas > autoscaling.min_replicas >= 1, name
+    assert sum(expected_gpus.values()) <= 1.0, "one replica of each model shares one GPU"
+    assert deployments["Inpainter"]._deployment_config.autoscaling_config.max_replicas == 8
+    assert deployments["Inpainter"].max_queued_requests == 64
+    assert deployments["Inpainter"].init_kwargs["dtype"] == "float16"
+    assert deployments["Detector"].init_args[0] == "hf://Bingsu/adetailer/face_yolov8m.pt"
+    assert deployments["Sam"].init_kwargs["model_type"] == "vit_b"
+    assert deployments["FaceDetailerIngress"].max_ongoing_requests == 64
+
+
+def test_local_cpu_config_fits_two_cores_without_gpu():
+    config = load_serve_config(CONFIGS / "local-cpu.yaml")
+    assert config["http_options"]["host"] == "127.0.0.1" and config["http_options"]["port"] == 8000
+    env = config["applications"][0]["runtime_env"]["env_vars"]
+    for switch in ("HF_HUB_OFFLINE", "YOLO_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        assert env[switch] == "1"
+    assert env["YOLO_AUTOINSTALL"] == "0" and "YOLO_CONFIG_DIR" in env
+    deployments = deployments_of(build_app(app_args_from_config(config)))
+    assert set(deployments) == {"FaceDetailerIngress", "Detector", "Sam", "Inpainter"}
+    total_cpus = 0.0
+    for name, deployment in deployments.items():
+        options = deployment.ray_actor_options
+        assert options.get("num_gpus", 0) == 0, name
+        assert 0 < options["num_cpus"] < 1, f"{name} must ask for a fraction of a core"
+        total_cpus += options["num_cpus"] * deployment.num_replicas
+    assert total_cpus <= 2.0
+    assert deployments["Detector"].init_args[0] == "pkg://faceghost/model/v0-1.onnx"
+    assert deployments["Sam"].init_kwargs["model_type"] == "lite_medsam"
+
+
+def test_bad_app_args_name_the_field():
+    with pytest.raises(ValidationError, match="num_gpus"):
+        AppArgs.model_validate(
+            {
+                "detector": {"model": "x.pt", "deployment": {"ray_actor_options": {"num_gpus": -1}}},
+                "inpainter": {"model": "y"},
+            }
+        )
+    with pytest.raises(ValidationError, match="not both"):
+        AppArgs.model_validate(
+            {
+                "detector": {"model": "x.pt"},
+                "inpainter": {"model": "y", "deployment": {"num_replicas": 2, "autoscaling_config": {}}},
+            }
+        )
+    with pytest.raises(ValidationError, match="unknown_option"):
+        AppArgs.model_validate({"detector": {"model": "x.pt", "unknown_option": 1}, "inpainter": {"model": "y"}})

@@ -1,0 +1,260 @@
+"""The served graph from configs/local-cpu.yaml over real HTTP on localhost, and through the handle.
+
+Real face YOLO (faceghost) and LiteMedSAM on real photos; the tiny random-weight inpainter, so
+refined faces are noise and the checks are on contracts: sizes, masks, counts, untouched pixels.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from deployments.testing import assets
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+SEGM_ROUTE = "/segm"  # the second app's route (tests/serve/conftest.py)
+FAST = {"steps": 2, "guide_size": 128, "max_size": 256}
+
+
+def png_bytes(array: np.ndarray, format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def decode(text: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
+
+
+def three_faces() -> np.ndarray:
+    """Three astronauts side by side (one mirrored): a synthetic image with three real faces."""
+    small = np.asarray(Image.fromarray(assets.astronaut()).resize((256, 256), Image.Resampling.LANCZOS))
+    return np.ascontiguousarray(np.concatenate([small, small[:, ::-1], small], axis=1))
+
+
+def no_face() -> np.ndarray:
+    ramp = np.linspace(0, 255, 320, dtype=np.float32)
+    image = np.stack([np.tile(ramp, (240, 1))] * 3, axis=-1)
+    return image.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def client(serve_instance):
+    with httpx.Client(base_url=serve_instance["url"], timeout=600, trust_env=False) as http:
+        yield http
+
+
+def post_detail(client, image: np.ndarray, params: dict | None = None, *, json_format: bool = False, route: str = ""):
+    files = {"image": ("image.png", png_bytes(image), "image/png")}
+    data = {"params": json.dumps({**FAST, **(params or {})})}
+    suffix = "?format=json" if json_format else ""
+    return client.post(f"{route}/v1/detail{suffix}", files=files, data=data)
+
+
+def outside_crop_regions(shape: tuple[int, ...], segments: list[dict]) -> np.ndarray:
+    outside = np.ones(shape[:2], bool)
+    for segment in segments:
+        x1, y1, x2, y2 = segment["crop_region"]
+        outside[y1:y2, x1:x2] = False
+    return outside
+
+
+def test_healthz_info_and_docs(client):
+    health = client.get("/healthz")
+    assert health.status_code == 200, health.text
+    assert health.json()["deployments"] == {"detector": "ok", "sam": "ok", "inpainter": "ok"}
+    info = client.get("/v1/info").json()
+    assert "euler" in info["samplers"] and "normal" in info["schedulers"]
+    assert info["limits"]["max_upload_bytes"] == 3_000_000
+    assert info["defaults"]["guide_size"] == 384
+    assert client.get("/docs").status_code == 200
+    assert "/v1/detail" in client.get("/openapi.json").json()["paths"]
+
+
+def test_real_photo_returns_png_of_same_size(client):
+    photo = assets.zidane()
+    response = post_detail(client, photo)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    result = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"))
+    assert result.shape == photo.shape
+    assert response.headers["x-faces-refined"] == "2"
+    assert not np.array_equal(result, photo)
+
+
+def test_json_format_has_every_output_and_untouched_pixels(client):
+    photo = assets.zidane()
+    response = post_detail(client, photo, json_format=True)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    for key in ("image", "mask", "cropped_refined", "cropped_enhanced_alpha", "segments", "timings"):
+        assert key in body, key
+    image = decode(body["image"])
+    mask = decode(body["mask"])
+    assert image.shape == photo.shape and mask.shape == photo.shape[:2]
+    segments = body["segments"][0]
+    assert len(segments) == 2 and len(body["cropped_refined"]) == 2
+    for segment in segments:
+        assert set(segment) >= {"bbox", "crop_region", "confidence", "label", "seed", "upscale", "skipped"}
+        assert segment["label"] == "face" and not segment["skipped"]
+    assert [s["seed"] for s in segments] == [0, 1]
+    assert decode(body["cropped_enhanced_alpha"][0]).shape[2] == 4
+    assert {"detect", "inpaint", "blend", "pipeline"} <= set(body["timings"])
+    outside = outside_crop_regions(photo.shape, segments)
+    assert np.array_equal(image[outside], photo[outside]), "pixels outside every crop must be bit-identical"
+
+
+def test_sam_masks_the_face(client):
+    photo = assets.astronaut()
+    plain = post_detail(client, photo, {"bbox_dilation": 0}, json_format=True).json()
+    sam = post_detail(client, photo, {"use_sam": True, "sam_threshold": 0.5, "bbox_dilation": 0}, json_format=True)
+    assert sam.status_code == 200, sam.text
+    body = sam.json()
+    assert "sam" in body["timings"]
+    plain_mask, sam_mask = decode(plain["mask"]) > 0, decode(body["mask"]) > 0
+    assert 0 < sam_mask.sum() < plain_mask.sum(), "SAM narrows the box mask to the face"
+    assert not (sam_mask & ~plain_mask).any(), "SAM ∧ bbox stays inside the box"
+
+
+def test_segm_detector_path_runs_through_the_graph(client):
+    photo = assets.astronaut()
+    response = post_detail(client, photo, {"use_segm": True}, json_format=True, route=SEGM_ROUTE)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert "detect_segm" in body["timings"]
+    assert len(body["segments"][0]) == 1
+    # the tiny random segm model's masks are ANDed into the face box: whatever survives lies in the box
+    mask = decode(body["mask"]) > 0
+    x1, y1, x2, y2 = (int(v) for v in body["segments"][0][0]["crop_region"])
+    assert not mask[:y1].any() and not mask[y2:].any() and not mask[:, :x1].any() and not mask[:, x2:].any()
+    unavailable = post_detail(client, photo, {"use_segm": True})
+    assert unavailable.status_code == 422 and "segm" in unavailable.json()["error"]
+
+
+def test_cycle_two_differs_from_one(client):
+    photo = assets.astronaut()
+    one = post_detail(client, photo, {"cycle": 1}, json_format=True).json()
+    two = post_detail(client, photo, {"cycle": 2}, json_format=True).json()
+    assert not np.array_equal(decode(one["image"]), decode(two["image"]))
+    again = post_detail(client, photo, {"cycle": 2}, json_format=True).json()
+    assert np.array_equal(decode(two["image"]), decode(again["image"])), "same seed, same result"
+
+
+def test_three_faces_three_refined_crops(client):
+    image = three_faces()
+    body = post_detail(client, image, json_format=True).json()
+    assert body["faces_detected"] == 3 and len(body["cropped_refined"]) == 3
+    assert sorted(s["seed"] for s in body["segments"][0]) == [0, 1, 2]
+
+
+def test_no_face_returns_unchanged_image_and_empty_mask(client):
+    image = no_face()
+    response = post_detail(client, image, json_format=True)
+    body = response.json()
+    assert np.array_equal(decode(body["image"]), image)
+    assert not decode(body["mask"]).any()
+    assert body["faces_detected"] == 0
+    assert decode(body["cropped_refined"][0]).shape == (64, 64, 3)
+    png = post_detail(client, image)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB")), image)
+
+
+def test_json_body_with_base64_image_and_batch_seeds(client):
+    image = assets.astronaut()
+    encoded = base64.b64encode(png_bytes(image)).decode()
+    payload = {"images": [encoded, encoded], "params": {**FAST, "seed": 10}}
+    response = client.post("/v1/detail?format=json", json=payload)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [segments[0]["seed"] for segments in body["segments"]] == [10, 11], "image k uses seed + k"
+    single = client.post("/v1/detail", json={"image": encoded, **FAST})
+    assert single.status_code == 200 and single.headers["content-type"] == "image/png"
+
+
+def test_form_fields_carry_node_parameters(client):
+    files = {"image": ("a.jpg", png_bytes(assets.astronaut(), "JPEG"), "image/jpeg")}
+    data = {"steps": "2", "guide_size": "128", "max_size": "256", "seed": "42", "force_inpaint": "true"}
+    body = client.post("/v1/detail?format=json", files=files, data=data).json()
+    assert body["segments"][0][0]["seed"] == 42
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "needle"),
+    [
+        ("text", 415, "not an image"),
+        ("corrupt", 400, "corrupt"),
+        ("too_many_bytes", 413, "bytes"),
+        ("too_many_pixels", 413, "pixels"),
+        ("unknown_param", 422, "no_such_param"),
+        ("out_of_range", 422, "denoise"),
+        ("bad_sampler", 422, "supported"),
+        ("bad_scheduler", 422, "supported"),
+        ("bad_format", 422, "format"),
+        ("no_image", 422, "image"),
+        ("bad_content_type", 415, "multipart"),
+        ("bad_json", 422, "JSON"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx(client, payload, status, needle):
+    good = png_bytes(no_face())
+    files = {"image": ("x.png", good, "image/png")}
+    data: dict = {}
+    url = "/v1/detail"
+    kwargs: dict = {}
+    if payload == "text":
+        files = {"image": ("x.png", b"hello, this is not an image", "image/png")}
+    elif payload == "corrupt":
+        files = {"image": ("x.png", good[: len(good) // 2], "image/png")}
+    elif payload == "too_many_bytes":
+        noise = np.random.default_rng(0).integers(0, 256, (1100, 1100, 3), dtype=np.uint8)
+        files = {"image": ("x.png", png_bytes(noise), "image/png")}
+    elif payload == "too_many_pixels":
+        files = {"image": ("x.png", png_bytes(np.zeros((4200, 4200, 3), np.uint8)), "image/png")}
+    elif payload == "unknown_param":
+        data = {"params": json.dumps({"no_such_param": 1})}
+    elif payload == "out_of_range":
+        data = {"params": json.dumps({"denoise": 2.0})}
+    elif payload == "bad_sampler":
+        data = {"params": json.dumps({"sampler_name": "not_a_sampler"})}
+    elif payload == "bad_scheduler":
+        data = {"params": json.dumps({"scheduler": "not_a_scheduler"})}
+    elif payload == "bad_format":
+        url += "?format=gif"
+    elif payload == "no_image":
+        files = {"other": ("notes.txt", b"no image here", "text/plain")}
+    elif payload == "bad_content_type":
+        kwargs = {"content": b"raw", "headers": {"content-type": "text/plain"}}
+    elif payload == "bad_json":
+        kwargs = {"content": b"{not json", "headers": {"content-type": "application/json"}}
+    if kwargs:
+        response = client.post(url, **kwargs)
+    else:
+        response = client.post(url, files=files, data=data)
+    assert response.status_code == status, response.text
+    assert needle.lower() in response.json()["error"].lower()
+
+
+def test_python_handle_api(serve_instance):
+    from serve_app.ingress import RequestError
+
+    handle = serve_instance["handle"]
+    photo = assets.zidane()
+    result = handle.detail.remote(photo, FAST).result(timeout_s=600)
+    assert result.images[0].shape == photo.shape
+    assert result.masks.shape == (1, *photo.shape[:2])
+    assert len(result.cropped_refined) == 2
+    assert [s.seed for s in result.per_image[0].segments] == [0, 1]
+    batch = handle.detail.remote(np.stack([no_face(), no_face()]), {**FAST, "seed": 3}).result(timeout_s=600)
+    assert batch.masks.shape == (2, 240, 320) and len(batch.images) == 2
+    assert np.array_equal(batch.images[1], no_face())
+    with pytest.raises(RequestError, match="denoise"):
+        handle.detail.remote(photo, {"denoise": 5}).result(timeout_s=60)
+    events = list(handle.options(stream=True).detail_with_progress.remote(photo, FAST))
+    assert [e["event"] for e in events] == ["face", "face", "result"]

@@ -1,0 +1,266 @@
+"""The per-image cycle (serve_app/pipeline.py) with in-process fake stages: no Ray, no models.
+
+The fakes are deterministic so each rule of spec §2–§8 that the cycle owns can be checked exactly:
+seeds per face and per image, processing order on the live image, skips, the outputs' shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+from facedetailer.params import FaceDetailerParams
+from facedetailer.segs import Detection
+from serve_app.pipeline import PipelineInputError, detail_batch
+
+
+@dataclass
+class Job:
+    image: np.ndarray
+    noise_mask: np.ndarray | None
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    seed: int
+    loras: tuple = ()
+
+
+@dataclass
+class SamOutput:
+    masks: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass
+class FakeStages:
+    """Detector returns fixed boxes; the 'inpainter' paints each crop a colour derived from its seed."""
+
+    detections: list[Detection]
+    segm_detections: list[Detection] = field(default_factory=list)
+    sam_masks: np.ndarray | None = None
+    refine_calls: list[Job] = field(default_factory=list)
+    seen_crops: list[np.ndarray] = field(default_factory=list)
+
+    async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]:
+        return [d for d in self.detections if d.confidence >= threshold]
+
+    async def detect_segm(self, image: np.ndarray, threshold: float) -> list[Detection]:
+        return self.segm_detections
+
+    async def segment(self, image: np.ndarray, prompts: Any) -> list[SamOutput]:
+        assert self.sam_masks is not None
+        return [SamOutput(self.sam_masks[None], np.array([0.99], np.float32)) for _ in prompts]
+
+    async def refine(self, jobs: list[Job], settings: Any) -> list[np.ndarray]:
+        results = []
+        for job in jobs:
+            self.refine_calls.append(job)
+            self.seen_crops.append(job.image.copy())
+            results.append(np.full_like(job.image, fill_value=self.colour(job.seed)))
+        return results
+
+    @staticmethod
+    def colour(seed: int) -> int:
+        return 40 + (seed * 53) % 200
+
+
+def run(images: list[np.ndarray], stages: FakeStages, **params: Any):
+    resolved = FaceDetailerParams(**params)
+    return asyncio.run(
+        detail_batch(
+            images, resolved, stages, make_job=Job, settings=None, has_sam=stages.sam_masks is not None, has_segm=True
+        )
+    )
+
+
+def textured(height: int = 256, width: int = 320, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def face(x1: float, y1: float, x2: float, y2: float, confidence: float = 0.9) -> Detection:
+    return Detection("face", (x1, y1, x2, y2), confidence)
+
+
+def test_no_detection_returns_image_unchanged_empty_mask_and_placeholders():
+    image = textured()
+    result = run([image], FakeStages([]))
+    assert np.array_equal(result.images[0], image)
+    assert result.masks.shape == (1, 256, 320) and not result.masks.any()
+    assert [c.shape for c in result.cropped_refined] == [(64, 64, 3)]
+    assert [c.shape for c in result.cropped_enhanced_alpha] == [(64, 64, 4)]
+    assert not result.cropped_refined[0].any()
+
+
+def test_three_faces_three_refined_crops_and_outside_pixels_bit_identical():
+    image = textured(300, 600)
+    boxes = [face(40, 40, 80, 90), face(250, 100, 290, 150), face(480, 200, 530, 250)]
+    stages = FakeStages(boxes)
+    result = run([image], stages, feather=5, bbox_crop_factor=2.0)
+    assert len(result.cropped_refined) == 3 and len(stages.refine_calls) == 3
+    outside = np.ones(image.shape[:2], bool)
+    for segment in result.per_image[0].segments:
+        x1, y1, x2, y2 = segment.crop_region
+        outside[y1:y2, x1:x2] = False
+    assert outside.any()
+    assert np.array_equal(result.images[0][outside], image[outside])
+    assert not np.array_equal(result.images[0], image)
+
+
+def test_seeds_are_seed_plus_position_and_seed_plus_image_index():
+    boxes = [face(20, 20, 60, 70, 0.9), face(200, 20, 240, 70, 0.8)]
+    stages = FakeStages(boxes)
+    run([textured(seed=1), textured(seed=2)], stages, seed=100)
+    assert [job.seed for job in stages.refine_calls] == [100, 101, 101, 102]
+
+
+def test_seed_wraps_at_two_to_the_64():
+    stages = FakeStages([face(20, 20, 60, 70, 0.9), face(200, 20, 240, 70, 0.8)])
+    run([textured()], stages, seed=2**64 - 1)
+    assert [job.seed for job in stages.refine_calls] == [2**64 - 1, 0]
+
+
+def test_overlapping_faces_later_crop_sees_earlier_result():
+    image = textured(200, 200)
+    stages = FakeStages([face(60, 60, 100, 100, 0.9), face(90, 60, 130, 100, 0.8)])
+    result = run([image], stages, feather=0, bbox_crop_factor=3.0, bbox_dilation=0)
+    first_colour = FakeStages.colour(0)
+    second_crop = stages.seen_crops[1]
+    # the second crop was taken from the image after the first face was pasted (upscaled, so
+    # look for the first face's colour in its upscaled crop)
+    assert (second_crop == first_colour).all(axis=-1).mean() > 0.05
+    # the final image carries the second face's colour over the second box (pasted last)
+    assert (result.images[0][62:98, 92:128] == FakeStages.colour(1)).all()
+
+
+def test_force_inpaint_off_skips_big_faces_and_reports_why():
+    stages = FakeStages([face(10, 10, 200, 220)])
+    result = run([textured(256, 256)], stages, force_inpaint=False, guide_size=128)
+    [segment] = result.per_image[0].segments
+    assert segment.skipped and segment.skip_reason is not None
+    assert not stages.refine_calls
+    assert result.masks.any(), "the mask output keeps faces later skipped"
+
+
+def test_upscale_and_sizes_reported():
+    stages = FakeStages([face(100, 100, 132, 140)])
+    result = run([textured(512, 512)], stages, guide_size=384, max_size=1024, bbox_crop_factor=3.0)
+    [segment] = result.per_image[0].segments
+    # crop 96x120; 384/32 = 12 gives 1152x1440 > max_size, so capped: 12 * 1024/1440
+    assert segment.crop_region == (68, 60, 164, 180)
+    assert segment.upscale == pytest.approx(12 * 1024 / 1440)
+    assert segment.upscaled_size == (819, 1024)
+    assert stages.refine_calls[0].image.shape[:2] == (segment.upscaled_size[1], segment.upscaled_size[0])
+    assert result.cropped_refined[0].shape[:2] == (
+        segment.crop_region[3] - segment.crop_region[1],
+        segment.crop_region[2] - segment.crop_region[0],
+    )
+
+
+def test_wildcard_prompts_per_face_in_asc_order_with_concat():
+    boxes = [face(200, 20, 240, 70, 0.9), face(20, 20, 60, 70, 0.8)]
+    stages = FakeStages(boxes)
+    run([textured()], stages, positive="photo", wildcard="[CONCAT][ASC]left[SEP]right", seed=5)
+    assert [job.positive for job in stages.refine_calls] == [("photo", "left"), ("photo", "right")]
+    assert [job.seed for job in stages.refine_calls] == [5, 6]
+
+
+def test_skip_and_stop_items():
+    boxes = [face(20, 20, 60, 70, 0.9), face(120, 20, 160, 70, 0.8), face(220, 20, 260, 70, 0.7)]
+    stages = FakeStages(boxes)
+    result = run([textured()], stages, wildcard="[ASC][SKIP][SEP]b[SEP][STOP]")
+    assert [job.positive for job in stages.refine_calls] == [("b",)]
+    reasons = [(s.index, s.skip_reason) for s in result.per_image[0].segments]
+    assert reasons[0] == (0, "[SKIP]")
+
+
+def test_no_noise_mask_sends_none():
+    stages = FakeStages([face(20, 20, 60, 70)])
+    run([textured()], stages, noise_mask=False)
+    assert stages.refine_calls[0].noise_mask is None
+
+
+def test_sam_and_segm_requested_without_deployment_are_input_errors():
+    stages = FakeStages([face(20, 20, 60, 70)])
+    with pytest.raises(PipelineInputError):
+        asyncio.run(
+            detail_batch([textured()], FaceDetailerParams(use_sam=True), stages, make_job=Job, settings=None)
+        )
+
+
+def test_sam_mask_restricts_face_mask():
+    image = textured(200, 200)
+    sam = np.zeros((200, 200), bool)
+    sam[70:90, 70:90] = True
+    stages = FakeStages([face(60, 60, 100, 100)], sam_masks=sam)
+    result = run([image], stages, use_sam=True, bbox_dilation=0)
+    assert result.masks[0].sum() == 400
+    changed = np.any(result.images[0] != image, axis=-1)
+    ys, xs = np.nonzero(changed)
+    # feather 5 blurs a few pixels beyond the SAM mask, never to the bbox corners
+    assert ys.min() >= 60 and xs.min() >= 60 and not changed[61, 61]
+
+
+def test_segm_union_and_override():
+    image = textured(200, 200)
+    segm_mask = np.zeros((200, 200), np.float32)
+    segm_mask[65:80, 65:80] = 1.0
+    stages = FakeStages([face(60, 60, 100, 100)], segm_detections=[Detection("face", (65, 65, 80, 80), 0.9, segm_mask)])
+    anded = run([image], stages, use_segm=True, bbox_dilation=0)
+    assert anded.masks[0].sum() == 15 * 15
+    stages.refine_calls.clear()
+    overridden = run([image], stages, use_segm=True, override_bbox_by_segm=True, bbox_dilation=0)
+    [segment] = overridden.per_image[0].segments
+    assert segment.bbox == (65, 65, 80, 80)
+
+
+def test_crop_lists_sorted_by_height_then_width_descending():
+    boxes = [face(20, 20, 40, 40, 0.9), face(150, 20, 210, 80, 0.8)]
+    result = run([textured(300, 300)], FakeStages(boxes), bbox_crop_factor=2.0)
+    heights = [crop.shape[0] for crop in result.cropped_refined]
+    assert heights == sorted(heights, reverse=True)
+    assert result.cropped_enhanced_alpha[0].shape[2] == 4
+
+
+def run_mode(images, stages, batch_faces: bool, **params: Any):
+    return asyncio.run(
+        detail_batch(
+            images, FaceDetailerParams(**params), stages, make_job=Job, settings=None, batch_faces=batch_faces
+        )
+    )
+
+
+class CountingStages(FakeStages):
+    """Also records the size of each inpainter call; output depends on the crop content too."""
+
+    def __init__(self, detections: list[Detection]) -> None:
+        super().__init__(detections)
+        self.call_sizes: list[int] = []
+
+    async def refine(self, jobs: list[Job], settings: Any) -> list[np.ndarray]:
+        self.call_sizes.append(len(jobs))
+        # the result depends on the crop it was given, so order semantics show in the output
+        return [(255 - job.image) // 2 + self.colour(job.seed) // 2 for job in jobs]
+
+
+def test_disjoint_faces_go_in_one_inpainter_call_with_identical_output():
+    boxes = [face(40, 40, 80, 90, 0.9), face(250, 100, 290, 150, 0.8), face(480, 200, 530, 250, 0.7)]
+    image = textured(300, 600)
+    batched_stages, single_stages = CountingStages(boxes), CountingStages(boxes)
+    batched = run_mode([image], batched_stages, True, bbox_crop_factor=2.0)
+    single = run_mode([image], single_stages, False, bbox_crop_factor=2.0)
+    assert batched_stages.call_sizes == [3] and single_stages.call_sizes == [1, 1, 1]
+    assert np.array_equal(batched.images[0], single.images[0])
+
+
+def test_overlapping_faces_refined_in_waves_equal_one_by_one():
+    boxes = [face(60, 60, 100, 100, 0.9), face(90, 60, 130, 100, 0.8), face(300, 60, 340, 100, 0.7)]
+    image = textured(200, 400)
+    batched_stages, single_stages = CountingStages(boxes), CountingStages(boxes)
+    batched = run_mode([image], batched_stages, True, feather=3)
+    single = run_mode([image], single_stages, False, feather=3)
+    assert batched_stages.call_sizes == [2, 1], "faces 0 and 2 first, then face 1 on the updated image"
+    assert np.array_equal(batched.images[0], single.images[0])
+    assert [s.seed for s in batched.per_image[0].segments] == [0, 1, 2]
