@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from facedetailer.waves import regions_overlap, refinement_waves
+from facedetailer.waves import refinement_waves, regions_overlap
 
 
 def test_disjoint_faces_share_one_wave():

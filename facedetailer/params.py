@@ -1,0 +1,86 @@
+"""FaceDetailer's value inputs, with the node's defaults and ranges (spec §1, reference §12).
+
+Out-of-range and unknown inputs are rejected by pydantic; its messages name the field and
+the bound it broke (e.g. ``guide_size: Input should be less than or equal to 16384``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_RESOLUTION = 16384  # ComfyUI's MAX_RESOLUTION, the upper bound of every size input
+
+SamDetectionHint = Literal[
+    "center-1",
+    "horizontal-2",
+    "vertical-2",
+    "rect-4",
+    "diamond-4",
+    "mask-area",
+    "mask-points",
+    "mask-point-bbox",
+    "none",
+]
+SamNegativeMode = Literal["False", "Small", "Outter"]  # "Outter" is the node's spelling
+
+
+class FaceDetailerParams(BaseModel):
+    """Every FaceDetailer input that is a value (models are chosen elsewhere), plus service switches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    guide_size: float = Field(384.0, ge=64, le=MAX_RESOLUTION)  # Decision 6: 384, not 512
+    guide_size_for: bool = True  # True = "bbox", False = "crop_region"
+    max_size: float = Field(1024.0, ge=64, le=MAX_RESOLUTION)
+    seed: int = Field(0, ge=0, le=2**64 - 1)
+    steps: int = Field(20, ge=1, le=10000)
+    cfg: float = Field(8.0, ge=0.0, le=100.0)
+    sampler_name: str = Field("euler", min_length=1)  # the inpainter validates the name
+    scheduler: str = Field("normal", min_length=1)  # the inpainter validates the name
+    positive: str = ""
+    negative: str = ""
+    denoise: float = Field(0.5, ge=0.0001, le=1.0)
+    feather: int = Field(5, ge=0, le=100)
+    noise_mask: bool = True
+    force_inpaint: bool = True
+    bbox_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    bbox_dilation: int = Field(10, ge=-512, le=512)
+    bbox_crop_factor: float = Field(3.0, ge=1.0, le=10.0)
+    sam_detection_hint: SamDetectionHint = "center-1"
+    sam_dilation: int = Field(0, ge=-512, le=512)
+    sam_threshold: float = Field(0.93, ge=0.0, le=1.0)
+    sam_bbox_expansion: int = Field(0, ge=0, le=1000)
+    sam_mask_hint_threshold: float = Field(0.7, ge=0.0, le=1.0)
+    sam_mask_hint_use_negative: SamNegativeMode = "False"
+    drop_size: int = Field(10, ge=1, le=MAX_RESOLUTION)
+    wildcard: str = ""
+    cycle: int = Field(1, ge=1, le=10)
+    inpaint_model: bool = False
+    noise_mask_feather: int = Field(20, ge=0, le=100)
+    # Service switches standing in for the node's optional model inputs.
+    use_sam: bool = False  # sam_model_opt connected
+    use_segm: bool = False  # segm_detector_opt connected
+    override_bbox_by_segm: bool = False  # segm SEGS replace the bbox SEGS (reference §4.6)
+
+    @field_validator("sam_mask_hint_use_negative", mode="before")
+    @classmethod
+    def _accept_bool_false(cls, value: Any) -> Any:
+        """ComfyUI workflows may carry the combo's "False" as a JSON boolean."""
+        if value is False:
+            return "False"
+        return value
+
+    @classmethod
+    def field_ranges(cls) -> dict[str, str]:
+        """Human-readable allowed range of every bounded field, e.g. ``{"cycle": "1 … 10"}``."""
+        ranges: dict[str, str] = {}
+        for name, info in cls.model_fields.items():
+            low = high = None
+            for item in info.metadata:
+                low = getattr(item, "ge", low)
+                high = getattr(item, "le", high)
+            if low is not None or high is not None:
+                ranges[name] = f"{low if low is not None else '-inf'} … {high if high is not None else 'inf'}"
+        return ranges
