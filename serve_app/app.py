@@ -9,12 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from deployments.inpainter import Inpainter
 from ray import serve
 from ray.serve import Application
 
-from deployments.detector import FaceDetector
-from deployments.sam import SamSegmenter
+from deployments.serving import DetectorDeployment, InpainterDeployment, SamDeployment
 from serve_app.config import AppArgs, DeploymentOptions
 from serve_app.ingress import FaceDetailerIngress
 
@@ -28,28 +26,35 @@ def _model_deployment(cls: type, name: str, options: DeploymentOptions) -> serve
 def build_app(args: dict[str, Any] | AppArgs) -> Application:
     """Bind Detector, (SegmDetector), (Sam) and Inpainter into the ingress, each with its own options."""
     config = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
-    detector = _model_deployment(FaceDetector, "Detector", config.detector.deployment).bind(
+    detector = _model_deployment(DetectorDeployment, "Detector", config.detector.deployment).bind(
         config.detector.model, task=config.detector.task, imgsz=config.detector.imgsz, device=config.detector.device
     )
     segm_detector = None
     if config.segm_detector is not None:
         segm = config.segm_detector
-        segm_detector = _model_deployment(FaceDetector, "SegmDetector", segm.deployment).bind(
+        segm_detector = _model_deployment(DetectorDeployment, "SegmDetector", segm.deployment).bind(
             segm.model, task=segm.task or "segment", imgsz=segm.imgsz, device=segm.device
         )
     sam = None
     if config.sam is not None:
-        sam = _model_deployment(SamSegmenter, "Sam", config.sam.deployment).bind(
+        sam = _model_deployment(SamDeployment, "Sam", config.sam.deployment).bind(
             config.sam.checkpoint, model_type=config.sam.model_type, device=config.sam.device
         )
     paint = config.inpainter
-    inpainter = _model_deployment(Inpainter, "Inpainter", paint.deployment).bind(
+    inpainter_deployment = _model_deployment(InpainterDeployment, "Inpainter", paint.deployment)
+    if paint.deployment.user_config is None:
+        # live-tunable batching: a Serve config's deployments[].user_config overrides it in place
+        inpainter_deployment = inpainter_deployment.options(
+            user_config={"max_batch_size": paint.max_batch_size, "batch_wait_timeout_s": paint.batch_wait_timeout_s}
+        )
+    inpainter = inpainter_deployment.bind(
         paint.model,
         single_file_config=paint.single_file_config,
         device=paint.device,
         dtype=paint.dtype,
         lora_dir=paint.lora_dir,
         max_batch_size=paint.max_batch_size,
+        batch_wait_timeout_s=paint.batch_wait_timeout_s,
     )
     ingress = FaceDetailerIngress.options(**config.ingress.to_serve_options())
     return ingress.bind(

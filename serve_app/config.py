@@ -50,6 +50,7 @@ class DeploymentOptions(StrictModel):
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    user_config: dict[str, Any] | None = Field(None, description="live-updatable settings (reconfigure)")
 
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> DeploymentOptions:
@@ -89,7 +90,8 @@ class InpainterArgs(StrictModel):
     device: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     lora_dir: str | None = None
-    max_batch_size: int = Field(8, ge=1, le=64)
+    max_batch_size: int = Field(8, ge=1, le=64, description="crops per inpainter batch")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, le=10, description="how long a batch waits to fill")
     deployment: DeploymentOptions = DeploymentOptions()
 
 

@@ -1,10 +1,9 @@
 """The ingress deployment: FaceDetailer's cycle and blend over the model deployments, and its HTTP API.
 
 It holds no model. The image goes to the detector (and SAM) once per image; only upscaled crops
-and their masks go to the inpainter.
+and their masks go to the inpainter. (No ``from __future__ import annotations`` in this module:
+FastAPI must resolve the route signatures at runtime.)
 """
-
-from __future__ import annotations
 
 import asyncio
 import json
@@ -14,13 +13,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import numpy as np
-from deployments.inpainter import RefineJob, SamplingSettings
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
+from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
+from deployments.inpainter import RefineJob, SamplingSettings
 from facedetailer.params import FaceDetailerParams
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
@@ -56,6 +56,10 @@ class RequestError(Exception):
         self.message = message
         self.details = details
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Keep every field when Ray sends the error back to a handle caller."""
+        return (type(self), (self.status_code, self.message, self.details))
+
 
 def _validation_error(error: ValidationError) -> RequestError:
     details = [
@@ -73,6 +77,91 @@ def parse_params(values: dict[str, Any] | FaceDetailerParams | None) -> FaceDeta
         return FaceDetailerParams.model_validate(values or {})
     except ValidationError as error:
         raise _validation_error(error) from error
+
+
+def _json_object(text: Any, name: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError) as error:
+        raise RequestError(422, f"{name}: not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise RequestError(422, f"{name}: must be a JSON object")
+    return value
+
+
+def _error_response(error: RequestError) -> JSONResponse:
+    content: dict[str, Any] = {"error": error.message}
+    if error.details is not None:
+        content["details"] = error.details
+    headers = {"Retry-After": "5"} if error.status_code in (429, 503) else None
+    return JSONResponse(content, status_code=error.status_code, headers=headers)
+
+
+def result_to_json(result: DetailResult) -> dict[str, Any]:
+    """Every output of spec §8 as base64 PNGs, plus per-face metadata and stage timings."""
+    per_image = result.per_image
+    return {
+        "image": encode_png_base64(result.images[0]),
+        "images": [encode_png_base64(image) for image in result.images],
+        "mask": encode_png_base64(per_image[0].mask),
+        "masks": [encode_png_base64(item.mask) for item in per_image],
+        "cropped_refined": [encode_png_base64(crop) for crop in result.cropped_refined],
+        "cropped_enhanced_alpha": [encode_png_base64(crop) for crop in result.cropped_enhanced_alpha],
+        "cnet_images": [],
+        "segments": [[_segment_json(segment) for segment in item.segments] for item in per_image],
+        "faces_detected": sum(len(item.segments) for item in per_image),
+        "faces_refined": sum(len(item.cropped_refined) for item in per_image),
+        "timings": result.timings,
+        "detailer_pipe": result.detailer_pipe,
+    }
+
+
+def _segment_json(segment: Any) -> dict[str, Any]:
+    return {
+        "index": segment.index,
+        "bbox": list(segment.bbox),
+        "crop_region": list(segment.crop_region),
+        "confidence": segment.confidence,
+        "label": segment.label,
+        "seed": segment.seed,
+        "upscale": segment.upscale,
+        "upscaled_size": list(segment.upscaled_size) if segment.upscaled_size else None,
+        "skipped": segment.skipped,
+        "skip_reason": segment.skip_reason,
+        "prompt": segment.prompt,
+    }
+
+
+class ServiceMetrics:
+    """Prometheus metrics (exported by Ray's metrics agent, names prefixed ``ray_``)."""
+
+    STAGE_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
+
+    def __init__(self) -> None:
+        self.faces_detected = metrics.Counter(
+            "facedetailer_faces_detected", description="Faces found by the detector (after drop_size)."
+        )
+        self.faces_refined = metrics.Counter(
+            "facedetailer_faces_refined", description="Faces refined by the inpainter and pasted back."
+        )
+        self.images = metrics.Counter("facedetailer_images", description="Images detailed.")
+        self.stage_latency = metrics.Histogram(
+            "facedetailer_stage_latency_s",
+            description="Seconds spent per pipeline stage per request (detect, sam, inpaint, blend, ...).",
+            boundaries=self.STAGE_BOUNDARIES,
+            tag_keys=("stage",),
+        )
+
+    def record(self, result: DetailResult) -> None:
+        detected = sum(len(item.segments) for item in result.per_image)
+        refined = sum(len(item.cropped_refined) for item in result.per_image)
+        if detected:
+            self.faces_detected.inc(detected)
+        if refined:
+            self.faces_refined.inc(refined)
+        self.images.inc(len(result.per_image))
+        for stage, seconds in result.timings.items():
+            self.stage_latency.observe(seconds, tags={"stage": stage})
 
 
 class HandleStages:
@@ -131,6 +220,7 @@ class FaceDetailerIngress:
         self.stages = HandleStages(detector, inpainter, sam, segm_detector)
         self.limits = Limits.model_validate(limits or {})
         self._supported: tuple[list[str], list[str]] | None = None
+        self.metrics = ServiceMetrics()
 
     # ---- Python handle API -------------------------------------------------------------------
     async def detail(
@@ -219,7 +309,7 @@ class FaceDetailerIngress:
     ) -> DetailResult:
         await self._validate_sampling(params)
         try:
-            return await asyncio.wait_for(
+            result = await asyncio.wait_for(
                 detail_batch(
                     images,
                     params,
@@ -238,6 +328,8 @@ class FaceDetailerIngress:
             raise RequestError(504, f"request took longer than {self.limits.request_timeout_s} s") from error
         except ValueError as error:  # e.g. the inpainter rejecting a sampler/scheduler combination
             raise RequestError(422, str(error)) from error
+        self.metrics.record(result)
+        return result
 
     # ---- HTTP API ----------------------------------------------------------------------------
     @http_app.get("/healthz")
@@ -380,56 +472,3 @@ class FaceDetailerIngress:
             raise RequestError(422, "params: must be a JSON object")
         values.update(body)
         return images, values
-
-
-def _json_object(text: Any, name: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except (TypeError, ValueError) as error:
-        raise RequestError(422, f"{name}: not valid JSON: {error}") from error
-    if not isinstance(value, dict):
-        raise RequestError(422, f"{name}: must be a JSON object")
-    return value
-
-
-def _error_response(error: RequestError) -> JSONResponse:
-    content: dict[str, Any] = {"error": error.message}
-    if error.details is not None:
-        content["details"] = error.details
-    headers = {"Retry-After": "5"} if error.status_code in (429, 503) else None
-    return JSONResponse(content, status_code=error.status_code, headers=headers)
-
-
-def result_to_json(result: DetailResult) -> dict[str, Any]:
-    """Every output of spec §8 as base64 PNGs, plus per-face metadata and stage timings."""
-    per_image = result.per_image
-    return {
-        "image": encode_png_base64(result.images[0]),
-        "images": [encode_png_base64(image) for image in result.images],
-        "mask": encode_png_base64(per_image[0].mask),
-        "masks": [encode_png_base64(item.mask) for item in per_image],
-        "cropped_refined": [encode_png_base64(crop) for crop in result.cropped_refined],
-        "cropped_enhanced_alpha": [encode_png_base64(crop) for crop in result.cropped_enhanced_alpha],
-        "cnet_images": [],
-        "segments": [[_segment_json(segment) for segment in item.segments] for item in per_image],
-        "faces_detected": sum(len(item.segments) for item in per_image),
-        "faces_refined": sum(len(item.cropped_refined) for item in per_image),
-        "timings": result.timings,
-        "detailer_pipe": result.detailer_pipe,
-    }
-
-
-def _segment_json(segment: Any) -> dict[str, Any]:
-    return {
-        "index": segment.index,
-        "bbox": list(segment.bbox),
-        "crop_region": list(segment.crop_region),
-        "confidence": segment.confidence,
-        "label": segment.label,
-        "seed": segment.seed,
-        "upscale": segment.upscale,
-        "upscaled_size": list(segment.upscaled_size) if segment.upscaled_size else None,
-        "skipped": segment.skipped,
-        "skip_reason": segment.skip_reason,
-        "prompt": segment.prompt,
-    }
