@@ -171,7 +171,9 @@ def command_demo(args: argparse.Namespace) -> None:
         print(f"serving {args.config} on 127.0.0.1:{port}…")
         start_serving(args.config, port=port)
         ready = time.perf_counter()
-        fields = {"params": json.dumps({"use_sam": True, "steps": args.steps, "seed": args.seed})}
+        # LiteMedSAM was trained on box prompts: prompt it with the box alone ("none").
+        demo_params = {"use_sam": True, "sam_detection_hint": "none", "steps": args.steps, "seed": args.seed}
+        fields = {"params": json.dumps(demo_params)}
         print(f"POST /v1/detail?format=json with {photo.name}…")
         request_start = time.perf_counter()
         result = _post_multipart(

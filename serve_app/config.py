@@ -102,6 +102,9 @@ class Limits(StrictModel):
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
     max_batch_images: int = Field(8, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
+    max_inflight_requests: int = Field(
+        64, ge=1, description="per ingress replica; beyond it /v1/detail answers 429 with Retry-After"
+    )
 
 
 class AppArgs(StrictModel):

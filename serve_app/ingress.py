@@ -17,7 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import metrics
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.inpainter import RefineJob, SamplingSettings
@@ -132,6 +134,15 @@ def _segment_json(segment: Any) -> dict[str, Any]:
     }
 
 
+MODEL_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    RayActorError,
+    ActorUnavailableError,
+    BackPressureError,
+    DeploymentUnavailableError,
+    RequestCancelledError,
+)
+
+
 class ServiceMetrics:
     """Prometheus metrics (exported by Ray's metrics agent, names prefixed ``ray_``)."""
 
@@ -221,6 +232,7 @@ class FaceDetailerIngress:
         self.limits = Limits.model_validate(limits or {})
         self._supported: tuple[list[str], list[str]] | None = None
         self.metrics = ServiceMetrics()
+        self._inflight = 0
 
     # ---- Python handle API -------------------------------------------------------------------
     async def detail(
@@ -328,6 +340,10 @@ class FaceDetailerIngress:
             raise RequestError(504, f"request took longer than {self.limits.request_timeout_s} s") from error
         except ValueError as error:  # e.g. the inpainter rejecting a sampler/scheduler combination
             raise RequestError(422, str(error)) from error
+        except MODEL_UNAVAILABLE as error:
+            # a model replica died or is overloaded mid-request: the caller may retry
+            logger.warning("model deployment unavailable: %s", error)
+            raise RequestError(503, f"a model deployment is unavailable ({type(error).__name__}); retry") from error
         self.metrics.record(result)
         return result
 
@@ -397,13 +413,22 @@ class FaceDetailerIngress:
             if format not in ("png", "json"):
                 raise RequestError(422, f"format: must be 'png' or 'json', got {format!r}")
             started = time.perf_counter()
-            images, values = await self._read_request(request)
-            decoded = time.perf_counter()
-            result = await self.detail(images, values)
+            if self._inflight >= self.limits.max_inflight_requests:
+                raise RequestError(429, f"busy: {self._inflight} requests in progress on this replica; retry")
+            self._inflight += 1
+            try:
+                images, values = await self._read_request(request)
+                decoded = time.perf_counter()
+                result = await self.detail(images, values)
+            finally:
+                self._inflight -= 1
         except RequestError as error:
             return _error_response(error)
         except ImageInputError as error:
             return _error_response(RequestError(error.status_code, str(error)))
+        except Exception as error:  # never a bare 500 page: say what failed
+            logger.exception("unexpected error in /v1/detail")
+            return _error_response(RequestError(500, f"internal error: {type(error).__name__}: {error}"[:500]))
         result.timings["decode"] = decoded - started
         encode_start = time.perf_counter()
         if format == "json":
