@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 MANIFEST = "manifest.json"
 ROOT_PLACEHOLDER = "{root}"
 # component name -> "module:function"; the function builds into an empty folder and returns
