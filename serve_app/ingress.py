@@ -240,8 +240,12 @@ class FaceDetailerIngress:
         images: np.ndarray | Sequence[np.ndarray],
         params: dict[str, Any] | FaceDetailerParams | None = None,
         on_face: Callable[[SegmentReport], None] | None = None,
+        batch_faces: bool = True,
     ) -> DetailResult:
-        """Detail one image [H, W, 3] or a batch ([B, H, W, 3] or a list); image k uses seed + k."""
+        """Detail one image [H, W, 3] or a batch ([B, H, W, 3] or a list); image k uses seed + k.
+
+        ``batch_faces=False`` refines one face per inpainter call (the reference's way; for comparison).
+        """
         batch = [images] if isinstance(images, np.ndarray) and images.ndim == 3 else list(images)
         if not batch:
             raise RequestError(422, "images: at least one image is required")
@@ -255,7 +259,7 @@ class FaceDetailerIngress:
             if array.shape[0] * array.shape[1] > self.limits.max_image_pixels:
                 raise RequestError(413, f"images[{k}]: exceeds the limit of {self.limits.max_image_pixels} pixels")
         resolved = parse_params(params)
-        return await self._run(arrays, resolved, on_face)
+        return await self._run(arrays, resolved, on_face, batch_faces)
 
     async def detail_with_progress(
         self, images: np.ndarray | Sequence[np.ndarray], params: dict[str, Any] | None = None
@@ -318,6 +322,7 @@ class FaceDetailerIngress:
         images: list[np.ndarray],
         params: FaceDetailerParams,
         on_face: Callable[[SegmentReport], None] | None = None,
+        batch_faces: bool = True,
     ) -> DetailResult:
         await self._validate_sampling(params)
         try:
@@ -331,6 +336,7 @@ class FaceDetailerIngress:
                     has_sam=self.stages.sam is not None,
                     has_segm=self.stages.segm_detector is not None,
                     on_face=on_face,
+                    batch_faces=batch_faces,
                 ),
                 timeout=self.limits.request_timeout_s,
             )
