@@ -205,7 +205,7 @@ class Inpainter:
         """Refine every crop; return uint8 [H', W', 3] images in input order, each at its job's size."""
         self.validate_settings(settings)
         for index, job in enumerate(jobs):
-            _check_job(index, job)
+            check_job(index, job)
         with self._lock:
             return self._refine_all(jobs, settings)
 
@@ -486,7 +486,7 @@ class Inpainter:
 # -------------------------------------------------------------------- helpers
 
 
-def _check_job(index: int, job: RefineJob) -> None:
+def check_job(index: int, job: RefineJob) -> None:
     image = job.image
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"job {index}: image must be uint8 [H, W, 3], got {getattr(image, 'shape', None)}")
@@ -522,7 +522,7 @@ def _pad_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _to_pixels(image: np.ndarray) -> torch.Tensor:
     """uint8 HWC → float CHW in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 from ray import serve
 
 from deployments.detector import FaceDetector
-from deployments.inpainter import Inpainter, RefineJob, SamplingSettings
+from deployments.inpainter import Inpainter, RefineJob, SamplingSettings, check_job
 from deployments.sam import SamPrediction, SamSegmenter
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
@@ -133,6 +134,7 @@ class InpainterDeployment:
         self.watchdog = _Watchdog(stuck_after_s)
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.recent_model_calls: deque[int] = deque(maxlen=256)  # crops per model call, newest last
         self._apply_batching()
 
     def _apply_batching(self) -> None:
@@ -156,6 +158,8 @@ class InpainterDeployment:
         """Refine a request's crops; they may share a model call with other requests' crops."""
         self.model.validate_settings(settings)
         jobs = list(jobs)
+        for index, job in enumerate(jobs):
+            check_job(index, job)  # reject a malformed crop before it joins a shared batch
         chunks = [jobs[i : i + self.max_batch_size] for i in range(0, len(jobs), self.max_batch_size)]
         results = await asyncio.gather(*(self._refine_batch((chunk, settings)) for chunk in chunks))
         refined: list[np.ndarray] = []
@@ -175,11 +179,19 @@ class InpainterDeployment:
         results: list[list[np.ndarray] | _Failed] = [_Failed(RuntimeError("not run"))] * len(requests)
         for members in by_settings.values():
             jobs = [job for index in members for job in requests[index][0]]
+            self.recent_model_calls.append(len(jobs))
             try:
                 refined = await self.watchdog.run(self.model.refine, jobs, requests[members[0]][1])
-            except Exception as error:  # only the requests of this group fail
+            except Exception as error:
+                if len(members) == 1:
+                    results[members[0]] = _Failed(error)
+                    continue
+                # one request's crops broke the shared call: retry each alone, so only it fails
                 for index in members:
-                    results[index] = _Failed(error)
+                    try:
+                        results[index] = await self.watchdog.run(self.model.refine, *requests[index])
+                    except Exception as member_error:
+                        results[index] = _Failed(member_error)
                 continue
             start = 0
             for index in members:
@@ -187,6 +199,14 @@ class InpainterDeployment:
                 results[index] = refined[start : start + count]
                 start += count
         return results
+
+    def batching_stats(self) -> dict[str, Any]:
+        """Crops per recent model call: shows whether concurrent requests share batches."""
+        return {
+            "max_batch_size": self.max_batch_size,
+            "batch_wait_timeout_s": self.batch_wait_timeout_s,
+            "recent_model_calls": list(self.recent_model_calls),
+        }
 
     def supported_samplers(self) -> list[str]:
         return self.model.supported_samplers()
