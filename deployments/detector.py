@@ -168,15 +168,23 @@ class FaceDetector:
 
     def _predict(self, image: np.ndarray, threshold: float) -> Any:
         """One ultralytics ``Results``; RGB goes in as PIL, which ultralytics converts to its BGR itself."""
-        with self._lock:
-            results = self._yolo.predict(
-                Image.fromarray(image),
-                conf=threshold,
-                imgsz=self.imgsz,
-                device=self.device,
-                verbose=False,
-                **self._precision_args,
-            )
+        import torch
+
+        # ultralytics' device selection sets torch's thread count for the whole process
+        # (cpu_count - 1); restore it so SAM and the inpainter in the same process keep theirs.
+        threads = torch.get_num_threads()
+        try:
+            with self._lock:
+                results = self._yolo.predict(
+                    Image.fromarray(image),
+                    conf=threshold,
+                    imgsz=self.imgsz,
+                    device=self.device,
+                    verbose=False,
+                    **self._precision_args,
+                )
+        finally:
+            torch.set_num_threads(threads)
         return results[0]
 
     @property

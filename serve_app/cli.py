@@ -32,8 +32,14 @@ def _application(config: dict[str, Any]) -> dict[str, Any]:
     raise SystemExit(f"the config has no application named {APP_NAME!r}")
 
 
-def start_serving(config_path: Path, *, port: int | None = None, blocking: bool = False) -> tuple[Any, int]:
-    """Start (or join) Ray, then deploy the application from a Serve config file; return (handle, port)."""
+def start_serving(
+    config_path: Path, *, port: int | None = None, blocking: bool = False, join_cluster: bool = True
+) -> tuple[Any, int]:
+    """Start (or join) Ray, then deploy the application from a Serve config file; return (handle, port).
+
+    ``join_cluster=False`` always starts a private instance (the demo must not replace or shut
+    down an application someone else is running on this machine's cluster).
+    """
     import ray
     from ray import serve
 
@@ -45,10 +51,12 @@ def start_serving(config_path: Path, *, port: int | None = None, blocking: bool 
     os.environ.update(env_vars)
     if not ray.is_initialized():
         try:
+            if not join_cluster:
+                raise ConnectionError("asked for a private Ray instance")
             ray.init(address="auto", runtime_env={"env_vars": env_vars}, log_to_driver=False)
             print("joined the running Ray cluster", file=sys.stderr)
         except ConnectionError:
-            ray.init(runtime_env={"env_vars": env_vars}, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", runtime_env={"env_vars": env_vars}, include_dashboard=False, log_to_driver=False)
             print("started a local Ray instance", file=sys.stderr)
     http = dict(config.get("http_options", {}))
     if port is not None:
@@ -169,7 +177,7 @@ def command_demo(args: argparse.Namespace) -> None:
     port = args.port or _free_port()
     try:
         print(f"serving {args.config} on 127.0.0.1:{port}…")
-        start_serving(args.config, port=port)
+        start_serving(args.config, port=port, join_cluster=False)
         ready = time.perf_counter()
         # LiteMedSAM was trained on box prompts: prompt it with the box alone ("none").
         demo_params = {"use_sam": True, "sam_detection_hint": "none", "steps": args.steps, "seed": args.seed}

@@ -102,11 +102,13 @@ def _error_response(error: RequestError) -> JSONResponse:
 def result_to_json(result: DetailResult) -> dict[str, Any]:
     """Every output of spec §8 as base64 PNGs, plus per-face metadata and stage timings."""
     per_image = result.per_image
+    images = [encode_png_base64(image) for image in result.images]  # each PNG encoded once
+    masks = [encode_png_base64(item.mask) for item in per_image]
     return {
-        "image": encode_png_base64(result.images[0]),
-        "images": [encode_png_base64(image) for image in result.images],
-        "mask": encode_png_base64(per_image[0].mask),
-        "masks": [encode_png_base64(item.mask) for item in per_image],
+        "image": images[0],
+        "images": images,
+        "mask": masks[0],
+        "masks": masks,
         "cropped_refined": [encode_png_base64(crop) for crop in result.cropped_refined],
         "cropped_enhanced_alpha": [encode_png_base64(crop) for crop in result.cropped_enhanced_alpha],
         "cnet_images": [],
