@@ -62,7 +62,22 @@ class _Watchdog:
                 raise ModelStuckError(f"a model call has been running for {age:.0f} s (limit {self.stuck_after_s} s)")
 
 
-class DetectorDeployment:
+class _ServedModel:
+    """What every model deployment shares: info, and a health probe that tells busy from stuck."""
+
+    model: Any
+    watchdog: _Watchdog
+
+    def info(self) -> dict[str, Any]:
+        return self.model.info()
+
+    async def check_health(self) -> None:
+        self.watchdog.check()
+        if not self.watchdog.busy:
+            await asyncio.to_thread(self.model.check_health)
+
+
+class DetectorDeployment(_ServedModel):
     """Serves one :class:`FaceDetector`."""
 
     def __init__(self, model: str, *, stuck_after_s: float = DEFAULT_STUCK_AFTER_S, **options: Any) -> None:
@@ -72,16 +87,8 @@ class DetectorDeployment:
     async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]:
         return await self.watchdog.run(self.model.detect, image, threshold)
 
-    def info(self) -> dict[str, Any]:
-        return self.model.info()
 
-    async def check_health(self) -> None:
-        self.watchdog.check()
-        if not self.watchdog.busy:
-            await asyncio.to_thread(self.model.check_health)
-
-
-class SamDeployment:
+class SamDeployment(_ServedModel):
     """Serves one :class:`SamSegmenter`: one image embedding per call, every prompt answered."""
 
     def __init__(self, checkpoint: str, *, stuck_after_s: float = DEFAULT_STUCK_AFTER_S, **options: Any) -> None:
@@ -90,14 +97,6 @@ class SamDeployment:
 
     async def predict(self, image: np.ndarray, prompts: Sequence[SamPrompt]) -> list[SamPrediction]:
         return await self.watchdog.run(self.model.predict, image, list(prompts))
-
-    def info(self) -> dict[str, Any]:
-        return self.model.info()
-
-    async def check_health(self) -> None:
-        self.watchdog.check()
-        if not self.watchdog.busy:
-            await asyncio.to_thread(self.model.check_health)
 
 
 @dataclass
@@ -112,7 +111,7 @@ def _crops_in(batch: list[tuple[list[RefineJob], SamplingSettings]]) -> int:
     return sum(len(jobs) for jobs, _ in batch)
 
 
-class InpainterDeployment:
+class InpainterDeployment(_ServedModel):
     """Serves one :class:`Inpainter`, batching crops across concurrent requests.
 
     Each request's crops join a shared queue; a batch closes at ``max_batch_size`` crops or after
@@ -220,8 +219,3 @@ class InpainterDeployment:
             "max_batch_size": self.max_batch_size,
             "batch_wait_timeout_s": self.batch_wait_timeout_s,
         }
-
-    async def check_health(self) -> None:
-        self.watchdog.check()
-        if not self.watchdog.busy:
-            await asyncio.to_thread(self.model.check_health)
