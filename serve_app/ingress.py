@@ -205,16 +205,8 @@ class HandleStages:
 
 
 def sampling_settings(params: FaceDetailerParams) -> SamplingSettings:
-    return SamplingSettings(
-        steps=params.steps,
-        cfg=params.cfg,
-        sampler_name=params.sampler_name,
-        scheduler=params.scheduler,
-        denoise=params.denoise,
-        cycle=params.cycle,
-        noise_mask_feather=params.noise_mask_feather,
-        inpaint_model=params.inpaint_model,
-    )
+    """The inpainter's shared settings: the request fields of the same names (steps, cfg, …)."""
+    return SamplingSettings.model_validate(params.model_dump(include=set(SamplingSettings.model_fields)))
 
 
 @serve.deployment(name="FaceDetailerIngress")
