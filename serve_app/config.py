@@ -96,7 +96,10 @@ class InpainterArgs(StrictModel):
 
 
 class Limits(StrictModel):
-    """Request limits the ingress enforces before any model work (HTTP 413 / 422)."""
+    """Request limits the ingress enforces before any model work (HTTP 413 / 422).
+
+    The work limits (``max_steps`` … ``max_work_units``) are explained in :mod:`serve_app.limits`.
+    """
 
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
@@ -104,6 +107,14 @@ class Limits(StrictModel):
     request_timeout_s: float = Field(600.0, gt=0)
     max_inflight_requests: int = Field(
         64, ge=1, description="per ingress replica; beyond it /v1/detail answers 429 with Retry-After"
+    )
+    max_steps: int = Field(150, ge=1, description="the request's sampling steps")
+    max_sample_pixels: int = Field(
+        1536 * 1536, ge=64 * 64, description="width × height of each upscaled crop the inpainter samples"
+    )
+    max_faces_per_image: int = Field(16, ge=1, description="faces the inpainter refines in one image")
+    max_work_units: float = Field(
+        4000, gt=0, description="total of steps × cycle × crop pixels / 512² over every face of the request"
     )
 
 

@@ -35,6 +35,7 @@ from serve_app.images import (
     encode_png,
     encode_png_base64,
 )
+from serve_app.limits import LimitExceededError, check_planned_work, check_request
 from serve_app.pipeline import DetailResult, PipelineInputError, SegmentReport, detail_batch
 
 logger = logging.getLogger("ray.serve")
@@ -318,6 +319,10 @@ class FaceDetailerIngress:
         on_face: Callable[[SegmentReport], None] | None = None,
         batch_faces: bool = True,
     ) -> DetailResult:
+        try:
+            check_request(params, self.limits)
+        except LimitExceededError as error:
+            raise RequestError(422, str(error), error.details()) from error
         await self._validate_sampling(params)
         try:
             result = await asyncio.wait_for(
@@ -331,9 +336,12 @@ class FaceDetailerIngress:
                     has_segm=self.stages.segm_detector is not None,
                     on_face=on_face,
                     batch_faces=batch_faces,
+                    check_work=lambda faces: check_planned_work(params, faces, self.limits),
                 ),
                 timeout=self.limits.request_timeout_s,
             )
+        except LimitExceededError as error:
+            raise RequestError(422, str(error), error.details()) from error
         except PipelineInputError as error:
             raise RequestError(422, str(error)) from error
         except TimeoutError as error:

@@ -8,7 +8,7 @@ benchmark's in-process baseline). Nothing here imports Ray or a model library.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -246,31 +246,46 @@ def plan_face(
     )
 
 
-async def detail_image(
+@dataclass(frozen=True)
+class PlannedFace:
+    """A face the inpainter will sample, known before any inpainter work (for work limits)."""
+
+    image_index: int
+    position: int
+    sample_size: tuple[int, int]  # (width, height) of the upscaled crop the inpainter samples
+
+
+@dataclass
+class PreparedImage:
+    """One image after detection, mask refinement and the wildcard plan: what remains is sampling."""
+
+    image: np.ndarray
+    index: int
+    mask: np.ndarray
+    image_seed: int
+    reports: list[SegmentReport]  # faces already settled (skipped, empty mask)
+    pending: list[tuple[int, SEG, FacePrompt]]  # (position, seg, prompt) to refine, in order
+    timings: dict[str, float]
+
+
+async def prepare_image(
     image: np.ndarray,
     image_index: int,
     params: FaceDetailerParams,
     stages: Stages,
     *,
-    make_job: Callable[..., Any],
-    settings: Any,
     has_sam: bool = False,
     has_segm: bool = False,
-    batch_faces: bool = True,
     on_face: Callable[[SegmentReport], None] | None = None,
-) -> ImageResult:
-    """FaceDetailer for one image (spec §2–§8).
-
-    Faces are refined in waves (:func:`refinement_waves`): faces whose crops overlap an earlier
-    face wait for its result, as in the reference's one-by-one loop; the others share one
-    inpainter call. ``batch_faces=False`` refines strictly one face per call.
-    """
+    wildcard_files: Mapping[str, Sequence[str]] | None = None,
+) -> PreparedImage:
+    """Detect (and SAM / segm), then decide which faces are refined with which prompt (spec §2–§3, §7)."""
     timings: dict[str, float] = {}
     timer = _Timer(timings)
     segs = await build_segs(image, params, stages, timer, has_sam=has_sam, has_segm=has_segm)
     mask = timer.measure("blend", lambda: segs_to_combined_mask(segs))
     image_seed = sampling_seed(params.seed, image_index, 0, 0)
-    plan = plan_wildcards(params.wildcard, segs.segs, seed=image_seed)
+    plan = plan_wildcards(params.wildcard, segs.segs, seed=image_seed, wildcard_files=wildcard_files)
     reports: list[SegmentReport] = []
     pending: list[tuple[int, SEG, FacePrompt]] = []
     for position, (seg_index, prompt) in enumerate(zip(plan.order, plan.prompts, strict=True)):
@@ -286,20 +301,63 @@ async def detail_image(
                 on_face(report)
             continue
         pending.append((position, seg, prompt))
+    return PreparedImage(image, image_index, mask, image_seed, reports, pending, timings)
 
+
+def planned_faces(prepared: PreparedImage, params: FaceDetailerParams) -> list[PlannedFace]:
+    """The faces of ``prepared`` the inpainter will sample, with their sample sizes (spec §4).
+
+    Sizes depend only on the crop region and bbox, not on pixels refined earlier, so they are
+    known before the first inpainter call; faces the upscale rule skips are left out.
+    """
+    faces = []
+    for position, seg, _ in prepared.pending:
+        x1, y1, x2, y2 = seg.crop_region
+        plan = plan_upscale(
+            (x2 - x1, y2 - y1),
+            seg.bbox,
+            guide_size=params.guide_size,
+            guide_size_for_bbox=params.guide_size_for,
+            max_size=params.max_size,
+            force_inpaint=params.force_inpaint,
+        )
+        if not plan.skip:
+            faces.append(PlannedFace(prepared.index, position, plan.new_size))
+    return faces
+
+
+async def refine_image(
+    prepared: PreparedImage,
+    params: FaceDetailerParams,
+    stages: Stages,
+    *,
+    make_job: Callable[..., Any],
+    settings: Any,
+    batch_faces: bool = True,
+    on_face: Callable[[SegmentReport], None] | None = None,
+) -> ImageResult:
+    """Refine the prepared faces and blend them back (spec §4–§8).
+
+    Faces are refined in waves (:func:`refinement_waves`): faces whose crops overlap an earlier
+    face wait for its result, as in the reference's one-by-one loop; the others share one
+    inpainter call. ``batch_faces=False`` refines strictly one face per call.
+    """
+    timer = _Timer(prepared.timings)
+    pending = prepared.pending
+    reports = list(prepared.reports)
     waves = (
         refinement_waves([seg.crop_region for _, seg, _ in pending])
         if batch_faces
         else [[index] for index in range(len(pending))]
     )
-    current = image
+    current = prepared.image
     refined_crops: list[np.ndarray] = []
     alpha_crops: list[np.ndarray] = []
     for wave in waves:
         ready: list[RefinePlan] = []
         for member in wave:
             position, seg, prompt = pending[member]
-            face = plan_face(current, seg, position, prompt, params, image_seed, make_job)
+            face = plan_face(current, seg, position, prompt, params, prepared.image_seed, make_job)
             if isinstance(face, SegmentReport):
                 reports.append(face)
                 if on_face is not None:
@@ -321,11 +379,33 @@ async def detail_image(
     reports.sort(key=lambda report: report.index)
     return ImageResult(
         image=current,
-        mask=mask,
+        mask=prepared.mask,
         cropped_refined=_sorted_by_shape(refined_crops),
         cropped_enhanced_alpha=_sorted_by_shape(alpha_crops),
         segments=reports,
-        timings=timings,
+        timings=prepared.timings,
+    )
+
+
+async def detail_image(
+    image: np.ndarray,
+    image_index: int,
+    params: FaceDetailerParams,
+    stages: Stages,
+    *,
+    make_job: Callable[..., Any],
+    settings: Any,
+    has_sam: bool = False,
+    has_segm: bool = False,
+    batch_faces: bool = True,
+    on_face: Callable[[SegmentReport], None] | None = None,
+) -> ImageResult:
+    """FaceDetailer for one image (spec §2–§8): :func:`prepare_image`, then :func:`refine_image`."""
+    prepared = await prepare_image(
+        image, image_index, params, stages, has_sam=has_sam, has_segm=has_segm, on_face=on_face
+    )
+    return await refine_image(
+        prepared, params, stages, make_job=make_job, settings=settings, batch_faces=batch_faces, on_face=on_face
     )
 
 
@@ -352,23 +432,36 @@ async def detail_batch(
     has_segm: bool = False,
     batch_faces: bool = True,
     on_face: Callable[[SegmentReport], None] | None = None,
+    check_work: Callable[[list[PlannedFace]], None] | None = None,
+    wildcard_files: Mapping[str, Sequence[str]] | None = None,
 ) -> DetailResult:
-    """Each image on its own with base seed + k (spec §6); the lists joined like the node's."""
+    """Each image on its own with base seed + k (spec §6); the lists joined like the node's.
+
+    Every image is prepared (detection, masks, wildcard plan) before any face is refined, so
+    ``check_work`` sees every face the request would sample, with its size, and can refuse the
+    request (by raising) before the inpainter does any work.
+    """
     start = time.perf_counter()
-    per_image = [
-        await detail_image(
+    prepared = [
+        await prepare_image(
             image,
             index,
             params,
             stages,
-            make_job=make_job,
-            settings=settings,
             has_sam=has_sam,
             has_segm=has_segm,
-            batch_faces=batch_faces,
             on_face=on_face,
+            wildcard_files=wildcard_files,
         )
         for index, image in enumerate(images)
+    ]
+    if check_work is not None:
+        check_work([face for item in prepared for face in planned_faces(item, params)])
+    per_image = [
+        await refine_image(
+            item, params, stages, make_job=make_job, settings=settings, batch_faces=batch_faces, on_face=on_face
+        )
+        for item in prepared
     ]
     timings: dict[str, float] = {}
     for result in per_image:
