@@ -24,6 +24,8 @@ class AutoscalingConfig(StrictModel):
     target_ongoing_requests: float = Field(2.0, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(300.0, ge=0)
+    look_back_period_s: float | None = Field(None, gt=0, description="window the load is averaged over (Serve: 30)")
+    metrics_interval_s: float | None = Field(None, gt=0, description="how often replicas report load (Serve: 10)")
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> AutoscalingConfig:
@@ -36,6 +38,7 @@ class RayActorOptions(StrictModel):
     num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     memory: int | None = Field(None, ge=0, description="bytes reserved for the replica")
+    resources: dict[str, float] | None = Field(None, description="custom Ray resources, e.g. to pin to a node group")
     runtime_env: dict[str, Any] | None = None
 
 
