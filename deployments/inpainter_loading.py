@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from deployments.weights import CorruptWeightsError, WeightsNotFoundError, is_simulated, resolve_weights
+from facedetailer.safe_paths import files_inside, resolve_inside
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +331,8 @@ class LoraPatcher:
     on exit, so LoRA sets of different jobs never mix. Names are resolved for kohya files
     (``lora_unet_…`` on diffusers or original UNet names, ``lora_te_``/``lora_te1_``/``lora_te2_``)
     and PEFT/diffusers files (``unet.…``, ``text_encoder.…``). A LoRA that is not found is
-    logged and skipped, as the reference does.
+    logged and skipped, as the reference does; a name that would leave ``lora_dir`` raises
+    :class:`facedetailer.safe_paths.UnsafeNameError` (the request is refused).
     """
 
     def __init__(self, components: SDComponents, lora_dir: Path | None) -> None:
@@ -339,14 +341,18 @@ class LoraPatcher:
         self._targets: dict[str, tuple[str, torch.nn.Module]] | None = None
 
     def find(self, name: str) -> Path | None:
-        """``<lora_dir>/<name>.safetensors``, or a file whose path ends with it (ComfyUI's suffix match)."""
+        """``<lora_dir>/<name>.safetensors``, or a file whose path ends with it (ComfyUI's suffix match).
+
+        The name comes from the request: it must stay inside ``lora_dir``
+        (:func:`facedetailer.safe_paths.resolve_inside`), else :class:`UnsafeNameError`.
+        """
         if self.lora_dir is None:
             return None
         file_name = name if Path(name).suffix in (".safetensors", ".pt", ".ckpt") else f"{name}.safetensors"
-        direct = self.lora_dir / file_name
+        direct = resolve_inside(self.lora_dir, file_name, kind="LoRA")
         if direct.is_file():
             return direct
-        matches = sorted(path for path in self.lora_dir.rglob("*") if path.as_posix().endswith("/" + file_name))
+        matches = [path for relative, path in files_inside(self.lora_dir) if f"/{relative}".endswith("/" + file_name)]
         return matches[0] if matches else None
 
     @contextmanager

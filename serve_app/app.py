@@ -58,7 +58,12 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     )
     ingress = FaceDetailerIngress.options(**config.ingress.to_serve_options())
     return ingress.bind(
-        detector, inpainter, sam=sam, segm_detector=segm_detector, limits=config.limits.model_dump()
+        detector,
+        inpainter,
+        sam=sam,
+        segm_detector=segm_detector,
+        limits=config.limits.model_dump(),
+        wildcards_dir=config.wildcards_dir,
     )
 
 

@@ -130,3 +130,6 @@ class AppArgs(StrictModel):
     inpainter: InpainterArgs
     ingress: DeploymentOptions = DeploymentOptions(max_ongoing_requests=16)
     limits: Limits = Limits()
+    wildcards_dir: str | None = Field(
+        None, description="folder of wildcard .txt files for __name__ (names stay inside it)"
+    )

@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.inpainter import RefineJob, SamplingSettings
 from facedetailer.params import FaceDetailerParams
+from facedetailer.safe_paths import UnsafeNameError
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
 from serve_app.config import Limits
@@ -35,8 +36,9 @@ from serve_app.images import (
     encode_png,
     encode_png_base64,
 )
-from serve_app.limits import LimitExceededError, check_planned_work, check_request
-from serve_app.pipeline import DetailResult, PipelineInputError, SegmentReport, detail_batch
+from serve_app.limits import LimitExceededError, check_planned_names, check_planned_work, check_request
+from serve_app.pipeline import DetailResult, PipelineInputError, PlannedFace, SegmentReport, detail_batch
+from serve_app.wildcard_files import WildcardFolder
 
 logger = logging.getLogger("ray.serve")
 
@@ -222,9 +224,11 @@ class FaceDetailerIngress:
         sam: DeploymentHandle | None = None,
         segm_detector: DeploymentHandle | None = None,
         limits: dict[str, Any] | None = None,
+        wildcards_dir: str | None = None,
     ) -> None:
         self.stages = HandleStages(detector, inpainter, sam, segm_detector)
         self.limits = Limits.model_validate(limits or {})
+        self.wildcards = WildcardFolder(wildcards_dir) if wildcards_dir else None
         self._supported: tuple[list[str], list[str]] | None = None
         self.metrics = ServiceMetrics()
         self._inflight = 0
@@ -289,6 +293,7 @@ class FaceDetailerIngress:
             "samplers": samplers,
             "schedulers": schedulers,
             "limits": self.limits.model_dump(),
+            "wildcards": sorted(self.wildcards) if self.wildcards is not None else [],
             "defaults": FaceDetailerParams().model_dump(),
         }
 
@@ -336,12 +341,17 @@ class FaceDetailerIngress:
                     has_segm=self.stages.segm_detector is not None,
                     on_face=on_face,
                     batch_faces=batch_faces,
-                    check_work=lambda faces: check_planned_work(params, faces, self.limits),
+                    check_work=lambda faces: self._check_planned(params, faces),
+                    wildcard_files=self.wildcards,
                 ),
                 timeout=self.limits.request_timeout_s,
             )
         except LimitExceededError as error:
             raise RequestError(422, str(error), error.details()) from error
+        except UnsafeNameError as error:  # a LoRA or wildcard name that would leave its folder
+            name, reason, kind = (getattr(error, key, None) for key in ("name", "reason", "kind"))
+            message = f"{kind} name {name!r} is refused: {reason}" if reason else str(error)
+            raise RequestError(422, message, {"name": name, "reason": reason}) from error
         except PipelineInputError as error:
             raise RequestError(422, str(error)) from error
         except TimeoutError as error:
@@ -354,6 +364,11 @@ class FaceDetailerIngress:
             raise RequestError(503, f"a model deployment is unavailable ({type(error).__name__}); retry") from error
         self.metrics.record(result)
         return result
+
+    def _check_planned(self, params: FaceDetailerParams, faces: list[PlannedFace]) -> None:
+        """Before any inpainter work: work limits and the file names the faces ask for."""
+        check_planned_work(params, faces, self.limits)
+        check_planned_names(faces)
 
     # ---- HTTP API ----------------------------------------------------------------------------
     @http_app.get("/healthz")

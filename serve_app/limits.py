@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from facedetailer.params import FaceDetailerParams
+from facedetailer.safe_paths import check_name
 from serve_app.config import Limits
 from serve_app.pipeline import PlannedFace
 
@@ -38,6 +39,9 @@ class LimitExceededError(ValueError):
         self.limit = limit
         self.limit_value = limit_value
         self.requested = requested
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.limit, self.limit_value, self.requested, str(self)))
 
     def details(self) -> dict[str, Any]:
         return {"limit": f"limits.{self.limit}", "limit_value": self.limit_value, "requested": self.requested}
@@ -95,3 +99,21 @@ def check_planned_work(params: FaceDetailerParams, faces: Sequence[PlannedFace],
             f"{len(faces)} faces), over limits.max_work_units = {limits.max_work_units}; lower steps, cycle, "
             "guide_size or max_size",
         )
+
+
+def check_planned_names(faces: Sequence[PlannedFace]) -> None:
+    """Every file name the planned faces ask for (LoRA tags) is a plain name inside its folder.
+
+    The syntactic rule of :func:`facedetailer.safe_paths.check_name`, before any model work; the
+    inpainter applies the full rule (symlinks included) where the folder is. Raises
+    :class:`facedetailer.safe_paths.UnsafeNameError` naming the image, face and name.
+    """
+    from facedetailer.safe_paths import UnsafeNameError
+
+    for face in faces:
+        for name in face.loras:
+            try:
+                check_name(name, "LoRA")
+            except UnsafeNameError as error:
+                raise UnsafeNameError(name, f"{error.reason} (image {face.image_index}, face {face.position})",
+                                      "LoRA") from None

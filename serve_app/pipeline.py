@@ -253,6 +253,7 @@ class PlannedFace:
     image_index: int
     position: int
     sample_size: tuple[int, int]  # (width, height) of the upscaled crop the inpainter samples
+    loras: tuple[str, ...] = ()  # LoRA names the face's prompt asks for
 
 
 @dataclass
@@ -311,7 +312,7 @@ def planned_faces(prepared: PreparedImage, params: FaceDetailerParams) -> list[P
     known before the first inpainter call; faces the upscale rule skips are left out.
     """
     faces = []
-    for position, seg, _ in prepared.pending:
+    for position, seg, prompt in prepared.pending:
         x1, y1, x2, y2 = seg.crop_region
         plan = plan_upscale(
             (x2 - x1, y2 - y1),
@@ -322,7 +323,8 @@ def planned_faces(prepared: PreparedImage, params: FaceDetailerParams) -> list[P
             force_inpaint=params.force_inpaint,
         )
         if not plan.skip:
-            faces.append(PlannedFace(prepared.index, position, plan.new_size))
+            loras = tuple(lora.name for lora in prompt.loras)
+            faces.append(PlannedFace(prepared.index, position, plan.new_size, loras))
     return faces
 
 
