@@ -22,6 +22,7 @@ from ray import serve
 
 from deployments.detector import FaceDetector
 from deployments.inpainter import Inpainter, RefineJob, SamplingSettings, check_job
+from deployments.placement import replica_placement
 from deployments.sam import SamPrediction, SamSegmenter
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
@@ -70,6 +71,10 @@ class _ServedModel:
 
     def info(self) -> dict[str, Any]:
         return self.model.info()
+
+    def placement(self) -> dict[str, Any]:
+        """Node and logical GPU ids of this replica (fractional-GPU packing, tests/cluster/)."""
+        return replica_placement()
 
     async def check_health(self) -> None:
         self.watchdog.check()

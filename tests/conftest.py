@@ -92,3 +92,9 @@ def tiny_sam() -> dict:
 @pytest.fixture(scope="session")
 def tiny_sd() -> dict:
     return _tiny("sd")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run tests/cluster first: its multi-node cluster must own the session's Ray connection
+    (the other Ray tests start their own instance, held until the session ends)."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("cluster") else 1)
