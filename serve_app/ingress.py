@@ -35,6 +35,7 @@ from serve_app.images import (
     encode_png,
     encode_png_base64,
 )
+from serve_app.model_choice import ModelChoice, ModelChoiceError
 from serve_app.pipeline import DetailResult, PipelineInputError, SegmentReport, detail_batch
 
 logger = logging.getLogger("ray.serve")
@@ -111,7 +112,7 @@ def result_to_json(result: DetailResult) -> dict[str, Any]:
         "masks": masks,
         "cropped_refined": [encode_png_base64(crop) for crop in result.cropped_refined],
         "cropped_enhanced_alpha": [encode_png_base64(crop) for crop in result.cropped_enhanced_alpha],
-        "cnet_images": [],
+        "cnet_images": [encode_png_base64(image) for image in result.cnet_images],
         "segments": [[_segment_json(segment) for segment in item.segments] for item in per_image],
         "faces_detected": sum(len(item.segments) for item in per_image),
         "faces_refined": sum(len(item.cropped_refined) for item in per_image),
@@ -134,6 +135,11 @@ def _segment_json(segment: Any) -> dict[str, Any]:
         "skip_reason": segment.skip_reason,
         "prompt": segment.prompt,
     }
+
+
+async def _named_info(handles: dict[str, DeploymentHandle]) -> dict[str, Any]:
+    """``{name: info}`` of every configured model of one kind (the request names them)."""
+    return {name: await handle.info.remote() for name, handle in handles.items()}
 
 
 MODEL_UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -216,13 +222,17 @@ class FaceDetailerIngress:
 
     def __init__(
         self,
-        detector: DeploymentHandle,
+        detector: DeploymentHandle | dict[str, DeploymentHandle],
         inpainter: DeploymentHandle,
-        sam: DeploymentHandle | None = None,
-        segm_detector: DeploymentHandle | None = None,
+        sam: DeploymentHandle | dict[str, DeploymentHandle] | None = None,
+        segm_detector: DeploymentHandle | dict[str, DeploymentHandle] | None = None,
         limits: dict[str, Any] | None = None,
     ) -> None:
-        self.stages = HandleStages(detector, inpainter, sam, segm_detector)
+        # each model kind: one handle, or several by name (serve_app/model_choice.py)
+        self.models = ModelChoice.of(detector, segm_detector, sam)
+        self.stages = HandleStages(
+            self.models.detectors.default, inpainter, self.models.sam_models.default, self.models.segm_detectors.default
+        )
         self.limits = Limits.model_validate(limits or {})
         self._supported: tuple[list[str], list[str]] | None = None
         self.metrics = ServiceMetrics()
@@ -285,6 +295,9 @@ class FaceDetailerIngress:
                 "sam": await self.stages.sam.info.remote() if self.stages.sam else None,
                 "inpainter": await self.stages.inpainter.info.remote(),
             },
+            "detectors": await _named_info(self.models.detectors.models),
+            "segm_detectors": await _named_info(self.models.segm_detectors.models),
+            "sam_models": await _named_info(self.models.sam_models.models),
             "samplers": samplers,
             "schedulers": schedulers,
             "limits": self.limits.model_dump(),
@@ -318,17 +331,22 @@ class FaceDetailerIngress:
         on_face: Callable[[SegmentReport], None] | None = None,
         batch_faces: bool = True,
     ) -> DetailResult:
+        try:
+            chosen = self.models.select(params)
+        except ModelChoiceError as error:
+            raise RequestError(422, str(error)) from error
         await self._validate_sampling(params)
+        stages = HandleStages(chosen.detector, self.stages.inpainter, chosen.sam, chosen.segm_detector)
         try:
             result = await asyncio.wait_for(
                 detail_batch(
                     images,
                     params,
-                    self.stages,
+                    stages,
                     make_job=RefineJob,
                     settings=sampling_settings(params),
-                    has_sam=self.stages.sam is not None,
-                    has_segm=self.stages.segm_detector is not None,
+                    has_sam=stages.sam is not None,
+                    has_segm=stages.segm_detector is not None,
                     on_face=on_face,
                     batch_faces=batch_faces,
                 ),
@@ -352,12 +370,7 @@ class FaceDetailerIngress:
     async def healthz(self) -> JSONResponse:
         """Ready when every model deployment answers its health probe."""
         checks: dict[str, str] = {}
-        handles = {
-            "detector": self.stages.detector,
-            "segm_detector": self.stages.segm_detector,
-            "sam": self.stages.sam,
-            "inpainter": self.stages.inpainter,
-        }
+        handles = {**self.models.labelled(), "inpainter": self.stages.inpainter}
         for name, handle in handles.items():
             if handle is None:
                 continue
