@@ -335,3 +335,9 @@ def test_named_detectors_over_http_and_the_handle(client, serve_instance):
     assert result.per_image[0].segments == []
     with pytest.raises(RequestError, match="sam_model"):
         handle.detail.remote(photo, {**FAST, "sam_model": "vit_b"}).result(timeout_s=60)
+    # hooks through the handle: the face detector's label is "face", so a "hand" filter keeps nothing
+    hands_only = {**FAST, "detailer_hooks": [{"type": "segs_label_filter", "labels": "hand"}]}
+    filtered = handle.detail.remote(photo, hands_only).result(timeout_s=600)
+    assert filtered.per_image[0].segments == [] and not filtered.masks.any()
+    with pytest.raises(RequestError, match="not supported yet: variation_noise"):
+        handle.detail.remote(photo, {**FAST, "detailer_hooks": [{"type": "variation_noise"}]}).result(timeout_s=60)

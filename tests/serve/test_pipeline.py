@@ -365,3 +365,17 @@ def test_lora_tags_in_positive_and_negative_are_removed_and_applied():
     assert job.positive == ("photo", "sharp", "smile")
     assert job.negative == ("blurry",)
     assert job.loras == (("detail", 0.5, 0.5), ("bad", 1.0, 0.25), ("detail", 1.0, 1.0))
+
+
+def test_coreml_region_that_leaves_the_image_skips_its_face_as_the_reference_does():
+    # bottom gap 10 px, top gap 130 px: the reference's gap ratio 13 pushes the window off the image
+    stages = FakeStages([face(200, 300, 260, 370)])
+    result = run([textured(380, 600)], stages, detailer_hooks=[{"type": "coreml", "mode": "768x512"}])
+    [segment] = result.per_image[0].segments
+    assert segment.crop_region == (140, 380, 320, 380)
+    assert segment.skipped and segment.skip_reason == "empty mask" and not stages.refine_calls
+    assert not result.masks.any()
+    with_sam = FakeStages([face(200, 300, 260, 370)], sam_masks=np.ones((380, 600), bool))
+    coreml = [{"type": "coreml", "mode": "768x512"}]
+    sam_result = run([textured(380, 600)], with_sam, use_sam=True, detailer_hooks=coreml)
+    assert sam_result.per_image[0].segments[0].skip_reason == "empty mask" and not with_sam.refine_calls
