@@ -14,7 +14,8 @@ a ``fetch`` of Comfy-Org/ComfyUI into a temp folder outside the repo; its sampli
 PR's two-line change (CPU ancestral seed + 1) applied in memory, so it computes what a current
 release does. Samplers the checkout does not have are reported as "not in checkout".
 
-    python benchmarks/comfy_parity.py --comfyui /tmp/comfyui [--steps 4 8 20] [--denoise 1 0.5 0.3] [--json out.json]
+    python benchmarks/comfy_parity.py --comfyui /tmp/comfyui [--schedulers karras] [--json out.json]
+    python benchmarks/comfy_parity.py --report out1.json out2.json   # merged tables
 
 Run it under /work/wt/heavy: it times both loops.
 """
@@ -236,15 +237,50 @@ def cases(steps_list: list[int], denoise_list: list[float], samplers: list[str],
     return out
 
 
+def report(paths: list[Path]) -> None:
+    """Merge --json outputs (e.g. one run per scheduler) into markdown tables for docs/samplers.md."""
+    results, older, times = [], {}, {"comfy": 0.0, "ours": 0.0}
+    for path in paths:
+        data = json.loads(path.read_text())
+        results += data["results"]
+        older.update(data.get("older", {}))
+        for key in times:
+            times[key] += data["times"][key]
+    print("| sampler | cases | max rel diff | within 1e-4 | bit-identical |\n|---|---|---|---|---|")
+    for name in dict.fromkeys(r["sampler"] for r in results):
+        diffs = [r["max_rel_diff"] for r in results if r["sampler"] == name]
+        note = " (older algorithm in the checkout)" if name in older else ""
+        print(f"| {name}{note} | {len(diffs)} | {max(diffs):.3g} | {sum(d <= 1e-4 for d in diffs)} | "
+              f"{sum(d == 0 for d in diffs)} |")  # fmt: skip
+    print("\n| scheduler | cases | max rel diff (current algorithms) |\n|---|---|---|")
+    for name in dict.fromkeys(r["scheduler"] for r in results):
+        diffs = [r["max_rel_diff"] for r in results if r["scheduler"] == name and r["sampler"] not in older]
+        print(f"| {name} | {len(diffs)} | {max(diffs):.3g} |")
+    counted = [r["max_rel_diff"] for r in results if r["sampler"] not in older]
+    print(
+        f"\n{len(results)} cases, {len(counted)} with the current algorithm in the checkout: max rel diff "
+        f"{max(counted):.3g}, {sum(d <= 1e-4 for d in counted)} within 1e-4, "
+        f"{sum(d == 0 for d in counted)} bit-identical"
+    )
+    print(f"sampling wall time: ComfyUI {times['comfy']:.1f} s, ours {times['ours']:.1f} s "
+          f"(ours/ComfyUI = {times['ours'] / times['comfy']:.3f})")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--comfyui", type=Path, required=True, help="path of a ComfyUI checkout")
+    parser.add_argument("--report", nargs="+", type=Path, help="only merge these --json outputs into tables")
+    parser.add_argument("--comfyui", type=Path, help="path of a ComfyUI checkout")
     parser.add_argument("--steps", nargs="*", type=int, default=[4, 8, 20])
     parser.add_argument("--denoise", nargs="*", type=float, default=[1.0, 0.5, 0.3])
     parser.add_argument("--samplers", nargs="*", default=list(SAMPLER_NAMES))
     parser.add_argument("--schedulers", nargs="*", default=list(SCHEDULER_NAMES))
     parser.add_argument("--json", type=Path, help="write every case's result here")
     args = parser.parse_args()
+    if args.report:
+        report(args.report)
+        return
+    if args.comfyui is None:
+        parser.error("--comfyui is required (or --report)")
 
     torch.set_num_threads(1)
     comfy = load_comfy(args.comfyui)
