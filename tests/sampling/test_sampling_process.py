@@ -221,3 +221,15 @@ def test_inpaint_concat_follows_comfyui_concat_cond():
     assert torch.equal(concat[:, 1:], masked_latent)
     # cell 3 samples pixel 27.5 (bilinear, no antialias): 0.5, which torch.round takes to 0 (half to even)
     assert concat[0, 0, 0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+
+
+def test_a_malformed_unet_response_fails_that_crop_with_a_clear_error():
+    process = crop_process(sd15(), **settings(cfg=1.0))
+    request = next(process)
+    with pytest.raises(ValueError, match="does not match its input"):
+        process.send(UNetResponse(cond=torch.zeros(1, 4, 4, 4)))
+    process = crop_process(sd15(), **settings(cfg=7.0))
+    request = next(process)
+    assert request.uncond
+    with pytest.raises(ValueError, match="uncond"):
+        process.send(UNetResponse(cond=torch.zeros_like(request.x_in)))
