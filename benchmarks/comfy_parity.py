@@ -239,13 +239,16 @@ def cases(steps_list: list[int], denoise_list: list[float], samplers: list[str],
 
 def report(paths: list[Path]) -> None:
     """Merge --json outputs (e.g. one run per scheduler) into markdown tables for docs/samplers.md."""
-    results, older, times = [], {}, {"comfy": 0.0, "ours": 0.0}
-    for path in paths:
+    by_case, older, times = {}, {}, {"comfy": 0.0, "ours": 0.0}
+    for path in paths:  # a later file's case replaces an earlier one's (reruns)
         data = json.loads(path.read_text())
-        results += data["results"]
+        for result in data["results"]:
+            key = tuple(result[name] for name in ("sampler", "scheduler", "steps", "denoise", "mask", "cfg"))
+            by_case[key] = result
         older.update(data.get("older", {}))
-        for key in times:
-            times[key] += data["times"][key]
+    results = list(by_case.values())
+    for key in times:
+        times[key] = sum(r[f"{key}_s"] for r in results)
     print("| sampler | cases | max rel diff | within 1e-4 | bit-identical |\n|---|---|---|---|---|")
     for name in dict.fromkeys(r["sampler"] for r in results):
         diffs = [r["max_rel_diff"] for r in results if r["sampler"] == name]

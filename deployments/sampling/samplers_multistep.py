@@ -135,6 +135,16 @@ def _deis_times(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return t, beta_min, beta_d + beta_min
 
 
+def _deis_integrand(beta_0: torch.Tensor, beta_1: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+    """−½ · d log α/dτ / √(α(1 − α)), the derivative taken by autograd as ComfyUI does (bit-equal sums)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        taus = taus.clone().requires_grad_(True)
+        alpha = torch.exp(-0.5 * taus**2 * (beta_1.clone() - beta_0.clone()) - taus * beta_0.clone())
+        alpha.log().sum().backward()
+        slope = taus.grad
+    return -0.5 * slope / torch.sqrt(alpha.detach() * (1 - alpha.detach()))
+
+
 def deis_coefficients(sigmas: torch.Tensor, max_order: int, points: int = 10000) -> list[list[torch.Tensor]]:
     """DEIS 'tab' coefficients: ∫ of each Lagrange basis times the VP integrand, by a Riemann sum."""
     t_steps, beta_0, beta_1 = _deis_times(sigmas)
@@ -147,15 +157,13 @@ def deis_coefficients(sigmas: torch.Tensor, max_order: int, points: int = 10000)
         taus = torch.linspace(t_cur, t_next, points)
         dtau = (t_next - t_cur) / points
         previous = t_steps[[i - k for k in range(order)]]
-        alpha = torch.exp(-0.5 * taus**2 * (beta_1 - beta_0) - taus * beta_0)
-        d_log_alpha = (-taus * (beta_1 - beta_0) - beta_0).to(taus.dtype)
-        integrand = -0.5 * d_log_alpha / torch.sqrt(alpha * (1 - alpha))
+        integrand = _deis_integrand(beta_0, beta_1, taus)
         row = []
         for j in range(order):
             basis = 1
             for k in range(previous.shape[0]):
                 if k != j:
-                    basis = basis * (taus - previous[k]) / (previous[j] - previous[k])
+                    basis = basis * ((taus - previous[k]) / (previous[j] - previous[k]))
             row.append(torch.sum(integrand * basis) * dtau)
         coefficients.append(row)
     return coefficients
