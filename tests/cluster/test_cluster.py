@@ -82,7 +82,9 @@ def test_inpainter_scales_up_under_a_ramp_and_back_down_alone(rehearsal: Simulat
     try:
         ramp(run, 0, 16, 8.0)
         up = wait_until(lambda: rehearsal.running("Inpainter") >= 2, 120, what="a second inpainter replica running")
-        time.sleep(5)
+        # 0.7 + 0.7 > 1: the second inpainter must take the other worker's GPU
+        spread = {(p["node_id"], tuple(p["accelerator_ids"]["GPU"])) for p in rehearsal.placements("Inpainter")}
+        time.sleep(3)
         load_end = run.now()
         ramp(run, 16, 0, 8.0)
         run.stop()
@@ -97,6 +99,7 @@ def test_inpainter_scales_up_under_a_ramp_and_back_down_alone(rehearsal: Simulat
           f"{sampler.peak('Inpainter')} running")
     assert statuses[200] == len(run.records) > 0, [r.error for r in run.records if r.status != 200][:3]
     assert sampler.peak("Inpainter") >= 2
+    assert len(spread) >= 2 and len({node for node, _ in spread}) >= 2, spread
     assert sampler.peak("Sam", 0, load_end) == 1  # SAM was not used: it did not scale
     assert idle > 0
 

@@ -82,16 +82,20 @@ def test_the_cycle_plans_every_image_before_the_first_inpainter_call():
     assert [(f.image_index, f.position) for f in faces] == [(0, 0), (1, 0)]
 
 
-def test_planned_sizes_are_the_sizes_the_inpainter_gets():
+@pytest.mark.parametrize("hooks", [[], [{"type": "coreml", "mode": "768x512"}]])
+def test_planned_sizes_are_the_sizes_the_inpainter_gets(hooks):
+    """Including a hook that pins the sampled size (coreml), which the plan must apply too."""
     stages = FakeStages([face(40, 40, 80, 90), face(200, 100, 260, 170)])
     seen: list[PlannedFace] = []
-    params = FaceDetailerParams(guide_size=256, max_size=512)
+    params = FaceDetailerParams(guide_size=256, max_size=512, detailer_hooks=hooks)
     result = asyncio.run(
         detail_batch([textured()], params, stages, make_job=Job, settings=None, check_work=seen.extend)
     )
     sizes = {(job.image.shape[1], job.image.shape[0]) for job in stages.refine_calls}
     assert {face.sample_size for face in seen} == sizes and len(seen) == 2
     assert [segment.upscaled_size for segment in result.per_image[0].segments] == [f.sample_size for f in seen]
+    if hooks:
+        assert sizes == {(768, 512)}
 
 
 def test_a_huge_guide_size_is_refused_before_the_crop_is_upscaled():
