@@ -32,7 +32,6 @@ from typing import Any
 import torch
 
 from deployments.weights import CorruptWeightsError, WeightsNotFoundError, is_simulated, resolve_weights
-from facedetailer.safe_paths import files_inside, resolve_inside
 
 logger = logging.getLogger(__name__)
 
@@ -331,8 +330,7 @@ class LoraPatcher:
     on exit, so LoRA sets of different jobs never mix. Names are resolved for kohya files
     (``lora_unet_…`` on diffusers or original UNet names, ``lora_te_``/``lora_te1_``/``lora_te2_``)
     and PEFT/diffusers files (``unet.…``, ``text_encoder.…``). A LoRA that is not found is
-    logged and skipped, as the reference does; a name that would leave ``lora_dir`` raises
-    :class:`facedetailer.safe_paths.UnsafeNameError` (the request is refused).
+    logged and skipped, as the reference does.
     """
 
     def __init__(self, components: SDComponents, lora_dir: Path | None) -> None:
@@ -346,6 +344,8 @@ class LoraPatcher:
         The name comes from the request: it must stay inside ``lora_dir``
         (:func:`facedetailer.safe_paths.resolve_inside`), else :class:`UnsafeNameError`.
         """
+        from facedetailer.safe_paths import files_inside, resolve_inside
+
         if self.lora_dir is None:
             return None
         file_name = name if Path(name).suffix in (".safetensors", ".pt", ".ckpt") else f"{name}.safetensors"

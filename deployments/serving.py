@@ -22,7 +22,6 @@ from ray import serve
 
 from deployments.detector import FaceDetector
 from deployments.inpainter import Inpainter, RefineJob, SamplingSettings, check_job
-from deployments.placement import replica_placement
 from deployments.sam import SamPrediction, SamSegmenter
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
@@ -74,6 +73,8 @@ class _ServedModel:
 
     def placement(self) -> dict[str, Any]:
         """Node and logical GPU ids of this replica (fractional-GPU packing, tests/cluster/)."""
+        from deployments.placement import replica_placement
+
         return replica_placement()
 
     async def check_health(self) -> None:
