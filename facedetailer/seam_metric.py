@@ -3,18 +3,22 @@
 For a result, its source image and the paste mask (image-sized, in [0, 1]), the paste-mask
 boundary is its transition (``ε < m < 1 − ε``, or the edge itself for a hard mask). The inner band
 is the ``band_width`` px of fully pasted pixels (``m ≥ 1 − ε``) next to it, the outer band the
-``band_width`` px of untouched ones (``m ≤ ε``).
+``band_width`` px of untouched ones (``m ≤ ε``). Both measures work tile by tile along the boundary
+(a pixel belongs to the ``block``-px grid cell of its nearest boundary point, so a tile holds both
+sides of one stretch of boundary), so that errors on two sides of a face do not cancel, and
+compare the result with the source, so that the source's own contrast across the boundary (face
+against hair or background) does not count.
 
-- **Boundary ΔE₀₀** (colour step): in each tile that holds both bands (``block`` px, widened to
-  twice the transition's width plus both bands for wide feathers), the
-  result's inner-band mean colour (Lab) is compared with what the source's own step across the
-  boundary predicts from the result's outer band: ``ΔE₀₀(R_in, R_out + S_in − S_out)``. It is 0
-  when the paste keeps the step the source had (however different face and background are) and
-  equals the cast of a uniformly cast paste. Tiles are averaged by their band pixel counts, so
-  errors in opposite directions on two sides of a face do not cancel.
-- **Gradient excess** (edge energy): the mean ``Σ_c |∇Lab_c|²`` over the boundary zone (both
-  bands and the transition) in the result, against the source's:
-  ``(E_result − E_source) / max(E_source, 1)``; 0 = no more edge energy than the source had.
+- **Boundary ΔE₀₀** (colour step): per tile, the result's inner-band mean colour (Lab) against
+  what the source's own step predicts from the result's outer band:
+  ``ΔE₀₀(R_in, R_out + S_in − S_out)``, averaged over tiles by band pixels. It is 0 when the
+  paste keeps the source's step and equals the cast of a uniformly cast paste.
+- **Gradient excess** (edge energy along the boundary): per tile, the image is averaged along the
+  boundary into a profile across it (1-px bins of signed distance to the mask's 0.5 level, over
+  the transition and both bands); the energy is the mean ``Σ_c (ΔLab_c per px)²`` of that profile.
+  Averaging along the boundary keeps a seam (an edge that follows the boundary) and averages
+  texture and noise away. ``(E_result − E_source) / max(E_source, 1)``: 0 = no more edge across the
+  boundary than the source had; a hard step of ΔLab over a profile of n bins gives ``|ΔLab|²/(n − 1)``.
 
 Lab and ΔE₀₀ are scikit-image's (D65, CIEDE2000 with kL = kC = kH = 1).
 """
@@ -32,7 +36,7 @@ from facedetailer.segs import CropRegion
 
 EPSILON = 0.01  # mask levels within this of 0 or 1 count as untouched / fully pasted
 DEFAULT_BAND_WIDTH = 4  # px
-DEFAULT_BLOCK = 16  # px
+DEFAULT_BLOCK = 32  # px of boundary per tile
 MIN_ENERGY = 1.0  # (ΔLab per px)²: floor of the source energy in the relative excess
 
 
@@ -41,7 +45,7 @@ class SeamScore:
     """The seam metric of one result (see the module docstring)."""
 
     delta_e: float  # boundary ΔE₀₀, NaN when no tile holds both bands
-    gradient_energy: float  # mean Σ|∇Lab|² over the boundary zone, result
+    gradient_energy: float  # mean squared step of the across-boundary profiles, (ΔLab per px)², result
     source_gradient_energy: float  # the same in the source
     gradient_excess: float  # (result − source) / max(source, MIN_ENERGY)
     inner_pixels: int
@@ -94,21 +98,53 @@ def _lab(image: np.ndarray) -> np.ndarray:
     return color.rgb2lab(np.clip(rgb.astype(np.float64), 0.0, 1.0))
 
 
-def _gradient_energy(lab: np.ndarray) -> np.ndarray:
-    energy = np.zeros(lab.shape[:2], np.float64)
-    for channel in range(3):
-        dy, dx = np.gradient(lab[..., channel])
-        energy += dx * dx + dy * dy
-    return energy
+def boundary_tiles(paste_mask: np.ndarray, block: int) -> tuple[np.ndarray, int]:
+    """Each pixel's tile: the ``block``-px grid cell of its nearest point on the mask's 0.5 level.
+
+    Pixels on both sides of one stretch of boundary share a tile, wherever the grid lines fall.
+    Returns (tile ids, number of ids); ids are -1 everywhere when the mask never reaches 0.5.
+    """
+    inside = np.asarray(paste_mask) >= 0.5
+    outside_near = cv2.dilate((~inside).astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3)))
+    boundary = inside & (outside_near > 0)
+    if not boundary.any():
+        return np.full(inside.shape, -1, np.int64), 0
+    _, labels = cv2.distanceTransformWithLabels(
+        np.ascontiguousarray(~boundary, dtype=np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL
+    )
+    rows, cols = np.nonzero(boundary)
+    columns = -(-inside.shape[1] // block)
+    tile_of_label = np.zeros(int(labels.max()) + 1, np.int64)
+    tile_of_label[labels[boundary]] = (rows // block) * columns + cols // block
+    return tile_of_label[labels], int(-(-inside.shape[0] // block) * columns)
+
+
+def signed_distance(paste_mask: np.ndarray) -> np.ndarray:
+    """Signed distance to the mask's 0.5 level in px: +½, +1½, … inside, −½, −1½, … outside."""
+    inside = np.asarray(paste_mask) >= 0.5
+    return np.where(inside, _distance_to(~inside) - 0.5, 0.5 - _distance_to(inside)).astype(np.float32)
+
+
+def _profile_energy(lab: np.ndarray, tile: np.ndarray, tiles: int, bins: np.ndarray, reach: int) -> float:
+    """Mean squared step between neighbouring bins of each tile's along-boundary mean profile."""
+    selected = bins >= 0
+    cell = tile[selected] * (2 * reach) + bins[selected]
+    cells = tiles * 2 * reach
+    counts = np.bincount(cell, minlength=cells).reshape(tiles, 2 * reach)
+    profile = np.stack(
+        [np.bincount(cell, lab[selected][:, c], minlength=cells).reshape(tiles, 2 * reach) for c in range(3)], axis=-1
+    ) / np.maximum(counts, 1)[..., None]
+    valid = (counts[:, 1:] > 0) & (counts[:, :-1] > 0)
+    if not valid.any():
+        return 0.0
+    steps = np.sum(np.diff(profile, axis=1) ** 2, axis=-1)
+    return float(steps[valid].mean())
 
 
 def _block_delta_e(
-    result_lab: np.ndarray, source_lab: np.ndarray, inner: np.ndarray, outer: np.ndarray, block: int
+    result_lab: np.ndarray, source_lab: np.ndarray, inner: np.ndarray, outer: np.ndarray, tile: np.ndarray, tiles: int
 ) -> float:
-    height, width = inner.shape
-    columns = -(-width // block)
-    tile = (np.arange(height)[:, None] // block) * columns + np.arange(width)[None, :] // block
-    tiles = tile.max() + 1
+    inner, outer = inner & (tile >= 0), outer & (tile >= 0)
 
     def sums(band: np.ndarray, lab: np.ndarray) -> np.ndarray:
         ids = tile[band]
@@ -149,19 +185,20 @@ def seam_metric(
     bands = seam_bands(paste_mask, band_width)
     if not bands.zone.any():
         return SeamScore(float("nan"), 0.0, 0.0, 0.0, 0, 0)
-    block = max(block, 2 * (int(np.ceil(bands.transition_width)) + 2 * band_width))
-    # work on the zone's bounding box (plus a pixel for the gradients), aligned to the tile grid
-    rows, cols = np.nonzero(bands.zone)
-    top = max(0, (rows.min() - 1) // block * block)
-    left = max(0, (cols.min() - 1) // block * block)
-    bottom, right = rows.max() + 2, cols.max() + 2
-    window = (slice(top, bottom), slice(left, right))
+    reach = int(np.ceil(bands.transition_width / 2)) + band_width  # profile bins on each side
+    distance = signed_distance(paste_mask)
+    profiled = np.abs(distance) < reach
+    tile, tiles = boundary_tiles(paste_mask, block)
+    # Lab on the bounding box of everything measured only
+    rows, cols = np.nonzero(bands.zone | profiled)
+    window = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
     result_lab, source_lab = _lab(result[window]), _lab(source[window])
-    inner, outer, zone = bands.inner[window], bands.outer[window], bands.zone[window]
-    energy = float(_gradient_energy(result_lab)[zone].mean())
-    source_energy = float(_gradient_energy(source_lab)[zone].mean())
+    tile = tile[window]
+    bins = np.where(profiled[window] & (tile >= 0), np.floor(distance[window]).astype(np.int64) + reach, -1)
+    energy = _profile_energy(result_lab, tile, tiles, bins, reach)
+    source_energy = _profile_energy(source_lab, tile, tiles, bins, reach)
     return SeamScore(
-        delta_e=_block_delta_e(result_lab, source_lab, inner, outer, block),
+        delta_e=_block_delta_e(result_lab, source_lab, bands.inner[window], bands.outer[window], tile, tiles),
         gradient_energy=energy,
         source_gradient_energy=source_energy,
         gradient_excess=(energy - source_energy) / max(source_energy, MIN_ENERGY),

@@ -252,8 +252,9 @@ def test_metric_ignores_the_sources_own_step_and_scores_only_the_paste():
 
 
 def test_gradient_energy_of_a_straight_hard_step_has_its_closed_form():
-    """Left half pasted with colour C over a flat source S: central differences put |ΔLab|²/4 on the
-    two columns at the step, the zone is 2·w columns, so the mean is |ΔLab|² / (4·2·w) · 2."""
+    """Left half pasted with colour C over a flat source S, hard mask, bands of w px: the profile
+    across the boundary has 2·w one-px bins and one step of ΔLab, so the mean squared step is
+    |ΔLab|² / (2·w − 1)."""
     width = 4
     source = flat((64, 64), SKIN)
     result = source.copy()
@@ -263,8 +264,21 @@ def test_gradient_energy_of_a_straight_hard_step_has_its_closed_form():
     step = color.rgb2lab(np.array([[CAST]], np.uint8))[0, 0] - color.rgb2lab(np.array([[SKIN]], np.uint8))[0, 0]
     score = seam_metric(result, source, mask, band_width=width)
     assert score.source_gradient_energy == 0
-    assert score.gradient_energy == pytest.approx(float(step @ step) / (4 * width), rel=1e-6)
+    assert score.gradient_energy == pytest.approx(float(step @ step) / (2 * width - 1), rel=1e-6)
     assert score.gradient_excess == pytest.approx(score.gradient_energy)  # source floored at 1
+
+
+def test_gradient_excess_sees_the_seam_not_the_texture():
+    """Noise added inside a hard paste is texture, not a seam: it barely moves the excess; a cast does."""
+    source = textured((128, 128), seed=6)
+    mask = square_face((128, 128), (32, 96, 32, 96))
+    noise = np.random.default_rng(7).normal(0, 12, source.shape)
+    noisy = np.clip(source + noise * (mask[..., None] > 0.5), 0, 255).astype(np.uint8)
+    cast = np.clip(source + np.array([22, -10, -20]) * mask[..., None], 0, 255).astype(np.uint8)
+    noisy_score, cast_score = seam_metric(noisy, source, mask), seam_metric(cast, source, mask)
+    assert cast_score.gradient_excess > 2
+    assert abs(noisy_score.gradient_excess) < 0.1 * cast_score.gradient_excess, (noisy_score, cast_score)
+    assert noisy_score.delta_e < 0.3 * cast_score.delta_e
 
 
 def test_bands_sit_on_either_side_of_the_feather_transition():

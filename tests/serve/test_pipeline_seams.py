@@ -117,3 +117,78 @@ def test_options_unset_are_bit_identical_to_todays_pipeline():
         assert len(stages.refine_calls) >= 2, name
         assert not np.array_equal(result.images[0], golden_images()[0]), f"{name}: the fixture must paste something"
         assert digest(result.images) == TODAY[name], name
+
+
+def test_explicit_defaults_and_any_strength_without_matching_are_the_same_bits():
+    for params in (
+        {"color_match": "none", "blend": "feather"},
+        {"color_match": "none", "color_match_strength": 0.3},
+        {"color_match": "mean_std", "color_match_strength": 0.0},
+    ):
+        result, _ = run_golden(params)
+        assert digest(result.images) == TODAY["defaults"], params
+
+
+def paste_masks(params: dict[str, Any]) -> list[np.ndarray]:
+    """Image-sized union of every refined face's paste mask, per image, rebuilt from the SEGS."""
+    from facedetailer.blend import feather_mask
+    from facedetailer.seam_metric import mask_in_image
+    from facedetailer.segs import detections_to_segs
+
+    resolved = FaceDetailerParams(**params)
+    masks = []
+    for image in golden_images():
+        detections = asyncio.run(GoldenStages().detect(image, 0.5))
+        segs = detections_to_segs(
+            image, detections, dilation=resolved.bbox_dilation, crop_factor=resolved.bbox_crop_factor, drop_size=10
+        )
+        union = np.zeros(image.shape[:2], np.float32)
+        for seg in segs.segs:
+            placed = mask_in_image(image.shape, feather_mask(seg.cropped_mask, resolved.feather), seg.crop_region)
+            union = np.maximum(union, placed)
+        masks.append(union)
+    return masks
+
+
+def test_colour_matching_removes_the_cast_on_every_face_and_touches_only_pasted_pixels():
+    from facedetailer.seam_metric import seam_metric
+
+    base = {"feather": 5}
+    plain, _ = run_golden(base)
+    for method in ("mean_std", "histogram"):
+        matched, stages = run_golden({**base, "color_match": method})
+        assert len(stages.refine_calls) == 6
+        for k, (source, mask) in enumerate(zip(golden_images(), paste_masks(base), strict=True)):
+            before = seam_metric(plain.images[k], source, mask).delta_e
+            after = seam_metric(matched.images[k], source, mask).delta_e
+            assert before > 5 and after < 0.3 * before, (method, k, before, after)
+            assert np.array_equal(matched.images[k][mask == 0], source[mask == 0])
+            for segment in matched.per_image[k].segments:  # every face was matched, not only the last
+                x1, y1, x2, y2 = (int(v) for v in segment.bbox)
+                face_plain = plain.images[k][y1 + 5 : y2 - 5, x1 + 5 : x2 - 5].astype(float)
+                face_matched = matched.images[k][y1 + 5 : y2 - 5, x1 + 5 : x2 - 5].astype(float)
+                face_source = source[y1 + 5 : y2 - 5, x1 + 5 : x2 - 5].astype(float)
+                assert np.abs(face_matched.mean((0, 1)) - face_source.mean((0, 1))).max() < 4, (method, segment)
+                assert np.abs(face_plain.mean((0, 1)) - face_source.mean((0, 1))).max() > 15
+        # the crop lists carry the crops as pasted (matched), not the inpainter's
+        pairs = zip(plain.cropped_refined, matched.cropped_refined, strict=True)
+        assert not any(np.array_equal(a, b) for a, b in pairs)
+
+
+def test_multiband_in_the_cycle_lowers_gradient_excess_and_stays_inside_the_crops():
+    from facedetailer.seam_metric import seam_metric
+
+    base = {"feather": 5}
+    plain, _ = run_golden(base)
+    multiband, _ = run_golden({**base, "blend": "multiband"})
+    for k, (source, mask) in enumerate(zip(golden_images(), paste_masks(base), strict=True)):
+        feather_score = seam_metric(plain.images[k], source, mask)
+        band_score = seam_metric(multiband.images[k], source, mask)
+        assert band_score.gradient_excess < feather_score.gradient_excess, (feather_score, band_score)
+        assert band_score.delta_e < feather_score.delta_e, (feather_score, band_score)
+        outside = np.ones(source.shape[:2], bool)
+        for segment in multiband.per_image[k].segments:
+            x1, y1, x2, y2 = segment.crop_region
+            outside[y1:y2, x1:x2] = False
+        assert np.array_equal(multiband.images[k][outside], source[outside])
+    assert multiband.detailer_pipe["params"]["blend"] == "multiband"
