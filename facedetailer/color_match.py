@@ -15,6 +15,7 @@ Lab conversions are scikit-image's (D65).
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import cv2
@@ -24,6 +25,7 @@ from skimage import color
 ColorMatchMethod = Literal["none", "mean_std", "histogram"]
 COLOR_MATCH_METHODS: tuple[str, ...] = ("none", "mean_std", "histogram")
 
+RING_WEIGHT = 0.5  # share of the statistics taken over the ring (the rest over the face)
 RING_FRACTION = 0.15  # ring width as a fraction of the face's size (√ of its mask area)
 MIN_RING_WIDTH = 4  # px
 MIN_STD = 1e-3  # Lab units: a channel flatter than this is only shifted, not scaled
@@ -61,8 +63,8 @@ def statistics_weights(face_mask: np.ndarray, paste_mask: np.ndarray | None = No
     if not ring.any():
         weights[face] = 1.0 / np.count_nonzero(face)
         return weights
-    weights[face] = 0.5 / np.count_nonzero(face)
-    weights[ring] = 0.5 / np.count_nonzero(ring)
+    weights[face] = (1 - RING_WEIGHT) / np.count_nonzero(face)
+    weights[ring] = RING_WEIGHT / np.count_nonzero(ring)
     return weights
 
 
@@ -153,4 +155,7 @@ def match_colors(
         matched = _histogram_map(source, reference, region_weights, refined_lab)
     out_lab = refined_lab + strength * (matched - refined_lab)
     out_lab[..., 0] = np.clip(out_lab[..., 0], 0.0, 100.0)
-    return _from_unit_float(color.lab2rgb(out_lab), refined)
+    with warnings.catch_warnings():  # colours mapped outside sRGB are clipped, which is what we want
+        warnings.filterwarnings("ignore", message="Conversion from CIE-LAB", category=UserWarning)
+        rgb = color.lab2rgb(out_lab)
+    return _from_unit_float(rgb, refined)
