@@ -352,6 +352,7 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
                         {"color_match": "none", "blend": blend},
                     ),
                     "worst_photo": min(per_photo),
+                    "per_photo": dict(zip(photos, per_photo, strict=True)),
                 }
         for color_match in COLOR_MATCHES:
             entry[f"multiband_vs_feather_{color_match}"] = {
@@ -379,11 +380,20 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
                 c["mean_std_vs_none_feather"]["reduction"] >= TARGET_DELTA_E_REDUCTION for c in mine
             ),
             "smallest_mean_std_fall": min(c["mean_std_vs_none_feather"]["reduction"] for c in mine),
+            # lenient: a group where neither blend leaves edge energy above the photo's ("no excess") passes
             "multiband_lower_gradient_excess_not_higher_delta_e": all(
                 multiband_verdict(c["multiband_vs_feather_none"]) in ("lower", "no excess") for c in mine
             ),
+            # strict, by the letter of the issue: lower gradient excess in every group
+            "multiband_strictly_lower_all_groups": all(
+                multiband_verdict(c["multiband_vs_feather_none"]) == "lower" for c in mine
+            ),
             "multiband_strictly_lower_groups": sum(
                 multiband_verdict(c["multiband_vs_feather_none"]) == "lower" for c in mine
+            ),
+            "multiband_delta_e_lower_groups": sum(
+                c["multiband_vs_feather_none"]["delta_e"][1] < c["multiband_vs_feather_none"]["delta_e"][0]
+                for c in mine
             ),
             "groups": len(mine),
         }
@@ -593,6 +603,97 @@ def target_lines(verdict: dict[str, Any]) -> list[str]:
     return lines
 
 
+def group_label(check: dict[str, Any]) -> str:
+    return f"strength {strength_label(check['strength'])}, {check['mask']} masks"
+
+
+def target_summary(verdict: dict[str, Any]) -> list[str]:
+    """The targets in plain words: met or not per stand-in cast, which groups miss and why, single photos."""
+    checks = verdict["checks"]
+    lines = [
+        "The issue states both targets for the stand-in casts; they are checked on means over the photos, per "
+        "cast strength and mask kind (strength × mask groups).",
+        "",
+    ]
+    for kind, target in verdict["targets"].items():
+        mine = [c for c in checks if c["inpainter"] == kind]
+        worst = min(mine, key=lambda c: c["mean_std_vs_none_feather"]["reduction"])
+        short = [c for c in mine if c["mean_std_vs_none_feather"]["reduction"] < TARGET_DELTA_E_REDUCTION]
+        first = (
+            f'- **{kind}**, `color_match="mean_std"` lowers the boundary ΔE₀₀ by ≥ '
+            f"{100 * TARGET_DELTA_E_REDUCTION:.0f} % against `none` (default blend) at every strength: "
+        )
+        if short:
+            first += (
+                f"**not met** in {len(short)} of {target['groups']} groups ("
+                + ", ".join(
+                    f"{100 * c['mean_std_vs_none_feather']['reduction']:.0f} % at {group_label(c)}" for c in short
+                )
+                + ")."
+            )
+        else:
+            first += (
+                f"**met** in all {target['groups']} groups (smallest fall "
+                f"{100 * target['smallest_mean_std_fall']:.0f} %, {group_label(worst)})."
+            )
+        lines.append(first)
+        strict, groups_n = target["multiband_strictly_lower_groups"], target["groups"]
+        second = (
+            f'- **{kind}**, `blend="multiband"` lowers the gradient excess against `feather` (default '
+            "`color_match`) without raising ΔE₀₀: "
+        )
+        second += "**met** in all " if strict == groups_n else f"**met in {strict} of {groups_n}** "
+        second += f"groups; ΔE₀₀ falls in {target['multiband_delta_e_lower_groups']} of {groups_n}."
+        for c in mine:
+            entry = c["multiband_vs_feather_none"]
+            verdict_word = multiband_verdict(entry)
+            if verdict_word == "lower":
+                continue
+            (g0, g1), (d0, d1) = entry["gradient_excess"], entry["delta_e"]
+            second += (
+                f" Missed at {group_label(c)}: gradient excess {g0:+.4f} (feather) → {g1:+.4f} (multiband), "
+                f"ΔE₀₀ {d0:.2f} → {d1:.2f}"
+            )
+            if verdict_word == "no excess":
+                second += (
+                    f"; neither blend leaves more edge energy there than the photo has (both excesses are below 0), "
+                    f"so there is no excess to lower, and multiband's is higher by {100 * (g1 - g0):.1f} % of the "
+                    "photo's own edge energy."
+                )
+            else:
+                second += "."
+        lines.append(second)
+    cases = [
+        (c, photo, fall)
+        for c in checks
+        if c["inpainter"] in verdict["targets"]
+        for photo, fall in c["mean_std_vs_none_feather"]["per_photo"].items()
+    ]
+    below = sorted((x for x in cases if x[2] < TARGET_DELTA_E_REDUCTION), key=lambda x: x[2])
+    if below:
+        lines.append(
+            f"- Single photos (the targets are on means; reported alongside): in {len(below)} of {len(cases)} "
+            f"photo × cast × strength × mask cases `mean_std` lowers ΔE₀₀ by less than "
+            f"{100 * TARGET_DELTA_E_REDUCTION:.0f} %: "
+            + "; ".join(f"{photo}, {c['inpainter']} {group_label(c)}: {100 * fall:.1f} %" for c, photo, fall in below)
+            + ". Why: see *Reading the numbers*."
+        )
+    tiny = [c for c in checks if c["inpainter"] == "tiny-sd"]
+    if tiny:
+        lines.append(
+            "- **tiny-sd** (noise faces, not a colour cast, so outside the targets): `mean_std` lowers ΔE₀₀ by "
+            + ", ".join(f"{100 * c['mean_std_vs_none_feather']['reduction']:.0f} % ({c['mask']} masks)" for c in tiny)
+            + f", well short of {100 * TARGET_DELTA_E_REDUCTION:.0f} %; `multiband` lowers the gradient excess "
+            + ", ".join(
+                f"{c['multiband_vs_feather_none']['gradient_excess'][0]:+.2f} → "
+                f"{c['multiband_vs_feather_none']['gradient_excess'][1]:+.2f} ({c['mask']} masks)"
+                for c in tiny
+            )
+            + ". The colour step is only part of a noise face's seam; the rest is texture, which no colour map removes."
+        )
+    return lines
+
+
 def render(results: dict[str, Any], verdict: dict[str, Any], images: dict[str, str]) -> str:
     meta, rows = results["meta"], results["rows"]
     cast = meta["cast"]
@@ -644,16 +745,7 @@ def render(results: dict[str, Any], verdict: dict[str, Any], images: dict[str, s
         "## Targets",
         "",
     ]
-    for kind, target in verdict["targets"].items():
-        out.append(
-            f"- **{kind}**: `mean_std` lowers the boundary ΔE₀₀ by ≥ {TARGET_DELTA_E_REDUCTION:.0%} at every "
-            f"strength and mask kind: **{'met' if target['mean_std_delta_e_fall_ge_70pct'] else 'not met'}** "
-            f"(smallest fall {100 * target['smallest_mean_std_fall']:.0f} %); `multiband` lowers the gradient "
-            "excess without raising ΔE₀₀: "
-            f"**{'met' if target['multiband_lower_gradient_excess_not_higher_delta_e'] else 'not met'}** "
-            f"(strictly lower in {target['multiband_strictly_lower_groups']} of {target['groups']} strength × mask "
-            "groups; see the verdict column below)."
-        )
+    out += target_summary(verdict)
     out += ["", *target_lines(verdict)]
     for mask in meta["masks"]:
         out += [
@@ -742,10 +834,14 @@ def notes(results: dict[str, Any], verdict: dict[str, Any]) -> list[str]:
             f"{strength_label(single['strength'])}, {single['mask']} masks)."
         )
     lines += [
-        "- A cast that is a shift in Lab is what a per-crop Lab map undoes exactly; what remains is noise, "
-        "clipping at the ends of the 8-bit range and the resampling round trip. A per-channel RGB gain moves "
-        "dark hair and bright skin by different amounts in Lab, so one map per crop (fitted on face and ring) "
-        "leaves part of the cast on some stretches of the boundary: that is the gap between the two stand-ins.",
+        "- Why `mean_std` does not bring ΔE₀₀ to 0 here, although it does on a flat crop (the unit test): it "
+        "fits one map per crop, over face and ring. A pure shift in Lab is what such a map undoes exactly, but "
+        "the stand-in's cast is not quite one: colours pushed out of sRGB are clipped to 8 bits (more of them "
+        "the stronger the cast, in line with the smallest falls at strength 2), and the crop is resized on its "
+        "way back. A per-channel RGB gain moves dark hair and bright skin by different amounts in Lab, so one "
+        "map per crop leaves part of that cast on some stretches of the boundary: that is the gap between the "
+        "two stand-ins. How much is left depends on the colours in and around each face, so single photos "
+        "spread around the mean (see the single-photo line under *Targets*).",
         "- `multiband` on its own also lowers ΔE₀₀: it does not remove the cast but spreads its low frequencies "
         "over a band of about 2^levels px, so both sides of the boundary share the change. The face keeps most "
         "of its cast (visible in the pictures); matching removes it. The two options add up.",
