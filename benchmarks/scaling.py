@@ -11,7 +11,7 @@ with published A100 costs, autoscaling delays in seconds). Three runs, every wai
    ``cluster.remove_node`` of the worker holding the packed GPU.
 
 Writes ``docs/scaling.md``, ``docs/scaling.png`` (matplotlib) and ``benchmarks/scaling.json``.
-Run under the heavy-command lock on an otherwise idle machine (about 10 minutes):
+Run under the heavy-command lock on an otherwise idle machine (about 5 minutes):
 
     /work/wt/heavy .venv/bin/python benchmarks/scaling.py
     .venv/bin/python benchmarks/scaling.py --render-from benchmarks/scaling.json   # re-render only
