@@ -32,6 +32,7 @@ from serve_app.http_adapters.request_reading import DETAIL_REQUEST_BODY, read_de
 from serve_app.images import ImageInputError, as_uint8_image, encode_png
 from serve_app.pipeline import DetailResult, PipelineInputError, SegmentReport, detail_batch
 from serve_app.streaming import HEARTBEAT_S, SSE_HEADERS, SSE_HEARTBEAT, SSE_MEDIA_TYPE, sse, with_progress
+from serve_app.web import web_router
 from serve_app.workflow_api import workflow_router
 
 logger = logging.getLogger("ray.serve")
@@ -44,6 +45,7 @@ http_app = FastAPI(
         "inpainter at a higher resolution, and blended back. Parameters use the node's names and defaults."
     ),
 )
+http_app.include_router(web_router)  # the web page at GET /
 http_app.include_router(workflow_router)  # POST /v1/workflow/import
 
 
