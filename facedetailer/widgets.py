@@ -36,7 +36,9 @@ COMFYUI_SCHEDULERS: tuple[str, ...] = (
     "kl_optimal", "AYS SDXL", "AYS SD1", "AYS SVD", "GITS[coeff=1.2]",
 )
 
-# The node's groups, in its order: (key, title, inputs).
+# The node's groups, in its order: (key, title, inputs). The form, the ComfyUI node and
+# widget_specs() list the inputs in this order; the service's stand-ins for the node's model
+# inputs (bbox_detector, sam_model, use_sam, …) sit where those inputs are.
 GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (
         "detailing",
@@ -56,12 +58,15 @@ GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         ),
     ),
     ("drop", "Detection size", ("drop_size",)),
-    ("wildcard", "Wildcard", ("wildcard",)),
+    ("wildcard", "Detector and wildcard", ("bbox_detector", "wildcard")),
     ("cycle", "Cycle", ("cycle",)),
     (
         "optional",
         "Optional inputs",
-        ("inpaint_model", "noise_mask_feather", "use_sam", "use_segm", "override_bbox_by_segm"),
+        (
+            "use_sam", "sam_model", "use_segm", "segm_detector", "override_bbox_by_segm", "detailer_hooks",
+            "inpaint_model", "noise_mask_feather",
+        ),
     ),
 )
 SERVICE_GROUP = ("service", "Service options")  # a field added to the params but not placed above
@@ -81,7 +86,10 @@ SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 # Widgets of V8 that this service cannot honour when switched on (their default is False).
 UNSUPPORTED_NODE_WIDGETS = ("tiled_encode", "tiled_decode")
 # The node's optional section (everything else is required).
-OPTIONAL = frozenset({"inpaint_model", "noise_mask_feather", "use_sam", "use_segm", "override_bbox_by_segm"})
+OPTIONAL = frozenset(GROUPS[-1][2])
+# Inputs naming one of the service's configured models (``None``: its first); their options are
+# the names ``GET /v1/info`` lists (detectors, segm_detectors, sam_models).
+MODEL_NAME_FIELDS = ("bbox_detector", "segm_detector", "sam_model")
 
 STEPS: dict[str, float] = {
     "guide_size": 8, "max_size": 8, "denoise": 0.01, "cfg": 0.1, "bbox_threshold": 0.01, "bbox_crop_factor": 0.1,
@@ -126,15 +134,21 @@ DESCRIPTIONS: dict[str, str] = {
     "use_sam": "refine the masks with SAM (the node's sam_model_opt)",
     "use_segm": "AND the masks of the segm detector (the node's segm_detector_opt)",
     "override_bbox_by_segm": "use the segm detector's regions instead of the bbox detector's",
+    "bbox_detector": "which of the service's bbox detectors (empty: its first)",
+    "segm_detector": "which of the service's segm detectors (switches use_segm on)",
+    "sam_model": "which of the service's SAM models (switches use_sam on)",
+    "detailer_hooks": "the node's detailer_hook as a JSON list of typed hooks (see the README)",
 }
 
 
 def _kind(annotation: Any) -> tuple[str, list[Any] | None]:
-    """The ComfyUI widget type of a field annotation, and its options for a combo."""
+    """The widget type of a field annotation (ComfyUI's names, and JSON for a list), and combo options."""
     if get_origin(annotation) in (Union, types.UnionType):
         annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
     if get_origin(annotation) is Literal:
         return "COMBO", list(get_args(annotation))
+    if get_origin(annotation) is list:
+        return "JSON", None
     kinds = {bool: "BOOLEAN", int: "INT", float: "FLOAT", str: "STRING"}
     if annotation not in kinds:
         raise TypeError(f"no widget type for {annotation!r}")
@@ -148,22 +162,34 @@ def _group_of(name: str) -> tuple[str, str]:
     return SERVICE_GROUP
 
 
+def _ordered_fields() -> list[str]:
+    """Every parameter, in the groups' order; a field no group lists comes last."""
+    placed = [name for _, _, members in GROUPS for name in members if name in FaceDetailerParams.model_fields]
+    return placed + [name for name in FaceDetailerParams.model_fields if name not in placed]
+
+
 def widget_specs(
     samplers: list[str] | tuple[str, ...] = COMFYUI_SAMPLERS,
     schedulers: list[str] | tuple[str, ...] = COMFYUI_SCHEDULERS,
+    model_names: dict[str, list[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Every parameter as a widget, in the node's order, JSON-serialisable.
 
     ``samplers``/``schedulers`` are the combo options of ``sampler_name``/``scheduler`` (the
     service passes the names its inpainter supports; the ComfyUI node ComfyUI's own).
+    ``model_names`` makes ``bbox_detector``/``segm_detector``/``sam_model`` combos of the
+    service's configured names; without it they are free text.
     """
     specs = []
-    for name, info in FaceDetailerParams.model_fields.items():
+    for name in _ordered_fields():
+        info = FaceDetailerParams.model_fields[name]
         kind, options = _kind(info.annotation)
         if name == "sampler_name":
             kind, options = "COMBO", list(samplers)
         elif name == "scheduler":
             kind, options = "COMBO", list(schedulers)
+        elif name in MODEL_NAME_FIELDS and model_names is not None:
+            kind, options = "COMBO", list(model_names.get(name, []))
         group, group_title = _group_of(name)
         spec: dict[str, Any] = {
             "name": name,
@@ -190,6 +216,8 @@ def widget_specs(
             spec["label_on"], spec["label_off"] = BOOLEAN_LABELS[name]
         if kind == "STRING":
             spec["multiline"] = name in MULTILINE
+        if spec["default"] is None:
+            spec["nullable"] = True  # empty means "not given": the service decides
         specs.append(spec)
     return specs
 

@@ -25,7 +25,7 @@ MODEL_INPUTS = ("model", "clip", "vae", "bbox_detector", "sam_model_opt", "segm_
 # Optional model inputs whose presence switches a service feature on.
 SWITCHES = {"sam_model_opt": "use_sam", "segm_detector_opt": "use_segm"}
 UNSUPPORTED_INPUTS = {
-    "detailer_hook": "a DETAILER_HOOK cannot be imported; disconnect it (the service's hooks are request options)",
+    "detailer_hook": "hook nodes cannot be imported yet; disconnect it and send the hooks as detailer_hooks",
     "scheduler_func_opt": "a custom scheduler function cannot be imported; disconnect it and pick a scheduler",
 }
 # widgets_values lengths (without the seed control) of the Impact Pack releases this importer knows.

@@ -68,8 +68,9 @@ def decode_png(data: bytes) -> Any:
 class DetailResult:
     """Every FaceDetailer output as PNG bytes, with per-face metadata and stage timings.
 
-    ``images``/``masks`` hold one PNG per input image; the crop lists are the node's (joined
-    across images, sorted by size; a 64×64 black placeholder when no face was refined).
+    ``images``/``masks`` hold one PNG per input image; the crop lists are the node's (each
+    image's crops sorted by size, or one 64×64 black placeholder for an image without any,
+    joined in image order).
     ``array(png)`` decodes any of them.
     """
 

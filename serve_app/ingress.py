@@ -202,7 +202,15 @@ class FaceDetailerIngress:
             "schedulers": schedulers,
             "limits": self.limits.model_dump(),
             "defaults": FaceDetailerParams().model_dump(),
-            "parameters": widget_specs(samplers, schedulers),
+            "parameters": widget_specs(
+                samplers,
+                schedulers,
+                model_names={
+                    "bbox_detector": self.models.detectors.names,
+                    "segm_detector": self.models.segm_detectors.names,
+                    "sam_model": self.models.sam_models.names,
+                },
+            ),
         }
 
     async def _supported_names(self) -> tuple[list[str], list[str]]:
@@ -339,6 +347,7 @@ class FaceDetailerIngress:
             self._admit()
             try:
                 images, values = await read_detail_request(request, self.limits)
+                decode_s = time.perf_counter() - started
                 params = parse_params(values)
                 await self._validate_sampling(params)
             except BaseException:
@@ -346,11 +355,11 @@ class FaceDetailerIngress:
                 raise
         except Exception as error:
             return self._error_response(error, "/v1/detail/stream")
-        events = self._event_stream(images, params, started)
+        events = self._event_stream(images, params, started, decode_s)
         return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
     async def _event_stream(
-        self, images: list[np.ndarray], params: FaceDetailerParams, started: float
+        self, images: list[np.ndarray], params: FaceDetailerParams, started: float, decode_s: float
     ) -> AsyncIterator[bytes]:
         try:
             async for event in with_progress(
@@ -363,6 +372,7 @@ class FaceDetailerIngress:
                 else:
                     encode_start = time.perf_counter()
                     body = result_to_json(event["result"])
+                    body["timings"]["decode"] = decode_s
                     body["timings"]["encode"] = time.perf_counter() - encode_start
                     body["timings"]["total"] = time.perf_counter() - started
                     yield sse("result", body)

@@ -45,6 +45,11 @@ def widget_input(spec: dict[str, Any]) -> tuple[Any, ...]:
         return ("BOOLEAN", options)
     if kind == "STRING":
         options.update(multiline=spec.get("multiline", False), dynamicPrompts=False)
+        if spec.get("nullable"):
+            options["default"] = ""  # empty: the service's choice
+        return ("STRING", options)
+    if kind == "JSON":  # e.g. detailer_hooks: JSON text, parsed by the service
+        options.update(default=json.dumps(spec["default"]), multiline=True, dynamicPrompts=False)
         return ("STRING", options)
     if kind == "COMBO":
         names = _comfy_names(spec) if spec["name"] in ("sampler_name", "scheduler") else list(spec["options"])
@@ -78,8 +83,8 @@ def to_uint8(image: Any) -> Any:
     return np.clip(array[..., :3] * 255.0, 0, 255).astype(np.uint8)
 
 
-def from_png(data: bytes, channels: int | None) -> Any:
-    """PNG bytes → float tensor in [0, 1]: ``[h, w, channels]``, or ``[h, w]`` for a mask."""
+def from_png(data: bytes, mask: bool = False) -> Any:
+    """PNG bytes → float tensor in [0, 1]: ``[h, w]`` for a mask, else ``[h, w, 3 or 4]`` as stored."""
     import io
 
     import numpy as np
@@ -87,7 +92,7 @@ def from_png(data: bytes, channels: int | None) -> Any:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
-        mode = {None: "L", 3: "RGB", 4: "RGBA"}[channels]
+        mode = "L" if mask else "RGBA" if image.mode in ("RGBA", "LA") else "RGB"
         array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
     return torch.from_numpy(array.copy())
 
@@ -117,7 +122,11 @@ class FaceDetailerRayServe:
         import torch
 
         client_package = _client_package()
-        params = {spec["name"]: values[spec["name"]] for spec in WIDGETS if spec["name"] in values}
+        params = {
+            spec["name"]: values[spec["name"]]
+            for spec in WIDGETS
+            if spec["name"] in values and not (spec.get("nullable") and values[spec["name"]] in ("", None))
+        }
         frames = [to_uint8(frame) for frame in image]
         refined: list[Any] = []
         alpha: list[Any] = []
@@ -130,15 +139,14 @@ class FaceDetailerRayServe:
                 # image k of the batch uses seed + k, in any chunking
                 seed = (int(params.get("seed", 0)) + start) % 2**64
                 result = client.detail(frames[start : start + chunk], {**params, "seed": seed})
-                images += [from_png(png, 3) for png in result.images]
-                masks += [from_png(png, None) for png in result.masks]
-                if result.faces_refined:
-                    refined += [from_png(png, 3)[None] for png in result.cropped_refined]
-                    alpha += [from_png(png, 4)[None] for png in result.cropped_enhanced_alpha]
-                cnet += [from_png(png, 3)[None] for png in result.cnet_images]
-        refined = refined or [torch.zeros((1, PLACEHOLDER_SIZE, PLACEHOLDER_SIZE, 3))]
-        alpha = alpha or [torch.zeros((1, PLACEHOLDER_SIZE, PLACEHOLDER_SIZE, 4))]
-        cnet = cnet or [torch.zeros((1, PLACEHOLDER_SIZE, PLACEHOLDER_SIZE, 3))]
+                images += [from_png(png) for png in result.images]
+                masks += [from_png(png, mask=True) for png in result.masks]
+                # the node's lists: each image's items, or its black placeholder
+                refined += [from_png(png)[None] for png in result.cropped_refined]
+                alpha += [from_png(png)[None] for png in result.cropped_enhanced_alpha]
+                cnet += [from_png(png)[None] for png in result.cnet_images]
+        placeholder = torch.zeros((1, PLACEHOLDER_SIZE, PLACEHOLDER_SIZE, 3))  # for a service that sends none
+        refined, alpha, cnet = refined or [placeholder], alpha or [placeholder], cnet or [placeholder]
         return torch.stack(images), refined, alpha, torch.stack(masks), cnet
 
 

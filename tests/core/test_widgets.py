@@ -20,7 +20,8 @@ NODE_ORDER = [
 
 def test_every_parameter_once_in_the_node_order_with_its_default():
     specs = widget_specs()
-    assert [spec["name"] for spec in specs] == list(FaceDetailerParams.model_fields)
+    names = [spec["name"] for spec in specs]
+    assert sorted(names) == sorted(FaceDetailerParams.model_fields) and len(set(names)) == len(names)
     defaults = FaceDetailerParams().model_dump()
     assert {spec["name"]: spec["default"] for spec in specs} == defaults
     assert list(NODE_WIDGETS) == NODE_ORDER
@@ -30,10 +31,21 @@ def test_every_parameter_once_in_the_node_order_with_its_default():
 
 def test_groups_follow_the_node_and_cover_every_field():
     flattened = [name for _, _, members in GROUPS for name in members]
-    assert flattened == list(FaceDetailerParams.model_fields), "groups are contiguous runs of the node's order"
+    assert sorted(flattened) == sorted(FaceDetailerParams.model_fields), "every parameter has its group"
+    assert [spec["name"] for spec in widget_specs()] == flattened, "widgets come in the groups' order"
     by_name = {spec["name"]: spec for spec in widget_specs()}
     assert by_name["bbox_dilation"]["group"] == "bbox" and by_name["sam_threshold"]["group"] == "sam"
+    assert by_name["bbox_detector"]["group"] == by_name["wildcard"]["group"], "as in the node's INPUT_TYPES"
     assert by_name["noise_mask_feather"]["optional"] and not by_name["cycle"]["optional"]
+
+
+def test_model_names_and_hooks():
+    by_name = {spec["name"]: spec for spec in widget_specs()}
+    assert by_name["bbox_detector"]["type"] == "STRING" and by_name["bbox_detector"]["nullable"]
+    assert by_name["detailer_hooks"]["type"] == "JSON" and by_name["detailer_hooks"]["default"] == []
+    served = {spec["name"]: spec for spec in widget_specs(model_names={"bbox_detector": ["face", "hand"]})}
+    assert served["bbox_detector"]["type"] == "COMBO" and served["bbox_detector"]["options"] == ["face", "hand"]
+    assert served["sam_model"]["options"] == []
 
 
 @pytest.mark.parametrize("spec", [s for s in widget_specs() if "min" in s or "max" in s], ids=lambda s: s["name"])

@@ -146,7 +146,9 @@ def test_page_runs_facedetailer_in_a_real_browser(browser_page, serve_instance, 
     page.wait_for_function("document.querySelector('#mask-overlay').src.startsWith('data:image/png')")
     if os.environ.get("FACEDETAILER_SCREENSHOT"):
         page.locator("#compare-slider").fill("45")
+        page.set_viewport_size({"width": 1280, "height": 1360})  # tall enough for the timings and downloads
         page.screenshot(path=os.environ["FACEDETAILER_SCREENSHOT"], full_page=False)
+        page.set_viewport_size({"width": 1280, "height": 900})
 
     # a ComfyUI workflow file fills the form (seed beyond 2^53 kept exact)
     page.set_input_files("#workflow-input", str(WORKFLOWS / "facedetailer_ui.json"))

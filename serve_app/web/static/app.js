@@ -37,9 +37,15 @@ function inputFor(spec) {
   }
   if (spec.type === "COMBO") {
     const select = element("select", common);
+    if (spec.nullable) select.append(element("option", { value: "", text: "(the service's default)" }));
     for (const option of spec.options) select.append(element("option", { value: option, text: option }));
-    select.value = String(spec.default);
+    select.value = spec.default == null ? "" : String(spec.default);
     return select;
+  }
+  if (spec.type === "JSON") {
+    const text = element("textarea", { ...common, rows: 2, spellcheck: "false" });
+    text.value = JSON.stringify(spec.default);
+    return text;
   }
   if (spec.type === "STRING") {
     const text = spec.multiline ? element("textarea", { ...common, rows: 2 }) : element("input", { ...common, type: "text" });
@@ -98,7 +104,7 @@ function formatBound(value) {
 }
 
 function resetForm() {
-  for (const spec of state.specs) setFieldValue(spec.name, spec.default);
+  for (const spec of state.specs) setFieldValue(spec.name, spec.type === "JSON" ? JSON.stringify(spec.default) : spec.default);
   clearErrors();
 }
 
@@ -108,14 +114,29 @@ function setFieldValue(name, value) {
   if (input.type === "checkbox") {
     input.checked = value === true || value === "true";
     input.dispatchEvent(new Event("change"));
+  } else if (input.tagName === "SELECT") {
+    const text = value == null ? "" : String(value);
+    if (![...input.options].some((option) => option.value === text)) {
+      // e.g. a workflow's sampler this service does not run: shown, and refused by name if sent
+      input.append(element("option", { value: text, text: `${text} (not offered by this service)` }));
+    }
+    input.value = text;
   } else {
-    input.value = String(value);
+    input.value = value == null ? "" : String(value);
   }
   return true;
 }
 
 // The same rule the server applies (pydantic's ge/le and integer checks); returns a message or "".
 function validateField(spec, input) {
+  if (spec.type === "JSON") {
+    try {
+      JSON.parse(input.value);
+      return "";
+    } catch {
+      return "must be JSON (a list)";
+    }
+  }
   if (!["INT", "FLOAT"].includes(spec.type)) return "";
   const text = input.value.trim();
   if (text === "") return "a value is required";
@@ -148,6 +169,7 @@ function collectParams() {
       firstInvalid ??= input;
       continue;
     }
+    if (spec.nullable && input.value === "") continue;  // not given: the service decides
     values[spec.name] = input.type === "checkbox" ? String(input.checked) : input.value;
   }
   if (firstInvalid) {
