@@ -136,7 +136,7 @@ def test_page_runs_facedetailer_in_a_real_browser(browser_page, serve_instance, 
     assert changed[~outside].any() and not changed[outside].any()
     assert metadata["detailer_pipe"]["params"]["steps"] == 2
     stages = page.locator("#timings tbody tr").evaluate_all("rows => rows.map(row => row.dataset.stage)")
-    assert {"detect", "inpaint", "blend", "total"} <= set(stages), stages
+    assert {"decode", "detect", "inpaint", "blend", "encode", "total"} <= set(stages), stages
     downloads = page.locator("#downloads a").evaluate_all("links => links.map(a => a.download)")
     assert {"astronaut.image.png", "astronaut.mask.png", "astronaut.cropped_refined-0.png",
             "astronaut.cropped_enhanced_alpha-0.png", "astronaut.result.json"} <= set(downloads), downloads
