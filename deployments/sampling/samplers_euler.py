@@ -1,0 +1,114 @@
+"""Euler-family samplers (k-diffusion's originals and ComfyUI's additions) as generators.
+
+Each function follows the published algorithm step for step, in ComfyUI's order of operations
+and noise draws, so that the same model gives the same latent. ``model(x, sigma)`` is a
+:class:`~deployments.sampling.base.Denoiser`; every model evaluation is ``yield from model(...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deployments.sampling.base import Denoiser, SamplerEnv, SamplerProcess, ancestral_step, to_d
+
+__all__ = ["dpm_2", "dpm_2_ancestral", "euler", "euler_ancestral", "heun", "heunpp2"]
+
+
+def euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv) -> SamplerProcess:
+    """Karras et al. (2022) Algorithm 2 with Euler steps (no churn)."""
+    for i in range(len(sigmas) - 1):
+        denoised = yield from model(x, sigmas[i])
+        x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+def euler_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv) -> SamplerProcess:
+    """Euler to σ_down, then fresh Gaussian noise of σ_up (eta 1)."""
+    noise = env.gaussian_noise(x)
+    for i in range(len(sigmas) - 1):
+        denoised = yield from model(x, sigmas[i])
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1])
+        if sigma_down == 0:
+            x = denoised
+        else:
+            d = to_d(x, sigmas[i], denoised)
+            x = x + d * (sigma_down - sigmas[i]) + noise(sigmas[i], sigmas[i + 1]) * sigma_up
+    return x
+
+
+def heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv) -> SamplerProcess:
+    """Karras et al. (2022) Algorithm 2: Heun's 2nd-order steps, Euler into sigma 0."""
+    for i in range(len(sigmas) - 1):
+        denoised = yield from model(x, sigmas[i])
+        d = to_d(x, sigmas[i], denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            denoised_2 = yield from model(x_2, sigmas[i + 1])
+            d_2 = to_d(x_2, sigmas[i + 1], denoised_2)
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+def heunpp2(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv) -> SamplerProcess:
+    """Heun++ (sd-webui-samplers-scheduler): up to three evaluations per step, weighted by σ/σ_0."""
+    s_end = sigmas[-1]
+    for i in range(len(sigmas) - 1):
+        denoised = yield from model(x, sigmas[i])
+        d = to_d(x, sigmas[i], denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == s_end:
+            x = x + d * dt
+        elif sigmas[i + 2] == s_end:
+            x_2 = x + d * dt
+            denoised_2 = yield from model(x_2, sigmas[i + 1])
+            d_2 = to_d(x_2, sigmas[i + 1], denoised_2)
+            w2 = sigmas[i + 1] / (2 * sigmas[0])
+            x = x + (d * (1 - w2) + d_2 * w2) * dt
+        else:
+            x_2 = x + d * dt
+            denoised_2 = yield from model(x_2, sigmas[i + 1])
+            d_2 = to_d(x_2, sigmas[i + 1], denoised_2)
+            x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
+            denoised_3 = yield from model(x_3, sigmas[i + 2])
+            d_3 = to_d(x_3, sigmas[i + 2], denoised_3)
+            w = 3 * sigmas[0]
+            w2, w3 = sigmas[i + 1] / w, sigmas[i + 2] / w
+            w1 = 1 - w2 - w3
+            x = x + (w1 * d + w2 * d_2 + w3 * d_3) * dt
+    return x
+
+
+def dpm_2(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv) -> SamplerProcess:
+    """DPM-Solver-2 in Karras form: midpoint in log-sigma, Euler into sigma 0."""
+    for i in range(len(sigmas) - 1):
+        denoised = yield from model(x, sigmas[i])
+        d = to_d(x, sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = x + d * (sigmas[i + 1] - sigmas[i])
+        else:
+            sigma_mid = sigmas[i].log().lerp(sigmas[i + 1].log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigmas[i])
+            denoised_2 = yield from model(x_2, sigma_mid)
+            x = x + to_d(x_2, sigma_mid, denoised_2) * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+def dpm_2_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv) -> SamplerProcess:
+    """DPM-Solver-2 steps to σ_down, then fresh noise of σ_up."""
+    noise = env.gaussian_noise(x)
+    for i in range(len(sigmas) - 1):
+        denoised = yield from model(x, sigmas[i])
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1])
+        d = to_d(x, sigmas[i], denoised)
+        if sigma_down == 0:
+            x = x + d * (sigma_down - sigmas[i])
+        else:
+            sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigmas[i])
+            denoised_2 = yield from model(x_2, sigma_mid)
+            x = x + to_d(x_2, sigma_mid, denoised_2) * (sigma_down - sigmas[i])
+            x = x + noise(sigmas[i], sigmas[i + 1]) * sigma_up
+    return x
