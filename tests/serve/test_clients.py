@@ -204,3 +204,37 @@ def test_comfyui_node_with_torch_tensors(url):
     assert [tuple(item.shape) for item in cnet_images] == [placeholder] * 5
     with pytest.raises(ServiceError, match="denoise"):
         node.doit(batch[:1], url, **{**values, "denoise": 2.0})
+
+
+def test_model_names_and_hooks_reach_the_service_from_the_node_and_the_form_definition(url):
+    """bbox_detector, segm_detector, sam_model and detailer_hooks: combos of the served names in
+    /v1/info's widget definitions; the node's text widgets for them reach the service."""
+    segm_url = url + "/segm"  # the second app: bbox detectors "face" and "tiny", a segm detector, no SAM
+    with httpx.Client(timeout=60, trust_env=False) as http:
+        widgets = {spec["name"]: spec for spec in http.get(f"{segm_url}/v1/info").json()["parameters"]}
+        plain = {spec["name"]: spec for spec in http.get(f"{url}/v1/info").json()["parameters"]}
+    assert widgets["bbox_detector"]["type"] == "COMBO" and widgets["bbox_detector"]["options"] == ["face", "tiny"]
+    assert widgets["segm_detector"]["options"] == ["default"] and widgets["sam_model"]["options"] == []
+    assert plain["bbox_detector"]["options"] == ["default"] and plain["detailer_hooks"]["type"] == "JSON"
+
+    import torch
+
+    node = load_pack().NODE_CLASS_MAPPINGS["FaceDetailerRayServe"]()
+    inputs = node.INPUT_TYPES()
+    values = {name: spec[1]["default"] for name, spec in {**inputs["required"], **inputs["optional"]}.items()
+              if name not in ("image", "endpoint")}  # fmt: skip
+    values.update(FAST)
+    face = small_face()
+    batch = torch.from_numpy(face[None].astype(np.float32) / 255.0)
+    unchanged = np.round(batch.numpy() * 255).astype(np.uint8)
+    # the default bbox detector ("face") would refine the face; "tiny" finds none, so nothing changes
+    image, _, _, mask, _ = node.doit(batch, segm_url, **{**values, "bbox_detector": "tiny"})
+    assert np.array_equal(np.round(image.numpy() * 255).astype(np.uint8), unchanged) and not mask.any()
+    with pytest.raises(ServiceError, match="bbox_detector: unknown 'hand'"):
+        node.doit(batch, segm_url, **{**values, "bbox_detector": "hand"})
+    # the hooks widget is JSON text: a label filter that keeps no "face" leaves the image as it was
+    hooks = json.dumps([{"type": "segs_label_filter", "labels": "hand"}])
+    image, _, _, mask, _ = node.doit(batch, url, **{**values, "detailer_hooks": hooks})
+    assert np.array_equal(np.round(image.numpy() * 255).astype(np.uint8), unchanged) and not mask.any()
+    with pytest.raises(ServiceError, match="detailer_hooks"):
+        node.doit(batch, url, **{**values, "detailer_hooks": "[{"})

@@ -98,6 +98,10 @@ def test_page_runs_facedetailer_in_a_real_browser(browser_page, serve_instance, 
     assert page.input_value("#field-sampler_name") == "euler"
     assert page.locator("#field-sampler_name option").count() >= 2
     assert page.is_checked("#field-force_inpaint")
+    # the model inputs are choices among the service's configured names; the hooks are JSON
+    detectors = page.locator("#field-bbox_detector option").all_inner_texts()
+    assert detectors == ["(the service's default)", "default"], detectors
+    assert page.input_value("#field-detailer_hooks") == "[]"
 
     photo = assets.astronaut()  # one real face
     photo_path = tmp_path / "astronaut.png"
