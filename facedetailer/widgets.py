@@ -68,6 +68,8 @@ GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "inpaint_model", "noise_mask_feather",
         ),
     ),
+    # Not the node's: the service's seam options (off by default = the reference's paste).
+    ("seams", "Seams (service options)", ("color_match", "color_match_strength", "blend")),
 )
 SERVICE_GROUP = ("service", "Service options")  # a field added to the params but not placed above
 
@@ -85,15 +87,16 @@ SEED_CONTROL = "control_after_generate"
 SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 # Widgets of V8 that this service cannot honour when switched on (their default is False).
 UNSUPPORTED_NODE_WIDGETS = ("tiled_encode", "tiled_decode")
-# The node's optional section (everything else is required).
-OPTIONAL = frozenset(GROUPS[-1][2])
+# The node's optional section, and the service's own options, which the node shows as optional
+# too (everything else is required).
+OPTIONAL = frozenset(name for key, _, members in GROUPS if key in ("optional", "seams") for name in members)
 # Inputs naming one of the service's configured models (``None``: its first); their options are
 # the names ``GET /v1/info`` lists (detectors, segm_detectors, sam_models).
 MODEL_NAME_FIELDS = ("bbox_detector", "segm_detector", "sam_model")
 
 STEPS: dict[str, float] = {
     "guide_size": 8, "max_size": 8, "denoise": 0.01, "cfg": 0.1, "bbox_threshold": 0.01, "bbox_crop_factor": 0.1,
-    "sam_threshold": 0.01, "sam_mask_hint_threshold": 0.01,
+    "sam_threshold": 0.01, "sam_mask_hint_threshold": 0.01, "color_match_strength": 0.05,
 }
 BOOLEAN_LABELS: dict[str, tuple[str, str]] = {
     "guide_size_for": ("bbox", "crop_region"),
@@ -138,6 +141,9 @@ DESCRIPTIONS: dict[str, str] = {
     "segm_detector": "which of the service's segm detectors (switches use_segm on)",
     "sam_model": "which of the service's SAM models (switches use_sam on)",
     "detailer_hooks": "the node's detailer_hook as a JSON list of typed hooks (see the README)",
+    "color_match": "match the refined face's colours to the original (Lab); none = the reference",
+    "color_match_strength": "how far color_match moves the refined face",
+    "blend": "feather = the reference's paste; multiband = Laplacian-pyramid blending",
 }
 
 

@@ -37,6 +37,13 @@ def test_groups_follow_the_node_and_cover_every_field():
     assert by_name["bbox_dilation"]["group"] == "bbox" and by_name["sam_threshold"]["group"] == "sam"
     assert by_name["bbox_detector"]["group"] == by_name["wildcard"]["group"], "as in the node's INPUT_TYPES"
     assert by_name["noise_mask_feather"]["optional"] and not by_name["cycle"]["optional"]
+    # the service's own seam options: a group of their own after the node's, optional, not node widgets
+    assert [key for key, _, _ in GROUPS][-2:] == ["optional", "seams"]
+    seams = [spec for spec in widget_specs() if spec["group"] == "seams"]
+    assert [spec["name"] for spec in seams] == ["color_match", "color_match_strength", "blend"]
+    assert all(spec["optional"] and not spec["node_widget"] for spec in seams)
+    assert by_name["color_match"]["options"] == ["none", "mean_std", "histogram"]
+    assert by_name["blend"]["default"] == "feather" and by_name["color_match"]["default"] == "none"
 
 
 def test_model_names_and_hooks():
