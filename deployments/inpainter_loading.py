@@ -8,7 +8,9 @@ Accepted ``model`` references:
   loaded with diffusers' ``from_single_file``; offline it needs ``single_file_config``, a
   diffusers folder (or cached repo id) of the same architecture;
 - anything :func:`deployments.weights.resolve_weights` resolves (``tiny://``, ``pkg://``, URLs,
-  ``owner/repo/file.safetensors`` hub files).
+  ``owner/repo/file.safetensors`` hub files);
+- ``sim://sd15[-inpainting]?…``: simulated components for capacity planning and load tests
+  (:mod:`deployments.simulated`).
 
 Only the components are kept (UNet, VAE, text encoders, tokenizers, scheduler config): the
 inpainter runs its own sampling loop, and no safety checker is loaded.
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 
-from deployments.weights import CorruptWeightsError, WeightsNotFoundError, resolve_weights
+from deployments.weights import CorruptWeightsError, WeightsNotFoundError, is_simulated, resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class SDComponents:
     tokenizers: list[Any]
     scheduler_config: dict[str, Any]
     source: str
-    format: str  # "diffusers" or "single_file"
+    format: str  # "diffusers", "single_file" or "simulated"
     is_sdxl: bool = False
 
     @property
@@ -200,6 +202,10 @@ def load_sd_components(
     cache_dir: Path | None = None,
 ) -> SDComponents:
     """Load ``model``; :class:`WeightsNotFoundError` / :class:`CorruptWeightsError` name the reference."""
+    if is_simulated(model):
+        from deployments.simulated import load_simulated_components
+
+        return load_simulated_components(model, dtype=dtype)
     path = _locate(model, cache_dir)
     config = single_file_config
     if config is not None:
@@ -224,6 +230,11 @@ def load_sd_components(
 def describe(components: SDComponents) -> dict[str, Any]:
     """A JSON-able summary for ``info()``."""
     unet = components.unet.config
+    simulated: dict[str, Any] = {}
+    if components.format == "simulated":
+        from deployments.simulated import describe_simulated
+
+        simulated = {"simulated": describe_simulated(components)}
     return {
         "source": components.source,
         "format": components.format,
@@ -234,6 +245,7 @@ def describe(components: SDComponents) -> dict[str, Any]:
         "vae_scale_factor": 2 ** (len(components.vae.config.block_out_channels) - 1),
         "prediction_type": components.scheduler_config.get("prediction_type", "epsilon"),
         "scheduler_config": json.loads(json.dumps(components.scheduler_config, default=str)),
+        **simulated,
     }
 
 

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("FACEDETAILER_CACHE", Path.home() / ".cache" / "facedetailer"))
+SIM_SCHEME = "sim://"  # simulated models (deployments/simulated.py): no weights at all
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -22,6 +23,11 @@ class WeightsNotFoundError(FileNotFoundError):
 
 class CorruptWeightsError(ValueError):
     """A weights file exists but cannot be read as the expected model."""
+
+
+def is_simulated(reference: str | os.PathLike[str] | None) -> bool:
+    """A ``sim://`` reference: the loaders hand it to :mod:`deployments.simulated`."""
+    return reference is not None and os.fspath(reference).startswith(SIM_SCHEME)
 
 
 def is_url(reference: str) -> bool:
@@ -98,6 +104,8 @@ def resolve_weights(reference: str | os.PathLike[str], cache_dir: Path | None = 
     ships and ``tiny://component/key`` a self-built tiny model (tests and the offline demo).
     """
     reference = os.fspath(reference)
+    if is_simulated(reference):
+        raise WeightsNotFoundError(f"{reference}: a simulated model has no weights file (deployments/simulated.py)")
     if reference.startswith("pkg://"):
         return _resolve_package_file(reference)
     if reference.startswith("tiny://"):

@@ -1,0 +1,318 @@
+"""The ``sim://`` stand-ins: their cost model, their call signatures, and results one can check.
+
+The simulated UNet is an exact denoiser towards a documented target (the prompt's colour inside
+the noise mask), so every sampler must land on it; the VAE is an 8×8 average. These tests
+recompute the expected pixels from the documented formulas, independently of the module.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from deployments import simulated
+from deployments.detector import FaceDetector
+from deployments.inpainter import Inpainter, RefineJob, SamplingSettings
+from deployments.sam import SamSegmenter
+from deployments.weights import WeightsNotFoundError, resolve_weights
+from facedetailer.params import FaceDetailerParams
+from facedetailer.sam_prompts import SamPrompt
+
+FAST = {"a": 0.002, "b": 0.0005}
+
+
+def sim(kind: str, **options: float) -> str:
+    query = "&".join(f"{name}={value}" for name, value in {**FAST, **options}.items())
+    return f"sim://{kind}?{query}"
+
+
+@pytest.fixture(scope="module")
+def inpainter() -> Inpainter:
+    return Inpainter(sim("sd15"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def inpaint_inpainter() -> Inpainter:
+    return Inpainter(sim("sd15-inpainting"), device="cpu")
+
+
+# ------------------------------------------------------------------ the documented formulas
+
+
+def word_vector(word: str) -> np.ndarray:
+    """First 4 dims of a word's embedding: sin(2π·frac(id·φ·k) + k − 1), k = 1…4."""
+    token = zlib.crc32(word.encode()) % 49406
+    golden = (5**0.5 - 1) / 2
+    return np.array([math.sin(2 * math.pi * ((token * (k * golden)) % 1.0) + k - 1) for k in range(1, 5)])
+
+
+def prompt_colour(text: str) -> np.ndarray:
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    return np.mean([word_vector(word) for word in words], axis=0) if words else np.zeros(4)
+
+
+def to_uint8(latent_rgb: np.ndarray) -> np.ndarray:
+    return np.round(np.clip((latent_rgb + 1.0) / 2.0, 0, 1) * 255).astype(np.uint8)
+
+
+def block_average(image: np.ndarray) -> np.ndarray:
+    """The VAE round trip: each 8×8 block replaced by its mean."""
+    height, width = image.shape[:2]
+    pixels = image.astype(np.float64) / 127.5 - 1.0
+    blocks = pixels.reshape(height // 8, 8, width // 8, 8, 3).mean(axis=(1, 3))
+    return to_uint8(np.repeat(np.repeat(blocks, 8, axis=0), 8, axis=1))
+
+
+def textured(height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def box_mask(height: int, width: int) -> np.ndarray:
+    mask = np.zeros((height, width), np.float32)
+    mask[16:48, 16:48] = 1.0
+    return mask
+
+
+# ------------------------------------------------------------------ references and the cost model
+
+
+def test_defaults_reproduce_the_published_a100_figures() -> None:
+    """a + b·n with n = 2·batch (CFG): 22.24 it/s at batch 1, 11.67 it/s at batch 4, 2.1× images·it/s."""
+    step = {batch: simulated.UNET_A_S + simulated.UNET_B_S * 2 * batch for batch in (1, 4)}
+    assert 1 / step[1] == pytest.approx(22.24, rel=1e-9)
+    assert 1 / step[4] == pytest.approx(11.67, rel=1e-9)
+    assert (4 / step[4]) / (1 / step[1]) == pytest.approx(2.1, abs=0.01)
+    assert simulated.UNET_A_S > 0 and simulated.UNET_B_S > 0
+
+
+def test_references_parse_and_bad_ones_say_why() -> None:
+    kind, options = simulated.parse_sim_reference("sim://sd15?a=0.5&area=0", ["sd15"], simulated.INPAINTER_OPTIONS)
+    assert kind == "sd15" and options["a"] == 0.5 and options["area"] == 0.0
+    assert options["b"] == simulated.UNET_B_S
+    with pytest.raises(ValueError, match="unknown option 'speed'.*a, b, area, vae, text"):
+        simulated.parse_sim_reference("sim://sd15?speed=2", ["sd15"], simulated.INPAINTER_OPTIONS)
+    with pytest.raises(ValueError, match="unknown simulated model 'sdxl'"):
+        Inpainter("sim://sdxl", device="cpu")
+    with pytest.raises(ValueError, match=">= 0"):
+        FaceDetector("sim://detector?cost=-1")
+    with pytest.raises(ValueError, match="not a number"):
+        SamSegmenter("sim://sam?encoder=fast")
+    with pytest.raises(WeightsNotFoundError, match="no weights"):
+        resolve_weights("sim://sd15")
+
+
+def test_a_unet_evaluation_of_n_latents_costs_a_plus_b_n_asleep() -> None:
+    """Modelled time a + b·n·(area / 64²) per evaluation, n = the UNet's batch (CFG doubles it)."""
+    inpainter = Inpainter("sim://sd15?a=0.08&b=0.02&area=1", device="cpu")
+    calls = inpainter.components.unet.accelerator.calls
+    jobs = [RefineJob(image=textured(128, 64, seed=k), noise_mask=None, positive=("face",), negative=(), seed=k)
+            for k in range(3)]
+    settings = SamplingSettings(steps=4, denoise=1.0, cfg=5.0)
+    inpainter.refine(jobs[:1], settings)  # warm-up: imports and scheduler set-up
+    calls.clear()
+    wall = time.perf_counter()
+    inpainter.refine(jobs, settings)
+    wall = time.perf_counter() - wall
+    unet_calls = [call for call in calls if call.operation == "unet"]
+    assert len(unet_calls) == 4  # one evaluation per step, the 3 crops and CFG in one batch
+    area = (128 // 8) * (64 // 8) / 64**2
+    for call in unet_calls:
+        assert call.batch == 6
+        assert call.modelled_s == pytest.approx(0.08 + 0.02 * 6 * area)
+        assert call.elapsed_s >= call.modelled_s
+    assert wall >= sum(call.modelled_s for call in unet_calls)
+
+
+def test_the_modelled_time_is_slept_not_computed() -> None:
+    """A 0.6 s evaluation of 16 latents at 128×128 holds the CPU for a small fraction of it."""
+    parts = simulated.load_simulated_components("sim://sd15?a=0.5&b=0.0015625")
+    sample, context = torch.randn(16, 4, 128, 128), torch.randn(16, 77, 768)
+    parts.unet(sample, 500, context)  # warm-up
+    wall, cpu = time.perf_counter(), time.process_time()
+    parts.unet(sample, 500, context)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert wall >= 0.5 + 0.0015625 * 16 * 4
+    assert cpu < 0.25 * wall, f"{cpu:.2f} s of CPU in a {wall:.2f} s evaluation"
+
+
+def test_one_accelerator_runs_one_evaluation_at_a_time() -> None:
+    import threading
+
+    components = simulated.load_simulated_components("sim://sd15?a=0.2&b=0")
+    unet = components.unet
+    sample, context = torch.zeros(1, 4, 8, 8), torch.zeros(1, 77, 768)
+    started = time.perf_counter()
+    threads = [threading.Thread(target=unet, args=(sample, 500, context)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert time.perf_counter() - started >= 0.6  # serialised, as on one GPU
+
+
+# ------------------------------------------------------------------ stand-ins with diffusers' signatures
+
+
+def test_stand_ins_have_the_loaded_components_signatures_and_configs() -> None:
+    parts = simulated.load_simulated_components("sim://sd15-inpainting")
+    assert parts.is_inpaint and not parts.is_sdxl and parts.format == "simulated"
+    assert parts.unet.config.in_channels == 9 and parts.unet.config.cross_attention_dim == 768
+    assert parts.vae.config.scaling_factor == pytest.approx(0.18215)
+    assert parts.text_encoders[0].config.max_position_embeddings == 77
+    tokenizer = parts.tokenizers[0]
+    ids = tokenizer("A red face", add_special_tokens=False).input_ids
+    assert ids == [zlib.crc32(word.encode()) % 49406 for word in ("a", "red", "face")]
+    padded = tokenizer(["a red face"], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert padded.input_ids.shape == (1, 77) and padded.input_ids[0, 0] == 49406
+    output = parts.text_encoders[0](padded.input_ids, output_hidden_states=True)
+    assert output.last_hidden_state.shape == (1, 77, 768) and len(output.hidden_states) == 2
+    np.testing.assert_allclose(output.last_hidden_state[0, 2, :4].numpy(), word_vector("red"), atol=1e-6)
+    assert torch.count_nonzero(output.last_hidden_state[0, 4:]) == 0  # EOS and padding
+    pixels = torch.rand(2, 3, 64, 48) * 2 - 1
+    latents = parts.vae.encode(pixels).latent_dist.mean
+    assert latents.shape == (2, 4, 8, 6)
+    decoded = parts.vae.decode(latents, return_dict=False)[0]
+    torch.testing.assert_close(decoded[:, :, :8, :8].mean(dim=(2, 3)), pixels[:, :, :8, :8].mean(dim=(2, 3)))
+    sample = torch.randn(2, 9, 8, 6)
+    noise = parts.unet(sample, torch.tensor(500), output.last_hidden_state.repeat(2, 1, 1), return_dict=False)[0]
+    assert noise.shape == (2, 4, 8, 6) and torch.isfinite(noise).all()
+    assert parts.unet(sample, 500, output.last_hidden_state.repeat(2, 1, 1)).sample.shape == noise.shape
+    with pytest.raises(ValueError, match="9 channels"):
+        parts.unet(torch.zeros(1, 4, 8, 8), 500, output.last_hidden_state)
+
+
+def test_the_unet_predicts_the_noise_that_denoises_to_its_target() -> None:
+    """x_t = √ᾱ·target + √(1 − ᾱ)·ε  ⇒  the UNet returns ε (ᾱ from SD 1.5's schedule)."""
+    parts = simulated.load_simulated_components("sim://sd15")
+    tokenizer, encoder = parts.tokenizers[0], parts.text_encoders[0]
+    ids = torch.tensor([tokenizer("smiling face", padding="max_length", max_length=77, truncation=True).input_ids])
+    context = encoder(ids).last_hidden_state
+    target = torch.from_numpy(prompt_colour("smiling face")).float()[None, :, None, None]
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)[321].float()
+    noise = torch.randn(1, 4, 8, 8)
+    x_t = alpha_bar.sqrt() * target + (1 - alpha_bar).sqrt() * noise
+    predicted = parts.unet(x_t, 321, context).sample
+    torch.testing.assert_close(predicted, noise, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ the real inpainter on the stand-ins
+
+
+@pytest.mark.parametrize(
+    ("sampler_name", "scheduler"),
+    [
+        ("euler", "normal"),
+        ("dpmpp_2m", "karras"),
+        ("heun", "simple"),
+        ("euler_ancestral", "normal"),
+        ("ddim", "normal"),
+    ],
+)
+def test_every_sampler_lands_on_the_prompt_colour_inside_the_mask(
+    inpainter: Inpainter, sampler_name: str, scheduler: str
+) -> None:
+    image = textured(64, 64)
+    job = RefineJob(image=image, noise_mask=box_mask(64, 64), positive=("a red face",), negative=(), seed=3)
+    settings = SamplingSettings(steps=6, denoise=0.6, cfg=1.0, sampler_name=sampler_name, scheduler=scheduler,
+                                noise_mask_feather=0)
+    refined = inpainter.refine([job], settings)[0]
+    colour = to_uint8(prompt_colour("a red face")[:3])
+    assert np.abs(refined[16:48, 16:48].astype(int) - colour).max() <= 1
+    outside = box_mask(64, 64) == 0
+    assert np.abs(refined[outside].astype(int) - block_average(image)[outside]).max() <= 1
+
+
+def test_batched_crops_keep_their_own_prompts_and_cfg_extrapolates(inpainter: Inpainter) -> None:
+    """Three crops in one batch, each with its own prompt: a mix-up would show as a wrong colour."""
+    prompts = ["a red face", "a blue face", "smiling, freckles"]
+    jobs = [RefineJob(image=textured(64, 64, seed=k), noise_mask=None, positive=(text,), negative=("blurry",), seed=k)
+            for k, text in enumerate(prompts)]
+    settings = SamplingSettings(steps=4, denoise=0.5, cfg=2.5)
+    refined = inpainter.refine(jobs, settings)
+    negative = prompt_colour("blurry")
+    for text, image in zip(prompts, refined, strict=True):
+        expected = to_uint8((negative + 2.5 * (prompt_colour(text) - negative))[:3])
+        assert np.abs(image.reshape(-1, 3).astype(int) - expected).max() <= 1, text
+    assert len({tuple(image[0, 0]) for image in refined}) == 3
+
+
+def test_inpainting_unet_keeps_the_masked_image_outside_its_mask(inpaint_inpainter: Inpainter) -> None:
+    image = textured(64, 64, seed=5)
+    job = RefineJob(image=image, noise_mask=box_mask(64, 64), positive=("portrait",), negative=(), seed=1)
+    settings = SamplingSettings(steps=5, denoise=1.0, cfg=1.0, inpaint_model=True, noise_mask_feather=0)
+    refined = inpaint_inpainter.refine([job], settings)[0]
+    assert np.abs(refined[16:48, 16:48].astype(int) - to_uint8(prompt_colour("portrait")[:3])).max() <= 1
+    outside = box_mask(64, 64) == 0
+    assert np.abs(refined[outside].astype(int) - block_average(image)[outside]).max() <= 1
+    info = inpaint_inpainter.info()
+    assert info["format"] == "simulated" and info["simulated"]["calls"] > 0
+
+
+# ------------------------------------------------------------------ detector and SAM
+
+
+def test_simulated_detector_finds_faces_in_the_most_textured_cells() -> None:
+    image = np.full((200, 300, 3), 128, np.uint8)
+    image[100:200, 150:300] = textured(100, 150, seed=1)  # bottom-right cell of a 2×2 grid
+    image[0:100, 0:150] = (textured(100, 150, seed=2) // 8) + 100  # top-left, lower contrast
+    detector = FaceDetector("sim://detector?faces=3&size=0.5&cost=0.001")
+    assert isinstance(detector, simulated.SimulatedDetector)
+    detections = detector.detect(image, 0.5)
+    assert [d.bbox for d in detections] == [(200.0, 125.0, 250.0, 175.0), (50.0, 25.0, 100.0, 75.0)]
+    assert detections[0].confidence > detections[1].confidence > 0.5 and detections[0].mask is None
+    assert detector.detect(image, 0.5) == detections  # deterministic
+    assert detector.detect(np.zeros((64, 64, 3), np.uint8), 0.5) == []  # a flat image has no face
+    segm = FaceDetector("sim://detector?faces=1", task="segment")
+    [face] = segm.detect(image, 0.3)
+    assert face.mask is not None and face.mask.shape == (200, 300) and face.mask[150, 225] == 1.0
+    assert face.mask[:, :150].sum() == 0
+    assert segm.info()["simulated"]["calls"] == 1
+
+
+def test_simulated_sam_answers_each_prompt_inside_its_box() -> None:
+    image = textured(120, 160)
+    sam = SamSegmenter("sim://sam?encoder=0.001&decoder=0.001")
+    assert isinstance(sam, simulated.SimulatedSegmenter)
+    box_prompt = SamPrompt(box=(40.0, 20.0, 100.0, 90.0), points=((70.0, 55.0),), labels=(1,))
+    points_prompt = SamPrompt(box=None, points=((20.0, 20.0), (30.0, 40.0), (5.0, 5.0)), labels=(1, 1, 0))
+    empty = SamPrompt(box=None, points=(), labels=())
+    boxed, pointed, nothing = sam.predict(image, [box_prompt, points_prompt, empty])
+    assert boxed.masks.shape == (3, 120, 160) and boxed.masks.dtype == bool
+    assert boxed.masks[0, 55, 70] and not boxed.masks[0, 10, 10] and not boxed.masks[:, :, :40].any()
+    assert boxed.masks[0].sum() > boxed.masks[1].sum() > boxed.masks[2].sum() > 0
+    assert list(boxed.scores) == sorted(boxed.scores, reverse=True) and boxed.scores[0] > 0.93
+    assert pointed.masks[0, 30, 25] and not pointed.masks[0, 100, 150]
+    assert nothing.masks.shape == (0, 120, 160)
+    assert sam.info()["simulated"]["calls"] == 1
+
+
+def test_the_whole_cycle_on_simulated_models_changes_only_the_faces() -> None:
+    """Detector, SAM and inpainter all simulated, through the real FaceDetailer cycle in-process."""
+    from serve_app.local import LocalStages
+
+    image = np.full((256, 256, 3), 90, np.uint8)
+    image[128:, 128:] = textured(128, 128, seed=3)
+    stages = LocalStages(
+        detector=FaceDetector("sim://detector?faces=1&cost=0.001"),
+        inpainter=Inpainter(sim("sd15"), device="cpu"),
+        sam=SamSegmenter("sim://sam?encoder=0.001"),
+    )
+    params = FaceDetailerParams(steps=3, cfg=1.0, positive="a red face", guide_size=128, max_size=256, use_sam=True)
+    result = stages.detail([image], params)
+    [segment] = result.per_image[0].segments
+    assert segment.bbox == (160.0, 160.0, 224.0, 224.0) and not segment.skipped
+    detailed = result.images[0]
+    x1, y1, x2, y2 = segment.crop_region
+    changed = np.any(detailed != image, axis=2)
+    assert changed[y1:y2, x1:x2].any() and not changed[:y1].any() and not changed[:, :x1].any()
+    assert np.abs(detailed[192, 192].astype(int) - to_uint8(prompt_colour("a red face")[:3])).max() <= 2
+    again = stages.detail([image], params)
+    assert np.array_equal(again.images[0], detailed)
