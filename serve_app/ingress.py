@@ -6,7 +6,6 @@ FastAPI must resolve the route signatures at runtime.)
 """
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -15,7 +14,6 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import metrics
@@ -27,14 +25,10 @@ from facedetailer.params import FaceDetailerParams
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
 from serve_app.config import Limits
-from serve_app.images import (
-    ImageInputError,
-    as_uint8_image,
-    decode_base64_image,
-    decode_image,
-    encode_png,
-    encode_png_base64,
-)
+from serve_app.http_adapters.encoding import error_response, result_to_json
+from serve_app.http_adapters.errors import RequestError, parse_params
+from serve_app.http_adapters.request_reading import read_detail_request
+from serve_app.images import ImageInputError, as_uint8_image, encode_png
 from serve_app.pipeline import DetailResult, PipelineInputError, SegmentReport, detail_batch
 
 logger = logging.getLogger("ray.serve")
@@ -47,93 +41,6 @@ http_app = FastAPI(
         "inpainter at a higher resolution, and blended back. Parameters use the node's names and defaults."
     ),
 )
-
-
-class RequestError(Exception):
-    """A client error with its HTTP status and a message that says what is wrong."""
-
-    def __init__(self, status_code: int, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        self.details = details
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        """Keep every field when Ray sends the error back to a handle caller."""
-        return (type(self), (self.status_code, self.message, self.details))
-
-
-def _validation_error(error: ValidationError) -> RequestError:
-    details = [
-        {"field": ".".join(str(part) for part in item["loc"]) or "params", "message": item["msg"]}
-        for item in error.errors(include_url=False)
-    ]
-    summary = "; ".join(f"{item['field']}: {item['message']}" for item in details)
-    return RequestError(422, f"invalid parameters: {summary}", details)
-
-
-def parse_params(values: dict[str, Any] | FaceDetailerParams | None) -> FaceDetailerParams:
-    if isinstance(values, FaceDetailerParams):
-        return values
-    try:
-        return FaceDetailerParams.model_validate(values or {})
-    except ValidationError as error:
-        raise _validation_error(error) from error
-
-
-def _json_object(text: Any, name: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except (TypeError, ValueError) as error:
-        raise RequestError(422, f"{name}: not valid JSON: {error}") from error
-    if not isinstance(value, dict):
-        raise RequestError(422, f"{name}: must be a JSON object")
-    return value
-
-
-def _error_response(error: RequestError) -> JSONResponse:
-    content: dict[str, Any] = {"error": error.message}
-    if error.details is not None:
-        content["details"] = error.details
-    headers = {"Retry-After": "5"} if error.status_code in (429, 503) else None
-    return JSONResponse(content, status_code=error.status_code, headers=headers)
-
-
-def result_to_json(result: DetailResult) -> dict[str, Any]:
-    """Every output of spec §8 as base64 PNGs, plus per-face metadata and stage timings."""
-    per_image = result.per_image
-    images = [encode_png_base64(image) for image in result.images]  # each PNG encoded once
-    masks = [encode_png_base64(item.mask) for item in per_image]
-    return {
-        "image": images[0],
-        "images": images,
-        "mask": masks[0],
-        "masks": masks,
-        "cropped_refined": [encode_png_base64(crop) for crop in result.cropped_refined],
-        "cropped_enhanced_alpha": [encode_png_base64(crop) for crop in result.cropped_enhanced_alpha],
-        "cnet_images": [],
-        "segments": [[_segment_json(segment) for segment in item.segments] for item in per_image],
-        "faces_detected": sum(len(item.segments) for item in per_image),
-        "faces_refined": sum(len(item.cropped_refined) for item in per_image),
-        "timings": result.timings,
-        "detailer_pipe": result.detailer_pipe,
-    }
-
-
-def _segment_json(segment: Any) -> dict[str, Any]:
-    return {
-        "index": segment.index,
-        "bbox": list(segment.bbox),
-        "crop_region": list(segment.crop_region),
-        "confidence": segment.confidence,
-        "label": segment.label,
-        "seed": segment.seed,
-        "upscale": segment.upscale,
-        "upscaled_size": list(segment.upscaled_size) if segment.upscaled_size else None,
-        "skipped": segment.skipped,
-        "skip_reason": segment.skip_reason,
-        "prompt": segment.prompt,
-    }
 
 
 MODEL_UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -417,18 +324,18 @@ class FaceDetailerIngress:
                 raise RequestError(429, f"busy: {self._inflight} requests in progress on this replica; retry")
             self._inflight += 1
             try:
-                images, values = await self._read_request(request)
+                images, values = await read_detail_request(request, self.limits)
                 decoded = time.perf_counter()
                 result = await self.detail(images, values)
             finally:
                 self._inflight -= 1
         except RequestError as error:
-            return _error_response(error)
+            return error_response(error)
         except ImageInputError as error:
-            return _error_response(RequestError(error.status_code, str(error)))
+            return error_response(RequestError(error.status_code, str(error)))
         except Exception as error:  # never a bare 500 page: say what failed
             logger.exception("unexpected error in /v1/detail")
-            return _error_response(RequestError(500, f"internal error: {type(error).__name__}: {error}"[:500]))
+            return error_response(RequestError(500, f"internal error: {type(error).__name__}: {error}"[:500]))
         result.timings["decode"] = decoded - started
         encode_start = time.perf_counter()
         if format == "json":
@@ -444,56 +351,3 @@ class FaceDetailerIngress:
             "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in result.timings.items()),
         }
         return Response(png, media_type="image/png", headers=headers)
-
-    async def _read_request(self, request: Request) -> tuple[list[np.ndarray], dict[str, Any]]:
-        content_type = request.headers.get("content-type", "")
-        declared = int(request.headers.get("content-length") or 0)
-        budget = self.limits.max_upload_bytes * self.limits.max_batch_images + 1024 * 1024
-        if declared > budget:
-            raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {budget} bytes")
-        if content_type.startswith("multipart/form-data"):
-            return await self._read_multipart(request)
-        if content_type.startswith("application/json"):
-            return await self._read_json(request)
-        raise RequestError(415, "send multipart/form-data with an 'image' file, or JSON with a base64 'image'")
-
-    async def _read_multipart(self, request: Request) -> tuple[list[np.ndarray], dict[str, Any]]:
-        try:
-            form = await request.form(max_files=self.limits.max_batch_images, max_fields=100)
-        except Exception as error:
-            raise RequestError(400, f"malformed multipart body: {error}") from error
-        uploads = form.getlist("image")
-        if not uploads:
-            raise RequestError(422, "image: a file field named 'image' is required")
-        images = []
-        for index, upload in enumerate(uploads):
-            if isinstance(upload, str):
-                raise RequestError(422, "image: must be a file upload, not a text field")
-            data = await upload.read(self.limits.max_upload_bytes + 1)
-            images.append(decode_image(data, self.limits, f"image[{index}]" if len(uploads) > 1 else "image"))
-        values: dict[str, Any] = {}
-        if "params" in form:
-            values.update(_json_object(form["params"], "params"))
-        for key, value in form.multi_items():
-            if key not in ("image", "params"):
-                values[key] = value
-        return images, values
-
-    async def _read_json(self, request: Request) -> tuple[list[np.ndarray], dict[str, Any]]:
-        body = _json_object((await request.body()).decode("utf-8", "replace"), "body")
-        encoded = body.pop("images", None)
-        if encoded is None:
-            if "image" not in body:
-                raise RequestError(422, "image: a base64-encoded image is required")
-            encoded = [body.pop("image")]
-        elif not isinstance(encoded, list) or not encoded:
-            raise RequestError(422, "images: must be a non-empty list of base64 strings")
-        if len(encoded) > self.limits.max_batch_images:
-            limit = self.limits.max_batch_images
-            raise RequestError(413, f"images: {len(encoded)} images exceeds the limit of {limit}")
-        images = [decode_base64_image(text, self.limits, f"images[{k}]") for k, text in enumerate(encoded)]
-        values = body.pop("params", {}) or {}
-        if not isinstance(values, dict):
-            raise RequestError(422, "params: must be a JSON object")
-        values.update(body)
-        return images, values

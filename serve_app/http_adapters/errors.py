@@ -1,0 +1,52 @@
+"""Client errors with their HTTP status, and request parameters parsed into the node's model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from facedetailer.params import FaceDetailerParams
+
+
+class RequestError(Exception):
+    """A client error with its HTTP status and a message that says what is wrong."""
+
+    def __init__(self, status_code: int, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.details = details
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Keep every field when Ray sends the error back to a handle caller."""
+        return (type(self), (self.status_code, self.message, self.details))
+
+
+def validation_error(error: ValidationError) -> RequestError:
+    details = [
+        {"field": ".".join(str(part) for part in item["loc"]) or "params", "message": item["msg"]}
+        for item in error.errors(include_url=False)
+    ]
+    summary = "; ".join(f"{item['field']}: {item['message']}" for item in details)
+    return RequestError(422, f"invalid parameters: {summary}", details)
+
+
+def parse_params(values: dict[str, Any] | FaceDetailerParams | None) -> FaceDetailerParams:
+    if isinstance(values, FaceDetailerParams):
+        return values
+    try:
+        return FaceDetailerParams.model_validate(values or {})
+    except ValidationError as error:
+        raise validation_error(error) from error
+
+
+def json_object(text: Any, name: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError) as error:
+        raise RequestError(422, f"{name}: not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise RequestError(422, f"{name}: must be a JSON object")
+    return value
