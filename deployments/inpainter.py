@@ -191,6 +191,7 @@ class Inpainter:
         self.model_sampling = ModelSampling.from_scheduler_config(parts.scheduler_config)
         self.loras = LoraPatcher(parts, self.lora_dir)
         self._prompts: OrderedDict[Hashable, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._batch_conditioning: dict[Hashable, tuple[tuple, Any]] = {}
         self.engine = InpaintEngine(self, max_batch_size=max_batch_size, max_queued_crops=max_queued_crops)
         self.load_seconds = time.perf_counter() - started
         self.last_call: dict[str, Any] = {}
@@ -422,6 +423,8 @@ class Inpainter:
 
     def order_groups(self, keys: Sequence[Hashable]) -> list[Hashable]:
         """Groups whose LoRA set is already merged first: at most one switch per step."""
+        for stale in set(self._batch_conditioning) - set(keys):  # groups that are gone this step
+            del self._batch_conditioning[stale]
         current = self.loras.current
         return sorted(keys, key=lambda key: key[0] != current)  # type: ignore[index]
 
@@ -434,29 +437,24 @@ class Inpainter:
         self.loras.activate(key[0])  # type: ignore[index]
         inputs: list[torch.Tensor] = []
         timesteps: list[float] = []
-        contexts: list[torch.Tensor] = []
-        added: list[dict[str, torch.Tensor]] = []
-        concats: list[torch.Tensor] = []
-        for crop, request in calls:
-            sides = ("positive", "negative") if request.uncond else ("positive",)
-            for side in sides:
-                inputs.append(request.x_in)
-                timesteps.append(request.timestep)
-                contexts.append(crop.state[side])
-                if crop.state[f"{side}_added"] is not None:
-                    added.append(crop.state[f"{side}_added"])
-                if crop.state["concat"] is not None:
-                    concats.append(crop.state["concat"])
+        for _, request in calls:
+            inputs += [request.x_in] * (2 if request.uncond else 1)
+            timesteps += [request.timestep] * (2 if request.uncond else 1)
+        # The per-row conditioning only changes when the group's members, their cfg shortcut or
+        # their cycle change: reuse the concatenated tensors of the previous step otherwise.
+        composition = tuple((crop.serial, crop.stage_index, request.uncond) for crop, request in calls)
+        cached = self._batch_conditioning.get(key)
+        if cached is None or cached[0] != composition:
+            cached = (composition, self._conditioning_rows(calls))
+            self._batch_conditioning[key] = cached
+        context, added_conditions, concat = cached[1]
         sample = torch.cat(inputs).to(self.device)
-        if concats:
-            sample = torch.cat([sample, torch.cat(concats)], dim=1)
-        added_conditions = None
-        if added:
-            added_conditions = {name: torch.cat([item[name] for item in added]) for name in added[0]}
+        if concat is not None:
+            sample = torch.cat([sample, concat], dim=1)
         output = self.components.unet(
             sample.to(self.dtype),
             torch.tensor(timesteps, dtype=torch.float32, device=self.device),
-            encoder_hidden_states=_repeat_to_common_length(contexts),
+            encoder_hidden_states=context,
             added_cond_kwargs=added_conditions,
             return_dict=False,
         )[0].float()
@@ -468,6 +466,25 @@ class Inpainter:
             row += 2 if request.uncond else 1
             responses.append(UNetResponse(cond=cond, uncond=uncond))
         return responses
+
+    def _conditioning_rows(
+        self, calls: Sequence[tuple[EngineCrop, UNetRequest]]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, torch.Tensor | None]:
+        """Text embeddings, SDXL added conditions and inpainting channels of a call's rows, in row order."""
+        contexts: list[torch.Tensor] = []
+        added: list[dict[str, torch.Tensor]] = []
+        concats: list[torch.Tensor] = []
+        for crop, request in calls:
+            for side in ("positive", "negative") if request.uncond else ("positive",):
+                contexts.append(crop.state[side])
+                if crop.state[f"{side}_added"] is not None:
+                    added.append(crop.state[f"{side}_added"])
+                if crop.state["concat"] is not None:
+                    concats.append(crop.state["concat"])
+        added_conditions = None
+        if added:
+            added_conditions = {name: torch.cat([item[name] for item in added]) for name in added[0]}
+        return _repeat_to_common_length(contexts), added_conditions, torch.cat(concats) if concats else None
 
     # ---------------------------------------------------------------- engine backend: finish
 
@@ -553,17 +570,17 @@ def stretch_to_latent_grid(
 
 def _bilinear_weights(size_in: int, size_out: int, extent: float) -> torch.Tensor:
     """[size_out, size_in] interpolation matrix of one axis (torch's bilinear, align_corners=False)."""
-    weights = torch.zeros((size_out, size_in), dtype=torch.float32)
     scale = torch.tensor(float(size_in), dtype=torch.float32) / torch.tensor(float(extent), dtype=torch.float32)
-    for index in range(size_out):
-        if index + 0.5 > extent:  # the cell's centre is over the padding
-            continue
-        source = torch.clamp(scale * (index + 0.5) - 0.5, min=0.0)
-        low = min(int(source), size_in - 1)
-        high = min(low + 1, size_in - 1)
-        fraction = source - low
-        weights[index, low] += 1.0 - fraction
-        weights[index, high] += fraction
+    centres = torch.arange(size_out, dtype=torch.float32) + 0.5
+    source = torch.clamp(scale * centres - 0.5, min=0.0)
+    low = torch.clamp(source.floor().long(), max=size_in - 1)
+    high = torch.clamp(low + 1, max=size_in - 1)
+    fraction = source - low.float()
+    inside = (centres <= extent).float()  # a cell whose centre is over the padding gets 0
+    rows = torch.arange(size_out)
+    weights = torch.zeros((size_out, size_in), dtype=torch.float32)
+    weights.index_put_((rows, low), (1.0 - fraction) * inside, accumulate=True)
+    weights.index_put_((rows, high), fraction * inside, accumulate=True)
     return weights
 
 
@@ -611,4 +628,5 @@ def _repeat_to_common_length(embeds: list[torch.Tensor]) -> torch.Tensor:
     unlike padding with an encoded empty prompt.
     """
     target = math.lcm(*(embed.shape[1] for embed in embeds))
-    return torch.cat([embed.repeat(1, target // embed.shape[1], 1) for embed in embeds])
+    return torch.cat([embed if embed.shape[1] == target else embed.repeat(1, target // embed.shape[1], 1)
+                      for embed in embeds])  # fmt: skip

@@ -27,6 +27,7 @@ per inpainter replica), fed from other threads through :meth:`submit`.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import threading
 import time
@@ -72,6 +73,7 @@ class EngineCrop:
     request: EngineRequest
     index: int  # position in its request
     payload: Any  # the backend's input (job + settings)
+    serial: int = field(default_factory=itertools.count().__next__)  # unique for the process's life
     # filled by EngineBackend.prepare
     group_key: Hashable = None  # crops with equal keys may share a UNet call
     latent: torch.Tensor | None = None  # the current latent: a stage's input, then its output
