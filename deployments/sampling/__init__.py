@@ -40,6 +40,7 @@ A crop's whole KSampler run is one generator, :func:`crop_process`::
 """
 
 from deployments.sampling.contract import CropProcess, UNetRequest, UNetResponse, UnsupportedSamplerError
+from deployments.sampling.inpaint import inpaint_concat
 from deployments.sampling.model_sampling import ModelSampling
 from deployments.sampling.process import (
     SAMPLER_NAMES,
@@ -65,6 +66,7 @@ __all__ = [
     "UNetResponse",
     "UnsupportedSamplerError",
     "crop_process",
+    "inpaint_concat",
     "sample",
     "sampling_process",
     "sigmas_for",

@@ -119,14 +119,15 @@ class ModelSampling:
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The training timestep (int64) whose log-sigma is nearest: what the UNet is fed."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32)
-        distances = sigma.log().reshape(1, -1) - self.log_sigmas[:, None]
-        return distances.abs().argmin(dim=0).view(sigma.shape)
+        distances = sigma.log().to(self.log_sigmas.device).reshape(1, -1) - self.log_sigmas[:, None]
+        return distances.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
 
     def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
         """Sigma at a (fractional) timestep, interpolated linearly in log-sigma."""
-        t = torch.clamp(torch.as_tensor(timestep).float(), min=0, max=len(self.sigmas) - 1)
+        timestep = torch.as_tensor(timestep)
+        t = torch.clamp(timestep.float().to(self.log_sigmas.device), min=0, max=len(self.sigmas) - 1)
         low, high, weight = t.floor().long(), t.ceil().long(), t.frac()
-        return ((1 - weight) * self.log_sigmas[low] + weight * self.log_sigmas[high]).exp()
+        return ((1 - weight) * self.log_sigmas[low] + weight * self.log_sigmas[high]).exp().to(timestep.device)
 
     def percent_to_sigma(self, percent: float) -> float:
         """Sigma at a fraction of the sampling run (ControlNet/conditioning start and end)."""

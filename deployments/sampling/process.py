@@ -220,6 +220,9 @@ def _unet_driver(model_sampling: ModelSampling, core: SamplerProcess) -> CropPro
 
 
 def _prediction(model_sampling: ModelSampling, call: DenoiseCall, response: UNetResponse) -> Prediction:
+    for name, output in (("cond", response.cond), ("uncond", response.uncond)):
+        if output is not None and tuple(output.shape) != tuple(call.x.shape):
+            raise ValueError(f"UNet {name} output {tuple(output.shape)} does not match its input {tuple(call.x.shape)}")
     cond = model_sampling.calculate_denoised(call.sigma, response.cond.float(), call.x)
     if not call.uncond:
         return Prediction(cond=cond)

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deployments.sampling import dpm_solver, unipc
+from deployments.sampling import samplers_cfgpp as cfgpp
+from deployments.sampling import samplers_dpmpp as dpmpp
 from deployments.sampling import samplers_euler as euler
+from deployments.sampling import samplers_multistep as multistep
 from deployments.sampling.base import SamplerFunction
 
 __all__ = ["COMFY_SAMPLER_NAMES", "SAMPLERS", "SamplerSpec"]
@@ -42,12 +46,52 @@ class SamplerSpec:
     stochastic: bool = False
 
 
+_ancestral = {"stochastic": True}
 SAMPLERS: dict[str, SamplerSpec] = {
     "euler": SamplerSpec(euler.euler),
-    "euler_ancestral": SamplerSpec(euler.euler_ancestral, stochastic=True),
+    "euler_cfg_pp": SamplerSpec(cfgpp.euler_cfg_pp, needs_uncond=True),
+    "euler_ancestral": SamplerSpec(euler.euler_ancestral, **_ancestral),
+    "euler_ancestral_cfg_pp": SamplerSpec(cfgpp.euler_ancestral_cfg_pp, needs_uncond=True, **_ancestral),
     "heun": SamplerSpec(euler.heun),
     "heunpp2": SamplerSpec(euler.heunpp2),
+    "exp_heun_2_x0": SamplerSpec(multistep.exp_heun_2_x0),
+    "exp_heun_2_x0_sde": SamplerSpec(multistep.exp_heun_2_x0_sde, **_ancestral),
     "dpm_2": SamplerSpec(euler.dpm_2, discard_penultimate=True),
-    "dpm_2_ancestral": SamplerSpec(euler.dpm_2_ancestral, discard_penultimate=True, stochastic=True),
+    "dpm_2_ancestral": SamplerSpec(euler.dpm_2_ancestral, discard_penultimate=True, **_ancestral),
+    "lms": SamplerSpec(dpmpp.lms),
+    "dpm_fast": SamplerSpec(dpm_solver.dpm_fast),
+    "dpm_adaptive": SamplerSpec(dpm_solver.dpm_adaptive),
+    "dpmpp_2s_ancestral": SamplerSpec(dpmpp.dpmpp_2s_ancestral, **_ancestral),
+    "dpmpp_2s_ancestral_cfg_pp": SamplerSpec(cfgpp.dpmpp_2s_ancestral_cfg_pp, needs_uncond=True, **_ancestral),
+    "dpmpp_sde": SamplerSpec(dpmpp.dpmpp_sde, **_ancestral),
+    "dpmpp_sde_gpu": SamplerSpec(dpmpp.dpmpp_sde_gpu, **_ancestral),
+    "dpmpp_2m": SamplerSpec(dpmpp.dpmpp_2m),
+    "dpmpp_2m_cfg_pp": SamplerSpec(cfgpp.dpmpp_2m_cfg_pp, needs_uncond=True),
+    "dpmpp_2m_sde": SamplerSpec(dpmpp.dpmpp_2m_sde, **_ancestral),
+    "dpmpp_2m_sde_gpu": SamplerSpec(dpmpp.dpmpp_2m_sde_gpu, **_ancestral),
+    "dpmpp_2m_sde_heun": SamplerSpec(dpmpp.dpmpp_2m_sde_heun, **_ancestral),
+    "dpmpp_2m_sde_heun_gpu": SamplerSpec(dpmpp.dpmpp_2m_sde_heun_gpu, **_ancestral),
+    "dpmpp_3m_sde": SamplerSpec(dpmpp.dpmpp_3m_sde, **_ancestral),
+    "dpmpp_3m_sde_gpu": SamplerSpec(dpmpp.dpmpp_3m_sde_gpu, **_ancestral),
+    "ddpm": SamplerSpec(dpmpp.ddpm, **_ancestral),
+    "lcm": SamplerSpec(dpmpp.lcm, **_ancestral),
+    "ipndm": SamplerSpec(multistep.ipndm),
+    "ipndm_v": SamplerSpec(multistep.ipndm_v),
+    "deis": SamplerSpec(multistep.deis),
+    "res_multistep": SamplerSpec(cfgpp.res_multistep),
+    "res_multistep_cfg_pp": SamplerSpec(cfgpp.res_multistep_cfg_pp, needs_uncond=True),
+    "res_multistep_ancestral": SamplerSpec(cfgpp.res_multistep_ancestral, **_ancestral),
+    "res_multistep_ancestral_cfg_pp": SamplerSpec(
+        cfgpp.res_multistep_ancestral_cfg_pp, needs_uncond=True, **_ancestral
+    ),
+    "gradient_estimation": SamplerSpec(cfgpp.gradient_estimation),
+    "gradient_estimation_cfg_pp": SamplerSpec(cfgpp.gradient_estimation_cfg_pp, needs_uncond=True),
+    "er_sde": SamplerSpec(multistep.er_sde, **_ancestral),
+    "seeds_2": SamplerSpec(multistep.seeds_2, **_ancestral),
+    "seeds_3": SamplerSpec(multistep.seeds_3, **_ancestral),
+    "sa_solver": SamplerSpec(multistep.sa_solver, **_ancestral),
+    "sa_solver_pece": SamplerSpec(multistep.sa_solver_pece, **_ancestral),
     "ddim": SamplerSpec(euler.euler, inpaint_random_noise=True),
+    "uni_pc": SamplerSpec(unipc.uni_pc, discard_penultimate=True),
+    "uni_pc_bh2": SamplerSpec(unipc.uni_pc_bh2, discard_penultimate=True),
 }

@@ -197,3 +197,39 @@ def test_validate_refuses_unknown_and_bad_values_before_model_work():
         validate("euler", "kl_optimal", 1, 1.0)
     with pytest.raises(UnsupportedSamplerError):
         crop_process(sd15(), **settings(sampler_name="nope"))  # raised at the call, not at next()
+
+
+def test_inpaint_concat_follows_comfyui_concat_cond():
+    from deployments.sampling import inpaint_concat
+
+    latent = torch.randn(SHAPE)
+    # no mask: ones and the grey-image latent
+    blank = inpaint_concat(latent)
+    assert blank.shape == (1, 5, 8, 8)
+    assert torch.equal(blank[:, :1], torch.ones(1, 1, 8, 8))
+    assert blank[0, 1:, 0, 0].tolist() == pytest.approx([0.8223, -0.6876, 0.6364, 0.1380])
+    # noise mask only: round(mask) and the original latent
+    mask = torch.tensor([0.2, 0.49, 0.51, 1.0]).repeat(16).reshape(1, 1, 8, 8)
+    fallback = inpaint_concat(latent, mask)
+    assert torch.equal(fallback[:, :1], mask.round())
+    assert torch.equal(fallback[:, 1:], latent)
+    # InpaintModelConditioning: its own mask at pixel size, bilinear to the latent grid, rounded
+    pixel_mask = torch.zeros(1, 1, 64, 64)
+    pixel_mask[..., :, :28] = 1.0
+    masked_latent = torch.randn(SHAPE)
+    concat = inpaint_concat(latent, mask, concat_mask=pixel_mask, concat_latent=masked_latent)
+    assert torch.equal(concat[:, 1:], masked_latent)
+    # cell 3 samples pixel 27.5 (bilinear, no antialias): 0.5, which torch.round takes to 0 (half to even)
+    assert concat[0, 0, 0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+
+
+def test_a_malformed_unet_response_fails_that_crop_with_a_clear_error():
+    process = crop_process(sd15(), **settings(cfg=1.0))
+    request = next(process)
+    with pytest.raises(ValueError, match="does not match its input"):
+        process.send(UNetResponse(cond=torch.zeros(1, 4, 4, 4)))
+    process = crop_process(sd15(), **settings(cfg=7.0))
+    request = next(process)
+    assert request.uncond
+    with pytest.raises(ValueError, match="uncond"):
+        process.send(UNetResponse(cond=torch.zeros_like(request.x_in)))
