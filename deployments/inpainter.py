@@ -49,6 +49,7 @@ from deployments.sampling import (
     UNetResponse,
     UnsupportedSamplerError,
     crop_process,
+    inpaint_concat,
     validate,
 )
 
@@ -65,9 +66,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SEED_MODULUS = 2**64
-# ComfyUI's latent of a grey (pixel value 0 in [-1, 1]) image, used as an inpainting UNet's
-# masked-image input when there is no mask (``BaseModel.blank_inpaint_image_like``).
-BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
 PROMPT_CACHE_SIZE = 128
 
 
@@ -339,9 +337,10 @@ class Inpainter:
                 pixel_mask = F.interpolate(source[None, None], size=(image_h, image_w), mode="bilinear")
                 pixel_mask = F.pad(pixel_mask, (0, padded[1] - image_w, 0, padded[0] - image_h)).to(self.device)
                 greyed = pixels[position : position + 1] * (1.0 - torch.round(pixel_mask))  # grey = 0 in [-1, 1]
-                latent_mask = F.interpolate(pixel_mask, size=(height, width), mode="bilinear")
-                crop.state["mask"] = latent_mask
-                crop.state["concat"] = torch.cat([torch.round(latent_mask), self._encode(greyed)], dim=1)
+                crop.state["mask"] = F.interpolate(pixel_mask, size=(height, width), mode="bilinear")
+                crop.state["concat"] = inpaint_concat(
+                    crop.latent, concat_mask=pixel_mask, concat_latent=self._encode(greyed)
+                )
                 crop.state["differential"] = settings.noise_mask_feather > 0
                 continue
             if job.noise_mask is not None:
@@ -359,12 +358,9 @@ class Inpainter:
                 crop.state["mask"] = None
             if is_inpaint:
                 if job.noise_mask is not None:
-                    crop.state["concat_mask"] = torch.round(crop.state["mask"])  # + the cycle's input latent
+                    crop.state["concat_per_cycle"] = True  # round(mask) + each cycle's input latent
                 else:
-                    blank = torch.tensor(BLANK_INPAINT_LATENT, device=self.device).reshape(1, -1, 1, 1)
-                    blank = blank.expand(1, -1, height, width)
-                    ones = torch.ones((1, 1, height, width), device=self.device)
-                    crop.state["concat"] = torch.cat([ones, blank], dim=1)
+                    crop.state["concat"] = inpaint_concat(crop.latent)  # ones + the grey latent
 
     # ---------------------------------------------------------------- text
 
@@ -507,8 +503,8 @@ class _CycleStage:
 
     def __call__(self, crop: EngineCrop, latent: torch.Tensor) -> Any:
         spec = crop.payload.cycles[self.number]
-        if "concat_mask" in crop.state:  # concat_cond: the sampler's input latent of this cycle
-            crop.state["concat"] = torch.cat([crop.state["concat_mask"], latent], dim=1)
+        if crop.state.get("concat_per_cycle"):  # concat_cond: the sampler's input latent of this cycle
+            crop.state["concat"] = inpaint_concat(latent, crop.state["mask"])
         return crop_process(
             self.inpainter.model_sampling,
             sampler_name=spec.sampler_name,

@@ -22,6 +22,9 @@ from deployments.sampling import SAMPLER_NAMES
 pytestmark = [pytest.mark.models, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 LATENT_TOLERANCE = 1e-4
+# Adaptive samplers choose their steps from an error estimate, which carries the kernels' round-off
+# into the step sizes: measured 3.3e-4 on these latents (still within one uint8 level).
+ADAPTIVE_LATENT_TOLERANCE = 2e-3
 FAMILIES = {
     "first order": ["euler", "ddim"],
     "ancestral / SDE": ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "dpm_2_ancestral"],
@@ -107,7 +110,8 @@ def test_a_crop_equals_itself_run_alone_whatever_it_shared_steps_with(inpainter:
     for index, ((lone_latent, lone_image), (latent, image_)) in enumerate(zip(alone, together, strict=True)):
         assert torch.isfinite(latent).all(), index
         error = float((latent - lone_latent).abs().max())
-        assert error <= LATENT_TOLERANCE, f"crop {index}: latent differs by {error} from its lone run"
+        tolerance = ADAPTIVE_LATENT_TOLERANCE if family == "adaptive" else LATENT_TOLERANCE
+        assert error <= tolerance, f"crop {index}: latent differs by {error} from its lone run"
         assert int(np.abs(image_.astype(int) - lone_image.astype(int)).max()) <= 1, index
     # the crops are genuinely different work: no two results alike
     assert len({result.tobytes() for _, result in alone}) == len(jobs)

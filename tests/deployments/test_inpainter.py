@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import deployments.inpainter as inpainter_module
-from deployments.inpainter import BLANK_INPAINT_LATENT, Inpainter, RefineJob, SamplingSettings, UnsupportedSamplerError
+from deployments.inpainter import Inpainter, RefineJob, SamplingSettings, UnsupportedSamplerError
 from deployments.sampling import SAMPLER_NAMES, SCHEDULER_NAMES
+from deployments.sampling.inpaint import BLANK_INPAINT_LATENT
 from deployments.weights import CorruptWeightsError, WeightsNotFoundError
 
 pytestmark = [pytest.mark.models, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -389,10 +390,13 @@ def test_positive_and_negative_of_different_lengths_sample(inpainter: Inpainter)
 # ------------------------------------------------------------------ samplers and schedulers
 
 
-def test_every_supported_sampler_and_scheduler_in_one_shared_run(inpainter: Inpainter) -> None:
-    """Every pair: finite, not constant, seed-dependent, and the same in one shared engine run as alone."""
+def test_every_sampler_with_the_real_unet_in_one_shared_run(inpainter: Inpainter) -> None:
+    """Every sampler (schedulers in turn) on the tiny UNet: finite, not constant, seed-dependent, and
+    the same when all of them share one engine run as alone. Every sampler × scheduler pair is
+    checked on a toy denoiser in ``tests/sampling/test_sampling_pairs.py``."""
     image = crop(40, 48)
-    pairs = [(sampler, scheduler) for sampler in inpainter.supported_samplers() for scheduler in SCHEDULER_NAMES]
+    samplers = inpainter.supported_samplers()
+    pairs = [(sampler, SCHEDULER_NAMES[index % len(SCHEDULER_NAMES)]) for index, sampler in enumerate(samplers)]
     assert inpainter.supported_samplers() == list(SAMPLER_NAMES)
     assert {"normal", "karras", "simple"} <= set(SCHEDULER_NAMES)
     jobs = [
@@ -503,8 +507,8 @@ def test_report_tiny_pipeline_timings(tiny_sd: dict, inpainter: Inpainter, capsy
 
 
 def test_docs_table_names_every_sampler_and_schedule() -> None:
-    from deployments.inpainter_samplers import SAMPLERS, SCHEDULES
+    import re
 
     text = (Path(__file__).resolve().parents[2] / "docs" / "samplers.md").read_text()
-    for name in [*SAMPLERS, *SCHEDULES]:
-        assert f"| `{name}` |" in text, name
+    for name in [*SAMPLER_NAMES, *SCHEDULER_NAMES]:
+        assert re.search(rf"^\| `?{re.escape(name)}`? \|", text, flags=re.MULTILINE), name

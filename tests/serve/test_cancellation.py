@@ -92,7 +92,9 @@ def test_a_client_that_leaves_frees_the_inpainter_within_a_step(client):
     leaver.join(timeout=30)
     deadline = time.monotonic() + 30
     stats = engine_stats(client)
-    while (stats["crops_cancelled"] == before["crops_cancelled"] or stats["active_crops"]) and time.monotonic() < deadline:
+    while time.monotonic() < deadline and (
+        stats["crops_cancelled"] == before["crops_cancelled"] or stats["active_crops"]
+    ):
         time.sleep(0.25)
         stats = engine_stats(client)
     assert stats["crops_cancelled"] == before["crops_cancelled"] + 1, "the long crop left the engine"
