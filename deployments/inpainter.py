@@ -559,13 +559,18 @@ def stretch_to_latent_grid(
     one-step resize of a noise mask to the latent.
     """
     source = torch.from_numpy(np.clip(np.asarray(mask, dtype=np.float32), 0.0, 1.0))
-    rows = _bilinear_weights(source.shape[0], grid[0], extent[0])
-    columns = _bilinear_weights(source.shape[1], grid[1], extent[1])
-    return (rows @ source @ columns.T)[None, None]
+    row_low, row_high, row_fraction, row_inside = _bilinear_taps(source.shape[0], grid[0], extent[0])
+    col_low, col_high, col_fraction, col_inside = _bilinear_taps(source.shape[1], grid[1], extent[1])
+    top = source[row_low]  # [H, w]: the two source rows of every output row
+    bottom = source[row_high]
+    left = (1.0 - col_fraction) * top[:, col_low] + col_fraction * top[:, col_high]
+    right = (1.0 - col_fraction) * bottom[:, col_low] + col_fraction * bottom[:, col_high]
+    stretched = (1.0 - row_fraction)[:, None] * left + row_fraction[:, None] * right
+    return (stretched * row_inside[:, None] * col_inside[None, :])[None, None]
 
 
-def _bilinear_weights(size_in: int, size_out: int, extent: float) -> torch.Tensor:
-    """[size_out, size_in] interpolation matrix of one axis (torch's bilinear, align_corners=False)."""
+def _bilinear_taps(size_in: int, size_out: int, extent: float) -> tuple[torch.Tensor, ...]:
+    """One axis of torch's bilinear (align_corners=False): source indices, weight, inside-the-image flag."""
     scale = torch.tensor(float(size_in), dtype=torch.float32) / torch.tensor(float(extent), dtype=torch.float32)
     centres = torch.arange(size_out, dtype=torch.float32) + 0.5
     source = torch.clamp(scale * centres - 0.5, min=0.0)
@@ -573,11 +578,7 @@ def _bilinear_weights(size_in: int, size_out: int, extent: float) -> torch.Tenso
     high = torch.clamp(low + 1, max=size_in - 1)
     fraction = source - low.float()
     inside = (centres <= extent).float()  # a cell whose centre is over the padding gets 0
-    rows = torch.arange(size_out)
-    weights = torch.zeros((size_out, size_in), dtype=torch.float32)
-    weights.index_put_((rows, low), (1.0 - fraction) * inside, accumulate=True)
-    weights.index_put_((rows, high), fraction * inside, accumulate=True)
-    return weights
+    return low, high, fraction, inside
 
 
 def _group(items: Sequence[Any], key: Any) -> dict[Any, list[Any]]:
