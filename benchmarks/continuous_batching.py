@@ -164,11 +164,13 @@ def bench_deployment() -> Any:
         def probe(self) -> dict[str, Any]:
             accelerator = getattr(self.model.components.unet, "accelerator", None)  # sim:// only
             busy = accelerator.busy_s if accelerator is not None else None  # UNet + VAE + text, as run
+            code = code_under_test()  # what this replica imported, to check against the driver's
             if self.engine_path:
                 snapshot = self.engine.snapshot()
-                return {"sizes": snapshot["unet_batch_sizes"], "rows": snapshot["unet_rows"], "busy_s": busy}
+                return {"sizes": snapshot["unet_batch_sizes"], "rows": snapshot["unet_rows"], "busy_s": busy,
+                        "code": code}  # fmt: skip
             sizes = Counter(crops for crops, _ in self.calls)
-            return {"sizes": dict(sizes), "rows": sum(rows for _, rows in self.calls), "busy_s": busy}
+            return {"sizes": dict(sizes), "rows": sum(rows for _, rows in self.calls), "busy_s": busy, "code": code}
 
     return BenchInpainter
 
@@ -314,7 +316,11 @@ def run_clients(opts: argparse.Namespace) -> dict[str, Any]:
     start_ray(env)
     try:
         handle = deploy(model, opts.max_batch_size)
-        log(f"deployed {model} ({code_under_test()['path']}); warming up")
+        replica_code = handle.probe.remote().result(timeout_s=120)["code"]
+        if replica_code["root"] != code_under_test()["root"]:
+            raise RuntimeError(f"the replica imported {replica_code} but the driver {code_under_test()}: run from "
+                               "the code's own directory (Ray puts the driver's working directory on workers' path)")
+        log(f"deployed {model} ({replica_code['path']} path, {replica_code['root']}); warming up")
         warm = workload(7, opts.size)
         for _ in range(2):
             job, settings, _, _ = next(warm)
@@ -376,6 +382,11 @@ def run_single(opts: argparse.Namespace) -> dict[str, Any]:
     handle, port = start_serving(config, port=port, join_cluster=False)
     samples: dict[str, list[float]] = {"in-process": [], "handle": [], "http-png": []}
     try:
+        served = handle.info.remote().result(timeout_s=120)["models"]["inpainter"]
+        served_path = "engine" if "engine" in served else "serve.batch"
+        if served_path != code_under_test()["path"]:
+            raise RuntimeError(f"the served inpainter runs the {served_path} path, the driver imported "
+                               f"{code_under_test()}: run from the code's own directory")  # fmt: skip
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=300) as client:
 
             def in_process() -> None:
