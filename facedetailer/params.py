@@ -6,9 +6,12 @@ the bound it broke (e.g. ``guide_size: Input should be less than or equal to 163
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from facedetailer.hooks import DetailerHook
 
 MAX_RESOLUTION = 16384  # ComfyUI's MAX_RESOLUTION, the upper bound of every size input
 
@@ -63,6 +66,13 @@ class FaceDetailerParams(BaseModel):
     use_sam: bool = False  # sam_model_opt connected
     use_segm: bool = False  # segm_detector_opt connected
     override_bbox_by_segm: bool = False  # segm SEGS replace the bbox SEGS (reference §4.6)
+    # The node's detailer_hook: typed hooks combined in list order (facedetailer/hooks.py).
+    detailer_hooks: list[DetailerHook] = Field(default_factory=list)
+    # The node's model inputs by name, among the models the service configures (None = the first).
+    # Naming a segm detector or a SAM model also switches it on (use_segm / use_sam).
+    bbox_detector: str | None = Field(None, min_length=1)
+    segm_detector: str | None = Field(None, min_length=1)
+    sam_model: str | None = Field(None, min_length=1)
 
     @field_validator("sam_mask_hint_use_negative", mode="before")
     @classmethod
@@ -71,6 +81,27 @@ class FaceDetailerParams(BaseModel):
         if value is False:
             return "False"
         return value
+
+    @field_validator("detailer_hooks", mode="before")
+    @classmethod
+    def _hooks_as_json_text(cls, value: Any) -> Any:
+        """A form field or CLI ``--param`` carries the list as JSON text."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as error:
+                raise ValueError(f"not a JSON list of hooks: {error}") from error
+        return value
+
+    @model_validator(mode="after")
+    def _named_model_switches_it_on(self) -> FaceDetailerParams:
+        for name_field, switch in (("sam_model", "use_sam"), ("segm_detector", "use_segm")):
+            if getattr(self, name_field) is None:
+                continue
+            if switch in self.model_fields_set and not getattr(self, switch):
+                raise ValueError(f"{name_field} names a model but {switch} is false; drop one of them")
+            setattr(self, switch, True)
+        return self
 
     @classmethod
     def field_ranges(cls) -> dict[str, str]:

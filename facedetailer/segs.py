@@ -5,7 +5,7 @@ Spec §2; reference §1, §3.2–3.4, §4.5 and §7.4.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import cv2
@@ -126,11 +126,14 @@ def detections_to_segs(
     dilation: int,
     crop_factor: float,
     drop_size: int,
+    post_crop_region: Callable[[int, int, Box, CropRegion], CropRegion] | None = None,
 ) -> SEGS:
     """Build SEGS from detections, keeping their order (reference §3.2 steps 1, 4–9).
 
     A detection is kept only if its box is strictly wider **and** taller than ``max(drop_size, 1)``.
-    Dilation changes the mask only, never the bbox or the crop region.
+    Dilation changes the mask only, never the bbox or the crop region. ``post_crop_region`` is
+    the hook point of the same name: ``(W, H, bbox, crop_region) -> crop_region``, called for
+    each kept box before its mask and image are cut.
     """
     height, width = image.shape[:2]
     min_side = max(int(drop_size), 1)
@@ -140,6 +143,8 @@ def detections_to_segs(
         if not (x2 - x1 > min_side and y2 - y1 > min_side):
             continue
         crop = make_crop_region(width, height, detection.bbox, crop_factor)
+        if post_crop_region is not None:
+            crop = post_crop_region(width, height, detection.bbox, crop)
         cx1, cy1, cx2, cy2 = crop
         segs.append(
             SEG(

@@ -2,7 +2,10 @@
 
 Unlike the reference (Q6), every random choice comes from ``random.Random`` seeded with the face's
 seed (text expansion) or the image's base seed (``[SEP:R]`` draws, ``[RND]`` shuffles), so a
-request is reproducible (Decision 4).
+request is reproducible (Decision 4). The text grammar is Impact Pack V8's ``process()``
+(Decision 8), except that an unknown ``__name__`` stays as written, a name matches a wildcard
+file by its whole name (never as a prefix of another), and removing ``#`` comment lines keeps
+the other line breaks.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ _LABEL_ENTRY = re.compile(r"\[([A-Za-z0-9_. ]+)\]([^\[]+)")
 _OPTION_GROUP = re.compile(r"(?<!\\)\{((?:\\[{}]|[^{}])*?)(?<!\\)\}")  # innermost {...}, \{ \} escaped
 _WILDCARD_NAME = re.compile(r"__([\w.\-+/*\\]+?)__")
 _QUANTIFIED_WILDCARD = re.compile(r"(\d+)#__([\w.\-+/*\\]+?)__")
-_COUNT_SPEC = re.compile(r"\s*(\d+)?\s*(?:-\s*(\d+))?\s*")
+_COUNT_RANGE = re.compile(r"(\d+)(-(\d+))?")  # V8's count prefix, matched at the start of the first option
+_COUNT_UPPER = re.compile(r"-(\d+)")
+_WEIGHT_PREFIX = re.compile(r"^\s*[0-9.]+::")
 _NUMBER = re.compile(r"-?(\d*\.?\d+|\d+\.?\d*)")
 _LORA_TAG = re.compile(r"<lora:([^>]+)>")
 _LBW_PRESET = re.compile(r"LBW=[A-Za-z][A-Za-z0-9_-]*:")
@@ -70,40 +75,50 @@ def _normalise_name(name: str) -> str:
 
 
 def _drop_comment_lines(text: str) -> str:
-    """Remove lines starting with '#'; the line after a comment joins the previous line."""
-    kept: list[str] = []
-    join_next = False
-    for line in text.split("\n"):
-        if line.lstrip().startswith("#"):
-            join_next = True
-            continue
-        if kept and join_next:
-            kept[-1] += " " + line
-        else:
-            kept.append(line)
-        join_next = False
-    return "\n".join(kept)
+    """Remove the lines that start with '#', keeping every other line and line break (Decision 8).
+
+    (The reference joins the line after a comment onto the one before it; the text CLIP sees has
+    the same tokens either way.)
+    """
+    return "\n".join(line for line in text.split("\n") if not line.lstrip().startswith("#"))
 
 
-def _split_weight(option: str) -> tuple[float, str]:
-    """``"2::text"`` → (2.0, "text"); no numeric prefix → weight 1."""
-    head, sep, rest = option.partition("::")
-    if sep and _NUMBER.fullmatch(head.strip()):
-        return max(float(head.strip()), 0.0), rest
-    return 1.0, option
+def _option_weight(option: str) -> float:
+    """``"2::text"`` weighs 2; an option without a numeric ``w::`` prefix weighs 1."""
+    head, sep, _ = option.partition("::")
+    return float(head.strip()) if sep and _NUMBER.fullmatch(head.strip()) else 1.0
+
+
+def _option_text(option: str) -> str:
+    """The option without its weight prefix (V8 strips any ``digits-and-dots::`` prefix)."""
+    return _WEIGHT_PREFIX.sub("", option, count=1)
 
 
 def _weighted_sample(options: Sequence[str], count: int, rng: random.Random) -> list[str]:
-    """``count`` distinct options drawn by weight, without replacement, in draw order."""
-    pool = [_split_weight(option) for option in options]
+    """``count`` distinct options drawn by weight, without replacement, in draw order, prefixes removed."""
+    pool = list(options)
     chosen: list[str] = []
     for _ in range(min(count, len(pool))):
-        weights = [w for w, _ in pool]
+        weights = [max(_option_weight(option), 0.0) for option in pool]
         if sum(weights) <= 0:
             weights = [1.0] * len(pool)
         index = rng.choices(range(len(pool)), weights=weights)[0]
-        chosen.append(pool.pop(index)[1])
+        chosen.append(_option_text(pool.pop(index)))
     return chosen
+
+
+def _select_count(options_count: int, low: int, high: int, rng: random.Random) -> int:
+    """How many options ``low-high$$`` picks, as V8 computes it (``0$$`` and ``-0$$`` mean any number).
+
+    The upper bound is min(high + 1, n + 1) (n + 1 when high is 0), exclusive; a count above n
+    then means "all of them, shuffled".
+    """
+    upper = min(high + 1, options_count + 1) if high > 0 else options_count + 1
+    if max(upper, low) <= 0:
+        return 0
+    if upper == low:
+        return upper
+    return rng.randrange(min(low, upper), max(low, upper))
 
 
 class _Expander:
@@ -116,11 +131,13 @@ class _Expander:
             for name, lines in (wildcard_files or {}).items()
         }
 
-    def lookup(self, name: str) -> list[str] | None:
-        """Lines of ``name``; ``*`` globs over names; a bare name also tries ``*/name``."""
+    def lookup(self, name: str) -> tuple[list[str], bool] | None:
+        """(lines, exact) for ``name``: its file, or the union of files a ``*`` glob or a bare
+        name (as ``*/name``) matches. Names match whole, never as a prefix of another (Decision 8).
+        """
         key = _normalise_name(name)
         if key in self.files:
-            return self.files[key]
+            return self.files[key], True
         if "*" in key:
             pattern = re.compile(re.escape(key).replace(r"\*", ".*"))
             lines = [
@@ -129,45 +146,74 @@ class _Expander:
                 if pattern.fullmatch(candidate) or pattern.fullmatch(candidate + "/")
                 for line in values
             ]
-            return lines or None
+            return (lines, False) if lines else None
         if "/" not in key:
             return self.lookup("*/" + key)
         return None
 
+    def wildcard_options(self, pattern: str) -> list[str]:
+        """Every line of every wildcard named in ``pattern`` (a ``{n$$__name__}`` group's options)."""
+        options: list[str] = []
+        for name in _WILDCARD_NAME.findall(pattern):
+            found = self.lookup(name)
+            if found:
+                options.extend(found[0])
+        return options
+
     def choose_group(self, match: re.Match[str]) -> str:
-        """Resolve one ``{...}``: ``w::opt`` weights, ``n$$``, ``a-b$$``, ``-b$$``, ``a-b$$sep$$``."""
+        """Resolve one ``{...}`` as V8's ``replace_option``: ``w::opt`` weights, ``n$$``, ``a-b$$``,
+        ``-b$$``, ``a-b$$sep$$``, ``n$$__wildcard__``; weights summing to at most 1 give every
+        option, shuffled.
+        """
         options = match.group(1).split("|")
         separator = " "
         count_range: tuple[int, int] | None = None
         head = options[0].split("$$")
-        spec = _COUNT_SPEC.fullmatch(head[0]) if len(head) > 1 else None
-        if spec and (spec.group(1) or spec.group(2)):
-            low = int(spec.group(1)) if spec.group(1) else 1
-            high = int(spec.group(2)) if spec.group(2) else low
-            count_range = (min(low, high), max(low, high))
-            if len(head) >= 3:
-                separator, options[0] = head[1], "$$".join(head[2:])
-            else:
-                options[0] = head[1]
-            name = _WILDCARD_NAME.fullmatch(options[0].strip())
-            if len(options) == 1 and name and (lines := self.lookup(name.group(1))):
-                options = list(lines)
-        if count_range is None:
-            count = 1
-        else:
-            low, high = count_range[0], min(count_range[1], len(options))
-            count = self.rng.randint(low, high) if low <= high else low
+        if len(head) > 1:
+            count_range = self._count_range(options[0])
+        if count_range is not None and len(head) in (2, 3):
+            if len(head) == 3:
+                separator = head[1]
+            pattern = head[-1]
+            from_files = self.wildcard_options(pattern) if len(options) == 1 else []
+            if from_files:
+                options = from_files
+            else:  # an unknown wildcard stays as written (Decision 8)
+                options[0] = pattern
+        total_weight = sum(_option_weight(option) for option in options)
+        count = 1 if count_range is None else _select_count(len(options), *count_range, self.rng)
+        if count > len(options) or total_weight <= 1:
+            shuffled = list(options)
+            self.rng.shuffle(shuffled)
+            return separator.join(_option_text(option) for option in shuffled)
         return separator.join(_weighted_sample(options, count, self.rng))
 
+    @staticmethod
+    def _count_range(first_option: str) -> tuple[int, int] | None:
+        """``a``/``a-b`` (matched at the start, as V8) or ``-b``; None where V8 would fail."""
+        if spec := _COUNT_RANGE.match(first_option):
+            low = int(spec.group(1))
+            return low, int(spec.group(3)) if spec.group(3) else low
+        if spec := _COUNT_UPPER.match(first_option):
+            return 1, int(spec.group(1))
+        return None
+
     def replace_wildcards(self, text: str) -> tuple[str, bool]:
-        """Replace each known ``__name__`` occurrence by one of its lines; unknown names stay."""
+        """Replace each known ``__name__`` occurrence by one of its lines; unknown names stay.
+
+        A file's lines are drawn by their ``w::`` weights (prefix removed); a glob draws uniformly
+        over the union of its files' lines, as V8 does.
+        """
         replaced = False
         for name in _WILDCARD_NAME.findall(text):
-            lines = self.lookup(name)
-            if lines:
-                text = text.replace(f"__{name}__", _weighted_sample(lines, 1, self.rng)[0], 1)
-                _check_length(len(text))
-                replaced = True
+            found = self.lookup(name)
+            if not found:
+                continue
+            lines, exact = found
+            line = _weighted_sample(lines, 1, self.rng)[0] if exact else self.rng.choice(lines)
+            text = text.replace(f"__{name}__", line, 1)
+            _check_length(len(text))
+            replaced = True
         return text, replaced
 
     def expand(self, text: str) -> str:

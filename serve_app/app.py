@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,9 @@ from ray.serve import Application
 
 from deployments.engine_stats import deployment_actor_config
 from deployments.serving import DetectorDeployment, InpainterDeployment, SamDeployment
-from serve_app.config import AppArgs, DeploymentOptions
+from serve_app.config import AppArgs, DeploymentOptions, DetectorArgs, SamArgs
 from serve_app.ingress import FaceDetailerIngress
+from serve_app.model_choice import DEFAULT_NAME
 
 APP_NAME = "facedetailer"
 
@@ -24,23 +26,43 @@ def _model_deployment(cls: type, name: str, options: DeploymentOptions) -> serve
     return serve.deployment(cls, name=name).options(**options.to_serve_options())
 
 
+def _named_deployments(
+    cls: type, base_name: str, models: dict[str, Any], bind: Callable[[serve.Deployment, Any], Application]
+) -> Application | dict[str, Application] | None:
+    """One deployment per configured model: ``base_name`` for the lone ``default`` model (the
+    single config form), ``base_name-<name>`` for each named one; None when none is configured.
+    """
+    if not models:
+        return None
+    if list(models) == [DEFAULT_NAME]:
+        args = models[DEFAULT_NAME]
+        return bind(_model_deployment(cls, base_name, args.deployment), args)
+    return {
+        name: bind(_model_deployment(cls, f"{base_name}-{name}", args.deployment), args)
+        for name, args in models.items()
+    }
+
+
+def _detector_binder(default_task: str | None) -> Callable[[serve.Deployment, DetectorArgs], Application]:
+    def bind(deployment: serve.Deployment, detector: DetectorArgs) -> Application:
+        task = detector.task or default_task
+        return deployment.bind(detector.model, task=task, imgsz=detector.imgsz, device=detector.device)
+
+    return bind
+
+
+def _bind_sam(deployment: serve.Deployment, sam: SamArgs) -> Application:
+    return deployment.bind(sam.checkpoint, model_type=sam.model_type, device=sam.device)
+
+
 def build_app(args: dict[str, Any] | AppArgs) -> Application:
-    """Bind Detector, (SegmDetector), (Sam) and Inpainter into the ingress, each with its own options."""
+    """Bind Detector(s), (SegmDetector(s)), (Sam(s)) and Inpainter into the ingress, each with its own options."""
     config = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
-    detector = _model_deployment(DetectorDeployment, "Detector", config.detector.deployment).bind(
-        config.detector.model, task=config.detector.task, imgsz=config.detector.imgsz, device=config.detector.device
+    detector = _named_deployments(DetectorDeployment, "Detector", config.named_detectors(), _detector_binder(None))
+    segm_detector = _named_deployments(
+        DetectorDeployment, "SegmDetector", config.named_segm_detectors(), _detector_binder("segment")
     )
-    segm_detector = None
-    if config.segm_detector is not None:
-        segm = config.segm_detector
-        segm_detector = _model_deployment(DetectorDeployment, "SegmDetector", segm.deployment).bind(
-            segm.model, task=segm.task or "segment", imgsz=segm.imgsz, device=segm.device
-        )
-    sam = None
-    if config.sam is not None:
-        sam = _model_deployment(SamDeployment, "Sam", config.sam.deployment).bind(
-            config.sam.checkpoint, model_type=config.sam.model_type, device=config.sam.device
-        )
+    sam = _named_deployments(SamDeployment, "Sam", config.named_sam_models(), _bind_sam)
     paint = config.inpainter
     inpainter_deployment = _model_deployment(InpainterDeployment, "Inpainter", paint.deployment)
     # the engine's statistics are summed over replicas by a deployment-scoped actor

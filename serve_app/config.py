@@ -6,9 +6,12 @@ validation errors name the offending field before anything is scheduled.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve_app.model_choice import DEFAULT_NAME, NAME_PATTERN
 
 
 class StrictModel(BaseModel):
@@ -112,11 +115,70 @@ class Limits(StrictModel):
 
 
 class AppArgs(StrictModel):
-    """Everything :func:`serve_app.app.build_app` needs."""
+    """Everything :func:`serve_app.app.build_app` needs.
 
-    detector: DetectorArgs
+    Each model kind takes one model (``detector``, ``segm_detector``, ``sam``; it is named
+    ``default``) or several by name (``detectors``, ``segm_detectors``, ``sam_models``: a request
+    picks one with ``bbox_detector``/``segm_detector``/``sam_model``; the first is the default).
+    A plain string in a named mapping is the model reference with default settings.
+    """
+
+    detector: DetectorArgs | None = None
+    detectors: dict[str, DetectorArgs] | None = Field(None, description="bbox detectors by name")
     segm_detector: DetectorArgs | None = None
+    segm_detectors: dict[str, DetectorArgs] | None = Field(None, description="segm detectors by name")
     sam: SamArgs | None = None
+    sam_models: dict[str, SamArgs] | None = Field(None, description="SAM models by name")
     inpainter: InpainterArgs
     ingress: DeploymentOptions = DeploymentOptions(max_ongoing_requests=16)
     limits: Limits = Limits()
+
+    @field_validator("detectors", "segm_detectors", mode="before")
+    @classmethod
+    def _detector_reference_shorthand(cls, value: Any) -> Any:
+        return _shorthand(value, "model")
+
+    @field_validator("sam_models", mode="before")
+    @classmethod
+    def _sam_reference_shorthand(cls, value: Any) -> Any:
+        return _shorthand(value, "checkpoint")
+
+    @model_validator(mode="after")
+    def _one_form_per_model_kind(self) -> AppArgs:
+        pairs = (("detector", "detectors"), ("segm_detector", "segm_detectors"), ("sam", "sam_models"))
+        for single, named in pairs:
+            if getattr(self, single) is not None and getattr(self, named) is not None:
+                raise ValueError(f"set either {single} or {named}, not both")
+            mapping = getattr(self, named)
+            if mapping is not None:
+                if not mapping:
+                    raise ValueError(f"{named}: name at least one model")
+                for name in mapping:
+                    if not re.fullmatch(NAME_PATTERN, name):
+                        raise ValueError(f"{named}: name {name!r} must match {NAME_PATTERN}")
+        if self.detector is None and self.detectors is None:
+            raise ValueError("a bbox detector is required: set detector (one model) or detectors (by name)")
+        return self
+
+    def named_detectors(self) -> dict[str, DetectorArgs]:
+        if self.detectors is not None:
+            return self.detectors
+        assert self.detector is not None  # the validator requires one of the two forms
+        return {DEFAULT_NAME: self.detector}
+
+    def named_segm_detectors(self) -> dict[str, DetectorArgs]:
+        if self.segm_detectors is not None:
+            return self.segm_detectors
+        return {DEFAULT_NAME: self.segm_detector} if self.segm_detector is not None else {}
+
+    def named_sam_models(self) -> dict[str, SamArgs]:
+        if self.sam_models is not None:
+            return self.sam_models
+        return {DEFAULT_NAME: self.sam} if self.sam is not None else {}
+
+
+def _shorthand(value: Any, key: str) -> Any:
+    """``{name: "reference"}`` → ``{name: {key: "reference"}}``."""
+    if isinstance(value, dict):
+        return {name: {key: item} if isinstance(item, str) else item for name, item in value.items()}
+    return value

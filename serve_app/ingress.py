@@ -30,6 +30,7 @@ from serve_app.http_adapters.encoding import error_response, result_to_json
 from serve_app.http_adapters.errors import RequestError, parse_params
 from serve_app.http_adapters.request_reading import read_detail_request
 from serve_app.images import ImageInputError, as_uint8_image, encode_png
+from serve_app.model_choice import ModelChoice, ModelChoiceError
 from serve_app.pipeline import DetailResult, PipelineInputError, SegmentReport, detail_batch
 
 logger = logging.getLogger("ray.serve")
@@ -42,6 +43,11 @@ http_app = FastAPI(
         "inpainter at a higher resolution, and blended back. Parameters use the node's names and defaults."
     ),
 )
+
+
+async def _named_info(handles: dict[str, DeploymentHandle]) -> dict[str, Any]:
+    """``{name: info}`` of every configured model of one kind (the request names them)."""
+    return {name: await handle.info.remote() for name, handle in handles.items()}
 
 
 MODEL_UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -138,13 +144,17 @@ class FaceDetailerIngress:
 
     def __init__(
         self,
-        detector: DeploymentHandle,
+        detector: DeploymentHandle | dict[str, DeploymentHandle],
         inpainter: DeploymentHandle,
-        sam: DeploymentHandle | None = None,
-        segm_detector: DeploymentHandle | None = None,
+        sam: DeploymentHandle | dict[str, DeploymentHandle] | None = None,
+        segm_detector: DeploymentHandle | dict[str, DeploymentHandle] | None = None,
         limits: dict[str, Any] | None = None,
     ) -> None:
-        self.stages = HandleStages(detector, inpainter, sam, segm_detector)
+        # each model kind: one handle, or several by name (serve_app/model_choice.py)
+        self.models = ModelChoice.of(detector, segm_detector, sam)
+        self.stages = HandleStages(
+            self.models.detectors.default, inpainter, self.models.sam_models.default, self.models.segm_detectors.default
+        )
         self.limits = Limits.model_validate(limits or {})
         self._supported: tuple[list[str], list[str]] | None = None
         self.metrics = ServiceMetrics()
@@ -207,6 +217,9 @@ class FaceDetailerIngress:
                 "sam": await self.stages.sam.info.remote() if self.stages.sam else None,
                 "inpainter": await self.stages.inpainter.info.remote(),
             },
+            "detectors": await _named_info(self.models.detectors.models),
+            "segm_detectors": await _named_info(self.models.segm_detectors.models),
+            "sam_models": await _named_info(self.models.sam_models.models),
             "samplers": samplers,
             "schedulers": schedulers,
             "limits": self.limits.model_dump(),
@@ -244,17 +257,22 @@ class FaceDetailerIngress:
         on_face: Callable[[SegmentReport], None] | None = None,
         batch_faces: bool = True,
     ) -> DetailResult:
+        try:
+            chosen = self.models.select(params)
+        except ModelChoiceError as error:
+            raise RequestError(422, str(error)) from error
         await self._validate_sampling(params)
+        stages = HandleStages(chosen.detector, self.stages.inpainter, chosen.sam, chosen.segm_detector)
         try:
             result = await asyncio.wait_for(
                 detail_batch(
                     images,
                     params,
-                    self.stages,
+                    stages,
                     make_job=RefineJob,
                     settings=sampling_settings(params),
-                    has_sam=self.stages.sam is not None,
-                    has_segm=self.stages.segm_detector is not None,
+                    has_sam=stages.sam is not None,
+                    has_segm=stages.segm_detector is not None,
                     on_face=on_face,
                     batch_faces=batch_faces,
                 ),
@@ -280,12 +298,7 @@ class FaceDetailerIngress:
     async def healthz(self) -> JSONResponse:
         """Ready when every model deployment answers its health probe."""
         checks: dict[str, str] = {}
-        handles = {
-            "detector": self.stages.detector,
-            "segm_detector": self.stages.segm_detector,
-            "sam": self.stages.sam,
-            "inpainter": self.stages.inpainter,
-        }
+        handles = {**self.models.labelled(), "inpainter": self.stages.inpainter}
         for name, handle in handles.items():
             if handle is None:
                 continue

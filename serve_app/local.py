@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -13,20 +13,29 @@ from deployments.sam import SamPrediction, SamSegmenter
 from facedetailer.params import FaceDetailerParams
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
+from serve_app.model_choice import ModelChoice
 from serve_app.pipeline import DetailResult, detail_batch
 
 
 class LocalStages:
-    """Calls the plain model classes directly, in this process."""
+    """Calls the plain model classes directly, in this process.
+
+    Each model kind may be one model or several by name, as in the served app; a request's
+    ``bbox_detector``/``segm_detector``/``sam_model`` picks one (the first by default).
+    """
 
     def __init__(
         self,
-        detector: FaceDetector,
+        detector: FaceDetector | Mapping[str, FaceDetector],
         inpainter: Inpainter,
-        sam: SamSegmenter | None = None,
-        segm_detector: FaceDetector | None = None,
+        sam: SamSegmenter | Mapping[str, SamSegmenter] | None = None,
+        segm_detector: FaceDetector | Mapping[str, FaceDetector] | None = None,
     ) -> None:
-        self.detector, self.inpainter, self.sam, self.segm_detector = detector, inpainter, sam, segm_detector
+        self.models = ModelChoice.of(detector, segm_detector, sam)
+        self.detector = self.models.detectors.default
+        self.sam = self.models.sam_models.default
+        self.segm_detector = self.models.segm_detectors.default
+        self.inpainter = inpainter
 
     async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]:
         return self.detector.detect(image, threshold)
@@ -49,15 +58,17 @@ class LocalStages:
         from serve_app.ingress import sampling_settings
 
         self.inpainter.validate_settings(sampling_settings(params))
+        chosen = self.models.select(params)  # ModelChoiceError (a ValueError) for an unknown name
+        stages = LocalStages(chosen.detector, self.inpainter, chosen.sam, chosen.segm_detector)
         return asyncio.run(
             detail_batch(
                 list(images),
                 params,
-                self,
+                stages,
                 make_job=RefineJob,
                 settings=sampling_settings(params),
-                has_sam=self.sam is not None,
-                has_segm=self.segm_detector is not None,
+                has_sam=stages.sam is not None,
+                has_segm=stages.segm_detector is not None,
                 batch_faces=batch_faces,
             )
         )

@@ -16,7 +16,10 @@ import numpy as np
 
 from facedetailer.blend import feather_mask, paste, resize_image, rgba_with_alpha
 from facedetailer.guide_size import plan_upscale
+from facedetailer.hooks import DetailerHooks
+from facedetailer.outputs import node_list, sorted_by_shape
 from facedetailer.params import FaceDetailerParams
+from facedetailer.prompts import face_conditioning
 from facedetailer.sam_prompts import SamPrompt, combine_sam_masks, make_sam_prompts, select_sam_masks
 from facedetailer.seeds import SEED_MODULUS, sampling_seed
 from facedetailer.segs import (
@@ -28,9 +31,7 @@ from facedetailer.segs import (
     segs_to_combined_mask,
 )
 from facedetailer.waves import refinement_waves
-from facedetailer.wildcards import FacePrompt, plan_wildcards, split_break
-
-EMPTY_PLACEHOLDER_SIZE = 64
+from facedetailer.wildcards import FacePrompt, plan_wildcards
 
 
 class Stages(Protocol):
@@ -76,6 +77,7 @@ class ImageResult:
     cropped_enhanced_alpha: list[np.ndarray]
     segments: list[SegmentReport]
     timings: dict[str, float] = field(default_factory=dict)
+    cnet_images: list[np.ndarray] = field(default_factory=list)  # control images (none without ControlNet)
 
 
 @dataclass
@@ -111,23 +113,15 @@ class _Timer:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
 
-def black_placeholder(channels: int = 3) -> np.ndarray:
-    """The node's stand-in for an empty image list."""
-    return np.zeros((EMPTY_PLACEHOLDER_SIZE, EMPTY_PLACEHOLDER_SIZE, channels), dtype=np.uint8)
-
-
-def _positive_chunks(params: FaceDetailerParams, prompt: FacePrompt) -> tuple[str, ...]:
-    base = tuple(split_break(params.positive))
-    if prompt.text is None:
-        return base
-    face = tuple(split_break(prompt.text))
-    return base + face if prompt.concat else face
-
-
 async def build_segs(
     image: np.ndarray, params: FaceDetailerParams, stages: Stages, timer: _Timer, *, has_sam: bool, has_segm: bool
 ) -> SEGS:
-    """Detection and mask refinement (spec §2, §3): SAM takes priority over the segm detector."""
+    """Detection and mask refinement (spec §2, §3): SAM takes priority over the segm detector.
+
+    The bbox detection runs the hooks' ``post_crop_region`` and ``post_detection`` (§9); the segm
+    detector runs without hooks, as in the reference.
+    """
+    hooks = DetailerHooks.of(params.detailer_hooks)
     detections = await timer.run("detect", stages.detect(image, params.bbox_threshold))
     segs = detections_to_segs(
         image,
@@ -135,7 +129,9 @@ async def build_segs(
         dilation=params.bbox_dilation,
         crop_factor=params.bbox_crop_factor,
         drop_size=params.drop_size,
+        post_crop_region=hooks.post_crop_region if hooks else None,
     )
+    segs = hooks.post_detection(segs)
     if params.use_sam:
         if not has_sam:
             raise PipelineInputError("use_sam is set but this service has no SAM deployment")
@@ -221,21 +217,22 @@ def plan_face(
     if plan.skip:
         report.skipped, report.skip_reason = True, plan.reason
         return report
-    report.upscaled_size = plan.new_size
-    upscaled = resize_image(crop, plan.new_size)
+    new_size = DetailerHooks.of(params.detailer_hooks).touch_scaled_size(*plan.new_size)
+    report.upscaled_size = new_size
+    upscaled = resize_image(crop, new_size)
     noise_mask = None
     if params.noise_mask:
         # at the crop's own size: the sampler resizes it to the latent grid in one step (reference §6.3)
         noise_mask = feather_mask(seg.cropped_mask, params.noise_mask_feather)
-    positive = _positive_chunks(params, prompt)
-    report.prompt = " BREAK ".join(positive)
+    conditioning = face_conditioning(params.positive, params.negative, prompt)
+    report.prompt = " BREAK ".join(conditioning.positive)
     job = make_job(
         image=upscaled,
         noise_mask=noise_mask,
-        positive=positive,
-        negative=tuple(split_break(params.negative)),
+        positive=conditioning.positive,
+        negative=conditioning.negative,
         seed=seed,
-        loras=tuple((lora.name, lora.model_weight, lora.clip_weight) for lora in prompt.loras),
+        loras=tuple((lora.name, lora.model_weight, lora.clip_weight) for lora in conditioning.loras),
     )
     return RefinePlan(
         position=position,
@@ -294,8 +291,8 @@ async def detail_image(
         else [[index] for index in range(len(pending))]
     )
     current = image
-    refined_crops: list[np.ndarray] = []
-    alpha_crops: list[np.ndarray] = []
+    refined_crops: list[tuple[int, np.ndarray]] = []  # (position in the processing order, crop)
+    alpha_crops: list[tuple[int, np.ndarray]] = []
     for wave in waves:
         ready: list[RefinePlan] = []
         for member in wave:
@@ -318,8 +315,8 @@ async def detail_image(
             current, refined_crop, alpha = timer.measure(
                 "blend", lambda image=current, f=face, r=refined: _blend(image, f, r)
             )
-            refined_crops.append(refined_crop)
-            alpha_crops.append(alpha)
+            refined_crops.append((face.position, refined_crop))
+            alpha_crops.append((face.position, alpha))
             reports.append(face.report)
             if on_face is not None:
                 on_face(face.report)
@@ -327,8 +324,8 @@ async def detail_image(
     return ImageResult(
         image=current,
         mask=mask,
-        cropped_refined=_sorted_by_shape(refined_crops),
-        cropped_enhanced_alpha=_sorted_by_shape(alpha_crops),
+        cropped_refined=sorted_by_shape(_in_processing_order(refined_crops)),
+        cropped_enhanced_alpha=sorted_by_shape(_in_processing_order(alpha_crops)),
         segments=reports,
         timings=timings,
     )
@@ -341,9 +338,21 @@ def _blend(current: np.ndarray, face: RefinePlan, refined: np.ndarray) -> tuple[
     return pasted, refined_crop, rgba_with_alpha(refined_crop, face.paste_mask)
 
 
-def _sorted_by_shape(crops: list[np.ndarray]) -> list[np.ndarray]:
-    """The node sorts its crop lists by (height, width) descending (reference Q9)."""
-    return sorted(crops, key=lambda crop: crop.shape[:2], reverse=True)
+def _in_processing_order(crops: list[tuple[int, np.ndarray]]) -> list[np.ndarray]:
+    """Waves finish faces out of order; the node's lists follow the processing order."""
+    return [crop for _, crop in sorted(crops, key=lambda item: item[0])]
+
+
+def check_hooks(params: FaceDetailerParams) -> None:
+    """Refuse hooks this pipeline cannot honour yet, and a segm override the reference would ignore."""
+    hooks = DetailerHooks.of(params.detailer_hooks)
+    for index, hook_type in hooks.unwired():
+        raise PipelineInputError(f"detailer_hooks[{index}]: not supported yet: {hook_type}")
+    if params.use_segm and params.override_bbox_by_segm and not hooks.allows_segm_override:
+        raise PipelineInputError(
+            "override_bbox_by_segm: the reference ignores it when a detailer hook other than a lone "
+            "coreml hook is attached; drop the hooks or the override"
+        )
 
 
 async def detail_batch(
@@ -359,6 +368,7 @@ async def detail_batch(
     on_face: Callable[[SegmentReport], None] | None = None,
 ) -> DetailResult:
     """Each image on its own with base seed + k (spec §6); the lists joined like the node's."""
+    check_hooks(params)
     start = time.perf_counter()
     per_image = [
         await detail_image(
@@ -380,16 +390,14 @@ async def detail_batch(
         for stage, seconds in result.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
     timings["pipeline"] = time.perf_counter() - start
-    refined = [crop for result in per_image for crop in result.cropped_refined] or [black_placeholder()]
-    alpha = [crop for result in per_image for crop in result.cropped_enhanced_alpha] or [black_placeholder(4)]
     shapes = {result.mask.shape for result in per_image}
     masks = np.stack([result.mask for result in per_image]) if len(shapes) == 1 else np.empty((0, 0, 0))
     return DetailResult(
         images=[result.image for result in per_image],
         masks=masks,
-        cropped_refined=refined,
-        cropped_enhanced_alpha=alpha,
-        cnet_images=[black_placeholder()],
+        cropped_refined=node_list([result.cropped_refined for result in per_image]),
+        cropped_enhanced_alpha=node_list([result.cropped_enhanced_alpha for result in per_image]),
+        cnet_images=node_list([result.cnet_images for result in per_image]),
         per_image=per_image,
         detailer_pipe={"params": params.model_dump()},
         timings=timings,

@@ -37,7 +37,7 @@ def result_to_json(result: DetailResult) -> dict[str, Any]:
         "masks": masks,
         "cropped_refined": [encode_png_base64(crop) for crop in result.cropped_refined],
         "cropped_enhanced_alpha": [encode_png_base64(crop) for crop in result.cropped_enhanced_alpha],
-        "cnet_images": [],
+        "cnet_images": [encode_png_base64(image) for image in result.cnet_images],
         "segments": [[segment_json(segment) for segment in item.segments] for item in per_image],
         "faces_detected": sum(len(item.segments) for item in per_image),
         "faces_refined": sum(len(item.cropped_refined) for item in per_image),

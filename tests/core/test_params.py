@@ -37,6 +37,10 @@ SPEC_DEFAULTS = {
     "use_sam": False,
     "use_segm": False,
     "override_bbox_by_segm": False,
+    "detailer_hooks": [],
+    "bbox_detector": None,
+    "segm_detector": None,
+    "sam_model": None,
 }
 
 

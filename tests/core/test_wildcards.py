@@ -215,8 +215,17 @@ def test_nested_braces():
 
 
 def test_weights():
-    assert outcomes("{0::a|1::b}") == {"b"}
     assert outcomes("{5::a|1.5::b}") == {"a", "b"}  # the weight prefix never reaches the text
+    assert outcomes("{9::a|0::b|1::c}") == {"a", "c"}
+    # "1 ::" weighs 1 but V8 strips only a prefix written without a space before "::"
+    assert outcomes("{1 :: a|2::b}") == {"1 :: a", "b"}
+
+
+def test_weights_summing_to_at_most_one_give_every_option_shuffled():
+    # V8's replace_option: total weight <= 1 shuffles and joins all options (a lone option is one)
+    assert outcomes("{0::a|1::b}") == {"a b", "b a"}
+    assert outcomes("{0.3::a|0.7::b}") == {"a b", "b a"}
+    assert outcomes("{a}") == {"a"}
 
 
 def test_fixed_count_picks_distinct_options():
@@ -276,8 +285,37 @@ def test_quantified_wildcard_gives_independent_draws():
         assert len(result.split(" ")) == 2 and set(result.split(" ")) <= {"red", "green", "blue"}
 
 
-def test_comment_lines_are_removed_and_the_next_line_joins_the_previous():
-    assert expand_text("a\n# comment\nb\nc", random.Random(0)) == "a b\nc"
+def test_comment_lines_are_removed_and_the_other_line_breaks_kept():
+    # Decision 8: only the '#' lines go (the reference also joins the next line onto the previous)
+    assert expand_text("a\n# comment\nb\nc", random.Random(0)) == "a\nb\nc"
+    assert expand_text("  # first\nx\n#\n#y\nz", random.Random(0)) == "x\nz"
+
+
+def test_a_wildcard_name_matches_whole_names_only():
+    files = {"hair": ["short hair"], "hairstyle": ["braid"], "people/hairstyle": ["bun"], "people/hair": ["long"]}
+    assert outcomes("__hair__", files) == {"short hair"}
+    assert outcomes("__hai__", files) == {"__hai__"}  # not a prefix of "hair"
+    assert outcomes("__*/hair__", files) == {"long"}  # not people/hairstyle
+    assert outcomes("__style__", files) == {"__style__"}  # a bare name is */name, not */*name
+    assert outcomes("{2$$__hai__}", files) == {"__hai__"}  # unknown stays as written in a group too
+
+
+def test_glob_draws_uniformly_and_keeps_weight_prefixes():
+    files = {"a/x": ["5::heavy"], "a/y": ["light"]}
+    assert outcomes("__a/*__", files) == {"5::heavy", "light"}
+    assert outcomes("__a/x__", files) == {"heavy"}  # an exact name uses the weights
+
+
+def test_zero_count_means_any_number_and_too_many_means_all_shuffled():
+    assert {len(r.split()) if r else 0 for r in outcomes("{0$$a|b|c}")} == {0, 1, 2, 3}
+    assert {frozenset(r.split()) for r in outcomes("{3-9$$a|b}")} == {frozenset({"a", "b"})}
+    assert {r.split(",")[0] for r in outcomes("{2$$,$$a|b|c}")} == {"a", "b", "c"}
+
+
+def test_count_prefix_is_matched_at_the_start_and_extra_dollar_parts_stay_text():
+    assert {len(r.split()) for r in outcomes("{2x$$a|b|c}")} == {2}  # V8 reads "2" and drops "x"
+    assert all(len(r.split(" ")) == 2 for r in outcomes("{2$$s$$t$$u|v|w}"))
+    assert any("2$$s$$t$$u" in r for r in outcomes("{2$$s$$t$$u|v|w}"))
 
 
 def test_escaped_braces_are_not_options():

@@ -39,6 +39,7 @@ def serve_instance(local_cpu_config: dict[str, Any], tiny_sd: dict, tiny_yolo: d
     from ray import serve
 
     from serve_app.app import app_args_from_config, build_app
+    from serve_app.config import AppArgs
 
     [application] = local_cpu_config["applications"]
     env_vars = {key: str(value) for key, value in application["runtime_env"]["env_vars"].items()}
@@ -57,14 +58,19 @@ def serve_instance(local_cpu_config: dict[str, Any], tiny_sd: dict, tiny_yolo: d
         # A second, lighter app: the faceghost detector plus the tiny YOLO *segm* model, so the
         # segm path runs through the served graph too.
         light = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0}}
-        segm_args = args.model_copy(deep=True)
-        segm_args.sam = None
-        segm_args.segm_detector = segm_args.detector.model_validate(
-            {"model": tiny_yolo["segm"], "task": "segment", "device": "cpu", "deployment": light}
+        # It also serves two bbox detectors by name: "face" (the default) and the tiny random
+        # YOLO "tiny", which finds no face, so a request shows which one it used.
+        segm_values = args.model_dump()
+        face = dict(segm_values.pop("detector"), deployment=light)
+        tiny = {"model": tiny_yolo["bbox"], "task": "detect", "device": "cpu", "deployment": light}
+        segm_values.update(
+            detectors={"face": face, "tiny": tiny},
+            sam=None,
+            segm_detector={"model": tiny_yolo["segm"], "task": "segment", "device": "cpu", "deployment": light},
+            ingress=light,
         )
-        for part in (segm_args.detector, segm_args.inpainter):
-            part.deployment = part.deployment.model_validate(light)
-        segm_args.ingress = segm_args.ingress.model_validate(light)
+        segm_values["inpainter"]["deployment"] = light
+        segm_args = AppArgs.model_validate(segm_values)
         segm_handle = serve.run(build_app(segm_args), name=SEGM_APP_NAME, route_prefix=SEGM_ROUTE)
         yield {
             "url": f"http://127.0.0.1:{port}",

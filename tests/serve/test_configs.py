@@ -26,6 +26,7 @@ def deployments_of(app: Application) -> dict[str, object]:
         deployment = pending.pop()._bound_deployment
         found[deployment.name] = deployment
         children = list(deployment.init_args) + list(deployment.init_kwargs.values())
+        children += [value for child in children if isinstance(child, dict) for value in child.values()]
         pending.extend(child for child in children if isinstance(child, Application))
     return found
 
@@ -89,3 +90,59 @@ def test_bad_app_args_name_the_field():
         )
     with pytest.raises(ValidationError, match="unknown_option"):
         AppArgs.model_validate({"detector": {"model": "x.pt", "unknown_option": 1}, "inpainter": {"model": "y"}})
+
+
+def test_named_models_build_one_deployment_each_and_reach_the_ingress_by_name():
+    args = AppArgs.model_validate(
+        {
+            "detectors": {
+                "face": "hf://Bingsu/adetailer/face_yolov8m.pt",
+                "hand": {"model": "hf://Bingsu/adetailer/hand_yolov8n.pt", "imgsz": 512},
+            },
+            "segm_detectors": {"person": "hf://Bingsu/adetailer/person_yolov8s-seg.pt"},
+            "sam_models": {"vit_b": "sam_vit_b.pth", "lite": {"checkpoint": "lite.pth", "model_type": "lite_medsam"}},
+            "inpainter": {"model": "y"},
+        }
+    )
+    app = build_app(args)
+    deployments = deployments_of(app)
+    assert set(deployments) == {
+        "FaceDetailerIngress",
+        "Detector-face",
+        "Detector-hand",
+        "SegmDetector-person",
+        "Sam-vit_b",
+        "Sam-lite",
+        "Inpainter",
+    }
+    assert deployments["Detector-hand"].init_args[0] == "hf://Bingsu/adetailer/hand_yolov8n.pt"
+    assert deployments["Detector-hand"].init_kwargs["imgsz"] == 512
+    assert deployments["SegmDetector-person"].init_kwargs["task"] == "segment"
+    assert deployments["Sam-lite"].init_kwargs["model_type"] == "lite_medsam"
+    ingress = app._bound_deployment
+    detectors = ingress.init_args[0]
+    assert list(detectors) == ["face", "hand"], "configuration order: the first is the default"
+    assert list(ingress.init_kwargs["sam"]) == ["vit_b", "lite"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        ({"inpainter": {"model": "y"}}, "bbox detector is required"),
+        ({"detector": {"model": "a"}, "detectors": {"b": "b.pt"}, "inpainter": {"model": "y"}}, "not both"),
+        ({"detectors": {}, "inpainter": {"model": "y"}}, "at least one"),
+        ({"detectors": {"../x": "b.pt"}, "inpainter": {"model": "y"}}, "must match"),
+        (
+            {
+                "detectors": {"a": "a.pt"},
+                "sam": {"checkpoint": "s"},
+                "sam_models": {"b": "b"},
+                "inpainter": {"model": "y"},
+            },
+            "not both",
+        ),
+    ],
+)
+def test_named_model_config_errors(args, needle):
+    with pytest.raises(ValidationError, match=needle):
+        AppArgs.model_validate(args)

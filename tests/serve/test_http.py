@@ -283,3 +283,61 @@ def test_served_graph_equals_the_in_process_pipeline(serve_instance, local_cpu_c
     # float kernels may differ by thread count between processes: allow one uint8 level
     difference = np.abs(served.images[0].astype(int) - local.images[0].astype(int))
     assert difference.max() <= 1, difference.max()
+
+
+# --- issue 12: hooks, named detectors, the node's list outputs ------------------------------------
+
+
+def test_hooks_over_http_filter_faces_and_refuse_what_they_cannot_honour(client):
+    image = three_faces()
+    middle = {"type": "segs_ordered_filter", "target": "x1", "order": False, "take_start": 1, "take_count": 1}
+    body = post_detail(client, image, {"detailer_hooks": [middle]}, json_format=True).json()
+    [segment] = body["segments"][0]
+    assert 256 <= segment["crop_region"][0] < 512 and body["faces_refined"] == 1
+    assert body["detailer_pipe"]["params"]["detailer_hooks"][0]["target"] == "x1"
+    # a form field carries the list as JSON text
+    files = {"image": ("image.png", png_bytes(image), "image/png")}
+    data = {**{k: str(v) for k, v in FAST.items()}, "detailer_hooks": json.dumps([middle])}
+    assert client.post("/v1/detail?format=json", files=files, data=data).json()["faces_detected"] == 1
+    refused = post_detail(client, image, {"detailer_hooks": [{"type": "denoise_scheduler"}]})
+    assert refused.status_code == 422 and "not supported yet: denoise_scheduler" in refused.json()["error"]
+    unknown = post_detail(client, image, {"detailer_hooks": [{"type": "face_swap"}]})
+    assert unknown.status_code == 422 and "face_swap" in unknown.json()["error"]
+    extra = post_detail(client, image, {"detailer_hooks": [{"type": "coreml", "size": 512}]})
+    assert extra.status_code == 422 and "coreml.size" in extra.json()["error"]
+
+
+def test_each_image_without_faces_has_a_placeholder_in_every_list_over_http(client):
+    encoded = base64.b64encode(png_bytes(no_face())).decode()
+    body = client.post("/v1/detail?format=json", json={"images": [encoded, encoded], "params": FAST}).json()
+    for key in ("cropped_refined", "cropped_enhanced_alpha", "cnet_images"):
+        assert [decode(item).shape for item in body[key]] == [(64, 64, 3), (64, 64, 3)], key
+        assert not any(decode(item).any() for item in body[key])
+
+
+def test_named_detectors_over_http_and_the_handle(client, serve_instance):
+    info = client.get(f"{SEGM_ROUTE}/v1/info").json()
+    assert list(info["detectors"]) == ["face", "tiny"]
+    assert info["detectors"]["tiny"]["model_path"].endswith("tiny_face_yolov8n.pt")
+    assert list(client.get("/v1/info").json()["detectors"]) == ["default"]
+    health = client.get(f"{SEGM_ROUTE}/healthz").json()["deployments"]
+    assert {"detector:face", "detector:tiny", "segm_detector", "inpainter"} == set(health)
+    photo = assets.astronaut()
+    face = post_detail(client, photo, {"bbox_detector": "face"}, json_format=True, route=SEGM_ROUTE).json()
+    tiny = post_detail(client, photo, {"bbox_detector": "tiny"}, json_format=True, route=SEGM_ROUTE).json()
+    assert face["faces_detected"] == 1 and tiny["faces_detected"] == 0, "the random tiny model finds no face"
+    unknown = post_detail(client, photo, {"bbox_detector": "hand"}, route=SEGM_ROUTE)
+    assert unknown.status_code == 422 and "bbox_detector: unknown 'hand'; configured: face, tiny" in unknown.text
+    from serve_app.ingress import RequestError
+
+    handle = serve_instance["segm_handle"]
+    result = handle.detail.remote(photo, {**FAST, "bbox_detector": "tiny"}).result(timeout_s=600)
+    assert result.per_image[0].segments == []
+    with pytest.raises(RequestError, match="sam_model"):
+        handle.detail.remote(photo, {**FAST, "sam_model": "vit_b"}).result(timeout_s=60)
+    # hooks through the handle: the face detector's label is "face", so a "hand" filter keeps nothing
+    hands_only = {**FAST, "detailer_hooks": [{"type": "segs_label_filter", "labels": "hand"}]}
+    filtered = handle.detail.remote(photo, hands_only).result(timeout_s=600)
+    assert filtered.per_image[0].segments == [] and not filtered.masks.any()
+    with pytest.raises(RequestError, match="not supported yet: variation_noise"):
+        handle.detail.remote(photo, {**FAST, "detailer_hooks": [{"type": "variation_noise"}]}).result(timeout_s=60)

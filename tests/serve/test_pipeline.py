@@ -90,8 +90,10 @@ def test_no_detection_returns_image_unchanged_empty_mask_and_placeholders():
     assert np.array_equal(result.images[0], image)
     assert result.masks.shape == (1, 256, 320) and not result.masks.any()
     assert [c.shape for c in result.cropped_refined] == [(64, 64, 3)]
-    assert [c.shape for c in result.cropped_enhanced_alpha] == [(64, 64, 4)]
-    assert not result.cropped_refined[0].any()
+    # the node's placeholder is empty_pil_tensor(): black, 64×64, three channels, in every list
+    assert [c.shape for c in result.cropped_enhanced_alpha] == [(64, 64, 3)]
+    assert [c.shape for c in result.cnet_images] == [(64, 64, 3)]
+    assert not result.cropped_refined[0].any() and not result.cropped_enhanced_alpha[0].any()
 
 
 def test_three_faces_three_refined_crops_and_outside_pixels_bit_identical():
@@ -264,3 +266,116 @@ def test_overlapping_faces_refined_in_waves_equal_one_by_one():
     assert batched_stages.call_sizes == [2, 1], "faces 0 and 2 first, then face 1 on the updated image"
     assert np.array_equal(batched.images[0], single.images[0])
     assert [s.seed for s in batched.per_image[0].segments] == [0, 1, 2]
+
+
+# --- issue 12: hooks before sampling, the node's list outputs, prompts as text (Decision 9) -----------
+
+THREE_SIZES = [face(40, 40, 60, 60, 0.9), face(150, 150, 190, 190, 0.8), face(300, 40, 330, 70, 0.7)]
+
+
+def test_ordered_filter_hook_details_only_the_largest_face_and_masks_only_it():
+    stages = FakeStages(THREE_SIZES)
+    result = run([textured(400, 400)], stages, detailer_hooks=[{"type": "segs_ordered_filter"}])
+    [segment] = result.per_image[0].segments
+    assert segment.crop_region == (110, 110, 230, 230) and len(stages.refine_calls) == 1
+    ys, xs = np.nonzero(result.masks[0])
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (146, 195, 146, 195)  # the 40-px box, dilated by 10
+
+
+def test_label_and_range_filters_run_before_sam():
+    sam = np.ones((400, 400), bool)
+    stages = FakeStages(THREE_SIZES, sam_masks=sam)
+    hooks = [{"type": "segs_range_filter", "min_value": 8100}, {"type": "segs_label_filter", "labels": "face"}]
+    result = run([textured(400, 400)], stages, use_sam=True, detailer_hooks=hooks)
+    assert [s.crop_region for s in result.per_image[0].segments] == [(110, 110, 230, 230), (270, 10, 360, 100)]
+
+
+def test_coreml_hook_squares_the_crop_and_samples_at_its_fixed_size():
+    stages = FakeStages([face(280, 250, 320, 310)])
+    result = run([textured(600, 600)], stages, detailer_hooks=[{"type": "coreml", "mode": "512x512"}])
+    [segment] = result.per_image[0].segments
+    assert segment.crop_region == (240, 250, 360, 370) and segment.upscaled_size == (512, 512)
+    assert stages.refine_calls[0].image.shape == (512, 512, 3)
+    assert stages.refine_calls[0].noise_mask.shape == (120, 120), "the mask stays at crop size (reference §6.3)"
+    assert result.cropped_refined[0].shape == (120, 120, 3)
+
+
+@pytest.mark.parametrize("hook", ["denoise_scheduler", "noise_injection", "unsampler", "variation_noise"])
+def test_hooks_inside_sampling_are_refused_not_ignored(hook):
+    stages = FakeStages([face(20, 20, 60, 70)])
+    params = FaceDetailerParams(detailer_hooks=[{"type": "coreml"}, {"type": hook}])
+    with pytest.raises(PipelineInputError, match=rf"detailer_hooks\[1\]: not supported yet: {hook}"):
+        asyncio.run(detail_batch([textured()], params, stages, make_job=Job, settings=None))
+    assert not stages.refine_calls
+
+
+def test_segm_override_that_the_reference_would_ignore_is_refused():
+    params = FaceDetailerParams(
+        use_segm=True, override_bbox_by_segm=True, detailer_hooks=[{"type": "segs_ordered_filter"}]
+    )
+    with pytest.raises(PipelineInputError, match="override_bbox_by_segm"):
+        asyncio.run(detail_batch([textured()], params, FakeStages([]), make_job=Job, settings=None, has_segm=True))
+
+
+def test_each_image_without_a_refined_face_contributes_one_placeholder_to_every_list():
+    empty = run([textured(seed=1), textured(seed=2)], FakeStages([]))
+    for items in (empty.cropped_refined, empty.cropped_enhanced_alpha, empty.cnet_images):
+        assert [item.shape for item in items] == [(64, 64, 3), (64, 64, 3)]
+        assert not any(item.any() for item in items)
+
+    class FirstImageOnly(FakeStages):
+        async def detect(self, image, threshold):
+            return self.detections if image[0, 0, 0] == self.first_pixel else []
+
+    first = textured(seed=1)
+    stages = FirstImageOnly([face(20, 20, 60, 70)])
+    stages.first_pixel = first[0, 0, 0]
+    second = textured(seed=2)
+    assert second[0, 0, 0] != first[0, 0, 0]
+    mixed = run([first, second], stages)
+    assert [c.shape for c in mixed.cropped_refined] == [(150, 120, 3), (64, 64, 3)]
+    assert [c.shape for c in mixed.cropped_enhanced_alpha] == [(150, 120, 4), (64, 64, 3)]
+    assert len(mixed.cnet_images) == 2
+
+
+def test_crops_of_equal_size_keep_the_processing_order_across_waves():
+    # A and B overlap (B waits for A's wave), C is disjoint: waves [A, C], [B]; all crops 120×120
+    boxes = [face(60, 60, 100, 100, 0.9), face(90, 60, 130, 100, 0.8), face(300, 60, 340, 100, 0.7)]
+    stages = CountingStages(boxes)
+    result = run_mode([textured(200, 400)], stages, True, feather=0)
+    assert stages.call_sizes == [2, 1]
+    expected = [FakeStages.colour(seed) for seed in (0, 1, 2)]  # A, B, C
+    assert [crop.shape for crop in result.cropped_refined] == [(120, 120, 3)] * 3
+    by_colour = FakeStages(boxes)
+    ordered = run([textured(200, 400)], by_colour, feather=0)
+    assert [int(crop[60, 60, 0]) for crop in ordered.cropped_refined] == expected
+    assert [int(crop[60, 60, 0]) for crop in ordered.cropped_enhanced_alpha] == expected
+
+
+def test_lora_tags_in_positive_and_negative_are_removed_and_applied():
+    stages = FakeStages([face(20, 20, 60, 70)])
+    run(
+        [textured()],
+        stages,
+        positive="photo <lora:detail:0.5> BREAK sharp",
+        negative="blurry <lora:bad:1:0.25>",
+        wildcard="[CONCAT]smile <lora:detail>",
+    )
+    [job] = stages.refine_calls
+    assert job.positive == ("photo", "sharp", "smile")
+    assert job.negative == ("blurry",)
+    assert job.loras == (("detail", 0.5, 0.5), ("bad", 1.0, 0.25), ("detail", 1.0, 1.0))
+
+
+def test_coreml_region_that_leaves_the_image_skips_its_face_as_the_reference_does():
+    # bottom gap 10 px, top gap 130 px: the reference's gap ratio 13 pushes the window off the image
+    stages = FakeStages([face(200, 300, 260, 370)])
+    result = run([textured(380, 600)], stages, detailer_hooks=[{"type": "coreml", "mode": "768x512"}])
+    [segment] = result.per_image[0].segments
+    assert segment.crop_region == (140, 380, 320, 380)
+    assert segment.skipped and segment.skip_reason == "empty mask" and not stages.refine_calls
+    assert not result.masks.any()
+    with_sam = FakeStages([face(200, 300, 260, 370)], sam_masks=np.ones((380, 600), bool))
+    coreml = [{"type": "coreml", "mode": "768x512"}]
+    sam_result = run([textured(380, 600)], with_sam, use_sam=True, detailer_hooks=coreml)
+    assert sam_result.per_image[0].segments[0].skip_reason == "empty mask" and not with_sam.refine_calls
