@@ -425,33 +425,96 @@ def run_single(opts: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ render
 
 
-def render(files: list[Path]) -> str:
+def _by(runs: list[dict[str, Any]], benchmark: str, model: str | None, path: str) -> dict[str, Any] | None:
+    for run in runs:
+        if run["benchmark"] == benchmark and run["code"]["path"] == path and run.get("model") == model:
+            return run
+    return None
+
+
+def _level(run: dict[str, Any] | None, clients: int) -> dict[str, Any] | None:
+    if run is None:
+        return None
+    return next((level for level in run["levels"] if level["clients"] == clients), None)
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "—" if value is None else pattern.format(value)
+
+
+def render(files: list[Path], notes: Path | None = None) -> str:
     runs = [json.loads(path.read_text()) for path in files]
     lines = [SECTION, ""]
     lines += [
         "Issue 9, part 7: the inpainter's step-level engine next to the `@serve.batch` path it replaced "
-        "(measured from `main` before its removal), by `benchmarks/continuous_batching.py`. Raw numbers: "
+        "(measured from the last commit before the engine, `3e21882`, plus the `sim://` commit), by "
+        "`benchmarks/continuous_batching.py` (see `benchmarks/README.md`). Raw numbers: "
         "`benchmarks/continuous_batching/*.json`.",
         "",
     ]
-    for run in runs:
-        if run["benchmark"] != "clients":
-            continue
+    sim_new, sim_old = _by(runs, "clients", "sim", "engine"), _by(runs, "clients", "sim", "serve.batch")
+    single_new, single_old = _by(runs, "single", None, "engine"), _by(runs, "single", None, "serve.batch")
+    eight_new, eight_old = _level(sim_new, 8), _level(sim_old, 8)
+    lone_new, lone_old = _level(sim_new, 1), _level(sim_old, 1)
+
+    def efficiency(level: dict[str, Any] | None) -> float | None:
+        return level["cost_model"]["work_efficiency"] if level else None
+
+    def mean_batch(level: dict[str, Any] | None) -> float | None:
+        return level["unet"]["mean_batch"] if level else None
+
+    def lone(level: dict[str, Any] | None, key: str) -> float | None:
+        if not level or key not in level["cost_model"]:
+            return None
+        return level["cost_model"][key]["p50"] * 1000
+
+    def ratio(run: dict[str, Any] | None, path: str) -> float | None:
+        return run["ratios"][path] if run else None
+
+    lines += [
+        "### Targets",
+        "",
+        "| target | engine | `@serve.batch` (before) | met |",
+        "|---|---|---|---|",
+        f"| sim, 8 clients, mixed settings: UNet work ≥ 0.85 × the cost model's ideal at batch 8 "
+        f"| {_fmt(efficiency(eight_new), '{:.2f}')} | {_fmt(efficiency(eight_old), '{:.2f}')} "
+        f"| {'yes' if (efficiency(eight_new) or 0) >= 0.85 else 'no'} |",
+        f"| sim, 8 clients: mean UNet batch ≥ 6 crops | {_fmt(mean_batch(eight_new), '{:.2f}')} "
+        f"| {_fmt(mean_batch(eight_old), '{:.2f}')} | {'yes' if (mean_batch(eight_new) or 0) >= 6 else 'no'} |",
+        f"| sim, a lone crop: latency ≤ its model time + 5 ms (p50 of latency − modelled UNet time) "
+        f"| +{_fmt(lone(lone_new, 'latency_minus_model_time_s'), '{:.1f}')} ms "
+        f"| +{_fmt(lone(lone_old, 'latency_minus_model_time_s'), '{:.1f}')} ms "
+        f"| {'yes' if (lone(lone_new, 'latency_minus_model_time_s') or 99) <= 5 else 'no'} |",
+        f"| … the same, beyond everything the simulated device ran for it (UNet, VAE, text stand-ins) "
+        f"| +{_fmt(lone(lone_new, 'latency_minus_device_busy_s'), '{:.1f}')} ms "
+        f"| +{_fmt(lone(lone_old, 'latency_minus_device_busy_s'), '{:.1f}')} ms | |",
+        f"| CPU: one request served ≤ 1.05 × in-process (handle / HTTP PNG) "
+        f"| {_fmt(ratio(single_new, 'handle'), '{:.3f}')} / {_fmt(ratio(single_new, 'http-png'), '{:.3f}')} "
+        f"| {_fmt(ratio(single_old, 'handle'), '{:.3f}')} / {_fmt(ratio(single_old, 'http-png'), '{:.3f}')} "
+        f"| {'yes' if (ratio(single_new, 'http-png') or 9) <= 1.05 else 'no'} |",
+        "",
+    ]
+    if notes is not None and notes.exists():
+        lines += [notes.read_text().strip(), ""]
+    for run in sorted(
+        (run for run in runs if run["benchmark"] == "clients"),
+        key=lambda run: (run["model"], run["code"]["path"] != "serve.batch"),
+    ):
         code = run["code"]
-        title = f"### {run['model'].upper()}: {code['path']} path ({code.get('commit') or code['root']})"
-        lines += [title, ""]
+        lines += [f"### {run['model'].upper()}, {code['path']} path", ""]
+        options = run["options"]
         lines.append(
-            f"Model `{run['model_reference']}`, {run['size']}×{run['size']} crops, max_batch_size "
-            f"{run['max_batch_size']}, one crop per request; each client starts "
-            f"{run['options']['stagger']} s after the previous one; window {run['options']['duration']} s with "
-            f"all clients running."
+            f"Model `{run['model_reference']}`, {run['size']}×{run['size']} crops, one per request, "
+            f"`max_batch_size` {run['max_batch_size']}, replica `OMP_NUM_THREADS={options['threads']}`; "
+            f"client k starts {options['stagger']} s after client k − 1; each level is measured over "
+            f"{options['duration']:.0f} s with all its clients running ({run['started']})."
         )
         lines.append("")
         header = (
-            "| clients | req/s | × sequential | p50 latency | p99 latency | mean UNet batch "
-            "| UNet batch sizes (size×calls) |"
+            "| clients | req/s | × sequential | p50 latency | p99 latency | queue wait p50 | mean UNet batch "
+            "| UNet calls by crops (crops×calls) |"
         )
-        separator = "|---|---|---|---|---|---|---|"
+        separator = "|---|---|---|---|---|---|---|---|"
         if run.get("cost"):
             header += " UNet work ÷ ideal at batch 8 |"
             separator += "---|"
@@ -459,11 +522,10 @@ def render(files: list[Path]) -> str:
         sequential = run["levels"][0]["throughput_rps"]
         for level in run["levels"]:
             sizes = ", ".join(f"{size}×{count}" for size, count in level["unet"]["unet_batch_sizes"].items())
-            mean = level["unet"]["mean_batch"]
             row = (
-                f"| {level['clients']} | {level['throughput_rps']:.3f} | {level['throughput_rps'] / sequential:.2f}× | "
-                f"{level['latency_p50_s']:.2f} s | {level['latency_p99_s']:.2f} s | "
-                f"{mean:.2f} | {sizes} |"
+                f"| {level['clients']} | {level['throughput_rps']:.3f} | {level['throughput_rps'] / sequential:.2f}× "
+                f"| {level['latency_p50_s']:.2f} s | {level['latency_p99_s']:.2f} s "
+                f"| {_fmt(level['queue_wait_p50_s'], '{:.3f} s')} | {level['unet']['mean_batch']:.2f} | {sizes} |"
             )
             if run.get("cost"):
                 row += f" {level['cost_model']['work_efficiency']:.2f} |"
@@ -471,7 +533,7 @@ def render(files: list[Path]) -> str:
         lines.append("")
     singles = [run for run in runs if run["benchmark"] == "single"]
     if singles:
-        lines += ["### One request served vs in-process (CPU)", "",
+        lines += ["### One request served vs in-process (CPU, `configs/local-cpu.yaml`)", "",
                   "| code | in-process | handle | HTTP PNG | handle ÷ in-process | HTTP ÷ in-process |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for run in singles:
@@ -523,11 +585,12 @@ def main() -> None:
     single.add_argument("--json", type=Path, required=True)
     rendering = commands.add_parser("render", help="write the docs section from saved runs")
     rendering.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    rendering.add_argument("--notes", type=Path, help="Markdown inserted after the targets table")
     rendering.add_argument("files", type=Path, nargs="+")
     opts = parser.parse_args()
 
     if opts.command == "render":
-        write_section(opts.out, render(opts.files))
+        write_section(opts.out, render(opts.files, opts.notes))
         return
     started = time.time()
     if opts.command == "clients":
@@ -539,6 +602,7 @@ def main() -> None:
         result = run_single(opts)
     result["code"] = code_under_test()
     result["machine"] = machine()
+    result["machine"]["loadavg_end"] = [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
     result["started"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
     result["seconds"] = round(time.time() - started, 1)
     opts.json.parent.mkdir(parents=True, exist_ok=True)
