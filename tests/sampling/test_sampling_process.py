@@ -233,3 +233,13 @@ def test_a_malformed_unet_response_fails_that_crop_with_a_clear_error():
     assert request.uncond
     with pytest.raises(ValueError, match="uncond"):
         process.send(UNetResponse(cond=torch.zeros_like(request.x_in)))
+
+
+def test_docs_list_every_sampler_and_scheduler():
+    from pathlib import Path
+
+    from deployments.sampling import SAMPLER_NAMES, SCHEDULER_NAMES
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "samplers.md").read_text()
+    for name in (*SAMPLER_NAMES, *SCHEDULER_NAMES):
+        assert f"| `{name}` |" in text, name
