@@ -78,11 +78,18 @@ def timed(function: Any, repeats: int, threads: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, required=True, help="where to write the measurements")
+    parser.add_argument("--json", type=Path, help="where to write the measurements")
     parser.add_argument("--compare", type=Path, help="a previous --json to print ratios against")
+    parser.add_argument("--before", type=Path, nargs="*", help="summary only: runs of the old code")
+    parser.add_argument("--after", type=Path, nargs="*", help="summary only: runs of the new code")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     opts = parser.parse_args()
+    if opts.before and opts.after:
+        print(summary(opts.before, opts.after))
+        return
+    if opts.json is None:
+        parser.error("--json is required to measure")
 
     os.environ.setdefault("FACEDETAILER_TINY_MODELS", str(DEFAULT_TINY_MODELS))
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE", "YOLO_OFFLINE"):
@@ -139,6 +146,30 @@ def main() -> None:
             if old:
                 ratio = after["median"] / old["median"]
                 print(f"| {name} | {old['median']:.3f} s | {after['median']:.3f} s | {ratio:.3f} |")
+
+
+def summary(before: list[Path], after: list[Path]) -> str:
+    """Markdown table over several interleaved runs: the fastest and the median sample of each side."""
+
+    def samples(paths: list[Path]) -> dict[str, list[float]]:
+        merged: dict[str, list[float]] = {}
+        for path in paths:
+            for name, case in json.loads(path.read_text())["cases"].items():
+                merged.setdefault(name, []).extend(case["samples"])
+        return merged
+
+    old, new = samples(before), samples(after)
+    lines = [
+        "| case | before: fastest / median | after: fastest / median | after ÷ before (fastest) | (median) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, values in new.items():
+        if name not in old:
+            continue
+        a, b = min(old[name]), min(values)
+        ma, mb = statistics.median(old[name]), statistics.median(values)
+        lines.append(f"| {name} | {a:.3f} / {ma:.3f} s | {b:.3f} / {mb:.3f} s | {b / a:.3f} | {mb / ma:.3f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
