@@ -341,6 +341,45 @@ def run_clients(opts: argparse.Namespace) -> dict[str, Any]:
             "size": opts.size, "max_batch_size": opts.max_batch_size, "levels": levels}  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------ lone crop in-process
+
+
+def run_lone(opts: argparse.Namespace) -> dict[str, Any]:
+    """Lone crops on ``sim://`` in this process (no Ray): the engine's own overhead beyond model time."""
+    import torch
+
+    from deployments import simulated
+    from deployments.inpainter import Inpainter
+
+    torch.set_num_threads(opts.threads)
+    cost = {"a": simulated.UNET_A_S, "b": simulated.UNET_B_S, "area": (opts.size // 8) ** 2 / 4096}
+    inpainter = Inpainter(f"sim://sd15?a={cost['a']}&b={cost['b']}", device="cpu")
+    accelerator = inpainter.components.unet.accelerator
+    stream = workload(99, opts.size)
+    records = []
+    for index in range(opts.requests + 2):
+        job, settings, evaluations, rows = next(stream)
+        busy = accelerator.busy_s
+        started = time.perf_counter()
+        inpainter.refine([job], settings)
+        latency = time.perf_counter() - started
+        if index < 2:  # warm-up
+            continue
+        model = evaluations * (cost["a"] + cost["b"] * rows * cost["area"])
+        records.append({"latency": latency, "evaluations": evaluations, "rows": rows, "steps": settings.steps,
+                        "sampler": settings.sampler_name, "model_s": model,
+                        "device_busy_s": accelerator.busy_s - busy})  # fmt: skip
+    beyond_model = [r["latency"] - r["model_s"] for r in records]
+    beyond_device = [r["latency"] - r["device_busy_s"] for r in records]
+    per_evaluation = [(r["latency"] - r["device_busy_s"]) / r["evaluations"] for r in records]
+    return {
+        "benchmark": "lone", "model": "sim", "cost": cost, "size": opts.size, "records": records,
+        "latency_minus_model_time_s": {"p50": percentile(beyond_model, 0.5), "max": max(beyond_model)},
+        "latency_minus_device_busy_s": {"p50": percentile(beyond_device, 0.5), "max": max(beyond_device)},
+        "overhead_per_evaluation_s": {"p50": percentile(per_evaluation, 0.5)},
+    }  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------ single request
 
 
@@ -471,6 +510,11 @@ def render(files: list[Path], notes: Path | None = None) -> str:
     def ratio(run: dict[str, Any] | None, path: str) -> float | None:
         return run["ratios"][path] if run else None
 
+    lone_in_new, lone_in_old = _by(runs, "lone", "sim", "engine"), _by(runs, "lone", "sim", "serve.batch")
+
+    def in_process(run: dict[str, Any] | None, key: str) -> float | None:
+        return run[key]["p50"] * 1000 if run else None
+
     lines += [
         "### Targets",
         "",
@@ -488,6 +532,13 @@ def render(files: list[Path], notes: Path | None = None) -> str:
         f"| … the same, beyond everything the simulated device ran for it (UNet, VAE, text stand-ins) "
         f"| +{_fmt(lone(lone_new, 'latency_minus_device_busy_s'), '{:.1f}')} ms "
         f"| +{_fmt(lone(lone_old, 'latency_minus_device_busy_s'), '{:.1f}')} ms | |",
+        f"| … in-process (no Ray hop), latency − modelled UNet time "
+        f"| +{_fmt(in_process(lone_in_new, 'latency_minus_model_time_s'), '{:.1f}')} ms "
+        f"| +{_fmt(in_process(lone_in_old, 'latency_minus_model_time_s'), '{:.1f}')} ms "
+        f"| {'yes' if (in_process(lone_in_new, 'latency_minus_model_time_s') or 99) <= 5 else 'no'} |",
+        f"| … in-process, beyond the device's busy time "
+        f"| +{_fmt(in_process(lone_in_new, 'latency_minus_device_busy_s'), '{:.1f}')} ms "
+        f"| +{_fmt(in_process(lone_in_old, 'latency_minus_device_busy_s'), '{:.1f}')} ms | |",
         f"| CPU: one request served ≤ 1.05 × in-process (handle / HTTP PNG) "
         f"| {_fmt(ratio(single_new, 'handle'), '{:.3f}')} / {_fmt(ratio(single_new, 'http-png'), '{:.3f}')} "
         f"| {_fmt(ratio(single_old, 'handle'), '{:.3f}')} / {_fmt(ratio(single_old, 'http-png'), '{:.3f}')} "
@@ -583,6 +634,11 @@ def main() -> None:
     single.add_argument("--repeats", type=int, default=7)
     single.add_argument("--tiny-models", type=Path, default=DEFAULT_TINY_MODELS)
     single.add_argument("--json", type=Path, required=True)
+    lone = commands.add_parser("lone", help="lone crops on sim:// in-process: the engine's overhead")
+    lone.add_argument("--requests", type=int, default=30)
+    lone.add_argument("--size", type=int, default=512)
+    lone.add_argument("--threads", type=int, default=1)
+    lone.add_argument("--json", type=Path, required=True)
     rendering = commands.add_parser("render", help="write the docs section from saved runs")
     rendering.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     rendering.add_argument("--notes", type=Path, help="Markdown inserted after the targets table")
@@ -598,6 +654,8 @@ def main() -> None:
         result = run_clients(opts)
         result["options"] = {key: value for key, value in vars(opts).items() if key not in ("json",)}
         result["options"] = json.loads(json.dumps(result["options"], default=str))
+    elif opts.command == "lone":
+        result = run_lone(opts)
     else:
         result = run_single(opts)
     result["code"] = code_under_test()
