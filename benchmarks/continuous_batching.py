@@ -457,8 +457,10 @@ def run_single(opts: argparse.Namespace) -> dict[str, Any]:
 
         ray.shutdown()
     medians = {name: statistics.median(values) for name, values in samples.items()}
-    return {"benchmark": "single", "params": params, "samples": samples, "medians": medians,
-            "ratios": {name: medians[name] / medians["in-process"] for name in medians}}  # fmt: skip
+    fastest = {name: min(values) for name, values in samples.items()}
+    return {"benchmark": "single", "params": params, "samples": samples, "medians": medians, "fastest": fastest,
+            "ratios": {name: medians[name] / medians["in-process"] for name in medians},
+            "fastest_ratios": {name: fastest[name] / fastest["in-process"] for name in fastest}}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ render
@@ -649,6 +651,7 @@ def main() -> None:
         write_section(opts.out, render(opts.files, opts.notes))
         return
     started = time.time()
+    load_at_start = [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
     if opts.command == "clients":
         opts.size = opts.size or (512 if opts.model == "sim" else 128)
         result = run_clients(opts)
@@ -660,6 +663,7 @@ def main() -> None:
         result = run_single(opts)
     result["code"] = code_under_test()
     result["machine"] = machine()
+    result["machine"]["loadavg_start"] = load_at_start
     result["machine"]["loadavg_end"] = [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
     result["started"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
     result["seconds"] = round(time.time() - started, 1)
