@@ -1,31 +1,28 @@
 """The diffusion inpainter: FaceDetailer's "encode → sample → decode" of each upscaled face crop.
 
 :class:`Inpainter` loads a Stable Diffusion checkpoint (SD 1.x/2.x/XL, normal or 9-channel
-inpainting; diffusers folder or single file, see :mod:`deployments.inpainter_loading`) and
-refines batches of crops with its own sampling loop over the checkpoint's components. The
-high-level diffusers pipelines can't reproduce ComfyUI's semantics all at once:
+inpainting; diffusers folder or single file, see :mod:`deployments.inpainter_loading`) and keeps
+diffusers for the models only: UNet, VAE, text encoders. Sampling is ComfyUI's own arithmetic
+from :mod:`deployments.sampling` (one generator per crop and cycle that yields each UNet
+evaluation it needs), and the crops of all requests are driven together by the step-level
+engine of :mod:`deployments.inpainter_engine`: crops with different settings share UNet calls,
+one crop's result never depends on which crops it shared them with.
 
-- ``denoise`` as ComfyUI's KSampler: a schedule of ``floor(steps / denoise)`` steps whose last
-  ``steps`` are run (``steps`` UNet evaluations, not ``steps · denoise``);
-- a latent noise mask (outside it the latent stays the original, re-noised to each step's
-  level) and differential diffusion (a soft mask thresholded per step);
-- 9-channel InpaintModelConditioning, cycles that resample the previous cycle's latent;
-- one CPU generator per crop, so a crop's result never depends on its batch neighbours.
-
-``docs/samplers.md`` documents the sampler/scheduler mapping. The class is wrapped as a Ray Serve
-deployment by ``serve_app.app``; its constructor takes JSON-able values only.
+This class is the engine's model side (:class:`~deployments.inpainter_engine.EngineBackend`):
+it prepares a crop (VAE encode, text conditioning, noise mask, inpainting-model conditioning),
+runs one batched UNet call with per-sample timesteps for a group of crops, and decodes finished
+crops. ``refine`` runs the engine in the caller's thread (the in-process path); the Ray Serve
+deployment (``deployments.serving``) runs the same engine in a background thread.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
-import threading
 import time
-from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import OrderedDict, defaultdict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,33 +31,46 @@ import pydantic
 import torch
 import torch.nn.functional as F
 
+from deployments.inpainter_engine import EngineCrop, EngineRequest, InpaintEngine
 from deployments.inpainter_loading import (
     LoraPatcher,
     SDComponents,
     describe,
     load_sd_components,
+    lora_key,
     pick_device,
     pick_dtype,
 )
-from deployments.inpainter_samplers import (
-    SAMPLERS,
+from deployments.sampling import (
+    SAMPLER_NAMES,
+    SCHEDULER_NAMES,
+    ModelSampling,
+    UNetRequest,
+    UNetResponse,
     UnsupportedSamplerError,
-    build_scheduler,
-    sampler_spec,
-    schedulers_for,
-    set_timesteps,
-    supported_samplers,
-    supported_schedulers,
+    crop_process,
+    inpaint_concat,
+    validate,
 )
-from facedetailer.seeds import SEED_MODULUS, DenoiseSchedule, comfy_denoise_schedule
 
-__all__ = ["Inpainter", "RefineJob", "SamplingSettings", "UnsupportedSamplerError"]
+__all__ = [
+    "CycleSpec",
+    "Inpainter",
+    "RefineJob",
+    "RefineResult",
+    "SamplingSettings",
+    "UnsupportedSamplerError",
+    "plan_cycles",
+]
 
 logger = logging.getLogger(__name__)
 
+SEED_MODULUS = 2**64
+PROMPT_CACHE_SIZE = 128
+
 
 class SamplingSettings(pydantic.BaseModel):
-    """Sampling parameters shared by every crop of one call (the FaceDetailer node's names)."""
+    """How one crop is sampled (the FaceDetailer node's names); crops of one call may differ."""
 
     steps: int = pydantic.Field(20, ge=1, le=10000)
     cfg: float = pydantic.Field(8.0, ge=0.0, le=100.0)
@@ -74,32 +84,68 @@ class SamplingSettings(pydantic.BaseModel):
 
 @dataclass
 class RefineJob:
-    """One face crop, already upscaled to the size it is sampled at."""
+    """One face crop, upscaled to the size it is sampled at, and how to sample it."""
 
-    image: np.ndarray  # uint8 [H', W', 3] RGB
-    noise_mask: np.ndarray | None  # float32 [H', W'] in [0, 1], feathered and resized; None: no mask
+    image: np.ndarray  # uint8 [H', W', 3] RGB, the upscaled crop
+    # float32 [h, w] in [0, 1]: the feathered noise mask at the crop's own (not upscaled) size,
+    # as FaceDetailer hands it to the sampler; it is stretched over the image. None: no mask.
+    noise_mask: np.ndarray | None
     positive: tuple[str, ...]  # chunks, each encoded alone, joined on the token axis; () = ""
     negative: tuple[str, ...]
     seed: int  # cycle c samples with (seed + c) mod 2**64
     loras: tuple[tuple[str, float, float], ...] = ()  # (name, model_weight, clip_weight)
+    settings: SamplingSettings | None = None  # this crop's settings; None: the call's
+
+
+@dataclass(frozen=True)
+class CycleSpec:
+    """One KSampler run of a crop. FaceDetailer's cycle c uses the crop's settings and seed + c.
+
+    The seam for per-cycle hooks: a denoise schedule over cycles changes ``denoise`` per spec,
+    variation noise sets ``noise`` (the initial noise, latent-shaped), and a latent transform
+    between cycles (noise injection, unsampling) becomes a stage of its own before the cycle.
+    """
+
+    sampler_name: str
+    scheduler: str
+    steps: int
+    denoise: float
+    cfg: float
+    seed: int
+    noise: torch.Tensor | None = None
+
+
+def plan_cycles(job: RefineJob, settings: SamplingSettings) -> list[CycleSpec]:
+    """FaceDetailer's cycles: the same settings each time, seed + c (reference §6.6)."""
+    return [
+        CycleSpec(
+            sampler_name=settings.sampler_name,
+            scheduler=settings.scheduler,
+            steps=settings.steps,
+            denoise=settings.denoise,
+            cfg=settings.cfg,
+            seed=(int(job.seed) + cycle) % SEED_MODULUS,
+        )
+        for cycle in range(settings.cycle)
+    ]
 
 
 @dataclass
-class _Conditioning:
-    """Text conditioning of one batch, uncond first as in diffusers' CFG batching."""
+class CropPayload:
+    """What the engine carries for a crop: the job, its resolved settings and its cycles."""
 
-    positive: torch.Tensor  # [B, L, D]
-    negative: torch.Tensor  # [B, L, D]
-    positive_added: dict[str, torch.Tensor] | None  # SDXL: text_embeds + time_ids
-    negative_added: dict[str, torch.Tensor] | None
+    job: RefineJob
+    settings: SamplingSettings
+    cycles: list[CycleSpec]
 
 
 @dataclass
-class _InpaintConditioning:
-    """The extra 5 UNet input channels of an inpainting checkpoint."""
+class RefineResult:
+    """A refine call's refined crops (input order) and how long they waited for the engine."""
 
-    mask: torch.Tensor  # [B, 1, h, w]
-    masked_image_latents: torch.Tensor  # [B, C, h, w]
+    images: list[np.ndarray]
+    queue_wait_s: float = 0.0
+    unet_evaluations: list[int] = field(default_factory=list)
 
 
 class Inpainter:
@@ -115,13 +161,11 @@ class Inpainter:
         lora_dir: str | None = None,
         cache_dir: str | None = None,
         max_batch_size: int = 8,
+        max_queued_crops: int = 256,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        self.max_batch_size = max_batch_size
         self.lora_dir = Path(lora_dir) if lora_dir else None
         started = time.perf_counter()
         self.components: SDComponents = load_sd_components(
@@ -142,43 +186,39 @@ class Inpainter:
                 module.to(dtype=module_dtype)
             module.eval().requires_grad_(False)
         self.vae_scale_factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+        self.model_sampling = ModelSampling.from_scheduler_config(parts.scheduler_config)
         self.loras = LoraPatcher(parts, self.lora_dir)
-        # Serve may run calls concurrently in threads; LoRA merging mutates the weights, so the
-        # model work of one call never overlaps another's.
-        self._lock = threading.Lock()
+        self._prompts: OrderedDict[Hashable, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._batch_conditioning: dict[Hashable, tuple[tuple, Any]] = {}
+        self.engine = InpaintEngine(self, max_batch_size=max_batch_size, max_queued_crops=max_queued_crops)
         self.load_seconds = time.perf_counter() - started
         self.last_call: dict[str, Any] = {}
         logger.info("inpainter %s loaded in %.2fs on %s/%s", model, self.load_seconds, self.device, self.dtype)
 
+    @property
+    def max_batch_size(self) -> int:
+        return self.engine.max_batch_size
+
     # ---------------------------------------------------------------- public API
 
     def supported_samplers(self) -> list[str]:
-        return supported_samplers()
+        return list(SAMPLER_NAMES)
 
     def supported_schedulers(self) -> list[str]:
-        return supported_schedulers()
+        return list(SCHEDULER_NAMES)
 
     def validate_settings(self, settings: SamplingSettings) -> None:
         """Reject what can't be run faithfully, before any model work.
 
-        Raises :class:`UnsupportedSamplerError` for names and pairs, ``ValueError`` for an
-        inpainting request on a 4-channel UNet or a schedule the scheduler class refuses.
+        Raises :class:`UnsupportedSamplerError` for names and values ComfyUI's KSampler would not
+        run the same way, ``ValueError`` for an inpainting request on a 4-channel UNet.
         """
-        sampler_spec(settings.sampler_name, settings.scheduler)
+        validate(settings.sampler_name, settings.scheduler, settings.steps, settings.denoise)
         if settings.inpaint_model and not self.components.is_inpaint:
             raise ValueError(
                 f"inpaint_model=True needs an inpainting checkpoint (9-channel UNet); {self.model} has "
                 f"{self.components.unet.config.in_channels} input channels"
             )
-        plan = comfy_denoise_schedule(settings.steps, settings.denoise)
-        scheduler = build_scheduler(self.components.scheduler_config, settings.sampler_name, settings.scheduler)
-        try:
-            set_timesteps(scheduler, plan.total_steps)
-        except (ValueError, IndexError) as error:
-            raise UnsupportedSamplerError(
-                f"{settings.sampler_name}/{settings.scheduler} cannot build a {plan.total_steps}-step schedule "
-                f"(steps={settings.steps}, denoise={settings.denoise}): {error}"
-            ) from error
 
     def info(self) -> dict[str, Any]:
         return {
@@ -188,10 +228,12 @@ class Inpainter:
             "dtype": str(self.dtype).removeprefix("torch."),
             "vae_dtype": str(self.vae_dtype).removeprefix("torch."),
             "attention": "sdpa" if hasattr(F, "scaled_dot_product_attention") else "eager",
-            "max_batch_size": self.max_batch_size,
+            "max_batch_size": self.engine.max_batch_size,
+            "max_queued_crops": self.engine.max_queued_crops,
             "lora_dir": str(self.lora_dir) if self.lora_dir else None,
             "load_seconds": round(self.load_seconds, 3),
-            "samplers": {name: schedulers_for(name) for name in supported_samplers()},
+            "samplers": self.supported_samplers(),
+            "schedulers": self.supported_schedulers(),
             "last_call": dict(self.last_call),
         }
 
@@ -201,59 +243,53 @@ class Inpainter:
         if weight.device.type != self.device.type or not torch.isfinite(weight).all():
             raise RuntimeError(f"inpainter UNet weights are unusable ({weight.device}, finite check failed)")
 
-    def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings) -> list[np.ndarray]:
-        """Refine every crop; return uint8 [H', W', 3] images in input order, each at its job's size."""
-        self.validate_settings(settings)
+    def payloads(self, jobs: Sequence[RefineJob], settings: SamplingSettings | None = None) -> list[CropPayload]:
+        """Check every crop and its settings before it reaches the engine (errors name the crop)."""
+        payloads = []
         for index, job in enumerate(jobs):
             check_job(index, job)
-        with self._lock:
-            return self._refine_all(jobs, settings)
+            resolved = job.settings or settings
+            if resolved is None:
+                raise ValueError(f"job {index}: no sampling settings (neither the job's nor the call's)")
+            self.validate_settings(resolved)
+            payloads.append(CropPayload(job=job, settings=resolved, cycles=plan_cycles(job, resolved)))
+        return payloads
 
-    def _refine_all(self, jobs: Sequence[RefineJob], settings: SamplingSettings) -> list[np.ndarray]:
-        """Group by LoRA set, then padded size; one UNet batch per group chunk."""
+    def submit(self, jobs: Sequence[RefineJob], settings: SamplingSettings | None = None) -> EngineRequest:
+        """Queue crops on the engine (its background loop must run, see ``deployments.serving``)."""
+        return self.engine.submit(self.payloads(jobs, settings))
+
+    def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings | None = None) -> list[np.ndarray]:
+        """Refine every crop; return uint8 [H', W', 3] images in input order, each at its job's size."""
+        return self.refine_result(jobs, settings).images
+
+    def refine_result(self, jobs: Sequence[RefineJob], settings: SamplingSettings | None = None) -> RefineResult:
+        """:meth:`refine` with the engine's queue wait and the UNet evaluations of each crop."""
         started = time.perf_counter()
-        plan = comfy_denoise_schedule(settings.steps, settings.denoise)
-        results: list[np.ndarray | None] = [None] * len(jobs)
-        batches = 0
-        for lora_key, indices in _group(jobs, lambda job: _lora_key(job.loras)).items():
-            with self.loras.applied(lora_key):
-                by_size = _group([jobs[i] for i in indices], lambda job: self._padded_size(job.image.shape))
-                for members in by_size.values():
-                    group = [indices[i] for i in members]
-                    for start in range(0, len(group), self.max_batch_size):
-                        chunk = group[start : start + self.max_batch_size]
-                        for index, image in zip(
-                            chunk, self._refine_batch([jobs[i] for i in chunk], settings, plan), strict=True
-                        ):
-                            results[index] = image
-                        batches += 1
-        self.last_call = {"crops": len(jobs), "batches": batches, "seconds": round(time.perf_counter() - started, 3)}
-        assert all(image is not None for image in results)
-        return results  # type: ignore[return-value]
+        request = self.engine.submit(self.payloads(jobs, settings))
+        images = self.engine.wait(request)
+        self.last_call = {"crops": len(jobs), "seconds": round(time.perf_counter() - started, 3)}
+        return result_of(request, images)
 
-    # ---------------------------------------------------------------- one batch
+    # ---------------------------------------------------------------- engine backend: prepare
 
-    @torch.inference_mode()
-    def _refine_batch(
-        self, jobs: Sequence[RefineJob], settings: SamplingSettings, plan: DenoiseSchedule
-    ) -> list[np.ndarray]:
-        """Crops of one padded size and LoRA set: encode, sample ``cycle`` times, decode."""
-        height, width = jobs[0].image.shape[:2]
-        padded = self._padded_size((height, width))
-        pixels = torch.stack([_to_pixels(_pad_image(job.image, padded)) for job in jobs]).to(self.device)
-        latents = self._encode(pixels)
-        mask = self._latent_mask(jobs, padded, latents.shape[-2:])
-        inpaint = self._inpaint_conditioning(jobs, settings, pixels, padded, latents.shape[-2:])
-        conditioning = self._conditioning(jobs, padded)
-        differential = mask is not None and settings.noise_mask_feather > 0
-        for cycle in range(settings.cycle):
-            seeds = [(job.seed + cycle) % SEED_MODULUS for job in jobs]
-            latents = self._sample(latents, seeds, conditioning, settings, plan, mask, differential, inpaint)
-        decoded = self._decode(latents)
-        return [
-            _to_uint8(image[:, : job.image.shape[0], : job.image.shape[1]])
-            for image, job in zip(decoded, jobs, strict=True)
-        ]
+    def prepare(self, crops: Sequence[EngineCrop]) -> None:
+        """VAE-encode, condition and plan newly admitted crops (batched by padded size)."""
+        by_size = _group(crops, lambda crop: self._padded_size(crop.payload.job.image.shape))
+        for padded, members in by_size.items():
+            pixels = torch.stack([_to_pixels(_pad_image(crop.payload.job.image, padded)) for crop in members])
+            pixels = pixels.to(self.device)
+            latents = self._encode(pixels)
+            for position, crop in enumerate(members):
+                crop.latent = latents[position : position + 1]
+                crop.state["padded"] = padded
+            self._prepare_masks(members, pixels, padded, tuple(latents.shape[-2:]))
+        for key, members in _group(crops, lambda crop: lora_key(crop.payload.job.loras)).items():
+            self.loras.activate(key)
+            for crop in members:
+                self._prepare_conditioning(crop)
+                crop.group_key = (key, *tuple(crop.latent.shape[-2:]))
+                crop.stages = [_CycleStage(self, number) for number in range(len(crop.payload.cycles))]
 
     def _padded_size(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """Decision 5: pad to the latent grid instead of cropping (no sub-pixel shift)."""
@@ -273,79 +309,87 @@ class Inpainter:
         images = vae.decode((latents / vae.config.scaling_factor + shift).to(self.vae_dtype)).sample
         return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu()
 
-    def _latent_mask(
-        self, jobs: Sequence[RefineJob], padded: tuple[int, int], latent_size: torch.Size
-    ) -> torch.Tensor | None:
-        """ComfyUI's noise_mask: bilinear to the latent grid; the padding is never denoised.
+    def _prepare_masks(
+        self, crops: Sequence[EngineCrop], pixels: torch.Tensor, padded: tuple[int, int], latent_size: tuple[int, ...]
+    ) -> None:
+        """Each crop's noise mask on the latent grid, and a 9-channel UNet's extra inputs.
 
-        A crop without a mask gets ones over the image (identical to no masking) and zeros over
-        its padding, so its result is the same alone or next to masked crops of the same size.
+        - The noise mask goes from the crop's size to the latent grid in ONE bilinear step, as
+          ComfyUI's sampler resizes a latent's noise_mask (``prepare_mask``); only the cells over
+          the image get it, the padding is never denoised.
+        - ``inpaint_model`` on an inpainting checkpoint with a mask is InpaintModelConditioning:
+          the mask goes to the pixel size first (bilinear), the pixels where round(mask) = 1 turn
+          grey and are encoded; the UNet gets round(mask on the latent grid) and that latent.
+        - An inpainting checkpoint otherwise gets ComfyUI's ``concat_cond``: with a noise mask,
+          round(mask) and the cycle's input latent; without, ones and the grey latent.
         """
-        needs_padding = any(job.image.shape[:2] != padded for job in jobs)
-        if not needs_padding and all(job.noise_mask is None for job in jobs):
-            return None
-        masks = []
-        for job in jobs:
-            mask = job.noise_mask if job.noise_mask is not None else np.ones(job.image.shape[:2], np.float32)
-            masks.append(torch.from_numpy(_pad_mask(mask, padded)))
-        stacked = torch.stack(masks)[:, None].to(self.device)
-        return F.interpolate(stacked, size=tuple(latent_size), mode="bilinear", align_corners=False)
-
-    def _inpaint_conditioning(
-        self,
-        jobs: Sequence[RefineJob],
-        settings: SamplingSettings,
-        pixels: torch.Tensor,
-        padded: tuple[int, int],
-        latent_size: torch.Size,
-    ) -> _InpaintConditioning | None:
-        """The mask and masked-image latent a 9-channel UNet takes (ComfyUI InpaintModelConditioning).
-
-        A crop with a noise mask and ``inpaint_model`` gets its mask (rounded) and its image with
-        the mask > 0.5 area set to grey. Otherwise the checkpoint still needs 9 channels: as
-        ComfyUI does for an inpainting model without inpaint conditioning, the mask is all ones
-        and the masked image all grey ("everything may change", plain img2img).
-        """
-        if not self.components.is_inpaint:
-            return None
-        pixel_masks = []
-        for job in jobs:
-            use_mask = settings.inpaint_model and job.noise_mask is not None
-            mask = job.noise_mask if use_mask else np.ones(job.image.shape[:2], np.float32)
-            pixel_masks.append(torch.from_numpy(_pad_mask(mask, padded)))
-        pixel_mask = torch.stack(pixel_masks)[:, None].to(self.device)
-        keep = 1.0 - torch.round(pixel_mask)  # pixels [-1, 1]: grey 0.5 is 0
-        masked_latents = self._encode(pixels * keep)
-        latent_mask = F.interpolate(pixel_mask, size=tuple(latent_size), mode="bilinear", align_corners=False)
-        return _InpaintConditioning(mask=torch.round(latent_mask), masked_image_latents=masked_latents)
+        height, width = latent_size[-2], latent_size[-1]
+        factor = self.vae_scale_factor
+        is_inpaint = self.components.is_inpaint
+        for position, crop in enumerate(crops):
+            job, settings = crop.payload.job, crop.payload.settings
+            image_h, image_w = job.image.shape[:2]
+            crop.state["differential"] = False
+            crop.state["concat"] = None
+            use_inpaint_model = is_inpaint and settings.inpaint_model and job.noise_mask is not None
+            if use_inpaint_model:
+                source = torch.from_numpy(np.clip(np.asarray(job.noise_mask, np.float32), 0.0, 1.0))
+                pixel_mask = F.interpolate(source[None, None], size=(image_h, image_w), mode="bilinear")
+                pixel_mask = F.pad(pixel_mask, (0, padded[1] - image_w, 0, padded[0] - image_h)).to(self.device)
+                greyed = pixels[position : position + 1] * (1.0 - torch.round(pixel_mask))  # grey = 0 in [-1, 1]
+                crop.state["mask"] = F.interpolate(pixel_mask, size=(height, width), mode="bilinear")
+                crop.state["concat"] = inpaint_concat(
+                    crop.latent, concat_mask=pixel_mask, concat_latent=self._encode(greyed)
+                )
+                crop.state["differential"] = settings.noise_mask_feather > 0
+                continue
+            if job.noise_mask is not None:
+                crop.state["mask"] = stretch_to_latent_grid(
+                    job.noise_mask, (height, width), (image_h / factor, image_w / factor)
+                ).to(self.device)
+                crop.state["differential"] = settings.noise_mask_feather > 0
+            elif (image_h, image_w) != padded:
+                # no mask, but padding: ones over the image's cells (a no-op blend), zeros outside
+                ones = np.ones((1, 1), np.float32)
+                crop.state["mask"] = stretch_to_latent_grid(
+                    ones, (height, width), (image_h / factor, image_w / factor)
+                ).to(self.device)
+            else:
+                crop.state["mask"] = None
+            if is_inpaint:
+                if job.noise_mask is not None:
+                    crop.state["concat_per_cycle"] = True  # round(mask) + each cycle's input latent
+                else:
+                    crop.state["concat"] = inpaint_concat(crop.latent)  # ones + the grey latent
 
     # ---------------------------------------------------------------- text
 
-    def _conditioning(self, jobs: Sequence[RefineJob], padded: tuple[int, int]) -> _Conditioning:
-        """Encode every distinct prompt once; match token lengths across the batch."""
-        cache: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-        def encode(chunks: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-            key = tuple(chunks) or ("",)
-            if key not in cache:
-                cache[key] = self._encode_prompt(key)
-            return cache[key]
-
-        positives = [encode(job.positive) for job in jobs]
-        negatives = [encode(job.negative) for job in jobs]
-        embeds = _repeat_to_common_length([embed for embed, _ in positives + negatives])
-        positive, negative = embeds[: len(jobs)], embeds[len(jobs) :]
+    def _prepare_conditioning(self, crop: EngineCrop) -> None:
+        """Positive and negative text embeddings (cached per LoRA set), SDXL's added conditions."""
+        job, loras = crop.payload.job, lora_key(crop.payload.job.loras)
+        crop.state["positive"], positive_pooled = self._prompt(loras, job.positive)
+        crop.state["negative"], negative_pooled = self._prompt(loras, job.negative)
         if not self.components.is_sdxl:
-            return _Conditioning(positive, negative, None, None)
+            crop.state["positive_added"] = crop.state["negative_added"] = None
+            return
+        padded = crop.state["padded"]
         # SDXL's size conditioning: ComfyUI passes the latent size × 8 as original and target size.
         time_ids = torch.tensor([[padded[0], padded[1], 0, 0, padded[0], padded[1]]], dtype=self.dtype)
-        time_ids = time_ids.to(self.device).repeat(len(jobs), 1)
+        time_ids = time_ids.to(self.device)
+        crop.state["positive_added"] = {"text_embeds": positive_pooled, "time_ids": time_ids}
+        crop.state["negative_added"] = {"text_embeds": negative_pooled, "time_ids": time_ids}
 
-        def added(pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
-            pooled = torch.cat([pooled for _, pooled in pairs if pooled is not None])
-            return {"text_embeds": pooled, "time_ids": time_ids}
-
-        return _Conditioning(positive, negative, added(positives), added(negatives))
+    def _prompt(self, loras: Hashable, chunks: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = (loras, tuple(chunks) or ("",))
+        cached = self._prompts.get(key)
+        if cached is None:
+            cached = self._encode_prompt(key[1])
+            self._prompts[key] = cached
+            while len(self._prompts) > PROMPT_CACHE_SIZE:
+                self._prompts.popitem(last=False)
+        else:
+            self._prompts.move_to_end(key)
+        return cached
 
     def _encode_prompt(self, chunks: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[1, 77·n, D] hidden states (+ SDXL's pooled embedding of the first window).
@@ -357,130 +401,132 @@ class Inpainter:
         parts = self.components
         hidden_parts: list[torch.Tensor] = []
         pooled: torch.Tensor | None = None
-        for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders, strict=True):
-            length = min(int(tokenizer.model_max_length), int(encoder.config.max_position_embeddings))
-            windows = [window for chunk in chunks for window in _token_windows(tokenizer, chunk, length)]
-            ids = torch.tensor(windows, dtype=torch.long, device=self.device)
-            output = encoder(ids, output_hidden_states=parts.is_sdxl)
-            # SD 1.x/2.x: last layer (diffusers' SD 2 encoders already end at the penultimate
-            # OpenCLIP layer); SDXL: both encoders' penultimate layer, without the final norm.
-            hidden = output.hidden_states[-2] if parts.is_sdxl else output.last_hidden_state
-            hidden_parts.append(hidden.reshape(1, -1, hidden.shape[-1]))
-            if pooled is None and getattr(output, "text_embeds", None) is not None:
-                pooled = output.text_embeds[:1]
+        with torch.inference_mode():
+            for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders, strict=True):
+                length = min(int(tokenizer.model_max_length), int(encoder.config.max_position_embeddings))
+                windows = [window for chunk in chunks for window in _token_windows(tokenizer, chunk, length)]
+                ids = torch.tensor(windows, dtype=torch.long, device=self.device)
+                output = encoder(ids, output_hidden_states=parts.is_sdxl)
+                # SD 1.x/2.x: last layer (diffusers' SD 2 encoders already end at the penultimate
+                # OpenCLIP layer); SDXL: both encoders' penultimate layer, without the final norm.
+                hidden = output.hidden_states[-2] if parts.is_sdxl else output.last_hidden_state
+                hidden_parts.append(hidden.reshape(1, -1, hidden.shape[-1]))
+                if pooled is None and getattr(output, "text_embeds", None) is not None:
+                    pooled = output.text_embeds[:1]
         return torch.cat(hidden_parts, dim=-1).to(self.dtype), pooled
 
-    # ---------------------------------------------------------------- sampling
+    # ---------------------------------------------------------------- engine backend: evaluate
 
-    def _sample(
-        self,
-        latents: torch.Tensor,
-        seeds: list[int],
-        conditioning: _Conditioning,
-        settings: SamplingSettings,
-        plan: DenoiseSchedule,
-        mask: torch.Tensor | None,
-        differential: bool,
-        inpaint: _InpaintConditioning | None,
-    ) -> torch.Tensor:
-        """One KSampler call: the last ``steps`` steps of a ``floor(steps/denoise)`` schedule."""
-        batch = latents.shape[0]
-        spec = SAMPLERS[settings.sampler_name]
-        # Stochastic schedulers that can't take one generator per sample (a Brownian tree seeded
-        # through the config) get one scheduler instance per crop, stepped on its own slice.
-        per_sample = spec.stochastic and not spec.per_sample_generators
-        if per_sample:
-            schedulers = [self._scheduler(settings, plan, seed) for seed in seeds]
-        else:
-            schedulers = [self._scheduler(settings, plan, None)]
-        lead = schedulers[0]
-        timesteps = lead.timesteps[lead.comfy_start :]
-        # ComfyUI's noise: CPU randn per seed with the latent's shape, so it is device- and
-        # batch-independent; ancestral/SDE noise gets its own generator from the same seed.
-        noise = torch.stack(
-            [torch.randn(latents.shape[1:], generator=torch.Generator("cpu").manual_seed(seed)) for seed in seeds]
-        ).to(self.device)
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        takes_generator = "generator" in inspect.signature(lead.step).parameters
-        original = latents
-        x = lead.add_noise(original, noise, timesteps[:1].repeat(batch))
-        t_from = float(timesteps[0])
-        step_mask = mask
-        for t in timesteps:
-            # Blend at step boundaries (not at a 2nd-order sampler's midpoint evaluation): outside
-            # the mask the latent is the original at this step's noise level.
-            if mask is not None and getattr(lead, "state_in_first_order", True):
-                if differential:
-                    # ComfyUI's DifferentialDiffusion: (mask >= threshold), threshold going from 1
-                    # at the first executed step to 0 at t = 0. Unlike ComfyUI, mask-0 pixels stay
-                    # out even where the last threshold reaches 0 (they are outside the mask).
-                    threshold = float(t) / t_from if t_from > 0 else 0.0
-                    step_mask = ((mask >= threshold) & (mask > 0)).to(mask.dtype)
-                renoised = lead.add_noise(original, noise, t.reshape(1).repeat(batch))
-                x = step_mask * x + (1.0 - step_mask) * renoised
-            if per_sample:
-                model_input = torch.cat([s.scale_model_input(x[i : i + 1], t) for i, s in enumerate(schedulers)])
-            else:
-                model_input = lead.scale_model_input(x, t)
-            if inpaint is not None:
-                model_input = torch.cat([model_input, inpaint.mask, inpaint.masked_image_latents], dim=1)
-            prediction = self._predict(model_input, t, conditioning, settings.cfg)
-            if per_sample:
-                x = torch.cat(
-                    [
-                        s.step(
-                            prediction[i : i + 1],
-                            t,
-                            x[i : i + 1],
-                            return_dict=False,
-                            **({"generator": generators[i]} if takes_generator else {}),
-                        )[0]
-                        for i, s in enumerate(schedulers)
-                    ]
-                )
-            else:
-                kwargs = {"generator": generators} if takes_generator else {}
-                x = lead.step(prediction, t, x, return_dict=False, **kwargs)[0]
-        if mask is not None:
-            x = step_mask * x + (1.0 - step_mask) * original
-        return x
+    def order_groups(self, keys: Sequence[Hashable]) -> list[Hashable]:
+        """Groups whose LoRA set is already merged first: at most one switch per step."""
+        for stale in set(self._batch_conditioning) - set(keys):  # groups that are gone this step
+            del self._batch_conditioning[stale]
+        current = self.loras.current
+        return sorted(keys, key=lambda key: key[0] != current)  # type: ignore[index]
 
-    def _scheduler(self, settings: SamplingSettings, plan: DenoiseSchedule, seed: int | None) -> Any:
-        """A fresh scheduler positioned at the first executed step (``comfy_start``)."""
-        overrides = {"noise_sampler_seed": seed} if seed is not None else None
-        scheduler = build_scheduler(
-            self.components.scheduler_config, settings.sampler_name, settings.scheduler, overrides
-        )
-        grid_steps = set_timesteps(scheduler, plan.total_steps, device=self.device)
-        # 2nd-order schedulers interleave their midpoints: step k starts at index k · order.
-        scheduler.comfy_start = max(grid_steps - plan.executed_steps, 0) * scheduler.order
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(scheduler.comfy_start)
-        return scheduler
+    def evaluate(self, key: Hashable, calls: Sequence[tuple[EngineCrop, UNetRequest]]) -> list[UNetResponse]:
+        """ONE UNet call for the pending requests of crops of one latent size and LoRA set.
 
-    def _predict(
-        self, model_input: torch.Tensor, t: torch.Tensor, conditioning: _Conditioning, cfg: float
-    ) -> torch.Tensor:
-        """Classifier-free guidance in one UNet batch [uncond, cond]; cond only when cfg == 1."""
-        unet = self.components.unet
-        if cfg == 1.0:
-            inputs, context, added = model_input, conditioning.positive, conditioning.positive_added
-        else:
-            inputs = torch.cat([model_input, model_input])
-            context = torch.cat([conditioning.negative, conditioning.positive])
-            added = None
-            if conditioning.positive_added is not None and conditioning.negative_added is not None:
-                added = {
-                    key: torch.cat([conditioning.negative_added[key], conditioning.positive_added[key]])
-                    for key in conditioning.positive_added
-                }
-        output = unet(
-            inputs.to(self.dtype), t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False
+        Rows: each crop's cond row, plus its uncond row when its sampler asks for it; each row
+        with its own timestep, text embedding, added conditions and inpainting channels.
+        """
+        self.loras.activate(key[0])  # type: ignore[index]
+        inputs: list[torch.Tensor] = []
+        timesteps: list[float] = []
+        for _, request in calls:
+            inputs += [request.x_in] * (2 if request.uncond else 1)
+            timesteps += [request.timestep] * (2 if request.uncond else 1)
+        # The per-row conditioning only changes when the group's members, their cfg shortcut or
+        # their cycle change: reuse the concatenated tensors of the previous step otherwise.
+        composition = tuple((crop.serial, crop.stage_index, request.uncond) for crop, request in calls)
+        cached = self._batch_conditioning.get(key)
+        if cached is None or cached[0] != composition:
+            cached = (composition, self._conditioning_rows(calls))
+            self._batch_conditioning[key] = cached
+        context, added_conditions, concat = cached[1]
+        sample = torch.cat(inputs).to(self.device)
+        if concat is not None:
+            sample = torch.cat([sample, concat], dim=1)
+        output = self.components.unet(
+            sample.to(self.dtype),
+            torch.tensor(timesteps, dtype=torch.float32, device=self.device),
+            encoder_hidden_states=context,
+            added_cond_kwargs=added_conditions,
+            return_dict=False,
         )[0].float()
-        if cfg == 1.0:
-            return output
-        uncond, cond = output.chunk(2)
-        return uncond + cfg * (cond - uncond)
+        responses: list[UNetResponse] = []
+        row = 0
+        for _, request in calls:
+            cond = output[row : row + 1]
+            uncond = output[row + 1 : row + 2] if request.uncond else None
+            row += 2 if request.uncond else 1
+            responses.append(UNetResponse(cond=cond, uncond=uncond))
+        return responses
+
+    def _conditioning_rows(
+        self, calls: Sequence[tuple[EngineCrop, UNetRequest]]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, torch.Tensor | None]:
+        """Text embeddings, SDXL added conditions and inpainting channels of a call's rows, in row order."""
+        contexts: list[torch.Tensor] = []
+        added: list[dict[str, torch.Tensor]] = []
+        concats: list[torch.Tensor] = []
+        for crop, request in calls:
+            for side in ("positive", "negative") if request.uncond else ("positive",):
+                contexts.append(crop.state[side])
+                if crop.state[f"{side}_added"] is not None:
+                    added.append(crop.state[f"{side}_added"])
+                if crop.state["concat"] is not None:
+                    concats.append(crop.state["concat"])
+        added_conditions = None
+        if added:
+            added_conditions = {name: torch.cat([item[name] for item in added]) for name in added[0]}
+        return _repeat_to_common_length(contexts), added_conditions, torch.cat(concats) if concats else None
+
+    # ---------------------------------------------------------------- engine backend: finish
+
+    def finish(self, crops: Sequence[EngineCrop]) -> list[np.ndarray]:
+        """Decode finished crops (batched by padded size), cut the padding, quantise to uint8."""
+        results: dict[int, np.ndarray] = {}
+        for batch in _group(crops, lambda crop: tuple(crop.latent.shape[-2:])).values():
+            decoded = self._decode(torch.cat([crop.latent for crop in batch]))
+            for image, crop in zip(decoded, batch, strict=True):
+                height, width = crop.payload.job.image.shape[:2]
+                results[id(crop)] = _to_uint8(image[:, :height, :width])
+        return [results[id(crop)] for crop in crops]
+
+
+class _CycleStage:
+    """FaceDetailer cycle ``number`` of a crop: a KSampler run from the crop's current latent."""
+
+    def __init__(self, inpainter: Inpainter, number: int) -> None:
+        self.inpainter, self.number = inpainter, number
+
+    def __call__(self, crop: EngineCrop, latent: torch.Tensor) -> Any:
+        spec = crop.payload.cycles[self.number]
+        if crop.state.get("concat_per_cycle"):  # concat_cond: the sampler's input latent of this cycle
+            crop.state["concat"] = inpaint_concat(latent, crop.state["mask"])
+        return crop_process(
+            self.inpainter.model_sampling,
+            sampler_name=spec.sampler_name,
+            scheduler=spec.scheduler,
+            steps=spec.steps,
+            denoise=spec.denoise,
+            cfg=spec.cfg,
+            seed=spec.seed,
+            latent_image=latent,
+            noise_mask=crop.state["mask"],
+            differential=crop.state["differential"],
+            noise=spec.noise,
+            device=self.inpainter.device,
+        )
+
+
+def result_of(request: EngineRequest, images: list[np.ndarray]) -> RefineResult:
+    return RefineResult(
+        images=images,
+        queue_wait_s=request.queue_wait_s,
+        unet_evaluations=[crop.unet_evaluations for crop in request.crops],
+    )
 
 
 # -------------------------------------------------------------------- helpers
@@ -492,19 +538,54 @@ def check_job(index: int, job: RefineJob) -> None:
         raise ValueError(f"job {index}: image must be uint8 [H, W, 3], got {getattr(image, 'shape', None)}")
     if min(image.shape[:2]) < 1:
         raise ValueError(f"job {index}: empty image {image.shape}")
-    if job.noise_mask is not None and job.noise_mask.shape != image.shape[:2]:
-        raise ValueError(f"job {index}: noise_mask {job.noise_mask.shape} does not match image {image.shape[:2]}")
+    mask = job.noise_mask
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.ndim != 2 or min(mask.shape) < 1:
+            raise ValueError(f"job {index}: noise_mask must be a non-empty 2-D array, got shape {mask.shape}")
+        if not np.isfinite(mask).all():
+            raise ValueError(f"job {index}: noise_mask has non-finite values")
 
 
-def _lora_key(loras: Sequence[tuple[str, float, float]]) -> tuple[tuple[str, float, float], ...]:
-    return tuple((str(name), float(model), float(clip)) for name, model, clip in loras)
+def stretch_to_latent_grid(
+    mask: np.ndarray, grid: tuple[int, int], extent: tuple[float, float]
+) -> torch.Tensor:
+    """A [h, w] mask resized bilinearly onto the first ``extent`` cells of a latent ``grid`` [1, 1, H, W].
+
+    The image covers ``extent`` = (H'/8, W'/8) latent cells, a fraction when the image is padded
+    to the grid. Each cell whose centre lies over the image samples the mask with torch's
+    ``align_corners=False`` rule at scale mask size / extent; cells over the padding are 0. When
+    the image fills the grid this is ``F.interpolate(mask, grid, mode="bilinear")``, ComfyUI's
+    one-step resize of a noise mask to the latent.
+    """
+    source = torch.from_numpy(np.clip(np.asarray(mask, dtype=np.float32), 0.0, 1.0))
+    row_low, row_high, row_fraction, row_inside = _bilinear_taps(source.shape[0], grid[0], extent[0])
+    col_low, col_high, col_fraction, col_inside = _bilinear_taps(source.shape[1], grid[1], extent[1])
+    top = source[row_low]  # [H, w]: the two source rows of every output row
+    bottom = source[row_high]
+    left = (1.0 - col_fraction) * top[:, col_low] + col_fraction * top[:, col_high]
+    right = (1.0 - col_fraction) * bottom[:, col_low] + col_fraction * bottom[:, col_high]
+    stretched = (1.0 - row_fraction)[:, None] * left + row_fraction[:, None] * right
+    return (stretched * row_inside[:, None] * col_inside[None, :])[None, None]
 
 
-def _group(items: Sequence[Any], key: Any) -> dict[Any, list[int]]:
-    """Indices of ``items`` grouped by ``key(item)``, groups and members in first-seen order."""
-    groups: dict[Any, list[int]] = defaultdict(list)
-    for index, item in enumerate(items):
-        groups[key(item)].append(index)
+def _bilinear_taps(size_in: int, size_out: int, extent: float) -> tuple[torch.Tensor, ...]:
+    """One axis of torch's bilinear (align_corners=False): source indices, weight, inside-the-image flag."""
+    scale = torch.tensor(float(size_in), dtype=torch.float32) / torch.tensor(float(extent), dtype=torch.float32)
+    centres = torch.arange(size_out, dtype=torch.float32) + 0.5
+    source = torch.clamp(scale * centres - 0.5, min=0.0)
+    low = torch.clamp(source.floor().long(), max=size_in - 1)
+    high = torch.clamp(low + 1, max=size_in - 1)
+    fraction = source - low.float()
+    inside = (centres <= extent).float()  # a cell whose centre is over the padding gets 0
+    return low, high, fraction, inside
+
+
+def _group(items: Sequence[Any], key: Any) -> dict[Any, list[Any]]:
+    """``items`` grouped by ``key(item)``, groups and members in first-seen order."""
+    groups: dict[Any, list[Any]] = defaultdict(list)
+    for item in items:
+        groups[key(item)].append(item)
     return dict(groups)
 
 
@@ -514,20 +595,14 @@ def _pad_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge") if pad_h or pad_w else image
 
 
-def _pad_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Zero padding: the padded area is never denoised."""
-    mask = np.clip(np.asarray(mask, dtype=np.float32), 0.0, 1.0)
-    return np.pad(mask, ((0, size[0] - mask.shape[0]), (0, size[1] - mask.shape[1])))
-
-
 def _to_pixels(image: np.ndarray) -> torch.Tensor:
     """uint8 HWC → float CHW in [-1, 1]."""
     return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
-    """float CHW in [0, 1] → uint8 HWC (rounded)."""
-    return (image.permute(1, 2, 0) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    """float CHW in [0, 1] → uint8 HWC, truncating as ComfyUI's image conversion (``clip(255·x).astype(uint8)``)."""
+    return (image.permute(1, 2, 0) * 255.0).clamp(0, 255).to(torch.uint8).numpy()
 
 
 def _token_windows(tokenizer: Any, text: str, length: int) -> list[list[int]]:
@@ -550,4 +625,5 @@ def _repeat_to_common_length(embeds: list[torch.Tensor]) -> torch.Tensor:
     unlike padding with an encoded empty prompt.
     """
     target = math.lcm(*(embed.shape[1] for embed in embeds))
-    return torch.cat([embed.repeat(1, target // embed.shape[1], 1) for embed in embeds])
+    return torch.cat([embed if embed.shape[1] == target else embed.repeat(1, target // embed.shape[1], 1)
+                      for embed in embeds])  # fmt: skip

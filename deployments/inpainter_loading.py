@@ -321,22 +321,34 @@ _LORA_SUFFIXES = (
 )
 
 
+LoraKey = tuple[tuple[str, float, float], ...]
+
+
+def lora_key(loras: Any) -> LoraKey:
+    """A hashable, normalised LoRA set: ((name, model_weight, clip_weight), ...)."""
+    return tuple((str(name), float(model), float(clip)) for name, model, clip in loras)
+
+
 class LoraPatcher:
-    """Merges LoRA files into the UNet and text encoders for a block of work, then restores them.
+    """Merges one LoRA set at a time into the UNet and text encoders.
 
     ``W += strength · (alpha / rank) · up @ down`` (ComfyUI's LoRA patch), with the model
     strength on the UNet and the clip strength on the text encoders. Merging needs no PEFT and
-    costs nothing per step. The original weights of every touched layer are kept and put back
-    on exit, so LoRA sets of different jobs never mix. Names are resolved for kohya files
-    (``lora_unet_…`` on diffusers or original UNet names, ``lora_te_``/``lora_te1_``/``lora_te2_``)
-    and PEFT/diffusers files (``unet.…``, ``text_encoder.…``). A LoRA that is not found is
-    logged and skipped, as the reference does.
+    costs nothing per step; switching sets restores the original weights of every touched layer
+    (kept from the first merge) before merging the next set, so sets never mix. The inpainter's
+    engine switches only between UNet calls of crops with different sets. Names are resolved for
+    kohya files (``lora_unet_…`` on diffusers or original UNet names,
+    ``lora_te_``/``lora_te1_``/``lora_te2_``) and PEFT/diffusers files (``unet.…``,
+    ``text_encoder.…``). A LoRA that is not found is logged and skipped, as the reference does.
     """
 
     def __init__(self, components: SDComponents, lora_dir: Path | None) -> None:
         self.components = components
         self.lora_dir = lora_dir
         self._targets: dict[str, tuple[str, torch.nn.Module]] | None = None
+        self.current: LoraKey = ()
+        self.current_applied: list[str] = []
+        self._originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
 
     def find(self, name: str) -> Path | None:
         """``<lora_dir>/<name>.safetensors``, or a file whose path ends with it (ComfyUI's suffix match).
@@ -355,24 +367,42 @@ class LoraPatcher:
         matches = [path for relative, path in files_inside(self.lora_dir) if f"/{relative}".endswith("/" + file_name)]
         return matches[0] if matches else None
 
-    @contextmanager
-    def applied(self, loras: tuple[tuple[str, float, float], ...]) -> Iterator[list[str]]:
-        """Merge ``loras`` for the duration of the block; yield the names actually applied."""
-        originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+    def activate(self, loras: Any) -> list[str]:
+        """Make ``loras`` the merged set (a no-op if it already is); return the names applied."""
+        key = lora_key(loras)
+        if key == self.current:
+            return list(self.current_applied)
+        self._restore()
         applied: list[str] = []
         try:
-            for name, model_weight, clip_weight in loras:
+            for name, model_weight, clip_weight in key:
                 path = self.find(name)
                 if path is None:
                     logger.warning("LoRA %r not found in %s: skipped", name, self.lora_dir)
                     continue
-                self._merge(path, model_weight, clip_weight, originals)
+                self._merge(path, model_weight, clip_weight, self._originals)
                 applied.append(name)
-            yield applied
+        except BaseException:
+            self._restore()
+            raise
+        self.current, self.current_applied = key, applied
+        return list(applied)
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for parameter, original in self._originals.values():
+                parameter.copy_(original)
+        self._originals = {}
+        self.current, self.current_applied = (), []
+
+    @contextmanager
+    def applied(self, loras: tuple[tuple[str, float, float], ...]) -> Iterator[list[str]]:
+        """Merge ``loras`` for the duration of the block, then go back to the previous set."""
+        previous = self.current
+        try:
+            yield self.activate(loras)
         finally:
-            with torch.no_grad():
-                for parameter, original in originals.values():
-                    parameter.copy_(original)
+            self.activate(previous)
 
     def _merge(
         self,

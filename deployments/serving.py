@@ -2,8 +2,8 @@
 
 The plain classes (:class:`FaceDetector`, :class:`SamSegmenter`, :class:`Inpainter`) stay usable
 in-process; these wrappers add what serving needs: model calls off the replica's event loop (so
-health probes and batching keep running during a long inference), cross-request batching of
-crops in the inpainter (``@serve.batch`` counted in crops, live-tunable through ``user_config``),
+health probes keep running during a long inference), the inpainter's step-level batching engine
+in a background thread (live-tunable through ``user_config``, statistics summed over replicas),
 and health checks that also catch a model that stopped answering.
 """
 
@@ -12,16 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ray import serve
 
 from deployments.detector import FaceDetector
-from deployments.inpainter import Inpainter, RefineJob, SamplingSettings, check_job
+from deployments.engine_stats import STATS_ACTOR_NAME, EngineMetrics, StatsReporter, merge_snapshots
+from deployments.inpainter import Inpainter, RefineJob, RefineResult, SamplingSettings, result_of
 from deployments.sam import SamPrediction, SamSegmenter
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
@@ -105,25 +104,16 @@ class SamDeployment(_ServedModel):
         return await self.watchdog.run(self.model.predict, image, list(prompts))
 
 
-@dataclass
-class _Failed:
-    """A batch member's error, handed back to its own caller only."""
-
-    error: BaseException
-
-
-def _crops_in(batch: list[tuple[list[RefineJob], SamplingSettings]]) -> int:
-    """``batch_size_fn``: a batch is as big as the crops it carries, not the requests."""
-    return sum(len(jobs) for jobs, _ in batch)
-
-
 class InpainterDeployment(_ServedModel):
-    """Serves one :class:`Inpainter`, batching crops across concurrent requests.
+    """Serves one :class:`Inpainter`: its engine loop runs in a background thread of the replica.
 
-    Each request's crops join a shared queue; a batch closes at ``max_batch_size`` crops or after
-    ``batch_wait_timeout_s``. Crops with the same sampling settings go to the model in one call
-    (the model groups them by latent size). Both knobs can be changed live through
-    ``user_config`` (``serve deploy`` with a new value calls :meth:`reconfigure`).
+    Every request's crops join the engine's queue; at each step the engine runs the pending UNet
+    evaluations of all active crops (same latent size and LoRA set) as one UNet call, so crops of
+    concurrent requests share calls whatever their settings, with no batch wait. A full queue is
+    an :class:`EngineBusyError` (the ingress answers 503 with Retry-After); a cancelled call (the
+    client left, or the ingress timed out) takes its crops out of the engine at the next step.
+    ``max_batch_size`` (active crops) and ``max_queued_crops`` are the deployment's
+    ``user_config``: a ``serve deploy`` with new values calls :meth:`reconfigure` live.
     """
 
     def __init__(
@@ -131,87 +121,68 @@ class InpainterDeployment(_ServedModel):
         model: str,
         *,
         max_batch_size: int = 8,
-        batch_wait_timeout_s: float = 0.05,
+        max_queued_crops: int = 256,
         stuck_after_s: float = DEFAULT_STUCK_AFTER_S,
         **options: Any,
     ) -> None:
-        self.model = Inpainter(model, max_batch_size=max_batch_size, **options)
-        self.watchdog = _Watchdog(stuck_after_s)
-        self.max_batch_size = max_batch_size
-        self.batch_wait_timeout_s = batch_wait_timeout_s
-        self.recent_model_calls: deque[int] = deque(maxlen=256)  # crops per model call, newest last
-        self._apply_batching()
-
-    def _apply_batching(self) -> None:
-        self._refine_batch.set_max_batch_size(self.max_batch_size)
-        self._refine_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+        self.model = Inpainter(model, max_batch_size=max_batch_size, max_queued_crops=max_queued_crops, **options)
+        self.engine = self.model.engine
+        self.stuck_after_s = stuck_after_s
+        self.engine.start(name="inpaint-engine")
+        self.reporter = StatsReporter(
+            replica=_replica_name(),
+            snapshot=self.engine.snapshot,
+            aggregator=_stats_aggregator,
+            metrics=_engine_metrics(),
+        )
+        self.reporter.start()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Live update of ``max_batch_size`` (crops) and ``batch_wait_timeout_s``."""
-        unknown = set(user_config) - {"max_batch_size", "batch_wait_timeout_s"}
+        """Live update of ``max_batch_size`` (active crops) and ``max_queued_crops``."""
+        unknown = set(user_config) - {"max_batch_size", "max_queued_crops"}
         if unknown:
             raise ValueError(f"unknown inpainter user_config keys: {sorted(unknown)}")
-        self.max_batch_size = int(user_config.get("max_batch_size", self.max_batch_size))
-        self.batch_wait_timeout_s = float(user_config.get("batch_wait_timeout_s", self.batch_wait_timeout_s))
-        if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
-            raise ValueError("max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
-        self.model.max_batch_size = self.max_batch_size
-        self._apply_batching()
-        logger.info("inpainter batching: %d crops, %.3f s wait", self.max_batch_size, self.batch_wait_timeout_s)
+        self.engine.configure(
+            max_batch_size=user_config.get("max_batch_size"), max_queued_crops=user_config.get("max_queued_crops")
+        )
+        logger.info(
+            "inpainter engine: %d active crops, %d queued", self.engine.max_batch_size, self.engine.max_queued_crops
+        )
 
-    async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings) -> list[np.ndarray]:
-        """Refine a request's crops; they may share a model call with other requests' crops."""
-        self.model.validate_settings(settings)
-        jobs = list(jobs)
-        for index, job in enumerate(jobs):
-            check_job(index, job)  # reject a malformed crop before it joins a shared batch
-        chunks = [jobs[i : i + self.max_batch_size] for i in range(0, len(jobs), self.max_batch_size)]
-        results = await asyncio.gather(*(self._refine_batch((chunk, settings)) for chunk in chunks))
-        refined: list[np.ndarray] = []
-        for result in results:
-            if isinstance(result, _Failed):
-                raise result.error
-            refined.extend(result)
-        return refined
+    async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings | None = None) -> RefineResult:
+        """Refine a request's crops (each with its own settings, or ``settings``) on the shared engine."""
+        payloads = self.model.payloads(list(jobs), settings)  # bad crops and settings fail here, alone
+        request = self.engine.submit(payloads)
+        try:
+            images = await asyncio.wrap_future(request.future)
+        except asyncio.CancelledError:
+            self.engine.cancel(request)
+            raise
+        return result_of(request, images)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05, batch_size_fn=_crops_in)
-    async def _refine_batch(
-        self, requests: list[tuple[list[RefineJob], SamplingSettings]]
-    ) -> list[list[np.ndarray] | _Failed]:
-        by_settings: dict[str, list[int]] = {}
-        for index, (_, settings) in enumerate(requests):
-            by_settings.setdefault(settings.model_dump_json(), []).append(index)
-        results: list[list[np.ndarray] | _Failed] = [_Failed(RuntimeError("not run"))] * len(requests)
-        for members in by_settings.values():
-            jobs = [job for index in members for job in requests[index][0]]
-            self.recent_model_calls.append(len(jobs))
-            try:
-                refined = await self.watchdog.run(self.model.refine, jobs, requests[members[0]][1])
-            except Exception as error:
-                if len(members) == 1:
-                    results[members[0]] = _Failed(error)
-                    continue
-                # one request's crops broke the shared call: retry each alone, so only it fails
-                for index in members:
-                    try:
-                        results[index] = await self.watchdog.run(self.model.refine, *requests[index])
-                    except Exception as member_error:
-                        results[index] = _Failed(member_error)
-                continue
-            start = 0
-            for index in members:
-                count = len(requests[index][0])
-                results[index] = refined[start : start + count]
-                start += count
-        return results
+    async def stats(self) -> dict[str, Any]:
+        """This deployment's engine statistics summed over all its replicas (see ``engine_stats``)."""
+        own = self.reporter.push()
+        try:
+            handle = _stats_aggregator()
+            await handle.report.remote(self.reporter.replica, own)
+            summary = await asyncio.wait_for(asyncio.wrap_future(handle.summary.remote().future()), timeout=10)
+            return {**summary, "aggregated": True}
+        except Exception as error:  # no aggregator (e.g. deployed without it): this replica only
+            logger.debug("engine stats aggregator unavailable: %s", error)
+            return {**merge_snapshots({self.reporter.replica: (time.time(), own)}), "aggregated": False}
 
-    def batching_stats(self) -> dict[str, Any]:
-        """Crops per recent model call: shows whether concurrent requests share batches."""
-        return {
-            "max_batch_size": self.max_batch_size,
-            "batch_wait_timeout_s": self.batch_wait_timeout_s,
-            "recent_model_calls": list(self.recent_model_calls),
-        }
+    async def check_health(self) -> None:
+        """Unhealthy if the engine loop died or one model call has run for longer than ``stuck_after_s``."""
+        if self.engine.loop_error is not None or not self.engine.running:
+            raise RuntimeError(f"inpaint engine loop is not running ({self.engine.loop_error!r})")
+        started = self.engine.model_call_started
+        if started is not None:
+            age = time.monotonic() - started
+            if age > self.stuck_after_s:
+                raise ModelStuckError(f"a model call has been running for {age:.0f} s (limit {self.stuck_after_s} s)")
+            return
+        await asyncio.to_thread(self.model.check_health)
 
     def supported_samplers(self) -> list[str]:
         return self.model.supported_samplers()
@@ -220,8 +191,24 @@ class InpainterDeployment(_ServedModel):
         return self.model.supported_schedulers()
 
     def info(self) -> dict[str, Any]:
-        return {
-            **self.model.info(),
-            "max_batch_size": self.max_batch_size,
-            "batch_wait_timeout_s": self.batch_wait_timeout_s,
-        }
+        snapshot = self.engine.snapshot()
+        snapshot["queue_wait_s"].pop("recent")
+        return {**self.model.info(), "engine": snapshot}
+
+
+def _replica_name() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (tests constructing the class directly)
+        return f"local-{id(object())}"
+
+
+def _stats_aggregator() -> Any:
+    return serve.get_deployment_actor(STATS_ACTOR_NAME)
+
+
+def _engine_metrics() -> EngineMetrics | None:
+    try:
+        return EngineMetrics()
+    except Exception:  # outside a Ray worker
+        return None

@@ -13,6 +13,7 @@ import yaml
 from ray import serve
 from ray.serve import Application
 
+from deployments.engine_stats import deployment_actor_config
 from deployments.serving import DetectorDeployment, InpainterDeployment, SamDeployment
 from serve_app.config import AppArgs, DeploymentOptions, DetectorArgs, SamArgs
 from serve_app.ingress import FaceDetailerIngress
@@ -64,10 +65,12 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     sam = _named_deployments(SamDeployment, "Sam", config.named_sam_models(), _bind_sam)
     paint = config.inpainter
     inpainter_deployment = _model_deployment(InpainterDeployment, "Inpainter", paint.deployment)
+    # the engine's statistics are summed over replicas by a deployment-scoped actor
+    inpainter_deployment = inpainter_deployment.options(deployment_actors=[deployment_actor_config()])
     if paint.deployment.user_config is None:
-        # live-tunable batching: a Serve config's deployments[].user_config overrides it in place
+        # live-tunable engine bounds: a Serve config's deployments[].user_config overrides them in place
         inpainter_deployment = inpainter_deployment.options(
-            user_config={"max_batch_size": paint.max_batch_size, "batch_wait_timeout_s": paint.batch_wait_timeout_s}
+            user_config={"max_batch_size": paint.max_batch_size, "max_queued_crops": paint.max_queued_crops}
         )
     inpainter = inpainter_deployment.bind(
         paint.model,
@@ -76,7 +79,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         dtype=paint.dtype,
         lora_dir=paint.lora_dir,
         max_batch_size=paint.max_batch_size,
-        batch_wait_timeout_s=paint.batch_wait_timeout_s,
+        max_queued_crops=paint.max_queued_crops,
     )
     ingress = FaceDetailerIngress.options(**config.ingress.to_serve_options())
     return ingress.bind(

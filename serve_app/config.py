@@ -96,8 +96,12 @@ class InpainterArgs(StrictModel):
     device: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     lora_dir: str | None = None
-    max_batch_size: int = Field(8, ge=1, le=64, description="crops per inpainter batch")
-    batch_wait_timeout_s: float = Field(0.05, ge=0, le=10, description="how long a batch waits to fill")
+    max_batch_size: int = Field(
+        8, ge=1, le=64, description="crops sampled at once by a replica's engine (its active set; UNet batch bound)"
+    )
+    max_queued_crops: int = Field(
+        64, ge=1, le=100000, description="crops waiting for the engine per replica; beyond it requests get 503"
+    )
     deployment: DeploymentOptions = DeploymentOptions()
 
 

@@ -20,7 +20,8 @@ from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.inpainter import RefineJob, SamplingSettings
+from deployments.inpainter import RefineJob, RefineResult, SamplingSettings
+from deployments.inpainter_engine import EngineBusyError
 from facedetailer.params import FaceDetailerParams
 from facedetailer.safe_paths import UnsafeNameError
 from facedetailer.sam_prompts import SamPrompt
@@ -99,6 +100,28 @@ class ServiceMetrics:
             self.stage_latency.observe(seconds, tags={"stage": stage})
 
 
+async def _cancellable(response: Any) -> Any:
+    """Await a handle call; if the caller is cancelled (client gone, timeout), cancel the call too.
+
+    Ray Serve does not cancel a deployment call when the coroutine awaiting it is cancelled, so
+    without this a model replica would keep working for a request nobody waits for: queued
+    detector/SAM calls are dropped and the inpainter's crops leave its engine at the next step.
+    """
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
+    except RequestCancelledError:
+        # Serve's local testing mode reports the caller's own cancellation as the call's
+        # RequestCancelledError: still the caller's cancellation (a timeout must stay a 504).
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            response.cancel()
+            raise asyncio.CancelledError from None
+        raise
+
+
 class HandleStages:
     """The pipeline's stages, each a call to a model deployment."""
 
@@ -112,18 +135,18 @@ class HandleStages:
         self.detector, self.inpainter, self.sam, self.segm_detector = detector, inpainter, sam, segm_detector
 
     async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]:
-        return await self.detector.detect.remote(image, threshold)
+        return await _cancellable(self.detector.detect.remote(image, threshold))
 
     async def detect_segm(self, image: np.ndarray, threshold: float) -> list[Detection]:
         assert self.segm_detector is not None
-        return await self.segm_detector.detect.remote(image, threshold)
+        return await _cancellable(self.segm_detector.detect.remote(image, threshold))
 
     async def segment(self, image: np.ndarray, prompts: Sequence[SamPrompt]) -> list[Any]:
         assert self.sam is not None
-        return await self.sam.predict.remote(image, list(prompts))
+        return await _cancellable(self.sam.predict.remote(image, list(prompts)))
 
-    async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings) -> list[np.ndarray]:
-        return await self.inpainter.refine.remote(list(jobs), settings)
+    async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings) -> RefineResult:
+        return await _cancellable(self.inpainter.refine.remote(list(jobs), settings))
 
 
 def sampling_settings(params: FaceDetailerParams) -> SamplingSettings:
@@ -219,6 +242,10 @@ class FaceDetailerIngress:
             ),
         }
 
+    async def stats(self) -> dict[str, Any]:
+        """Serving statistics: the inpainter engine's, summed over its replicas (``GET /v1/stats``)."""
+        return {"inpainter": await self.stages.inpainter.stats.remote()}
+
     async def _supported_names(self) -> tuple[list[str], list[str]]:
         if self._supported is None:
             samplers = await self.stages.inpainter.supported_samplers.remote()
@@ -283,6 +310,8 @@ class FaceDetailerIngress:
             raise RequestError(422, message, {"name": name, "reason": reason}) from error
         except PipelineInputError as error:
             raise RequestError(422, str(error)) from error
+        except EngineBusyError as error:  # the inpainter's queue is full: retry later
+            raise RequestError(503, str(error)) from error
         except TimeoutError as error:
             raise RequestError(504, f"request took longer than {self.limits.request_timeout_s} s") from error
         except ValueError as error:  # e.g. the inpainter rejecting a sampler/scheduler combination
@@ -316,6 +345,11 @@ class FaceDetailerIngress:
         healthy = all(value == "ok" for value in checks.values())
         status = {"status": "ok" if healthy else "unhealthy", "deployments": checks}
         return JSONResponse(status, 200 if healthy else 503)
+
+    @http_app.get("/v1/stats")
+    async def http_stats(self) -> JSONResponse:
+        """UNet batch sizes, queue wait and active crops of the inpainter engine, over all replicas."""
+        return JSONResponse(await self.stats())
 
     @http_app.get("/v1/info")
     async def http_info(self) -> JSONResponse:

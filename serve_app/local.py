@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from deployments.detector import FaceDetector
-from deployments.inpainter import Inpainter, RefineJob, SamplingSettings
+from deployments.inpainter import Inpainter, RefineJob, RefineResult, SamplingSettings
 from deployments.sam import SamPrediction, SamSegmenter
 from facedetailer.params import FaceDetailerParams
 from facedetailer.sam_prompts import SamPrompt
@@ -48,8 +48,8 @@ class LocalStages:
         assert self.sam is not None
         return self.sam.predict(image, list(prompts))
 
-    async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings) -> list[np.ndarray]:
-        return self.inpainter.refine(list(jobs), settings)
+    async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings) -> RefineResult:
+        return self.inpainter.refine_result(list(jobs), settings)
 
     def detail(
         self, images: Sequence[np.ndarray], params: FaceDetailerParams, *, batch_faces: bool = True

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from facedetailer.blend import blend_face, feather_mask, resize_image, resize_mask, rgba_with_alpha
+from facedetailer.blend import blend_face, feather_mask, resize_image, rgba_with_alpha
 from facedetailer.guide_size import plan_upscale
 from facedetailer.hooks import DetailerHooks
 from facedetailer.outputs import node_list, sorted_by_shape
@@ -43,7 +43,7 @@ class Stages(Protocol):
 
     async def segment(self, image: np.ndarray, prompts: Sequence[SamPrompt]) -> list[Any]: ...
 
-    async def refine(self, jobs: Sequence[Any], settings: Any) -> list[np.ndarray]: ...
+    async def refine(self, jobs: Sequence[Any], settings: Any) -> Any: ...  # RefineResult or list of images
 
 
 class PipelineInputError(ValueError):
@@ -223,7 +223,8 @@ def plan_face(
     upscaled = resize_image(crop, new_size)
     noise_mask = None
     if params.noise_mask:
-        noise_mask = resize_mask(feather_mask(seg.cropped_mask, params.noise_mask_feather), new_size)
+        # at the crop's own size: the sampler resizes it to the latent grid in one step (reference §6.3)
+        noise_mask = feather_mask(seg.cropped_mask, params.noise_mask_feather)
     conditioning = face_conditioning(params.positive, params.negative, prompt)
     report.prompt = " BREAK ".join(conditioning.positive)
     job = make_job(
@@ -378,7 +379,12 @@ async def refine_image(
                 ready.append(face)
         if not ready:
             continue
-        refined_batch = await timer.run("inpaint", stages.refine([face.job for face in ready], settings))
+        outcome = await timer.run("inpaint", stages.refine([face.job for face in ready], settings))
+        # a RefineResult (images + the inpainter's queue wait) or a plain list of images
+        refined_batch = getattr(outcome, "images", outcome)
+        if hasattr(outcome, "queue_wait_s"):
+            waited = prepared.timings.get("inpaint_queue_wait", 0.0)
+            prepared.timings["inpaint_queue_wait"] = waited + outcome.queue_wait_s
         for face, refined in zip(ready, refined_batch, strict=True):
             current, refined_crop, alpha = timer.measure(
                 "blend", lambda image=current, f=face, r=refined: _blend(image, f, r, params)

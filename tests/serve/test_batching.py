@@ -1,11 +1,13 @@
-"""Batched faces with the real models: waves and cross-request batching keep the one-by-one result.
+"""Batched faces with the real models: waves and the inpainter engine keep the one-by-one result.
 
-The pipeline runs in-process (LocalStages); the inpainter deployment class is
-deployed alone on the session's Ray cluster (``@serve.batch`` needs a real replica: it fails in
-``_local_testing_mode`` in this Ray version).
+The pipeline runs in-process (LocalStages); the inpainter deployment class is deployed alone on
+the session's Ray cluster, so its engine runs in a real replica's background thread, its
+statistics go through the deployment-scoped stats actor and cancellation through Serve.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
@@ -62,9 +64,9 @@ def test_overlapping_faces_keep_the_reference_order(stages):
     assert max_level_difference(batched.images[0], single.images[0]) <= 1
 
 
-def job(size: int, seed: int) -> RefineJob:
+def job(size: int, seed: int, settings: SamplingSettings | None = None) -> RefineJob:
     image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    return RefineJob(image=image, noise_mask=None, positive=("a face",), negative=(), seed=seed)
+    return RefineJob(image=image, noise_mask=None, positive=("a face",), negative=(), seed=seed, settings=settings)
 
 
 INPAINTER_APP = "inpainter-only"
@@ -73,29 +75,28 @@ INPAINTER_APP = "inpainter-only"
 def inpainter_app(tiny_sd: dict, user_config: dict):
     from ray import serve
 
+    from deployments.engine_stats import deployment_actor_config
+
     deployment = serve.deployment(InpainterDeployment, name="Inpainter").options(
         ray_actor_options={"num_cpus": 0.1, "num_gpus": 0},
         max_ongoing_requests=16,
         user_config=user_config,
+        deployment_actors=[deployment_actor_config()],
     )
     return deployment.bind(tiny_sd["pipeline"], device="cpu")
 
 
 @pytest.fixture(scope="module")
 def inpainter_handle(serve_instance, tiny_sd: dict):
-    """The inpainter deployment alone on the session's Ray cluster (@serve.batch needs a replica)."""
+    """The inpainter deployment alone on the session's Ray cluster (its engine runs in a real replica)."""
     from ray import serve
 
-    handle = serve.run(
-        inpainter_app(tiny_sd, {"max_batch_size": 8, "batch_wait_timeout_s": 0.3}),
-        name=INPAINTER_APP,
-        route_prefix=None,
-    )
+    handle = serve.run(inpainter_app(tiny_sd, {"max_batch_size": 8}), name=INPAINTER_APP, route_prefix=None)
     yield handle
     serve.delete(INPAINTER_APP)
 
 
-def refine_concurrently(handle, requests: list[list[RefineJob]], settings: SamplingSettings) -> list:
+def refine_concurrently(handle, requests: list[list[RefineJob]], settings: SamplingSettings | None) -> list:
     responses = [handle.refine.remote(jobs, settings) for jobs in requests]
     outcomes = []
     for response in responses:
@@ -106,34 +107,82 @@ def refine_concurrently(handle, requests: list[list[RefineJob]], settings: Sampl
     return outcomes
 
 
-def test_inpainter_deployment_batches_crops_across_requests_and_reconfigures_live(inpainter_handle):
-    settings = SamplingSettings(steps=2)
-    requests = [[job(64, 1), job(64, 2)], [job(64, 3)], [job(96, 4)]]
-    results = refine_concurrently(inpainter_handle, requests, settings)
-    stats = inpainter_handle.batching_stats.remote().result()
-    assert stats["recent_model_calls"] == [4], "four crops from three requests in one model call"
-    assert [r.shape[:2] for result in results for r in result] == [(64, 64)] * 3 + [(96, 96)]
-    [alone] = inpainter_handle.refine.remote([job(64, 3)], settings).result(timeout_s=300)
-    assert max_level_difference(alone, results[1][0]) <= 1, "a crop does not depend on its batch"
+def stats(handle) -> dict:
+    return handle.stats.remote().result(timeout_s=60)
 
+
+def test_crops_of_concurrent_requests_with_different_settings_share_unet_calls(inpainter_handle):
+    before = stats(inpainter_handle)
+    requests = [
+        [job(64, 1, SamplingSettings(steps=6, sampler_name="euler")), job(64, 2, SamplingSettings(steps=3, cfg=1.0))],
+        [job(64, 3, SamplingSettings(steps=5, sampler_name="euler_ancestral", denoise=0.8))],
+        [job(64, 4, SamplingSettings(steps=4, sampler_name="heun", scheduler="karras"))],
+        [job(96, 5, SamplingSettings(steps=3))],
+    ]
+    results = refine_concurrently(inpainter_handle, requests, None)
+    assert all(not isinstance(result, Exception) for result in results), results
+    assert [image.shape[:2] for result in results for image in result.images] == [(64, 64)] * 4 + [(96, 96)]
+    after = stats(inpainter_handle)
+    assert after["aggregated"] is True, "summed by the deployment's stats actor"
+    new_calls = {
+        size: count - before["unet_batch_sizes"].get(size, 0)
+        for size, count in after["unet_batch_sizes"].items()
+        if count > before["unet_batch_sizes"].get(size, 0)
+    }
+    assert max(new_calls) >= 2, f"crops with different settings shared calls: {new_calls}"
+    assert after["crops_completed"] - before["crops_completed"] == 5
+    assert all(result.queue_wait_s >= 0 for result in results)
+    [alone] = inpainter_handle.refine.remote([requests[1][0]], None).result(timeout_s=300).images
+    assert max_level_difference(alone, results[1].images[0]) <= 1, "a crop does not depend on its batch"
+
+
+def test_reconfigure_is_live_on_the_same_replica(inpainter_handle):
     # what Serve calls on the running replica when a deployed config changes only user_config
-    inpainter_handle.reconfigure.remote({"max_batch_size": 2, "batch_wait_timeout_s": 0.3}).result()
-    stats = inpainter_handle.batching_stats.remote().result()
-    assert stats["max_batch_size"] == 2 and stats["recent_model_calls"][:2] == [4, 1], "same replica"
-    refine_concurrently(inpainter_handle, requests, settings)
-    calls = inpainter_handle.batching_stats.remote().result()["recent_model_calls"][2:]
-    assert max(calls) <= 2 and sum(calls) == 4, calls
+    inpainter_handle.reconfigure.remote({"max_batch_size": 1}).result()
+    try:
+        before = stats(inpainter_handle)
+        requests = [[job(64, seed, SamplingSettings(steps=2))] for seed in range(3)]
+        refine_concurrently(inpainter_handle, requests, None)
+        after = stats(inpainter_handle)
+        assert set(after["unet_batch_sizes"]) - set(before["unet_batch_sizes"]) <= {1}
+        assert after["unet_batch_sizes"][1] - before["unet_batch_sizes"].get(1, 0) == 6
+        info = inpainter_handle.info.remote().result()
+        assert info["engine"]["max_batch_size"] == 1
+    finally:
+        inpainter_handle.reconfigure.remote({"max_batch_size": 8}).result()
 
 
 def test_inpainter_deployment_fails_only_the_bad_request(inpainter_handle):
     bad_job = RefineJob(image=np.zeros((8, 8), np.uint8), noise_mask=None, positive=(), negative=(), seed=0)
-    ok, failed = refine_concurrently(inpainter_handle, [[job(64, 1)], [bad_job]], SamplingSettings(steps=2))
-    assert isinstance(ok, list) and ok[0].shape == (64, 64, 3)
-    assert isinstance(failed, Exception)
+    bad_sampler = job(64, 9, SamplingSettings(sampler_name="no_such_sampler"))
+    ok, failed, refused = refine_concurrently(
+        inpainter_handle, [[job(64, 1)], [bad_job], [bad_sampler]], SamplingSettings(steps=2)
+    )
+    assert ok.images[0].shape == (64, 64, 3)
+    assert isinstance(failed, ValueError) and "uint8 [H, W, 3]" in str(failed)
+    assert isinstance(refused, ValueError) and "no_such_sampler" in str(refused)
+
+
+def test_a_cancelled_call_leaves_the_engine_within_a_step(inpainter_handle):
+    """Cancelling the handle call (what the ingress does when its client goes) stops the crop's sampling."""
+    before = stats(inpainter_handle)
+    long = inpainter_handle.refine.remote([job(96, 7, SamplingSettings(steps=2000))], None)
+    deadline = time.monotonic() + 60
+    while stats(inpainter_handle)["active_crops"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    long.cancel()
+    while stats(inpainter_handle)["active_crops"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    after = stats(inpainter_handle)
+    assert after["active_crops"] == 0 and after["crops_cancelled"] == before["crops_cancelled"] + 1
+    assert after["unet_calls"] - before["unet_calls"] < 2000, "the 2000-step crop did not run to the end"
+    started = time.monotonic()
+    inpainter_handle.refine.remote([job(64, 8, SamplingSettings(steps=2))], None).result(timeout_s=60)
+    assert time.monotonic() - started < 30
 
 
 def test_reconfigure_rejects_unknown_keys(tiny_sd: dict):
     """Checked on the class itself: no replica needed to validate a user_config."""
     deployment = InpainterDeployment.__new__(InpainterDeployment)
     with pytest.raises(ValueError, match="unknown"):
-        deployment.reconfigure({"max_batch": 3})
+        deployment.reconfigure({"batch_wait_timeout_s": 0.1})

@@ -296,7 +296,7 @@ def test_coreml_hook_squares_the_crop_and_samples_at_its_fixed_size():
     [segment] = result.per_image[0].segments
     assert segment.crop_region == (240, 250, 360, 370) and segment.upscaled_size == (512, 512)
     assert stages.refine_calls[0].image.shape == (512, 512, 3)
-    assert stages.refine_calls[0].noise_mask.shape == (512, 512)
+    assert stages.refine_calls[0].noise_mask.shape == (120, 120), "the mask stays at crop size (reference §6.3)"
     assert result.cropped_refined[0].shape == (120, 120, 3)
 
 

@@ -1,0 +1,704 @@
+#!/usr/bin/env python
+"""Continuous batching benchmark of the inpainter (issue 9, part 7).
+
+Two measurements, each run against whatever code is first on ``sys.path`` (so the old
+``@serve.batch`` path can be measured from an export of ``main``, see ``benchmarks/README.md``):
+
+``clients``
+    The inpainter deployment alone on a private local Ray instance, driven through its handle
+    by 1/4/8/16 closed-loop clients that start staggered and send one crop per request with
+    mixed settings (steps 10–40, denoise 0.3–0.7, euler / euler_ancestral / heun, cfg 1 or 7).
+    Each level runs for ``--duration`` seconds; throughput, latency and UNet batch sizes are
+    measured over the window in which every client is running. ``--model cpu`` uses the tiny
+    random-weight SD model on the CPU, ``--model sim`` the simulated accelerator ``sim://sd15``
+    (a UNet evaluation of n rows costs a + b·n seconds, asleep), for which the script also
+    computes the cost model's ideal: every UNet call carrying ``--ideal-batch`` crops.
+
+``single``
+    One FaceDetailer request on a real photo with ``configs/local-cpu.yaml``: in-process
+    (``LocalStages``) vs served (handle, HTTP PNG), repetitions interleaved.
+
+``render``
+    Writes the "Continuous batching" section of ``docs/benchmarks.md`` from saved JSON files.
+
+    .venv/bin/python benchmarks/continuous_batching.py clients --model sim --json out/sim-engine.json
+    .venv/bin/python benchmarks/continuous_batching.py single --json out/single-engine.json
+    .venv/bin/python benchmarks/continuous_batching.py render --out docs/benchmarks.md out/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_TINY_MODELS = REPO / ".cache" / "tests" / "tiny-models"
+SAMPLERS = ("euler", "euler_ancestral", "heun")
+CFGS = (1.0, 7.0)
+LEVELS = (1, 4, 8, 16)
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DIFFUSERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "YOLO_OFFLINE": "1",
+    "YOLO_AUTOINSTALL": "0",
+    "YOLO_VERBOSE": "False",
+    "YOLO_CONFIG_DIR": "/tmp/facedetailer-ultralytics",
+    "FACEDETAILER_OFFLINE": "1",
+}
+SECTION = "## Continuous batching"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def code_under_test() -> dict[str, Any]:
+    import deployments
+
+    root = Path(deployments.__file__).resolve().parent.parent
+    from deployments import serving
+
+    engine = hasattr(serving.InpainterDeployment, "stats")
+    commit = ""
+    if (root / ".git").exists():
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()  # fmt: skip
+    return {"root": str(root), "path": "engine" if engine else "serve.batch", "commit": commit}
+
+
+def machine() -> dict[str, Any]:
+    import ray
+    import torch
+
+    return {
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "loadavg_start": [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]],
+    }
+
+
+# ------------------------------------------------------------------------------------ workload
+
+
+def workload(seed: int, size: int) -> Any:
+    """An endless stream of (job, settings, evaluations, rows per evaluation), one crop per request."""
+    from deployments.inpainter import RefineJob, SamplingSettings
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    mask = np.clip(1.6 - 1.6 * np.hypot((y - size / 2) / (size / 2), (x - size / 2) / (size / 2)), 0, 1)
+    mask = mask.astype(np.float32)  # same size as the image: the old path requires it
+    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(4)]
+    index = 0
+    while True:
+        steps = int(rng.integers(10, 41))
+        sampler = SAMPLERS[int(rng.integers(0, len(SAMPLERS)))]
+        cfg = CFGS[int(rng.integers(0, len(CFGS)))]
+        settings = SamplingSettings(
+            steps=steps, denoise=round(float(rng.uniform(0.3, 0.7)), 3), cfg=cfg, sampler_name=sampler,
+            scheduler="normal",
+        )  # fmt: skip
+        job = RefineJob(
+            image=images[index % len(images)], noise_mask=mask, positive=("a photo of a face",),
+            negative=("blurry",), seed=int(rng.integers(0, 2**31)),
+        )  # fmt: skip
+        evaluations = 2 * steps - 1 if sampler == "heun" else steps
+        yield job, settings, evaluations, 1 if cfg == 1.0 else 2
+        index += 1
+
+
+# ------------------------------------------------------------------------------------ deployment
+
+
+def bench_deployment() -> Any:
+    """The inpainter deployment with a probe: UNet calls (crops, rows) and replica-side timing."""
+    from deployments.serving import InpainterDeployment
+
+    class BenchInpainter(InpainterDeployment):
+        def __init__(self, model: str, **options: Any) -> None:
+            super().__init__(model, **options)
+            self.engine_path = hasattr(self, "engine")
+            self.calls: list[tuple[int, int]] = []  # old path: (crops, rows) per UNet call
+            if not self.engine_path:
+                original = self.model._predict
+
+                def predict(model_input: Any, t: Any, conditioning: Any, cfg: float) -> Any:
+                    crops = int(model_input.shape[0])
+                    self.calls.append((crops, crops if cfg == 1.0 else 2 * crops))
+                    return original(model_input, t, conditioning, cfg)
+
+                self.model._predict = predict
+
+        async def timed_refine(self, jobs: list, settings: Any) -> dict[str, Any]:
+            started = time.perf_counter()
+            result = await self.refine(jobs, settings)
+            return {
+                "replica_s": time.perf_counter() - started,
+                "queue_wait_s": getattr(result, "queue_wait_s", None),
+                "engine_evaluations": getattr(result, "unet_evaluations", None),
+            }
+
+        def probe(self) -> dict[str, Any]:
+            accelerator = getattr(self.model.components.unet, "accelerator", None)  # sim:// only
+            busy = accelerator.busy_s if accelerator is not None else None  # UNet + VAE + text, as run
+            code = code_under_test()  # what this replica imported, to check against the driver's
+            if self.engine_path:
+                snapshot = self.engine.snapshot()
+                return {"sizes": snapshot["unet_batch_sizes"], "rows": snapshot["unet_rows"], "busy_s": busy,
+                        "code": code}  # fmt: skip
+            sizes = Counter(crops for crops, _ in self.calls)
+            return {"sizes": dict(sizes), "rows": sum(rows for _, rows in self.calls), "busy_s": busy, "code": code}
+
+    return BenchInpainter
+
+
+def start_ray(env: dict[str, str]) -> None:
+    import ray
+
+    os.environ.update(env)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+
+
+def deploy(model: str, max_batch_size: int) -> Any:
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    options: dict[str, Any] = {"max_batch_size": max_batch_size}
+    user_config = {"max_batch_size": max_batch_size}
+    deployment = serve.deployment(bench_deployment(), name="Inpainter").options(
+        ray_actor_options={"num_cpus": 1, "num_gpus": 0},
+        max_ongoing_requests=64,
+        user_config=user_config if code_under_test()["path"] == "engine" else None,
+    )
+    return serve.run(deployment.bind(model, device="cpu", **options), name="cb-bench", route_prefix=None)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def probe_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    sizes = {int(k): int(v) - int(before["sizes"].get(k, before["sizes"].get(int(k), 0)))
+             for k, v in after["sizes"].items()}  # fmt: skip
+    sizes = {k: v for k, v in sorted(sizes.items()) if v > 0}
+    calls = sum(sizes.values())
+    evaluations = sum(size * count for size, count in sizes.items())
+    return {
+        "unet_batch_sizes": sizes,
+        "unet_calls": calls,
+        "crop_evaluations": evaluations,
+        "rows": int(after["rows"]) - int(before["rows"]),
+        "mean_batch": evaluations / calls if calls else None,
+    }
+
+
+async def run_level(
+    handle: Any, clients: int, opts: argparse.Namespace, cost: dict[str, float] | None
+) -> dict[str, Any]:
+    """``clients`` closed-loop clients for ``opts.duration`` s; metrics over the all-running window."""
+    streams = [workload(1000 * clients + client, opts.size) for client in range(clients)]
+    records: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    window_start = t0 + (clients - 1) * opts.stagger + opts.warmup
+    window_end = t0 + (clients - 1) * opts.stagger + opts.warmup + opts.duration
+    probes: dict[str, Any] = {}
+
+    async def client(index: int) -> None:
+        await asyncio.sleep(index * opts.stagger)
+        stream = streams[index]
+        while time.perf_counter() < window_end:
+            job, settings, evaluations, rows = next(stream)
+            # a lone client: the simulated device's busy time around each request is that request's
+            busy_before = (await handle.probe.remote())["busy_s"] if clients == 1 else None
+            started = time.perf_counter()
+            reply = await handle.timed_refine.remote([job], settings)
+            ended = time.perf_counter()
+            busy = None
+            if busy_before is not None:
+                busy = (await handle.probe.remote())["busy_s"] - busy_before
+            records.append({"client": index, "start": started - t0, "end": ended - t0, "latency": ended - started,
+                            "evaluations": evaluations, "rows": rows, "steps": settings.steps,
+                            "device_busy_s": busy, **reply})  # fmt: skip
+
+    async def probe_at(moment: float, name: str) -> None:
+        await asyncio.sleep(max(0.0, moment - time.perf_counter()))
+        probes[name] = await handle.probe.remote()
+
+    probing = [probe_at(window_start, "start"), probe_at(window_end, "end")]
+    await asyncio.gather(*(client(i) for i in range(clients)), *probing)
+    window = window_end - window_start
+    inside = [r for r in records if window_start - t0 <= r["end"] <= window_end - t0]
+    calls = probe_delta(probes["start"], probes["end"])
+    latencies = [r["latency"] for r in inside]
+    result: dict[str, Any] = {
+        "clients": clients,
+        "window_s": window,
+        "requests_in_window": len(inside),
+        "requests_total": len(records),
+        "throughput_rps": len(inside) / window,
+        "latency_p50_s": percentile(latencies, 0.5),
+        "latency_p99_s": percentile(latencies, 0.99),
+        "queue_wait_p50_s": percentile([r["queue_wait_s"] for r in inside if r["queue_wait_s"] is not None], 0.5),
+        "unet": calls,
+        "records": records,
+    }
+    if cost is not None:
+        a, b, area = cost["a"], cost["b"], cost["area"]
+        ideal = opts.ideal_batch
+        # the UNet work done in the window, at the cost model's price with every call carrying `ideal` crops
+        ideal_busy = calls["crop_evaluations"] * a / ideal + b * calls["rows"] * area
+        actual_busy = calls["unet_calls"] * a + b * calls["rows"] * area
+        mean_request = statistics.fmean(r["evaluations"] * (a / ideal + b * r["rows"] * area) for r in records)
+        result["cost_model"] = {
+            "ideal_batch": ideal,
+            "ideal_throughput_rps": 1.0 / mean_request,
+            "work_efficiency": ideal_busy / window,  # UNet work at batch `ideal` price / wall time
+            "modelled_busy_fraction": actual_busy / window,
+        }
+        # latency above the request's own modelled UNet time (the lone-crop figure at 1 client), and
+        # above everything the simulated device ran for it (UNet, VAE and text stand-ins, as run)
+        overheads = [r["latency"] - r["evaluations"] * (a + b * r["rows"] * area) for r in records]
+        beyond_device = [r["latency"] - r["device_busy_s"] for r in records if r["device_busy_s"] is not None]
+        result["cost_model"]["latency_minus_model_time_s"] = {
+            "p50": percentile(overheads, 0.5), "max": max(overheads) if overheads else None,
+        }  # fmt: skip
+        if beyond_device:
+            result["cost_model"]["latency_minus_device_busy_s"] = {
+                "p50": percentile(beyond_device, 0.5), "max": max(beyond_device),
+            }  # fmt: skip
+    return result
+
+
+def run_clients(opts: argparse.Namespace) -> dict[str, Any]:
+    from ray import serve
+
+    env = dict(OFFLINE_ENV, FACEDETAILER_TINY_MODELS=str(opts.tiny_models), OMP_NUM_THREADS=str(opts.threads))
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    cost = None
+    if opts.model == "sim":
+        from deployments import simulated
+
+        cost = {"a": opts.sim_a or simulated.UNET_A_S, "b": opts.sim_b or simulated.UNET_B_S,
+                "area": (opts.size // 8) ** 2 / simulated.REFERENCE_LATENT_AREA}  # fmt: skip
+        model = f"sim://sd15?a={cost['a']}&b={cost['b']}"
+    else:
+        from deployments.testing.build_tiny_models import build_component
+
+        model = build_component("sd", Path(opts.tiny_models) / "sd")["pipeline"]
+    start_ray(env)
+    try:
+        handle = deploy(model, opts.max_batch_size)
+        replica_code = handle.probe.remote().result(timeout_s=120)["code"]
+        if replica_code["root"] != code_under_test()["root"]:
+            raise RuntimeError(f"the replica imported {replica_code} but the driver {code_under_test()}: run from "
+                               "the code's own directory (Ray puts the driver's working directory on workers' path)")
+        log(f"deployed {model} ({replica_code['path']} path, {replica_code['root']}); warming up")
+        warm = workload(7, opts.size)
+        for _ in range(2):
+            job, settings, _, _ = next(warm)
+            handle.timed_refine.remote([job], settings).result(timeout_s=600)
+        levels = []
+        for clients in opts.clients:
+            log(f"{clients} clients")
+            level = asyncio.run(run_level(handle, clients, opts, cost))
+            levels.append(level)
+            log(f"  {level['throughput_rps']:.3f} req/s, mean UNet batch {level['unet']['mean_batch']}, "
+                f"p50 {level['latency_p50_s']}")  # fmt: skip
+    finally:
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()
+    return {"benchmark": "clients", "model": opts.model, "model_reference": model, "cost": cost,
+            "size": opts.size, "max_batch_size": opts.max_batch_size, "levels": levels}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ lone crop in-process
+
+
+def run_lone(opts: argparse.Namespace) -> dict[str, Any]:
+    """Lone crops on ``sim://`` in this process (no Ray): the engine's own overhead beyond model time."""
+    import torch
+
+    from deployments import simulated
+    from deployments.inpainter import Inpainter
+
+    torch.set_num_threads(opts.threads)
+    cost = {"a": simulated.UNET_A_S, "b": simulated.UNET_B_S, "area": (opts.size // 8) ** 2 / 4096}
+    inpainter = Inpainter(f"sim://sd15?a={cost['a']}&b={cost['b']}", device="cpu")
+    accelerator = inpainter.components.unet.accelerator
+    stream = workload(99, opts.size)
+    records = []
+    for index in range(opts.requests + 2):
+        job, settings, evaluations, rows = next(stream)
+        busy = accelerator.busy_s
+        started = time.perf_counter()
+        inpainter.refine([job], settings)
+        latency = time.perf_counter() - started
+        if index < 2:  # warm-up
+            continue
+        model = evaluations * (cost["a"] + cost["b"] * rows * cost["area"])
+        records.append({"latency": latency, "evaluations": evaluations, "rows": rows, "steps": settings.steps,
+                        "sampler": settings.sampler_name, "model_s": model,
+                        "device_busy_s": accelerator.busy_s - busy})  # fmt: skip
+    beyond_model = [r["latency"] - r["model_s"] for r in records]
+    beyond_device = [r["latency"] - r["device_busy_s"] for r in records]
+    per_evaluation = [(r["latency"] - r["device_busy_s"]) / r["evaluations"] for r in records]
+    return {
+        "benchmark": "lone", "model": "sim", "cost": cost, "size": opts.size, "records": records,
+        "latency_minus_model_time_s": {"p50": percentile(beyond_model, 0.5), "max": max(beyond_model)},
+        "latency_minus_device_busy_s": {"p50": percentile(beyond_device, 0.5), "max": max(beyond_device)},
+        "overhead_per_evaluation_s": {"p50": percentile(per_evaluation, 0.5)},
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ single request
+
+
+def run_single(opts: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+    import torch
+    from PIL import Image
+
+    from deployments.detector import FaceDetector
+    from deployments.inpainter import Inpainter
+    from deployments.testing import assets
+    from facedetailer.params import FaceDetailerParams
+    from serve_app.cli import start_serving
+    from serve_app.local import LocalStages
+
+    config = REPO / "configs" / "local-cpu.yaml"
+    os.environ.update(OFFLINE_ENV, FACEDETAILER_TINY_MODELS=str(opts.tiny_models))
+    import yaml
+
+    [application] = yaml.safe_load(config.read_text())["applications"]
+    threads = int(application["runtime_env"]["env_vars"].get("OMP_NUM_THREADS", 1))
+    args = application["args"]
+    from deployments.testing.build_tiny_models import build_component
+
+    build_component("sd", Path(opts.tiny_models) / "sd")
+    image = np.ascontiguousarray(np.asarray(Image.fromarray(assets.astronaut())))
+    params = {"steps": 20, "guide_size": 256, "max_size": 512, "seed": 0}
+    stages = LocalStages(
+        detector=FaceDetector(args["detector"]["model"], task="detect", device="cpu"),
+        inpainter=Inpainter(args["inpainter"]["model"], device="cpu"),
+    )
+    resolved = FaceDetailerParams(**params)
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    port = free_port()
+    handle, port = start_serving(config, port=port, join_cluster=False)
+    samples: dict[str, list[float]] = {"in-process": [], "handle": [], "http-png": []}
+    try:
+        served = handle.info.remote().result(timeout_s=120)["models"]["inpainter"]
+        served_path = "engine" if "engine" in served else "serve.batch"
+        if served_path != code_under_test()["path"]:
+            raise RuntimeError(f"the served inpainter runs the {served_path} path, the driver imported "
+                               f"{code_under_test()}: run from the code's own directory")  # fmt: skip
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=300) as client:
+
+            def in_process() -> None:
+                torch.set_num_threads(threads)
+                stages.detail([image], resolved)
+
+            def via_handle() -> None:
+                handle.detail.remote(image, params).result(timeout_s=300)
+
+            def via_http() -> None:
+                response = client.post("/v1/detail", files={"image": ("a.png", png, "image/png")},
+                                       data={"params": json.dumps(params)})  # fmt: skip
+                response.raise_for_status()
+
+            paths = {"in-process": in_process, "handle": via_handle, "http-png": via_http}
+            for function in paths.values():  # warm-up
+                function()
+                function()
+            for _ in range(opts.repeats):
+                for name, function in paths.items():
+                    started = time.perf_counter()
+                    function()
+                    samples[name].append(time.perf_counter() - started)
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    fastest = {name: min(values) for name, values in samples.items()}
+    return {"benchmark": "single", "params": params, "samples": samples, "medians": medians, "fastest": fastest,
+            "ratios": {name: medians[name] / medians["in-process"] for name in medians},
+            "fastest_ratios": {name: fastest[name] / fastest["in-process"] for name in fastest}}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ render
+
+
+def _by(runs: list[dict[str, Any]], benchmark: str, model: str | None, path: str) -> dict[str, Any] | None:
+    for run in runs:
+        if run["benchmark"] == benchmark and run["code"]["path"] == path and run.get("model") == model:
+            return run
+    return None
+
+
+def _merged_single(runs: list[dict[str, Any]], path: str) -> dict[str, Any] | None:
+    """All ``single`` runs of one code path as one: samples pooled, medians and fastest recomputed."""
+    chosen = [run for run in runs if run["benchmark"] == "single" and run["code"]["path"] == path]
+    if not chosen:
+        return None
+    samples: dict[str, list[float]] = {}
+    for run in chosen:
+        for name, values in run["samples"].items():
+            samples.setdefault(name, []).extend(values)
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    fastest = {name: min(values) for name, values in samples.items()}
+    return {"benchmark": "single", "code": chosen[0]["code"], "samples": samples, "medians": medians,
+            "fastest": fastest, "runs": len(chosen),
+            "ratios": {name: medians[name] / medians["in-process"] for name in medians},
+            "fastest_ratios": {name: fastest[name] / fastest["in-process"] for name in fastest}}  # fmt: skip
+
+
+def _level(run: dict[str, Any] | None, clients: int) -> dict[str, Any] | None:
+    if run is None:
+        return None
+    return next((level for level in run["levels"] if level["clients"] == clients), None)
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "—" if value is None else pattern.format(value)
+
+
+def render(files: list[Path], notes: Path | None = None) -> str:
+    runs = [json.loads(path.read_text()) for path in files]
+    lines = [SECTION, ""]
+    lines += [
+        "Issue 9, part 7: the inpainter's step-level engine next to the `@serve.batch` path it replaced "
+        "(measured from the last commit before the engine, `3e21882`, plus the `sim://` commit), by "
+        "`benchmarks/continuous_batching.py` (see `benchmarks/README.md`). Raw numbers: "
+        "`benchmarks/continuous_batching/*.json`.",
+        "",
+    ]
+    sim_new, sim_old = _by(runs, "clients", "sim", "engine"), _by(runs, "clients", "sim", "serve.batch")
+    single_new, single_old = _merged_single(runs, "engine"), _merged_single(runs, "serve.batch")
+    eight_new, eight_old = _level(sim_new, 8), _level(sim_old, 8)
+    lone_new, lone_old = _level(sim_new, 1), _level(sim_old, 1)
+
+    def efficiency(level: dict[str, Any] | None) -> float | None:
+        return level["cost_model"]["work_efficiency"] if level else None
+
+    def mean_batch(level: dict[str, Any] | None) -> float | None:
+        return level["unet"]["mean_batch"] if level else None
+
+    def lone(level: dict[str, Any] | None, key: str) -> float | None:
+        if not level or key not in level["cost_model"]:
+            return None
+        return level["cost_model"][key]["p50"] * 1000
+
+    def ratio(run: dict[str, Any] | None, path: str, kind: str = "ratios") -> float | None:
+        return run[kind][path] if run else None
+
+    lone_in_new, lone_in_old = _by(runs, "lone", "sim", "engine"), _by(runs, "lone", "sim", "serve.batch")
+
+    def in_process(run: dict[str, Any] | None, key: str) -> float | None:
+        return run[key]["p50"] * 1000 if run else None
+
+    lines += [
+        "### Targets",
+        "",
+        "| target | engine | `@serve.batch` (before) | met |",
+        "|---|---|---|---|",
+        f"| sim, 8 clients, mixed settings: UNet work ≥ 0.85 × the cost model's ideal at batch 8 "
+        f"| {_fmt(efficiency(eight_new), '{:.2f}')} | {_fmt(efficiency(eight_old), '{:.2f}')} "
+        f"| {'yes' if (efficiency(eight_new) or 0) >= 0.85 else 'no'} |",
+        f"| sim, 8 clients: mean UNet batch ≥ 6 crops | {_fmt(mean_batch(eight_new), '{:.2f}')} "
+        f"| {_fmt(mean_batch(eight_old), '{:.2f}')} | {'yes' if (mean_batch(eight_new) or 0) >= 6 else 'no'} |",
+        f"| sim, a lone crop: latency ≤ its model time + 5 ms (p50 of latency − modelled UNet time) "
+        f"| +{_fmt(lone(lone_new, 'latency_minus_model_time_s'), '{:.1f}')} ms "
+        f"| +{_fmt(lone(lone_old, 'latency_minus_model_time_s'), '{:.1f}')} ms "
+        f"| {'yes' if (lone(lone_new, 'latency_minus_model_time_s') or 99) <= 5 else 'no'} |",
+        f"| … the same, beyond everything the simulated device ran for it (UNet, VAE, text stand-ins) "
+        f"| +{_fmt(lone(lone_new, 'latency_minus_device_busy_s'), '{:.1f}')} ms "
+        f"| +{_fmt(lone(lone_old, 'latency_minus_device_busy_s'), '{:.1f}')} ms | |",
+        f"| … in-process (no Ray hop), latency − modelled UNet time "
+        f"| +{_fmt(in_process(lone_in_new, 'latency_minus_model_time_s'), '{:.1f}')} ms "
+        f"| +{_fmt(in_process(lone_in_old, 'latency_minus_model_time_s'), '{:.1f}')} ms "
+        f"| {'yes' if (in_process(lone_in_new, 'latency_minus_model_time_s') or 99) <= 5 else 'no'} |",
+        f"| … in-process, beyond the device's busy time "
+        f"| +{_fmt(in_process(lone_in_new, 'latency_minus_device_busy_s'), '{:.1f}')} ms "
+        f"| +{_fmt(in_process(lone_in_old, 'latency_minus_device_busy_s'), '{:.1f}')} ms | |",
+        f"| CPU: one request served ≤ 1.05 × in-process, medians (handle / HTTP PNG) "
+        f"| {_fmt(ratio(single_new, 'handle'), '{:.3f}')} / {_fmt(ratio(single_new, 'http-png'), '{:.3f}')} "
+        f"| {_fmt(ratio(single_old, 'handle'), '{:.3f}')} / {_fmt(ratio(single_old, 'http-png'), '{:.3f}')} "
+        f"| {'yes' if max(ratio(single_new, 'handle') or 9, ratio(single_new, 'http-png') or 9) <= 1.05 else 'no'} "
+        "|",
+        f"| … fastest samples (handle / HTTP PNG) "
+        f"| {_fmt(ratio(single_new, 'handle', 'fastest_ratios'), '{:.3f}')} / "
+        f"{_fmt(ratio(single_new, 'http-png', 'fastest_ratios'), '{:.3f}')} "
+        f"| {_fmt(ratio(single_old, 'handle', 'fastest_ratios'), '{:.3f}')} / "
+        f"{_fmt(ratio(single_old, 'http-png', 'fastest_ratios'), '{:.3f}')} | |",
+        "",
+    ]
+    if notes is not None and notes.exists():
+        lines += [notes.read_text().strip(), ""]
+    for run in sorted(
+        (run for run in runs if run["benchmark"] == "clients"),
+        key=lambda run: (run["model"], run["code"]["path"] != "serve.batch"),
+    ):
+        code = run["code"]
+        lines += [f"### {run['model'].upper()}, {code['path']} path", ""]
+        options = run["options"]
+        lines.append(
+            f"Model `{run['model_reference']}`, {run['size']}×{run['size']} crops, one per request, "
+            f"`max_batch_size` {run['max_batch_size']}, replica `OMP_NUM_THREADS={options['threads']}`; "
+            f"client k starts {options['stagger']} s after client k − 1; each level is measured over "
+            f"{options['duration']:.0f} s with all its clients running ({run['started']})."
+        )
+        lines.append("")
+        header = (
+            "| clients | req/s | × sequential | p50 latency | p99 latency | queue wait p50 | mean UNet batch "
+            "| UNet calls by crops (crops×calls) |"
+        )
+        separator = "|---|---|---|---|---|---|---|---|"
+        if run.get("cost"):
+            header += " UNet work ÷ ideal at batch 8 |"
+            separator += "---|"
+        lines += [header, separator]
+        sequential = run["levels"][0]["throughput_rps"]
+        for level in run["levels"]:
+            sizes = ", ".join(f"{size}×{count}" for size, count in level["unet"]["unet_batch_sizes"].items())
+            row = (
+                f"| {level['clients']} | {level['throughput_rps']:.3f} | {level['throughput_rps'] / sequential:.2f}× "
+                f"| {level['latency_p50_s']:.2f} s | {level['latency_p99_s']:.2f} s "
+                f"| {_fmt(level['queue_wait_p50_s'], '{:.3f} s')} | {level['unet']['mean_batch']:.2f} | {sizes} |"
+            )
+            if run.get("cost"):
+                row += f" {level['cost_model']['work_efficiency']:.2f} |"
+            lines.append(row)
+        lines.append("")
+    singles = [run for run in (single_old, single_new) if run is not None]
+    if singles:
+        lines += ["### One request served vs in-process (CPU, `configs/local-cpu.yaml`)", "",
+                  "Median (fastest) of all repetitions, in-process and served interleaved; astronaut.png, 20 steps.",
+                  "",
+                  "| code | runs × repetitions | in-process | handle | HTTP PNG | handle ÷ in-process "
+                  "| HTTP ÷ in-process |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for run in singles:
+            m, f, r, fr = run["medians"], run["fastest"], run["ratios"], run["fastest_ratios"]
+            lines.append(
+                f"| {run['code']['path']} | {run['runs']} × {len(run['samples']['handle']) // run['runs']} "
+                f"| {m['in-process']:.3f} ({f['in-process']:.3f}) s | {m['handle']:.3f} ({f['handle']:.3f}) s "
+                f"| {m['http-png']:.3f} ({f['http-png']:.3f}) s | {r['handle']:.3f} ({fr['handle']:.3f}) "
+                f"| {r['http-png']:.3f} ({fr['http-png']:.3f}) |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_section(out: Path, section: str) -> None:
+    """Replace (or append) the "Continuous batching" section of ``out``."""
+    text = out.read_text() if out.exists() else ""
+    if SECTION in text:
+        before, rest = text.split(SECTION, 1)
+        following = rest.find("\n## ")
+        after = rest[following + 1 :] if following >= 0 else ""
+        text = before + section + ("\n" + after if after else "\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    out.write_text(text)
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    clients = commands.add_parser("clients", help="1/4/8/16 clients on the inpainter deployment")
+    clients.add_argument("--model", choices=("cpu", "sim"), required=True)
+    clients.add_argument("--clients", type=lambda text: [int(v) for v in text.split(",")], default=list(LEVELS))
+    clients.add_argument("--duration", type=float, default=30.0, help="measured window per level (s)")
+    clients.add_argument("--warmup", type=float, default=3.0, help="after the last client started (s)")
+    clients.add_argument("--stagger", type=float, default=0.25, help="seconds between client starts")
+    clients.add_argument("--size", type=int, default=None, help="crop side (default: cpu 128, sim 512)")
+    clients.add_argument("--max-batch-size", type=int, default=8)
+    clients.add_argument("--ideal-batch", type=int, default=8)
+    clients.add_argument("--sim-a", type=float, default=None)
+    clients.add_argument("--sim-b", type=float, default=None)
+    clients.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the replica")
+    clients.add_argument("--tiny-models", type=Path, default=DEFAULT_TINY_MODELS)
+    clients.add_argument("--json", type=Path, required=True)
+    single = commands.add_parser("single", help="one request served vs in-process (CPU)")
+    single.add_argument("--repeats", type=int, default=7)
+    single.add_argument("--tiny-models", type=Path, default=DEFAULT_TINY_MODELS)
+    single.add_argument("--json", type=Path, required=True)
+    lone = commands.add_parser("lone", help="lone crops on sim:// in-process: the engine's overhead")
+    lone.add_argument("--requests", type=int, default=30)
+    lone.add_argument("--size", type=int, default=512)
+    lone.add_argument("--threads", type=int, default=1)
+    lone.add_argument("--json", type=Path, required=True)
+    rendering = commands.add_parser("render", help="write the docs section from saved runs")
+    rendering.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    rendering.add_argument("--notes", type=Path, help="Markdown inserted after the targets table")
+    rendering.add_argument("files", type=Path, nargs="+")
+    opts = parser.parse_args()
+
+    if opts.command == "render":
+        write_section(opts.out, render(opts.files, opts.notes))
+        return
+    started = time.time()
+    load_at_start = [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    if opts.command == "clients":
+        opts.size = opts.size or (512 if opts.model == "sim" else 128)
+        result = run_clients(opts)
+        result["options"] = {key: value for key, value in vars(opts).items() if key not in ("json",)}
+        result["options"] = json.loads(json.dumps(result["options"], default=str))
+    elif opts.command == "lone":
+        result = run_lone(opts)
+    else:
+        result = run_single(opts)
+    result["code"] = code_under_test()
+    result["machine"] = machine()
+    result["machine"]["loadavg_start"] = load_at_start
+    result["machine"]["loadavg_end"] = [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    result["started"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
+    result["seconds"] = round(time.time() - started, 1)
+    opts.json.parent.mkdir(parents=True, exist_ok=True)
+    opts.json.write_text(json.dumps(result, indent=1, default=float))
+    log(f"wrote {opts.json}")
+
+
+if __name__ == "__main__":
+    main()
