@@ -85,8 +85,10 @@ def impact_run(comfy: dict, impact: types.ModuleType, patcher, case: dict, laten
     original = impact.sample_with_custom_noise
 
     def capture(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        # (model, add_noise, seed, cfg, pos, neg, sampler, sigmas, ...); copied before the run:
+        # ComfyUI's uni_pc writes 0.001 over the last sigma in place.
+        captured["sigmas"] = args[7].detach().clone()
         result = original(*args, **kwargs)
-        captured["sigmas"] = args[7].detach().clone()  # (model, add_noise, seed, cfg, pos, neg, sampler, sigmas, ...)
         captured["final"] = result[0]["samples"]
         return result
 
