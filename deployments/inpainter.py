@@ -518,6 +518,7 @@ class _CycleStage:
             differential=crop.state["differential"],
             noise=spec.noise,
             device=self.inpainter.device,
+            slicing="impact",  # FaceDetailer samples through Impact's ksampler_wrapper
         )
 
 
