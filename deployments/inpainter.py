@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from deployments.inpainter_engine import EngineCrop, EngineRequest, InpaintEngine
+from deployments.inpainter_hooks import check_cycle_plan, cycle_noise, hook_stages, hooked_cycle
 from deployments.inpainter_loading import (
     LoraPatcher,
     SDComponents,
@@ -52,6 +53,8 @@ from deployments.sampling import (
     inpaint_concat,
     validate,
 )
+from facedetailer.cycle_hooks import NoiseInjectionStep, UnsampleStep
+from facedetailer.hooks import DetailerHook, DetailerHooks
 
 __all__ = [
     "CycleSpec",
@@ -80,6 +83,9 @@ class SamplingSettings(pydantic.BaseModel):
     cycle: int = pydantic.Field(1, ge=1, le=10)
     noise_mask_feather: int = pydantic.Field(20, ge=0, le=100)  # > 0: differential diffusion
     inpaint_model: bool = False  # condition a 9-channel inpainting UNet (InpaintModelConditioning)
+    # The request's detailer hooks; those with hook points inside sampling act per cycle
+    # (deployments.inpainter_hooks), the others are the pipeline's and are ignored here.
+    detailer_hooks: list[DetailerHook] = pydantic.Field(default_factory=list)
 
 
 @dataclass
@@ -101,9 +107,10 @@ class RefineJob:
 class CycleSpec:
     """One KSampler run of a crop. FaceDetailer's cycle c uses the crop's settings and seed + c.
 
-    The seam for per-cycle hooks: a denoise schedule over cycles changes ``denoise`` per spec,
-    variation noise sets ``noise`` (the initial noise, latent-shaped), and a latent transform
-    between cycles (noise injection, unsampling) becomes a stage of its own before the cycle.
+    Per-cycle hooks (reference §6.6): ``pre_ksample`` has set the values (a denoise schedule
+    changes ``denoise``; 0 = the cycle samples nothing), ``latent_steps`` are ``cycle_latent``'s
+    noise injection / unsampling, each a stage of its own before the cycle, and
+    ``get_custom_noise`` gets ``noise_seed`` (seed + c). ``noise`` replaces the initial noise.
     """
 
     sampler_name: str
@@ -113,21 +120,14 @@ class CycleSpec:
     cfg: float
     seed: int
     noise: torch.Tensor | None = None
+    latent_steps: tuple[NoiseInjectionStep | UnsampleStep, ...] = ()
+    noise_seed: int = 0
 
 
 def plan_cycles(job: RefineJob, settings: SamplingSettings) -> list[CycleSpec]:
-    """FaceDetailer's cycles: the same settings each time, seed + c (reference §6.6)."""
-    return [
-        CycleSpec(
-            sampler_name=settings.sampler_name,
-            scheduler=settings.scheduler,
-            steps=settings.steps,
-            denoise=settings.denoise,
-            cfg=settings.cfg,
-            seed=(int(job.seed) + cycle) % SEED_MODULUS,
-        )
-        for cycle in range(settings.cycle)
-    ]
+    """FaceDetailer's cycles: the same settings each time, seed + c (reference §6.6), as the hooks change them."""
+    hooks = DetailerHooks.of(settings.detailer_hooks)
+    return [CycleSpec(**hooked_cycle(hooks, settings, int(job.seed), cycle)) for cycle in range(settings.cycle)]
 
 
 @dataclass
@@ -252,7 +252,9 @@ class Inpainter:
             if resolved is None:
                 raise ValueError(f"job {index}: no sampling settings (neither the job's nor the call's)")
             self.validate_settings(resolved)
-            payloads.append(CropPayload(job=job, settings=resolved, cycles=plan_cycles(job, resolved)))
+            cycles = plan_cycles(job, resolved)
+            check_cycle_plan(cycles)
+            payloads.append(CropPayload(job=job, settings=resolved, cycles=cycles))
         return payloads
 
     def submit(self, jobs: Sequence[RefineJob], settings: SamplingSettings | None = None) -> EngineRequest:
@@ -289,7 +291,10 @@ class Inpainter:
             for crop in members:
                 self._prepare_conditioning(crop)
                 crop.group_key = (key, *tuple(crop.latent.shape[-2:]))
-                crop.stages = [_CycleStage(self, number) for number in range(len(crop.payload.cycles))]
+                crop.stages = []
+                for number, spec in enumerate(crop.payload.cycles):
+                    crop.stages += hook_stages(self, spec)  # cycle_latent: noise injection, unsampling
+                    crop.stages.append(_CycleStage(self, number))
 
     def _padded_size(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """Decision 5: pad to the latent grid instead of cropping (no sub-pixel shift)."""
@@ -503,6 +508,8 @@ class _CycleStage:
 
     def __call__(self, crop: EngineCrop, latent: torch.Tensor) -> Any:
         spec = crop.payload.cycles[self.number]
+        if spec.denoise <= 0.0:  # a denoise schedule reached 0: this cycle samples nothing
+            return _unchanged(latent)
         if crop.state.get("concat_per_cycle"):  # concat_cond: the sampler's input latent of this cycle
             crop.state["concat"] = inpaint_concat(latent, crop.state["mask"])
         return crop_process(
@@ -516,9 +523,15 @@ class _CycleStage:
             latent_image=latent,
             noise_mask=crop.state["mask"],
             differential=crop.state["differential"],
-            noise=spec.noise,
+            noise=cycle_noise(crop.payload.settings.detailer_hooks, spec, latent),
             device=self.inpainter.device,
         )
+
+
+def _unchanged(latent: torch.Tensor) -> Any:
+    """A stage that needs no model call and hands its latent on."""
+    yield from ()
+    return latent
 
 
 def result_of(request: EngineRequest, images: list[np.ndarray]) -> RefineResult:

@@ -103,13 +103,22 @@ def sampling_process(
     differential: bool = False,
     noise: torch.Tensor | None = None,
     device: torch.device | str | None = None,
+    sigmas: torch.Tensor | None = None,
 ) -> SamplerProcess:
     """Validate now, and return the generator of one run's :class:`DenoiseCall` s.
 
     ``latent_image`` is in the model's latent space (VAE latent × scaling factor), [1, C, h, w];
-    zeros for text-to-image. The generator's return value is the final latent.
+    zeros for text-to-image. The generator's return value is the final latent. ``sigmas``
+    replaces KSampler's schedule (``KSampler.sample(sigmas=...)``, e.g. the Unsampler's ascending
+    one); the names are still validated, ``steps``/``denoise`` are then not used.
     """
-    sigmas = sigmas_for(model_sampling, sampler_name, scheduler, steps, denoise)
+    if sigmas is None:
+        sigmas = sigmas_for(model_sampling, sampler_name, scheduler, steps, denoise)
+    else:
+        validate(sampler_name, scheduler, steps, 1.0)
+        sigmas = torch.as_tensor(sigmas)
+        if sigmas.ndim != 1 or not torch.isfinite(sigmas).all():
+            raise ValueError(f"sigmas must be a finite 1-D schedule, got shape {tuple(sigmas.shape)}")
     if not math.isfinite(cfg):
         raise ValueError(f"cfg must be finite, got {cfg}")
     device = torch.device(device) if device is not None else latent_image.device
@@ -180,6 +189,7 @@ def crop_process(
     differential: bool,
     noise: torch.Tensor | None = None,
     device: torch.device | str | None = None,
+    sigmas: torch.Tensor | None = None,
 ) -> CropProcess:
     """The engine's view of one crop's KSampler run: yields :class:`UNetRequest`, returns the latent.
 
@@ -198,6 +208,7 @@ def crop_process(
         differential=differential,
         noise=noise,
         device=device,
+        sigmas=sigmas,
     )
     return _unet_driver(model_sampling, core)
 
