@@ -252,9 +252,8 @@ class Inpainter:
             if resolved is None:
                 raise ValueError(f"job {index}: no sampling settings (neither the job's nor the call's)")
             self.validate_settings(resolved)
-            cycles = plan_cycles(job, resolved)
-            check_cycle_plan(cycles)
-            payloads.append(CropPayload(job=job, settings=resolved, cycles=cycles))
+            check_cycle_plan(resolved)
+            payloads.append(CropPayload(job=job, settings=resolved, cycles=plan_cycles(job, resolved)))
         return payloads
 
     def submit(self, jobs: Sequence[RefineJob], settings: SamplingSettings | None = None) -> EngineRequest:

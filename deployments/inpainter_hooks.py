@@ -70,15 +70,20 @@ def hooked_cycle(hooks: DetailerHooks, settings: Any, seed: int, cycle_index: in
     }
 
 
-def check_cycle_plan(cycles: Sequence[Any]) -> None:
-    """Refuse, before any model work, a cycle or an unsampler that could not run as ComfyUI runs it."""
-    for number, spec in enumerate(cycles):
-        if spec.denoise > 0.0:
+def check_cycle_plan(settings: Any) -> None:
+    """Refuse, before any model work, a cycle or an unsampler that could not run as ComfyUI runs it.
+
+    Cheap (no model): the ingress calls it when a request arrives, the inpainter again per call.
+    """
+    hooks = DetailerHooks.of(settings.detailer_hooks)
+    for number in range(settings.cycle):
+        spec = hooked_cycle(hooks, settings, 0, number)
+        if spec["denoise"] > 0.0:
             try:
-                validate(spec.sampler_name, spec.scheduler, spec.steps, spec.denoise)
+                validate(spec["sampler_name"], spec["scheduler"], spec["steps"], spec["denoise"])
             except ValueError as error:
                 raise type(error)(f"cycle {number} (after the detailer hooks): {error}") from None
-        for step in spec.latent_steps:
+        for step in spec["latent_steps"]:
             if isinstance(step, UnsampleStep):
                 try:
                     validate(step.sampler_name, step.scheduler, step.steps, 1.0)
