@@ -55,6 +55,7 @@ from deployments.sampling import (
 )
 from facedetailer.cycle_hooks import NoiseInjectionStep, UnsampleStep
 from facedetailer.hooks import DetailerHook, DetailerHooks
+from facedetailer.token_windows import prompt_words, token_windows
 
 __all__ = [
     "CycleSpec",
@@ -618,15 +619,20 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 def _token_windows(tokenizer: Any, text: str, length: int) -> list[list[int]]:
-    """``text`` as 77-token windows: BOS + up to 75 tokens + EOS, padded with the pad token.
+    """``text`` as ``length``-token windows cut the way ComfyUI's tokenizer cuts them (Decision 9).
 
-    A long chunk becomes several windows (ComfyUI does the same) instead of being truncated.
+    ComfyUI tokenizes word by word (:func:`~facedetailer.token_windows.prompt_words`) and moves a
+    word that does not fit whole to the next window (BOS + up to 75 tokens + EOS, padded); a
+    long chunk becomes several windows instead of being truncated.
     """
-    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
-    size = length - 2
-    pieces = [ids[start : start + size] for start in range(0, len(ids), size)] or [[]]
+    words = [
+        tokenizer(word, add_special_tokens=False, truncation=False, verbose=False).input_ids
+        for word in prompt_words(text)
+    ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return [[tokenizer.bos_token_id, *piece, tokenizer.eos_token_id] + [pad] * (size - len(piece)) for piece in pieces]
+    return token_windows(
+        words, start_token=tokenizer.bos_token_id, end_token=tokenizer.eos_token_id, pad_token=pad, max_length=length
+    )
 
 
 def _repeat_to_common_length(embeds: list[torch.Tensor]) -> torch.Tensor:
