@@ -625,13 +625,17 @@ def _token_windows(tokenizer: Any, text: str, length: int) -> list[list[int]]:
     word that does not fit whole to the next window (BOS + up to 75 tokens + EOS, padded); a
     long chunk becomes several windows instead of being truncated.
     """
-    words = [
-        tokenizer(word, add_special_tokens=False, truncation=False, verbose=False).input_ids
-        for word in prompt_words(text)
-    ]
+    words = prompt_words(text)
+    word_tokens: list[list[int]] = []
+    if words:  # each word tokenized on its own (one batched call)
+        word_tokens = tokenizer(words, add_special_tokens=False, truncation=False, verbose=False).input_ids
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return token_windows(
-        words, start_token=tokenizer.bos_token_id, end_token=tokenizer.eos_token_id, pad_token=pad, max_length=length
+        word_tokens,
+        start_token=tokenizer.bos_token_id,
+        end_token=tokenizer.eos_token_id,
+        pad_token=pad,
+        max_length=length,
     )
 
 
