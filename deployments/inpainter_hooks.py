@@ -27,7 +27,7 @@ from deployments.sampling import crop_process, sigmas_for, validate
 from deployments.sampling.inpaint import inpaint_concat
 from deployments.sampling.noise import initial_noise
 from facedetailer.cycle_hooks import UNSAMPLER_SIGMA_OFFSET, NoiseInjectionStep, UnsampleStep, inject_noise
-from facedetailer.hooks import CycleSettings, DetailerHooks, VariationNoiseHook
+from facedetailer.hooks import CycleSettings, DetailerHooks, UnsamplerHook, VariationNoiseHook
 
 __all__ = [
     "INJECTED_NOISE_CHANNELS",
@@ -74,8 +74,15 @@ def check_cycle_plan(settings: Any) -> None:
     """Refuse, before any model work, a cycle or an unsampler that could not run as ComfyUI runs it.
 
     Cheap (no model): the ingress calls it when a request arrives, the inpainter again per call.
+    An unsampler's names are checked even when no cycle would run it (a bad name is bad input).
     """
     hooks = DetailerHooks.of(settings.detailer_hooks)
+    for index, hook in enumerate(hooks.hooks):
+        if isinstance(hook, UnsamplerHook):
+            try:
+                validate(hook.sampler_name, hook.scheduler, hook.steps, 1.0)
+            except ValueError as error:
+                raise type(error)(f"detailer_hooks[{index}] unsampler: {error}") from None
     for number in range(settings.cycle):
         spec = hooked_cycle(hooks, settings, 0, number)
         if spec["denoise"] > 0.0:
@@ -83,12 +90,6 @@ def check_cycle_plan(settings: Any) -> None:
                 validate(spec["sampler_name"], spec["scheduler"], spec["steps"], spec["denoise"])
             except ValueError as error:
                 raise type(error)(f"cycle {number} (after the detailer hooks): {error}") from None
-        for step in spec["latent_steps"]:
-            if isinstance(step, UnsampleStep):
-                try:
-                    validate(step.sampler_name, step.scheduler, step.steps, 1.0)
-                except ValueError as error:
-                    raise type(error)(f"detailer_hooks unsampler: {error}") from None
 
 
 # --- get_custom_noise --------------------------------------------------------------------------

@@ -175,8 +175,9 @@ def test_unsampler_normalize_gives_mean_zero_std_one(inpainter: Inpainter, monke
 
 
 def test_unknown_unsampler_names_are_refused_before_model_work(inpainter: Inpainter) -> None:
-    with pytest.raises(UnsupportedSamplerError, match="unsampler.*sampler_name 'nope'"):
-        inpainter.refine([job(crop())], settings([{"type": "unsampler", "sampler_name": "nope"}], cycle=2))
+    """Even at cycle 1, where skip_start never runs the unsampler: a bad name is bad input."""
+    with pytest.raises(UnsupportedSamplerError, match=r"detailer_hooks\[0\] unsampler: sampler_name 'nope'"):
+        inpainter.refine([job(crop())], settings([{"type": "unsampler", "sampler_name": "nope"}], cycle=1))
     with pytest.raises(UnsupportedSamplerError, match="unsampler.*scheduler 'nope'"):
         inpainter.refine([job(crop())], settings([{"type": "unsampler", "scheduler": "nope"}], cycle=2))
 
