@@ -180,6 +180,10 @@ def test_unknown_unsampler_names_are_refused_before_model_work(inpainter: Inpain
         inpainter.refine([job(crop())], settings([{"type": "unsampler", "sampler_name": "nope"}], cycle=1))
     with pytest.raises(UnsupportedSamplerError, match="unsampler.*scheduler 'nope'"):
         inpainter.refine([job(crop())], settings([{"type": "unsampler", "scheduler": "nope"}], cycle=2))
+    # a schedule the denoise hook makes too long (10000 steps / 0.001) is refused naming the cycle
+    too_small = [{"type": "denoise_scheduler", "target_denoise": 0.001}]
+    with pytest.raises(UnsupportedSamplerError, match=r"cycle 1 \(after the detailer hooks\).*too long"):
+        inpainter.refine([job(crop())], settings(too_small, steps=10000, cycle=2))
 
 
 def test_hooked_crops_share_unet_calls_and_match_their_lone_runs(inpainter: Inpainter) -> None:
