@@ -22,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.inpainter import RefineJob, RefineResult, SamplingSettings
 from deployments.inpainter_engine import EngineBusyError
+from deployments.inpainter_hooks import check_cycle_plan
 from facedetailer.params import FaceDetailerParams
 from facedetailer.safe_paths import UnsafeNameError
 from facedetailer.sam_prompts import SamPrompt
@@ -284,6 +285,11 @@ class FaceDetailerIngress:
         except ModelChoiceError as error:
             raise RequestError(422, str(error)) from error
         await self._validate_sampling(params)
+        settings = sampling_settings(params)
+        try:
+            check_cycle_plan(settings)  # the sampling hooks' cycles and unsampler, before any model work
+        except ValueError as error:
+            raise RequestError(422, str(error)) from error
         stages = HandleStages(chosen.detector, self.stages.inpainter, chosen.sam, chosen.segm_detector)
         try:
             result = await asyncio.wait_for(
@@ -292,7 +298,7 @@ class FaceDetailerIngress:
                     params,
                     stages,
                     make_job=RefineJob,
-                    settings=sampling_settings(params),
+                    settings=settings,
                     has_sam=stages.sam is not None,
                     has_segm=stages.segm_detector is not None,
                     on_face=on_face,

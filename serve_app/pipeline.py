@@ -32,6 +32,7 @@ from facedetailer.segs import (
 )
 from facedetailer.waves import refinement_waves
 from facedetailer.wildcards import FacePrompt, plan_wildcards
+from serve_app.patch_retry import BlackPatchError, refine_with_retries
 
 
 class Stages(Protocol):
@@ -48,6 +49,9 @@ class Stages(Protocol):
 
 class PipelineInputError(ValueError):
     """The request cannot be served as asked (e.g. SAM requested but not deployed)."""
+
+
+__all__ = ["BlackPatchError", "PipelineInputError", "detail_batch", "detail_image"]
 
 
 @dataclass
@@ -365,6 +369,7 @@ async def refine_image(
         else [[index] for index in range(len(pending))]
     )
     current = prepared.image
+    hooks = DetailerHooks.of(params.detailer_hooks)
     refined_crops: list[tuple[int, np.ndarray]] = []  # (position in the processing order, crop)
     alpha_crops: list[tuple[int, np.ndarray]] = []
     for wave in waves:
@@ -379,12 +384,17 @@ async def refine_image(
                 ready.append(face)
         if not ready:
             continue
-        outcome = await timer.run("inpaint", stages.refine([face.job for face in ready], settings))
-        # a RefineResult (images + the inpainter's queue wait) or a plain list of images
-        refined_batch = getattr(outcome, "images", outcome)
-        if hasattr(outcome, "queue_wait_s"):
-            waited = prepared.timings.get("inpaint_queue_wait", 0.0)
-            prepared.timings["inpaint_queue_wait"] = waited + outcome.queue_wait_s
+
+        async def refine(jobs: list[Any]) -> list[np.ndarray]:
+            outcome = await timer.run("inpaint", stages.refine(jobs, settings))
+            # a RefineResult (images + the inpainter's queue wait) or a plain list of images
+            if hasattr(outcome, "queue_wait_s"):
+                waited = prepared.timings.get("inpaint_queue_wait", 0.0)
+                prepared.timings["inpaint_queue_wait"] = waited + outcome.queue_wait_s
+            return list(getattr(outcome, "images", outcome))
+
+        first = await refine([face.job for face in ready])
+        refined_batch = await refine_with_retries(ready, first, hooks, refine)  # should_retry_patch
         for face, refined in zip(ready, refined_batch, strict=True):
             current, refined_crop, alpha = timer.measure(
                 "blend", lambda image=current, f=face, r=refined: _blend(image, f, r, params)

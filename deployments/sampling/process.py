@@ -144,15 +144,24 @@ def sampling_process(
     noise: torch.Tensor | None = None,
     device: torch.device | str | None = None,
     slicing: Slicing = "ksampler",
+    sigmas: torch.Tensor | None = None,
 ) -> SamplerProcess:
     """Validate now, and return the generator of one run's :class:`DenoiseCall` s.
 
     ``latent_image`` is in the model's latent space (VAE latent × scaling factor), [1, C, h, w];
     zeros for text-to-image. The generator's return value is the final latent. ``slicing``: see
     :func:`sigmas_for`; ``"impact"`` also gives Impact's six wrapped SDE samplers their Brownian
-    tree over the whole schedule's sigma range.
+    tree over the whole schedule's sigma range. ``sigmas`` replaces the schedule altogether
+    (``KSampler.sample(sigmas=...)``, e.g. the Unsampler's ascending one; the names are still
+    validated, ``steps``/``denoise``/``slicing`` are then not used).
     """
-    sigmas, tree_range = _schedule(model_sampling, sampler_name, scheduler, steps, denoise, slicing)
+    if sigmas is None:
+        sigmas, tree_range = _schedule(model_sampling, sampler_name, scheduler, steps, denoise, slicing)
+    else:
+        validate(sampler_name, scheduler, steps, 1.0)
+        sigmas, tree_range = torch.as_tensor(sigmas), None
+        if sigmas.ndim != 1 or not torch.isfinite(sigmas).all():
+            raise ValueError(f"sigmas must be a finite 1-D schedule, got shape {tuple(sigmas.shape)}")
     if not math.isfinite(cfg):
         raise ValueError(f"cfg must be finite, got {cfg}")
     device = torch.device(device) if device is not None else latent_image.device
@@ -227,6 +236,7 @@ def crop_process(
     noise: torch.Tensor | None = None,
     device: torch.device | str | None = None,
     slicing: Slicing = "ksampler",
+    sigmas: torch.Tensor | None = None,
 ) -> CropProcess:
     """The engine's view of one crop's KSampler run: yields :class:`UNetRequest`, returns the latent.
 
@@ -246,6 +256,7 @@ def crop_process(
         noise=noise,
         device=device,
         slicing=slicing,
+        sigmas=sigmas,
     )
     return _unet_driver(model_sampling, core)
 
