@@ -92,3 +92,9 @@ def tiny_sam() -> dict:
 @pytest.fixture(scope="session")
 def tiny_sd() -> dict:
     return _tiny("sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet(tiny_sd: dict) -> dict:
+    """A ControlNet made from the tiny SD UNet (``ControlNetModel.from_unet``, random weights)."""
+    return _tiny("controlnet")
