@@ -80,10 +80,16 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         lora_dir=paint.lora_dir,
         max_batch_size=paint.max_batch_size,
         max_queued_crops=paint.max_queued_crops,
+        controlnets={name: spec.model_dump() for name, spec in (config.controlnets or {}).items()},
     )
     ingress = FaceDetailerIngress.options(**config.ingress.to_serve_options())
     return ingress.bind(
-        detector, inpainter, sam=sam, segm_detector=segm_detector, limits=config.limits.model_dump()
+        detector,
+        inpainter,
+        sam=sam,
+        segm_detector=segm_detector,
+        limits=config.limits.model_dump(),
+        controlnets={name: spec.preprocessor for name, spec in (config.controlnets or {}).items()},
     )
 
 

@@ -102,6 +102,17 @@ class InpainterArgs(StrictModel):
     deployment: DeploymentOptions = DeploymentOptions()
 
 
+class ControlNetArgs(StrictModel):
+    """One ControlNet the inpainter serves (loaded on every inpainter replica)."""
+
+    model: str = Field(description="diffusers ControlNet folder or HF id, or a single .safetensors file")
+    preprocessor: Literal["tile", "control_image"] = Field(
+        "tile",
+        description="tile: the upscaled face crop is the control image; control_image: the request sends one",
+    )
+    single_file_config: str | None = Field(None, description="a diffusers ControlNet config, for a single file offline")
+
+
 class Limits(StrictModel):
     """Request limits the ingress enforces before any model work (HTTP 413 / 422)."""
 
@@ -130,12 +141,20 @@ class AppArgs(StrictModel):
     sam: SamArgs | None = None
     sam_models: dict[str, SamArgs] | None = Field(None, description="SAM models by name")
     inpainter: InpainterArgs
+    controlnets: dict[str, ControlNetArgs] | None = Field(
+        None, description="ControlNets by name; a request picks one with controlnet.name"
+    )
     ingress: DeploymentOptions = DeploymentOptions(max_ongoing_requests=16)
     limits: Limits = Limits()
 
     @field_validator("detectors", "segm_detectors", mode="before")
     @classmethod
     def _detector_reference_shorthand(cls, value: Any) -> Any:
+        return _shorthand(value, "model")
+
+    @field_validator("controlnets", mode="before")
+    @classmethod
+    def _controlnet_reference_shorthand(cls, value: Any) -> Any:
         return _shorthand(value, "model")
 
     @field_validator("sam_models", mode="before")
@@ -156,6 +175,9 @@ class AppArgs(StrictModel):
                 for name in mapping:
                     if not re.fullmatch(NAME_PATTERN, name):
                         raise ValueError(f"{named}: name {name!r} must match {NAME_PATTERN}")
+        for name in self.controlnets or {}:
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"controlnets: name {name!r} must match {NAME_PATTERN}")
         if self.detector is None and self.detectors is None:
             raise ValueError("a bbox detector is required: set detector (one model) or detectors (by name)")
         return self

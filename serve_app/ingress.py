@@ -29,9 +29,16 @@ from serve_app.config import Limits
 from serve_app.http_adapters.encoding import error_response, result_to_json
 from serve_app.http_adapters.errors import RequestError, parse_params
 from serve_app.http_adapters.request_reading import read_detail_request
-from serve_app.images import ImageInputError, as_uint8_image, encode_png
+from serve_app.images import ImageInputError, as_uint8_image, decode_base64_image, encode_png
 from serve_app.model_choice import ModelChoice, ModelChoiceError
-from serve_app.pipeline import DetailResult, PipelineInputError, SegmentReport, detail_batch
+from serve_app.pipeline import (
+    ControlChoice,
+    DetailResult,
+    PipelineInputError,
+    SegmentReport,
+    detail_batch,
+    resolve_control,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -149,6 +156,7 @@ class FaceDetailerIngress:
         sam: DeploymentHandle | dict[str, DeploymentHandle] | None = None,
         segm_detector: DeploymentHandle | dict[str, DeploymentHandle] | None = None,
         limits: dict[str, Any] | None = None,
+        controlnets: dict[str, str] | None = None,
     ) -> None:
         # each model kind: one handle, or several by name (serve_app/model_choice.py)
         self.models = ModelChoice.of(detector, segm_detector, sam)
@@ -156,6 +164,7 @@ class FaceDetailerIngress:
             self.models.detectors.default, inpainter, self.models.sam_models.default, self.models.segm_detectors.default
         )
         self.limits = Limits.model_validate(limits or {})
+        self.controlnets = dict(controlnets or {})  # {name: preprocessor}; the inpainter loads them
         self._supported: tuple[list[str], list[str]] | None = None
         self.metrics = ServiceMetrics()
         self._inflight = 0
@@ -210,16 +219,18 @@ class FaceDetailerIngress:
     async def info(self) -> dict[str, Any]:
         samplers, schedulers = await self._supported_names()
         detector_info = await self.stages.detector.info.remote()
+        inpainter_info = await self.stages.inpainter.info.remote()
         return {
             "models": {
                 "detector": detector_info,
                 "segm_detector": await self.stages.segm_detector.info.remote() if self.stages.segm_detector else None,
                 "sam": await self.stages.sam.info.remote() if self.stages.sam else None,
-                "inpainter": await self.stages.inpainter.info.remote(),
+                "inpainter": inpainter_info,
             },
             "detectors": await _named_info(self.models.detectors.models),
             "segm_detectors": await _named_info(self.models.segm_detectors.models),
             "sam_models": await _named_info(self.models.sam_models.models),
+            "controlnets": inpainter_info.get("controlnets", {}),
             "samplers": samplers,
             "schedulers": schedulers,
             "limits": self.limits.model_dump(),
@@ -262,6 +273,7 @@ class FaceDetailerIngress:
         except ModelChoiceError as error:
             raise RequestError(422, str(error)) from error
         await self._validate_sampling(params)
+        control = self._control(params)
         stages = HandleStages(chosen.detector, self.stages.inpainter, chosen.sam, chosen.segm_detector)
         try:
             result = await asyncio.wait_for(
@@ -275,6 +287,7 @@ class FaceDetailerIngress:
                     has_segm=stages.segm_detector is not None,
                     on_face=on_face,
                     batch_faces=batch_faces,
+                    control=control,
                 ),
                 timeout=self.limits.request_timeout_s,
             )
@@ -292,6 +305,19 @@ class FaceDetailerIngress:
             raise RequestError(503, f"a model deployment is unavailable ({type(error).__name__}); retry") from error
         self.metrics.record(result)
         return result
+
+    def _control(self, params: FaceDetailerParams) -> ControlChoice | None:
+        """The request's ControlNet checked against the configured ones; its control image decoded."""
+        try:
+            return resolve_control(
+                params,
+                self.controlnets,
+                lambda text: decode_base64_image(text, self.limits, "controlnet.control_image"),
+            )
+        except PipelineInputError as error:
+            raise RequestError(422, str(error)) from error
+        except ImageInputError as error:
+            raise RequestError(error.status_code, str(error)) from error
 
     # ---- HTTP API ----------------------------------------------------------------------------
     @http_app.get("/healthz")

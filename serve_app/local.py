@@ -13,8 +13,10 @@ from deployments.sam import SamPrediction, SamSegmenter
 from facedetailer.params import FaceDetailerParams
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
+from serve_app.config import Limits
+from serve_app.images import decode_base64_image
 from serve_app.model_choice import ModelChoice
-from serve_app.pipeline import DetailResult, detail_batch
+from serve_app.pipeline import DetailResult, detail_batch, resolve_control
 
 
 class LocalStages:
@@ -58,6 +60,9 @@ class LocalStages:
         from serve_app.ingress import sampling_settings
 
         self.inpainter.validate_settings(sampling_settings(params))
+        served = getattr(self.inpainter, "controlnets", None)
+        preprocessors = {name: loaded.preprocessor for name, loaded in (served.models if served else {}).items()}
+        control = resolve_control(params, preprocessors, lambda text: decode_base64_image(text, Limits()))
         chosen = self.models.select(params)  # ModelChoiceError (a ValueError) for an unknown name
         stages = LocalStages(chosen.detector, self.inpainter, chosen.sam, chosen.segm_detector)
         return asyncio.run(
@@ -70,5 +75,6 @@ class LocalStages:
                 has_sam=stages.sam is not None,
                 has_segm=stages.segm_detector is not None,
                 batch_faces=batch_faces,
+                control=control,
             )
         )

@@ -8,13 +8,14 @@ benchmark's in-process baseline). Nothing here imports Ray or a model library.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from facedetailer.blend import feather_mask, paste, resize_image, rgba_with_alpha
+from facedetailer.controlnet import ControlHint, ControlNetParams, control_image_for_face
 from facedetailer.guide_size import plan_upscale
 from facedetailer.hooks import DetailerHooks
 from facedetailer.outputs import node_list, sorted_by_shape
@@ -167,6 +168,34 @@ async def build_segs(
     return segs
 
 
+@dataclass(frozen=True)
+class ControlChoice:
+    """A request's ControlNet, resolved: its settings, the configured preprocessor, the decoded image."""
+
+    params: ControlNetParams
+    preprocessor: str  # "tile" or "control_image" (facedetailer/controlnet.py)
+    image: np.ndarray | None = None  # the request's whole-picture control image, uint8 [H, W, 3]
+
+
+def resolve_control(
+    params: FaceDetailerParams, preprocessors: Mapping[str, str], decode: Callable[[str], np.ndarray]
+) -> ControlChoice | None:
+    """Check the request's ``controlnet`` against the configured ones (``{name: preprocessor}``)."""
+    wanted = params.controlnet
+    if wanted is None:
+        return None
+    if wanted.name not in preprocessors:
+        configured = ", ".join(preprocessors) or "none"
+        raise PipelineInputError(f"controlnet.name: unknown {wanted.name!r}; configured: {configured}")
+    preprocessor = preprocessors[wanted.name]
+    if preprocessor == "control_image" and wanted.control_image is None:
+        raise PipelineInputError(
+            f"controlnet.control_image: ControlNet {wanted.name!r} takes its control image from the request; send one"
+        )
+    image = decode(wanted.control_image) if wanted.control_image is not None else None
+    return ControlChoice(params=wanted, preprocessor=preprocessor, image=image)
+
+
 @dataclass
 class RefinePlan:
     """One face ready for the inpainter, and how to bring its result back."""
@@ -177,6 +206,7 @@ class RefinePlan:
     job: Any
     crop_size: tuple[int, int]
     paste_mask: np.ndarray
+    cnet_image: np.ndarray | None = None  # the face's ControlNet control image (cnet_images)
 
 
 def _report(position: int, seg: SEG) -> SegmentReport:
@@ -197,6 +227,7 @@ def plan_face(
     params: FaceDetailerParams,
     image_seed: int,
     make_job: Callable[..., Any],
+    control: ControlChoice | None = None,
 ) -> RefinePlan | SegmentReport:
     """Crop from the *current* image and decide the upscale (spec §4); None-like → a report."""
     report = _report(position, seg)
@@ -226,6 +257,17 @@ def plan_face(
         noise_mask = feather_mask(seg.cropped_mask, params.noise_mask_feather)
     conditioning = face_conditioning(params.positive, params.negative, prompt)
     report.prompt = " BREAK ".join(conditioning.positive)
+    cnet_image, control_fields = None, {}
+    if control is not None:  # listed even at strength 0, as the reference's wrapper does
+        image_h, image_w = current.shape[:2]
+        cnet_image = control_image_for_face(
+            control.preprocessor, upscaled, seg.crop_region, (image_w, image_h), control.image
+        )
+        wanted = control.params
+        if wanted.active:
+            control_fields["control"] = ControlHint(
+                wanted.name, wanted.strength, wanted.start_percent, wanted.end_percent, cnet_image
+            )
     job = make_job(
         image=upscaled,
         noise_mask=noise_mask,
@@ -233,6 +275,7 @@ def plan_face(
         negative=conditioning.negative,
         seed=seed,
         loras=tuple((lora.name, lora.model_weight, lora.clip_weight) for lora in conditioning.loras),
+        **control_fields,
     )
     return RefinePlan(
         position=position,
@@ -241,6 +284,7 @@ def plan_face(
         job=job,
         crop_size=(crop_w, crop_h),
         paste_mask=feather_mask(seg.cropped_mask, params.feather),
+        cnet_image=cnet_image,
     )
 
 
@@ -256,6 +300,7 @@ async def detail_image(
     has_segm: bool = False,
     batch_faces: bool = True,
     on_face: Callable[[SegmentReport], None] | None = None,
+    control: ControlChoice | None = None,
 ) -> ImageResult:
     """FaceDetailer for one image (spec §2–§8).
 
@@ -293,11 +338,12 @@ async def detail_image(
     current = image
     refined_crops: list[tuple[int, np.ndarray]] = []  # (position in the processing order, crop)
     alpha_crops: list[tuple[int, np.ndarray]] = []
+    cnet_images: list[tuple[int, np.ndarray]] = []
     for wave in waves:
         ready: list[RefinePlan] = []
         for member in wave:
             position, seg, prompt = pending[member]
-            face = plan_face(current, seg, position, prompt, params, image_seed, make_job)
+            face = plan_face(current, seg, position, prompt, params, image_seed, make_job, control)
             if isinstance(face, SegmentReport):
                 reports.append(face)
                 if on_face is not None:
@@ -317,6 +363,8 @@ async def detail_image(
             )
             refined_crops.append((face.position, refined_crop))
             alpha_crops.append((face.position, alpha))
+            if face.cnet_image is not None:
+                cnet_images.append((face.position, face.cnet_image))
             reports.append(face.report)
             if on_face is not None:
                 on_face(face.report)
@@ -328,6 +376,8 @@ async def detail_image(
         cropped_enhanced_alpha=sorted_by_shape(_in_processing_order(alpha_crops)),
         segments=reports,
         timings=timings,
+        # the reference extends this list as faces are refined, unsorted
+        cnet_images=_in_processing_order(cnet_images),
     )
 
 
@@ -366,6 +416,7 @@ async def detail_batch(
     has_segm: bool = False,
     batch_faces: bool = True,
     on_face: Callable[[SegmentReport], None] | None = None,
+    control: ControlChoice | None = None,
 ) -> DetailResult:
     """Each image on its own with base seed + k (spec §6); the lists joined like the node's."""
     check_hooks(params)
@@ -382,6 +433,7 @@ async def detail_batch(
             has_segm=has_segm,
             batch_faces=batch_faces,
             on_face=on_face,
+            control=control,
         )
         for index, image in enumerate(images)
     ]
@@ -399,6 +451,6 @@ async def detail_batch(
         cropped_enhanced_alpha=node_list([result.cropped_enhanced_alpha for result in per_image]),
         cnet_images=node_list([result.cnet_images for result in per_image]),
         per_image=per_image,
-        detailer_pipe={"params": params.model_dump()},
+        detailer_pipe={"params": params.model_dump(exclude={"controlnet": {"control_image"}})},
         timings=timings,
     )

@@ -41,6 +41,7 @@ SPEC_DEFAULTS = {
     "bbox_detector": None,
     "segm_detector": None,
     "sam_model": None,
+    "controlnet": None,
 }
 
 

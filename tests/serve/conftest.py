@@ -33,7 +33,9 @@ def local_cpu_config() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def serve_instance(local_cpu_config: dict[str, Any], tiny_sd: dict, tiny_yolo: dict) -> Iterator[dict[str, Any]]:
+def serve_instance(
+    local_cpu_config: dict[str, Any], tiny_sd: dict, tiny_yolo: dict, tiny_controlnet: dict
+) -> Iterator[dict[str, Any]]:
     """Ray (2 CPUs) with the local-cpu.yaml app on a free port and a second app with a segm detector."""
     import ray
     from ray import serve
