@@ -278,6 +278,116 @@ def test_the_noise_mask_goes_from_crop_size_to_the_latent_grid_in_one_bilinear_s
     assert torch.all(mask[:9, :11] == 1.0) and torch.all(mask[:, 11] == 0.0)
 
 
+class UnetCalls:
+    """Every UNet call's input batch, timesteps and raw output (eps rows, as the UNet returns them)."""
+
+    def __init__(self, inpainter: Inpainter) -> None:
+        self.samples: list[torch.Tensor] = []
+        self.timesteps: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+        self.handle = inpainter.components.unet.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: object, args: tuple, kwargs: dict, output: object) -> None:
+        self.samples.append(args[0].detach().clone())
+        self.timesteps.append(args[1].detach().clone())
+        self.outputs.append((output[0] if isinstance(output, tuple) else output.sample).detach().float().clone())
+
+    def __enter__(self) -> UnetCalls:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.handle.remove()
+
+
+def radial_mask(size: int) -> np.ndarray:
+    """1 in the centre falling to 0 before the corners: soft values and a mask-0 border."""
+    y, x = np.mgrid[0:size, 0:size]
+    distance = np.hypot(y - (size - 1) / 2, x - (size - 1) / 2) / (size / 2)
+    return np.clip(1.4 - 1.4 * distance, 0.0, 1.0).astype(np.float32)
+
+
+def replay_euler(
+    inpainter: Inpainter, calls: UnetCalls, image: np.ndarray, mask: np.ndarray, settings: SamplingSettings, seed: int,
+    *, every_call: bool = True,
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Euler with ComfyUI's masked sampling, written out from k-diffusion + ``KSamplerX0Inpaint``.
+
+    Uses the UNet outputs the inpainter got and returns (final latent, the UNet inputs this rule
+    expects at each call, the last call's step mask). ``every_call=False`` is the rule the
+    inpainter used before: blend the latent at step starts, never replace the prediction.
+    """
+    from deployments.inpainter import _to_pixels
+    from deployments.sampling import sigmas_for
+
+    ms = inpainter.model_sampling
+    with torch.inference_mode():
+        original = inpainter._encode(_to_pixels(image)[None])
+    latent_mask = F.interpolate(torch.from_numpy(mask)[None, None], size=original.shape[-2:], mode="bilinear")
+    noise = torch.randn(original.shape, generator=torch.Generator().manual_seed(seed))  # prepare_noise
+    sigmas = sigmas_for(ms, settings.sampler_name, settings.scheduler, settings.steps, settings.denoise)
+    t_first, t_last = ms.timestep(sigmas[0]).float(), ms.timestep(torch.maximum(sigmas[-1], ms.sigma_min)).float()
+    x = original + noise * sigmas[0]  # denoise < 1: noise · σ, no √(1 + σ²)
+    expected_inputs, step_mask = [], latent_mask
+    for i in range(len(sigmas) - 1):
+        sigma, following = sigmas[i], sigmas[i + 1]
+        if settings.noise_mask_feather > 0:  # differential diffusion: cells join once mask ≥ threshold
+            threshold = (ms.timestep(sigma).float() - t_last) / (t_first - t_last)
+            step_mask = (latent_mask >= threshold).float()
+        blended = x * step_mask + (original + noise * sigma) * (1 - step_mask)
+        expected_inputs.append(blended / (sigma**2 + 1) ** 0.5)
+        eps = calls.outputs[i]
+        cond, uncond = blended - eps[:1] * sigma, blended - eps[1:2] * sigma
+        denoised = uncond + (cond - uncond) * settings.cfg
+        if every_call:
+            denoised = denoised * step_mask + original * (1 - step_mask)  # KSamplerX0Inpaint
+        else:
+            x = blended
+        x = x + (x - denoised) / sigma * (following - sigma)
+    return x, expected_inputs, step_mask
+
+
+def test_masked_sampling_follows_ksamplerx0inpaint_at_every_model_call(
+    inpainter: Inpainter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ComfyUI's rule, checked by value against the real UNet's own outputs: at every model call the
+    cells outside that step's mask are the original latent re-noised to σ, the prediction there is
+    replaced by the original latent, and at the last step (threshold 0 under differential
+    diffusion) mask-0 cells take the prediction."""
+    image, mask, seed = crop(64, 64, seed=3), radial_mask(32), 11
+    settings = SamplingSettings(steps=6, denoise=0.6, cfg=3.0, noise_mask_feather=20)
+    decoded = DecodedLatents(inpainter, monkeypatch)
+    with UnetCalls(inpainter) as calls:
+        inpainter.refine([job(image, seed=seed, mask=mask)], settings)
+    [(final, _)] = decoded.batches
+    expected, expected_inputs, last_mask = replay_euler(inpainter, calls, image, mask, settings, seed)
+    assert len(calls.samples) == settings.steps
+    for call, (sample, wanted) in enumerate(zip(calls.samples, expected_inputs, strict=True)):
+        torch.testing.assert_close(sample[:1], wanted, rtol=1e-5, atol=1e-5, msg=f"cond row of call {call}")
+        torch.testing.assert_close(sample[1:], wanted, rtol=1e-5, atol=1e-5, msg=f"uncond row of call {call}")
+    torch.testing.assert_close(final, expected, rtol=1e-4, atol=1e-4)
+    # the test can tell the rules apart: the old one ends elsewhere on the same UNet outputs
+    old_rule, _, _ = replay_euler(inpainter, calls, image, mask, settings, seed, every_call=False)
+    assert float((old_rule - final).abs().max()) > 1e-2
+
+    latent_mask = F.interpolate(torch.from_numpy(mask)[None, None], size=(8, 8), mode="bilinear")
+    zero_cells = (latent_mask == 0).expand_as(final)
+    assert zero_cells.any() and torch.all(last_mask == 1), "the last step includes every cell"
+    with torch.inference_mode():
+        from deployments.inpainter import _to_pixels
+
+        original = inpainter._encode(_to_pixels(image)[None])
+    assert float((final - original)[zero_cells].abs().max()) > 1e-2, "mask-0 cells took the last prediction"
+
+    # without differential diffusion the mask-0 cells keep the original latent to the end
+    decoded.batches.clear()
+    plain = replace_settings(settings, noise_mask_feather=0)
+    with UnetCalls(inpainter) as calls:
+        inpainter.refine([job(image, seed=seed, mask=mask)], plain)
+    [(final, _)] = decoded.batches
+    torch.testing.assert_close(final, replay_euler(inpainter, calls, image, mask, plain, seed)[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(final[zero_cells], original[zero_cells], rtol=0, atol=1e-5)
+
+
 def test_a_crop_without_a_mask_is_unmasked_unless_padded(inpainter: Inpainter, monkeypatch: pytest.MonkeyPatch) -> None:
     arguments = SamplerArguments(monkeypatch)
     inpainter.refine([job(crop(64, 64)), job(crop(66, 64))], FAST)
