@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from facedetailer.blend import BlendMode
+from facedetailer.color_match import ColorMatchMethod
 from facedetailer.controlnet import ControlNetParams
 from facedetailer.hooks import DetailerHook
 
@@ -47,6 +49,20 @@ class FaceDetailerParams(BaseModel):
     negative: str = ""
     denoise: float = Field(0.5, ge=0.0001, le=1.0)
     feather: int = Field(5, ge=0, le=100)
+    # Seam options (not the node's; off by default, which is the reference's paste bit for bit).
+    color_match: ColorMatchMethod = Field(
+        "none",
+        description="Match the refined face's colours to the original crop in Lab over the face mask and a "
+        "ring around it: 'mean_std' (per-channel mean and deviation) or 'histogram'; 'none' = the reference.",
+    )
+    color_match_strength: float = Field(
+        1.0, ge=0.0, le=1.0, description="0 … 1: how far color_match moves the refined face (Lab interpolation)."
+    )
+    blend: BlendMode = Field(
+        "feather",
+        description="'feather' = the reference's paste through the feathered mask; 'multiband' = Laplacian-pyramid "
+        "blending under that mask (colour and brightness blend over a wider band than detail).",
+    )
     noise_mask: bool = True
     force_inpaint: bool = True
     bbox_threshold: float = Field(0.5, ge=0.0, le=1.0)

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from facedetailer.blend import feather_mask, paste, resize_image, rgba_with_alpha
+from facedetailer.blend import blend_face, feather_mask, resize_image, rgba_with_alpha
 from facedetailer.controlnet import ControlHint, ControlNetParams, control_image_for_face
 from facedetailer.guide_size import plan_upscale
 from facedetailer.hooks import DetailerHooks
@@ -359,7 +359,7 @@ async def detail_image(
             timings["inpaint_queue_wait"] = timings.get("inpaint_queue_wait", 0.0) + outcome.queue_wait_s
         for face, refined in zip(ready, refined_batch, strict=True):
             current, refined_crop, alpha = timer.measure(
-                "blend", lambda image=current, f=face, r=refined: _blend(image, f, r)
+                "blend", lambda image=current, f=face, r=refined: _blend(image, f, r, params)
             )
             refined_crops.append((face.position, refined_crop))
             alpha_crops.append((face.position, alpha))
@@ -381,10 +381,24 @@ async def detail_image(
     )
 
 
-def _blend(current: np.ndarray, face: RefinePlan, refined: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bring a refined crop back to crop size and paste it through the feathered mask (spec §6)."""
+def _blend(
+    current: np.ndarray, face: RefinePlan, refined: np.ndarray, params: FaceDetailerParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bring a refined crop back to crop size and paste it through the feathered mask (spec §6).
+
+    The seam options (color_match, blend) apply here; the crop lists get the crop as pasted.
+    """
     refined_crop = resize_image(np.asarray(refined), face.crop_size)
-    pasted = paste(current, refined_crop, face.paste_mask, face.seg.crop_region)
+    pasted, refined_crop = blend_face(
+        current,
+        refined_crop,
+        face.paste_mask,
+        face.seg.crop_region,
+        face_mask=face.seg.cropped_mask,
+        color_match=params.color_match,
+        color_match_strength=params.color_match_strength,
+        blend=params.blend,
+    )
     return pasted, refined_crop, rgba_with_alpha(refined_crop, face.paste_mask)
 
 

@@ -18,6 +18,9 @@ SPEC_DEFAULTS = {
     "negative": "",
     "denoise": 0.5,
     "feather": 5,
+    "color_match": "none",  # seam options, off = the reference's paste
+    "color_match_strength": 1.0,
+    "blend": "feather",
     "noise_mask": True,
     "force_inpaint": True,
     "bbox_threshold": 0.5,
