@@ -118,7 +118,7 @@ class ControlNetSet:
 
     def __init__(
         self,
-        specs: Mapping[str, Mapping[str, Any]] | None,
+        specs: Mapping[str, Mapping[str, Any]] | ControlNetSet | None,
         *,
         device: torch.device,
         dtype: torch.dtype,
@@ -127,6 +127,9 @@ class ControlNetSet:
     ) -> None:
         self.device, self.dtype, self.model_sampling = device, dtype, model_sampling
         self.models: dict[str, _LoadedControlNet] = {}
+        if isinstance(specs, ControlNetSet):  # another checkpoint's: share the loaded ControlNets
+            self.models = specs.models
+            return
         for name, spec in (specs or {}).items():
             preprocessor = spec.get("preprocessor", "tile")
             if preprocessor not in PREPROCESSORS:

@@ -165,7 +165,7 @@ class Inpainter:
         cache_dir: str | None = None,
         max_batch_size: int = 8,
         max_queued_crops: int = 256,
-        controlnets: Mapping[str, Mapping[str, Any]] | None = None,
+        controlnets: Mapping[str, Mapping[str, Any]] | ControlNetSet | None = None,
     ) -> None:
         self.model = model
         self.device = pick_device(device)

@@ -90,6 +90,8 @@ class FaceDetailerParams(BaseModel):
     bbox_detector: str | None = Field(None, min_length=1)
     segm_detector: str | None = Field(None, min_length=1)
     sam_model: str | None = Field(None, min_length=1)
+    # The node's model input: a checkpoint the inpainter serves (GET /v1/info "checkpoints"; None = the first).
+    model: str | None = Field(None, min_length=1)
     # ControlNetApplyAdvanced per face with a ControlNet the service configures (facedetailer/controlnet.py).
     controlnet: ControlNetParams | None = None
 

@@ -30,7 +30,7 @@ from serve_app.http_adapters.encoding import error_response, result_to_json
 from serve_app.http_adapters.errors import RequestError, parse_params
 from serve_app.http_adapters.request_reading import read_detail_request
 from serve_app.images import ImageInputError, as_uint8_image, decode_base64_image, encode_png
-from serve_app.model_choice import ModelChoice, ModelChoiceError
+from serve_app.model_choice import ModelChoice, ModelChoiceError, NamedModels
 from serve_app.pipeline import (
     ControlChoice,
     DetailResult,
@@ -121,8 +121,10 @@ class HandleStages:
         inpainter: DeploymentHandle,
         sam: DeploymentHandle | None,
         segm_detector: DeploymentHandle | None,
+        checkpoint: str | None = None,
     ) -> None:
         self.detector, self.inpainter, self.sam, self.segm_detector = detector, inpainter, sam, segm_detector
+        self.checkpoint = checkpoint
 
     async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]:
         return await _cancellable(self.detector.detect.remote(image, threshold))
@@ -136,7 +138,11 @@ class HandleStages:
         return await _cancellable(self.sam.predict.remote(image, list(prompts)))
 
     async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings) -> RefineResult:
-        return await _cancellable(self.inpainter.refine.remote(list(jobs), settings))
+        if self.checkpoint is None:
+            return await _cancellable(self.inpainter.refine.remote(list(jobs), settings))
+        # model multiplexing: routed to a replica that has the checkpoint loaded, if any
+        inpainter = self.inpainter.options(multiplexed_model_id=self.checkpoint)
+        return await _cancellable(inpainter.refine.remote(list(jobs), settings, self.checkpoint))
 
 
 def sampling_settings(params: FaceDetailerParams) -> SamplingSettings:
@@ -157,6 +163,7 @@ class FaceDetailerIngress:
         segm_detector: DeploymentHandle | dict[str, DeploymentHandle] | None = None,
         limits: dict[str, Any] | None = None,
         controlnets: dict[str, str] | None = None,
+        checkpoints: list[str] | None = None,
     ) -> None:
         # each model kind: one handle, or several by name (serve_app/model_choice.py)
         self.models = ModelChoice.of(detector, segm_detector, sam)
@@ -165,6 +172,8 @@ class FaceDetailerIngress:
         )
         self.limits = Limits.model_validate(limits or {})
         self.controlnets = dict(controlnets or {})  # {name: preprocessor}; the inpainter loads them
+        # the inpainter's checkpoints by name (a request's ``model``; the first is the default)
+        self.checkpoints = NamedModels.of("model", {name: name for name in checkpoints or ["default"]})
         self._supported: tuple[list[str], list[str]] | None = None
         self.metrics = ServiceMetrics()
         self._inflight = 0
@@ -231,6 +240,7 @@ class FaceDetailerIngress:
             "segm_detectors": await _named_info(self.models.segm_detectors.models),
             "sam_models": await _named_info(self.models.sam_models.models),
             "controlnets": inpainter_info.get("controlnets", {}),
+            "checkpoints": self.checkpoints.names,
             "samplers": samplers,
             "schedulers": schedulers,
             "limits": self.limits.model_dump(),
@@ -270,11 +280,12 @@ class FaceDetailerIngress:
     ) -> DetailResult:
         try:
             chosen = self.models.select(params)
+            checkpoint = self.checkpoints.resolve(params.model)
         except ModelChoiceError as error:
             raise RequestError(422, str(error)) from error
         await self._validate_sampling(params)
         control = self._control(params)
-        stages = HandleStages(chosen.detector, self.stages.inpainter, chosen.sam, chosen.segm_detector)
+        stages = HandleStages(chosen.detector, self.stages.inpainter, chosen.sam, chosen.segm_detector, checkpoint)
         try:
             result = await asyncio.wait_for(
                 detail_batch(

@@ -98,3 +98,9 @@ def tiny_sd() -> dict:
 def tiny_controlnet(tiny_sd: dict) -> dict:
     """A ControlNet made from the tiny SD UNet (``ControlNetModel.from_unet``, random weights)."""
     return _tiny("controlnet")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_alt() -> dict:
+    """A second tiny SD 1.x checkpoint: the same architecture with other random weights."""
+    return _tiny("sd_alt")

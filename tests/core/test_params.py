@@ -45,6 +45,7 @@ SPEC_DEFAULTS = {
     "segm_detector": None,
     "sam_model": None,
     "controlnet": None,
+    "model": None,
 }
 
 
