@@ -270,6 +270,10 @@ class InpainterDeployment(_ServedModel):
                 continue
             await asyncio.to_thread(loaded.inpainter.check_health)
 
+    def checkpoint_snapshots(self) -> dict[str, dict[str, Any]]:
+        """Each loaded checkpoint's own engine counters (its engine only ever batches its own crops)."""
+        return {name: loaded.engine.snapshot() for name, loaded in list(self.loaded.items())}
+
     def supported_samplers(self) -> list[str]:
         return self.model.supported_samplers()
 
