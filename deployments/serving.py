@@ -137,6 +137,7 @@ class InpainterDeployment(_ServedModel):
         self._shared_controlnets: Any = None
         self._default_adopted = False
         self._local_lock = asyncio.Lock()
+        self._last_model: Inpainter | None = None  # answers info() while the only checkpoint is swapped
         async def load(name: str) -> LoadedCheckpoint:  # a plain function: Serve keeps its LRU cache on it
             return await self._load_checkpoint(name)
 
@@ -155,8 +156,10 @@ class InpainterDeployment(_ServedModel):
     @property
     def model(self) -> Inpainter:
         """The default checkpoint's inpainter when loaded, else the most recently loaded one."""
-        loaded = self.loaded.get(self.default_checkpoint) or next(reversed(self.loaded.values()))
-        return loaded.inpainter
+        loaded = self.loaded.get(self.default_checkpoint) or next(reversed(list(self.loaded.values())), None)
+        if loaded is not None:
+            self._last_model = loaded.inpainter
+        return self._last_model
 
     @property
     def engine(self) -> Any:

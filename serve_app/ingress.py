@@ -173,7 +173,9 @@ class FaceDetailerIngress:
         self.limits = Limits.model_validate(limits or {})
         self.controlnets = dict(controlnets or {})  # {name: preprocessor}; the inpainter loads them
         # the inpainter's checkpoints by name (a request's ``model``; the first is the default)
+        # (an inpainter deployment bound without them takes no model argument: nothing is routed)
         self.checkpoints = NamedModels.of("model", {name: name for name in checkpoints or ["default"]})
+        self._route_checkpoints = checkpoints is not None
         self._supported: tuple[list[str], list[str]] | None = None
         self.metrics = ServiceMetrics()
         self._inflight = 0
@@ -285,7 +287,13 @@ class FaceDetailerIngress:
             raise RequestError(422, str(error)) from error
         await self._validate_sampling(params)
         control = self._control(params)
-        stages = HandleStages(chosen.detector, self.stages.inpainter, chosen.sam, chosen.segm_detector, checkpoint)
+        stages = HandleStages(
+            chosen.detector,
+            self.stages.inpainter,
+            chosen.sam,
+            chosen.segm_detector,
+            checkpoint if self._route_checkpoints else None,
+        )
         try:
             result = await asyncio.wait_for(
                 detail_batch(

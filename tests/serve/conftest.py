@@ -72,6 +72,10 @@ def serve_instance(
             ingress=light,
         )
         segm_values["inpainter"]["deployment"] = light
+        # Its inpainter serves an SD 1.x and an SDXL checkpoint (the tiny SDXL end to end over HTTP).
+        segm_values["inpainter"].update(
+            model=None, checkpoints={"sd15": tiny_sd["pipeline"], "sdxl": tiny_sd["sdxl_pipeline"]}
+        )
         segm_args = AppArgs.model_validate(segm_values)
         segm_handle = serve.run(build_app(segm_args), name=SEGM_APP_NAME, route_prefix=SEGM_ROUTE)
         yield {
