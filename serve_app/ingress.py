@@ -110,6 +110,14 @@ async def _cancellable(response: Any) -> Any:
     except asyncio.CancelledError:
         response.cancel()
         raise
+    except RequestCancelledError:
+        # Serve's local testing mode reports the caller's own cancellation as the call's
+        # RequestCancelledError: still the caller's cancellation (a timeout must stay a 504).
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            response.cancel()
+            raise asyncio.CancelledError from None
+        raise
 
 
 class HandleStages:
