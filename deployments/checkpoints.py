@@ -16,11 +16,14 @@ its engine and drops its weights.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import torch
 
 from deployments.inpainter import Inpainter, RefineJob, RefineResult, SamplingSettings, result_of
 
@@ -62,10 +65,10 @@ class LoadedCheckpoint:
         self.__del__ = self.retire
 
     async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings | None) -> RefineResult:
-        payloads = self.inpainter.payloads(list(jobs), settings)  # bad crops and settings fail here, alone
-        with self._lock:
+        with self._lock:  # counted before anything else, so an eviction waits for this request
             self.inflight += 1
         try:
+            payloads = self.inpainter.payloads(list(jobs), settings)  # bad crops and settings fail here, alone
             request = self.engine.submit(payloads)
             try:
                 images = await asyncio.wrap_future(request.future)
@@ -89,6 +92,14 @@ class LoadedCheckpoint:
         self.engine.stop()
         self.retired = True
         logger.info("checkpoint %s unloaded", self.name)
+
+
+    def release(self) -> None:
+        """Drop the (retired) checkpoint's weights: accelerator memory is free for the next one."""
+        self.inpainter = self.engine = None  # type: ignore[assignment]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def sum_snapshots(snapshots: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -138,6 +138,7 @@ class InpainterDeployment(_ServedModel):
         self._default_adopted = False
         self._local_lock = asyncio.Lock()
         self._last_model: Inpainter | None = None  # answers info() while the only checkpoint is swapped
+
         async def load(name: str) -> LoadedCheckpoint:  # a plain function: Serve keeps its LRU cache on it
             return await self._load_checkpoint(name)
 
@@ -159,6 +160,8 @@ class InpainterDeployment(_ServedModel):
         loaded = self.loaded.get(self.default_checkpoint) or next(reversed(list(self.loaded.values())), None)
         if loaded is not None:
             self._last_model = loaded.inpainter
+        if self._last_model is None:
+            raise RuntimeError("no checkpoint is loaded right now (one is being swapped in); retry")
         return self._last_model
 
     @property
@@ -178,6 +181,9 @@ class InpainterDeployment(_ServedModel):
             retire(timeout_s)
             self.retired_snapshots.append({**loaded.engine.snapshot(), "active_crops": 0, "queued_crops": 0})
             self.loaded.pop(name, None)
+            if self._last_model is loaded.inpainter:
+                self._last_model = None
+            loaded.release()  # the weights go now, before the next checkpoint loads
 
         loaded.__del__ = retire_and_forget  # what Ray Serve's LRU eviction calls
         self.loaded[name] = loaded
