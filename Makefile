@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-core demo lint clean
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: venv browser test test-core demo lint clean
 
 $(STAMP): pyproject.toml requirements-assets.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +26,16 @@ $(STAMP): pyproject.toml requirements-assets.txt
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# The web page's test drives Debian's Chromium through Playwright (Playwright's own browser
+# download is blocked on servers without internet): install it with apt when it is missing.
+browser:
+	@test -x $(CHROMIUM) || { \
+	  echo "installing Debian's chromium for the browser test"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+	@test -x $(CHROMIUM)
+
+test: $(STAMP) browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

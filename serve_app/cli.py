@@ -100,14 +100,91 @@ def command_serve(args: argparse.Namespace) -> None:
     start_serving(args.config, port=args.port, blocking=True)
 
 
+def _request_values(args: argparse.Namespace) -> dict[str, Any]:
+    """``--workflow`` values (its FaceDetailer node), overridden by each ``--param``."""
+    values: dict[str, Any] = {}
+    if args.workflow is not None:
+        from facedetailer.workflow import WorkflowError, import_workflow
+
+        try:
+            imported = import_workflow(Path(args.workflow).read_text(encoding="utf-8"), args.workflow_node)
+        except WorkflowError as error:
+            raise SystemExit(f"{args.workflow}: {error}") from error
+        values.update(imported.params)
+        title = f" ({imported.node_title})" if imported.node_title else ""
+        print(f"parameters from FaceDetailer node {imported.node_id}{title} of {args.workflow}", file=sys.stderr)
+    values.update(dict(_parse_param(item) for item in args.param))
+    return values
+
+
 def command_detail(args: argparse.Namespace) -> None:
-    """Detail files through the Python handle API, with a progress bar per image and face."""
+    """Detail files through a running service (``--url``) or the Python handle API, with progress bars."""
+    from pydantic import ValidationError
+
+    from facedetailer.params import FaceDetailerParams
+
+    values = _request_values(args)
+    try:
+        params = FaceDetailerParams.model_validate(values)
+    except ValidationError as error:
+        raise SystemExit(f"invalid parameters: {error}") from error
+    if args.url:
+        _detail_over_http(args, values)
+    else:
+        _detail_through_handle(args, params)
+
+
+def _detail_over_http(args: argparse.Namespace, values: dict[str, Any]) -> None:
+    """The HTTP client (retries on 429/503 honour Retry-After); per-face progress from the stream."""
+    import httpx
+    from tqdm import tqdm
+
+    from facedetailer_client import DetailResult, FaceDetailerClient, RetryPolicy, ServiceError
+
+    outdir = Path(args.output)
+    retry = RetryPolicy(budget_s=args.retry_budget)
+    timeout = httpx.Timeout(args.timeout, connect=10.0)
+    with FaceDetailerClient(args.url, timeout=timeout, retry=retry) as client:
+        for path in tqdm(args.images, desc="images", unit="image"):
+            faces = tqdm(desc=f"{Path(path).name}: faces", unit="face", leave=False)
+            result: DetailResult | None = None
+            try:
+                for item in client.stream(Path(path), values):
+                    if isinstance(item, DetailResult):
+                        result = item
+                    else:
+                        faces.update(1)
+                        faces.set_postfix_str(item.status)
+            except ServiceError as error:
+                raise SystemExit(f"{path}: the service answered {error}") from error
+            finally:
+                faces.close()
+            if result is None:
+                raise SystemExit(f"{path}: the stream ended without a result")
+            stem = Path(path).stem
+            _write_bytes(result.image, outdir / f"{stem}.png")
+            _write_bytes(result.mask, outdir / f"{stem}.mask.png")
+            if result.faces_refined:
+                for index, crop in enumerate(result.cropped_refined):
+                    _write_bytes(crop, outdir / f"{stem}.refined-{index}.png")
+                for index, crop in enumerate(result.cropped_enhanced_alpha):
+                    _write_bytes(crop, outdir / f"{stem}.alpha-{index}.png")
+            summary = f"{result.faces_detected} face(s), {result.faces_refined} refined"
+            tqdm.write(f"{path}: {summary} → {outdir / (stem + '.png')}")
+
+
+def _write_bytes(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial" + path.suffix)
+    partial.write_bytes(data)
+    os.replace(partial, path)  # never leave a half-written output behind
+
+
+def _detail_through_handle(args: argparse.Namespace, params: Any) -> None:
     from tqdm import tqdm
 
     from deployments.testing.assets import load_rgb
-    from facedetailer.params import FaceDetailerParams
 
-    params = FaceDetailerParams.model_validate(dict(_parse_param(item) for item in args.param))
     handle, _ = start_serving(args.config, port=args.port)
     outdir = Path(args.output)
     for path in tqdm(args.images, desc="images", unit="image"):
@@ -225,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     detail.add_argument("images", nargs="+")
     detail.add_argument("-o", "--output", required=True)
     detail.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    detail.add_argument("--workflow", type=Path, help="a ComfyUI workflow .json: its FaceDetailer node's values")
+    detail.add_argument("--workflow-node", help="the FaceDetailer node id, when the workflow has several")
+    detail.add_argument("--url", help="a running service (http://host:port); default: serve --config here")
+    detail.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one answer (--url)")
+    detail.add_argument("--retry-budget", type=float, default=120.0, help="seconds of 429/503 retries (--url)")
     detail.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     detail.add_argument("--port", type=int)
     detail.set_defaults(run=command_detail)

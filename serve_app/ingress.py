@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import metrics
@@ -25,10 +25,11 @@ from deployments.inpainter_engine import EngineBusyError
 from facedetailer.params import FaceDetailerParams
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
+from facedetailer.widgets import widget_specs
 from serve_app.config import Limits
-from serve_app.http_adapters.encoding import error_response, result_to_json
+from serve_app.http_adapters.encoding import error_body, error_response, result_to_json
 from serve_app.http_adapters.errors import RequestError, parse_params
-from serve_app.http_adapters.request_reading import read_detail_request
+from serve_app.http_adapters.request_reading import DETAIL_REQUEST_BODY, read_detail_request
 from serve_app.images import ImageInputError, as_uint8_image, decode_base64_image, encode_png
 from serve_app.model_choice import ModelChoice, ModelChoiceError, NamedModels
 from serve_app.pipeline import (
@@ -39,6 +40,9 @@ from serve_app.pipeline import (
     detail_batch,
     resolve_control,
 )
+from serve_app.streaming import HEARTBEAT_S, SSE_HEADERS, SSE_HEARTBEAT, SSE_MEDIA_TYPE, sse, with_progress
+from serve_app.web import web_router
+from serve_app.workflow_api import workflow_router
 
 logger = logging.getLogger("ray.serve")
 
@@ -50,6 +54,8 @@ http_app = FastAPI(
         "inpainter at a higher resolution, and blended back. Parameters use the node's names and defaults."
     ),
 )
+http_app.include_router(web_router)  # the web page at GET /
+http_app.include_router(workflow_router)  # POST /v1/workflow/import
 
 
 async def _named_info(handles: dict[str, DeploymentHandle]) -> dict[str, Any]:
@@ -219,21 +225,8 @@ class FaceDetailerIngress:
         self, images: np.ndarray | Sequence[np.ndarray], params: dict[str, Any] | None = None
     ) -> AsyncIterator[dict[str, Any]]:
         """Streaming variant for progress bars: a ``face`` event per face, then the ``result``."""
-        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-        def on_face(report: SegmentReport) -> None:
-            status = report.skip_reason if report.skipped else "refined"
-            events.put_nowait({"event": "face", "index": report.index, "status": status})
-
-        task = asyncio.ensure_future(self.detail(images, params, on_face=on_face))
-        while not task.done() or not events.empty():
-            getter = asyncio.ensure_future(events.get())
-            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                yield getter.result()
-            else:
-                getter.cancel()
-        yield {"event": "result", "result": task.result()}
+        async for event in with_progress(lambda on_face: self.detail(images, params, on_face=on_face)):
+            yield event
 
     async def info(self) -> dict[str, Any]:
         samplers, schedulers = await self._supported_names()
@@ -255,6 +248,16 @@ class FaceDetailerIngress:
             "schedulers": schedulers,
             "limits": self.limits.model_dump(),
             "defaults": FaceDetailerParams().model_dump(),
+            "parameters": widget_specs(
+                samplers,
+                schedulers,
+                model_names={
+                    "bbox_detector": self.models.detectors.names,
+                    "segm_detector": self.models.segm_detectors.names,
+                    "sam_model": self.models.sam_models.names,
+                    "model": self.checkpoints.names,
+                },
+            ),
         }
 
     async def stats(self) -> dict[str, Any]:
@@ -271,15 +274,17 @@ class FaceDetailerIngress:
     async def _validate_sampling(self, params: FaceDetailerParams) -> None:
         samplers, schedulers = await self._supported_names()
         if params.sampler_name not in samplers:
-            raise RequestError(
-                422, f"sampler_name: unsupported {params.sampler_name!r}; supported: {', '.join(samplers)}"
+            raise RequestError.for_field(
+                422, "sampler_name", f"unsupported {params.sampler_name!r}; supported: {', '.join(samplers)}"
             )
         if params.scheduler not in schedulers:
-            raise RequestError(422, f"scheduler: unsupported {params.scheduler!r}; supported: {', '.join(schedulers)}")
+            raise RequestError.for_field(
+                422, "scheduler", f"unsupported {params.scheduler!r}; supported: {', '.join(schedulers)}"
+            )
         if params.use_sam and self.stages.sam is None:
-            raise RequestError(422, "use_sam: this service has no SAM deployment configured")
+            raise RequestError.for_field(422, "use_sam", "this service has no SAM deployment configured")
         if params.use_segm and self.stages.segm_detector is None:
-            raise RequestError(422, "use_segm: this service has no segm detector deployment configured")
+            raise RequestError.for_field(422, "use_segm", "this service has no segm detector deployment configured")
 
     async def _run(
         self,
@@ -377,34 +382,7 @@ class FaceDetailerIngress:
     @http_app.post(
         "/v1/detail",
         responses={200: {"content": {"image/png": {}, "application/json": {}}}},
-        openapi_extra={
-            "requestBody": {
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {
-                                "image": {"type": "string", "format": "binary"},
-                                "params": {"type": "string", "description": "JSON object of parameters"},
-                            },
-                            "required": ["image"],
-                            "additionalProperties": {"type": "string"},
-                        }
-                    },
-                    "application/json": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {
-                                "image": {"type": "string", "description": "base64 PNG/JPEG/WebP"},
-                                "images": {"type": "array", "items": {"type": "string"}},
-                                "params": FaceDetailerParams.model_json_schema(),
-                            },
-                        }
-                    },
-                },
-                "required": True,
-            }
-        },
+        openapi_extra=DETAIL_REQUEST_BODY,
     )
     async def http_detail(self, request: Request, format: str = "png") -> Response:
         """Detail an uploaded image. Returns the PNG, or with ``?format=json`` every output as JSON."""
@@ -412,22 +390,15 @@ class FaceDetailerIngress:
             if format not in ("png", "json"):
                 raise RequestError(422, f"format: must be 'png' or 'json', got {format!r}")
             started = time.perf_counter()
-            if self._inflight >= self.limits.max_inflight_requests:
-                raise RequestError(429, f"busy: {self._inflight} requests in progress on this replica; retry")
-            self._inflight += 1
+            self._admit()
             try:
                 images, values = await read_detail_request(request, self.limits)
                 decoded = time.perf_counter()
                 result = await self.detail(images, values)
             finally:
                 self._inflight -= 1
-        except RequestError as error:
-            return error_response(error)
-        except ImageInputError as error:
-            return error_response(RequestError(error.status_code, str(error)))
-        except Exception as error:  # never a bare 500 page: say what failed
-            logger.exception("unexpected error in /v1/detail")
-            return error_response(RequestError(500, f"internal error: {type(error).__name__}: {error}"[:500]))
+        except Exception as error:
+            return self._error_response(error, "/v1/detail")
         result.timings["decode"] = decoded - started
         encode_start = time.perf_counter()
         if format == "json":
@@ -443,3 +414,68 @@ class FaceDetailerIngress:
             "Server-Timing": ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in result.timings.items()),
         }
         return Response(png, media_type="image/png", headers=headers)
+
+    @http_app.post("/v1/detail/stream", openapi_extra=DETAIL_REQUEST_BODY)
+    async def http_detail_stream(self, request: Request) -> Response:
+        """``/v1/detail``'s inputs; Server-Sent Events: ``face`` per finished face, then ``result``.
+
+        ``result`` carries what ``?format=json`` returns. Input errors are a plain 4xx JSON
+        response before the stream starts; a failure after it starts is an ``error`` event.
+        """
+        started = time.perf_counter()
+        try:
+            self._admit()
+            try:
+                images, values = await read_detail_request(request, self.limits)
+                decode_s = time.perf_counter() - started
+                params = parse_params(values)
+                await self._validate_sampling(params)
+            except BaseException:
+                self._inflight -= 1
+                raise
+        except Exception as error:
+            return self._error_response(error, "/v1/detail/stream")
+        events = self._event_stream(images, params, started, decode_s)
+        return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+
+    async def _event_stream(
+        self, images: list[np.ndarray], params: FaceDetailerParams, started: float, decode_s: float
+    ) -> AsyncIterator[bytes]:
+        try:
+            async for event in with_progress(
+                lambda on_face: self.detail(images, params, on_face=on_face), heartbeat_s=HEARTBEAT_S
+            ):
+                if event["event"] == "heartbeat":
+                    yield SSE_HEARTBEAT
+                elif event["event"] == "face":
+                    yield sse("face", event)
+                else:
+                    encode_start = time.perf_counter()
+                    body = result_to_json(event["result"])
+                    body["timings"]["decode"] = decode_s
+                    body["timings"]["encode"] = time.perf_counter() - encode_start
+                    body["timings"]["total"] = time.perf_counter() - started
+                    yield sse("result", body)
+        except RequestError as error:
+            yield sse("error", {"status": error.status_code, **error_body(error)})
+        except Exception as error:
+            logger.exception("unexpected error in /v1/detail/stream")
+            yield sse("error", {"status": 500, "error": f"internal error: {type(error).__name__}: {error}"[:500]})
+        finally:
+            self._inflight -= 1
+
+    def _admit(self) -> None:
+        """Count an HTTP request in, or refuse it with 429 beyond ``max_inflight_requests``."""
+        if self._inflight >= self.limits.max_inflight_requests:
+            raise RequestError(429, f"busy: {self._inflight} requests in progress on this replica; retry")
+        self._inflight += 1
+
+    @staticmethod
+    def _error_response(error: Exception, route: str) -> JSONResponse:
+        """Never a bare 500 page: a client error says what is wrong, anything else what failed."""
+        if isinstance(error, RequestError):
+            return error_response(error)
+        if isinstance(error, ImageInputError):
+            return error_response(RequestError(error.status_code, str(error)))
+        logger.exception("unexpected error in %s", route)
+        return error_response(RequestError(500, f"internal error: {type(error).__name__}: {error}"[:500]))

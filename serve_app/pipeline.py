@@ -66,6 +66,7 @@ class SegmentReport:
     skipped: bool = False
     skip_reason: str | None = None
     prompt: str | None = None
+    image_index: int = 0  # which image of the batch
 
 
 @dataclass
@@ -310,6 +311,12 @@ async def detail_image(
     """
     timings: dict[str, float] = {}
     timer = _Timer(timings)
+
+    def emit(report: SegmentReport) -> None:
+        report.image_index = image_index
+        if on_face is not None:
+            on_face(report)
+
     segs = await build_segs(image, params, stages, timer, has_sam=has_sam, has_segm=has_segm)
     mask = timer.measure("blend", lambda: segs_to_combined_mask(segs))
     image_seed = sampling_seed(params.seed, image_index, 0, 0)
@@ -325,8 +332,7 @@ async def detail_image(
             report = _report(position, seg)
             report.skipped, report.skip_reason = True, reason
             reports.append(report)
-            if on_face is not None:
-                on_face(report)
+            emit(report)
             continue
         pending.append((position, seg, prompt))
 
@@ -346,8 +352,7 @@ async def detail_image(
             face = plan_face(current, seg, position, prompt, params, image_seed, make_job, control)
             if isinstance(face, SegmentReport):
                 reports.append(face)
-                if on_face is not None:
-                    on_face(face)
+                emit(face)
             else:
                 ready.append(face)
         if not ready:
@@ -366,8 +371,7 @@ async def detail_image(
             if face.cnet_image is not None:
                 cnet_images.append((face.position, face.cnet_image))
             reports.append(face.report)
-            if on_face is not None:
-                on_face(face.report)
+            emit(face.report)
     reports.sort(key=lambda report: report.index)
     return ImageResult(
         image=current,

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from facedetailer.params import FaceDetailerParams
+from facedetailer.workflow import WorkflowError, import_workflow
 
 
 class RequestError(Exception):
@@ -18,6 +19,11 @@ class RequestError(Exception):
         self.status_code = status_code
         self.message = message
         self.details = details
+
+    @classmethod
+    def for_field(cls, status_code: int, field: str, message: str) -> RequestError:
+        """An error about one named input: ``"<field>: <message>"``, with ``details`` naming the field."""
+        return cls(status_code, f"{field}: {message}", [{"field": field, "message": message}])
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Keep every field when Ray sends the error back to a handle caller."""
@@ -33,11 +39,29 @@ def validation_error(error: ValidationError) -> RequestError:
     return RequestError(422, f"invalid parameters: {summary}", details)
 
 
+def workflow_error(error: WorkflowError) -> RequestError:
+    """A workflow that cannot be imported: 422 naming the field (``workflow``, ``workflow_node``, …)."""
+    message = str(error)
+    detail = message.removeprefix(f"{error.field}: ")
+    return RequestError(422, message, [{"field": error.field, "message": detail}])
+
+
 def parse_params(values: dict[str, Any] | FaceDetailerParams | None) -> FaceDetailerParams:
+    """Validate the request's values; a ``workflow`` supplies them, and explicit values override it."""
     if isinstance(values, FaceDetailerParams):
         return values
+    values = dict(values or {})
+    workflow, node = values.pop("workflow", None), values.pop("workflow_node", None)
+    if workflow is not None:
+        try:
+            imported = import_workflow(workflow, None if node in (None, "") else node)
+        except WorkflowError as error:
+            raise workflow_error(error) from error
+        values = {**imported.params, **values}
+    elif node not in (None, ""):
+        raise RequestError.for_field(422, "workflow_node", "given without a workflow")
     try:
-        return FaceDetailerParams.model_validate(values or {})
+        return FaceDetailerParams.model_validate(values)
     except ValidationError as error:
         raise validation_error(error) from error
 

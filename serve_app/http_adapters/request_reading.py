@@ -11,9 +11,46 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 
+from facedetailer.params import FaceDetailerParams
 from serve_app.config import Limits
 from serve_app.http_adapters.errors import RequestError, json_object
 from serve_app.images import decode_base64_image, decode_image
+
+MAX_WORKFLOW_BYTES = 5 * 1024 * 1024
+_WORKFLOW_DOC = "a ComfyUI workflow (API or UI saved format) whose FaceDetailer node gives the parameters"
+# The OpenAPI description of what :func:`read_detail_request` accepts (the route reads the body itself).
+DETAIL_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "params": {"type": "string", "description": "JSON object of parameters"},
+                        "workflow": {"type": "string", "description": _WORKFLOW_DOC + " (text or file)"},
+                        "workflow_node": {"type": "string", "description": "FaceDetailer node id, if several"},
+                    },
+                    "required": ["image"],
+                    "additionalProperties": {"type": "string"},
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "string", "description": "base64 PNG/JPEG/WebP"},
+                        "images": {"type": "array", "items": {"type": "string"}},
+                        "params": FaceDetailerParams.model_json_schema(),
+                        "workflow": {"type": "object", "description": _WORKFLOW_DOC},
+                        "workflow_node": {"type": "string", "description": "FaceDetailer node id, if several"},
+                    },
+                }
+            },
+        },
+        "required": True,
+    }
+}
 
 
 async def read_detail_request(request: Request, limits: Limits) -> tuple[list[np.ndarray], dict[str, Any]]:
@@ -32,7 +69,7 @@ async def read_detail_request(request: Request, limits: Limits) -> tuple[list[np
 
 async def read_multipart(request: Request, limits: Limits) -> tuple[list[np.ndarray], dict[str, Any]]:
     try:
-        form = await request.form(max_files=limits.max_batch_images, max_fields=100)
+        form = await request.form(max_files=limits.max_batch_images + 1, max_fields=100)  # + a workflow file
     except Exception as error:
         raise RequestError(400, f"malformed multipart body: {error}") from error
     uploads = form.getlist("image")
@@ -48,6 +85,11 @@ async def read_multipart(request: Request, limits: Limits) -> tuple[list[np.ndar
     if "params" in form:
         values.update(json_object(form["params"], "params"))
     for key, value in form.multi_items():
+        if key == "workflow" and not isinstance(value, str):  # a workflow .json file uploaded as a file
+            data = await value.read(MAX_WORKFLOW_BYTES + 1)
+            if len(data) > MAX_WORKFLOW_BYTES:
+                raise RequestError(413, f"workflow: larger than {MAX_WORKFLOW_BYTES} bytes")
+            value = data.decode("utf-8", "replace")
         if key not in ("image", "params"):
             values[key] = value
     return images, values
