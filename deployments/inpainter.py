@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import pydantic
 import torch
 import torch.nn.functional as F
 
+from deployments.controlnet import ControlNetSet
 from deployments.inpainter_engine import EngineCrop, EngineRequest, InpaintEngine
 from deployments.inpainter_hooks import check_cycle_plan, cycle_noise, hook_stages, hooked_cycle
 from deployments.inpainter_loading import (
@@ -53,6 +54,7 @@ from deployments.sampling import (
     inpaint_concat,
     validate,
 )
+from facedetailer.controlnet import ControlHint
 from facedetailer.cycle_hooks import NoiseInjectionStep, UnsampleStep
 from facedetailer.hooks import DetailerHook, DetailerHooks
 from facedetailer.token_windows import prompt_words, token_windows
@@ -102,6 +104,7 @@ class RefineJob:
     seed: int  # cycle c samples with (seed + c) mod 2**64
     loras: tuple[tuple[str, float, float], ...] = ()  # (name, model_weight, clip_weight)
     settings: SamplingSettings | None = None  # this crop's settings; None: the call's
+    control: ControlHint | None = None  # a ControlNet for this crop (deployments/controlnet.py)
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,7 @@ class Inpainter:
         cache_dir: str | None = None,
         max_batch_size: int = 8,
         max_queued_crops: int = 256,
+        controlnets: Mapping[str, Mapping[str, Any]] | ControlNetSet | None = None,
     ) -> None:
         self.model = model
         self.device = pick_device(device)
@@ -189,6 +193,13 @@ class Inpainter:
         self.vae_scale_factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
         self.model_sampling = ModelSampling.from_scheduler_config(parts.scheduler_config)
         self.loras = LoraPatcher(parts, self.lora_dir)
+        self.controlnets = ControlNetSet(
+            controlnets,
+            device=self.device,
+            dtype=self.dtype,
+            model_sampling=self.model_sampling,
+            cache_dir=Path(cache_dir) if cache_dir else None,
+        )
         self._prompts: OrderedDict[Hashable, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._batch_conditioning: dict[Hashable, tuple[tuple, Any]] = {}
         self.engine = InpaintEngine(self, max_batch_size=max_batch_size, max_queued_crops=max_queued_crops)
@@ -235,6 +246,7 @@ class Inpainter:
             "load_seconds": round(self.load_seconds, 3),
             "samplers": self.supported_samplers(),
             "schedulers": self.supported_schedulers(),
+            "controlnets": self.controlnets.info(),
             "last_call": dict(self.last_call),
         }
 
@@ -254,6 +266,7 @@ class Inpainter:
                 raise ValueError(f"job {index}: no sampling settings (neither the job's nor the call's)")
             self.validate_settings(resolved)
             check_cycle_plan(resolved)
+            self.controlnets.check(index, job.control, self.components.unet.config)
             payloads.append(CropPayload(job=job, settings=resolved, cycles=plan_cycles(job, resolved)))
         return payloads
 
@@ -285,6 +298,9 @@ class Inpainter:
             for position, crop in enumerate(members):
                 crop.latent = latents[position : position + 1]
                 crop.state["padded"] = padded
+                crop.state["control"] = self.controlnets.prepare(
+                    crop.payload.job.control, crop.payload.job.image.shape[:2], padded
+                )
             self._prepare_masks(members, pixels, padded, tuple(latents.shape[-2:]))
         for key, members in _group(crops, lambda crop: lora_key(crop.payload.job.loras)).items():
             self.loras.activate(key)
@@ -450,14 +466,24 @@ class Inpainter:
             self._batch_conditioning[key] = cached
         context, added_conditions, concat = cached[1]
         sample = torch.cat(inputs).to(self.device)
+        timestep_rows = torch.tensor(timesteps, dtype=torch.float32, device=self.device)
+        control = self.controlnets.residuals(
+            [crop.state.get("control") for crop, _ in calls],
+            [request for _, request in calls],
+            sample,
+            timestep_rows,
+            context,
+            added_conditions,
+        ) if self.controlnets else {}  # fmt: skip
         if concat is not None:
             sample = torch.cat([sample, concat], dim=1)
         output = self.components.unet(
             sample.to(self.dtype),
-            torch.tensor(timesteps, dtype=torch.float32, device=self.device),
+            timestep_rows,
             encoder_hidden_states=context,
             added_cond_kwargs=added_conditions,
             return_dict=False,
+            **control,
         )[0].float()
         responses: list[UNetResponse] = []
         row = 0

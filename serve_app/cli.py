@@ -277,8 +277,9 @@ def command_demo(args: argparse.Namespace) -> None:
 
     apply_offline_env()
     started = time.perf_counter()
-    print("building the tiny inpainter if missing (random weights: refined faces will be noise)…")
-    build_component("sd", default_tiny_models_dir() / "sd")
+    print("building the tiny inpainters and ControlNet if missing (random weights: refined faces will be noise)…")
+    for component in ("sd", "sd_alt", "controlnet"):  # configs/local-cpu.yaml's checkpoints and ControlNet
+        build_component(component, default_tiny_models_dir() / component)
     photo = ultralytics_asset(args.photo)
     port = args.port or _free_port()
     try:

@@ -90,9 +90,30 @@ class SamArgs(StrictModel):
     deployment: DeploymentOptions = DeploymentOptions()
 
 
-class InpainterArgs(StrictModel):
+class CheckpointArgs(StrictModel):
+    """One checkpoint of ``inpainter.checkpoints``."""
+
     model: str = Field(description="diffusers folder or HF id, or a single .safetensors/.ckpt file")
     single_file_config: str | None = None
+
+
+class InpainterArgs(StrictModel):
+    """The inpainter deployment: one checkpoint (``model``) or several by name (``checkpoints``).
+
+    With ``checkpoints`` a request picks one with ``model`` (the node's input name; the first is
+    the default) and Ray Serve's model multiplexing routes it to a replica that has it loaded;
+    a replica keeps ``max_models_per_replica`` of them and evicts the least recently used. After
+    validation ``model``/``single_file_config`` describe the default checkpoint in both forms.
+    """
+
+    model: str | None = Field(None, description="diffusers folder or HF id, or a single .safetensors/.ckpt file")
+    single_file_config: str | None = None
+    checkpoints: dict[str, CheckpointArgs] | None = Field(
+        None, description="checkpoints by name; the first is the default"
+    )
+    max_models_per_replica: int = Field(
+        2, ge=1, le=64, description="checkpoints one replica keeps loaded (LRU eviction beyond)"
+    )
     device: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     lora_dir: str | None = None
@@ -103,6 +124,46 @@ class InpainterArgs(StrictModel):
         64, ge=1, le=100000, description="crops waiting for the engine per replica; beyond it requests get 503"
     )
     deployment: DeploymentOptions = DeploymentOptions()
+
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _checkpoint_reference_shorthand(cls, value: Any) -> Any:
+        return _shorthand(value, "model")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> InpainterArgs:
+        if self.checkpoints is None:
+            if self.model is None:
+                raise ValueError("inpainter: set model (one checkpoint) or checkpoints (by name)")
+            return self
+        if not self.checkpoints:
+            raise ValueError("inpainter.checkpoints: name at least one checkpoint")
+        for name in self.checkpoints:
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"inpainter.checkpoints: name {name!r} must match {NAME_PATTERN}")
+        first = next(iter(self.checkpoints.values()))
+        if self.model is not None and (self.model, self.single_file_config) != (first.model, first.single_file_config):
+            raise ValueError("inpainter: set either model or checkpoints, not both")
+        self.model, self.single_file_config = first.model, first.single_file_config
+        return self
+
+    def named_checkpoints(self) -> dict[str, CheckpointArgs]:
+        """``{name: checkpoint}``; the single ``model`` form is the one checkpoint named ``default``."""
+        if self.checkpoints is not None:
+            return self.checkpoints
+        assert self.model is not None  # the validator requires one of the two forms
+        return {DEFAULT_NAME: CheckpointArgs(model=self.model, single_file_config=self.single_file_config)}
+
+
+class ControlNetArgs(StrictModel):
+    """One ControlNet the inpainter serves (loaded on every inpainter replica)."""
+
+    model: str = Field(description="diffusers ControlNet folder or HF id, or a single .safetensors file")
+    preprocessor: Literal["tile", "control_image"] = Field(
+        "tile",
+        description="tile: the upscaled face crop is the control image; control_image: the request sends one",
+    )
+    single_file_config: str | None = Field(None, description="a diffusers ControlNet config, for a single file offline")
 
 
 class Limits(StrictModel):
@@ -144,6 +205,9 @@ class AppArgs(StrictModel):
     sam: SamArgs | None = None
     sam_models: dict[str, SamArgs] | None = Field(None, description="SAM models by name")
     inpainter: InpainterArgs
+    controlnets: dict[str, ControlNetArgs] | None = Field(
+        None, description="ControlNets by name; a request picks one with controlnet.name"
+    )
     ingress: DeploymentOptions = DeploymentOptions(max_ongoing_requests=16)
     limits: Limits = Limits()
     wildcards_dir: str | None = Field(
@@ -153,6 +217,11 @@ class AppArgs(StrictModel):
     @field_validator("detectors", "segm_detectors", mode="before")
     @classmethod
     def _detector_reference_shorthand(cls, value: Any) -> Any:
+        return _shorthand(value, "model")
+
+    @field_validator("controlnets", mode="before")
+    @classmethod
+    def _controlnet_reference_shorthand(cls, value: Any) -> Any:
         return _shorthand(value, "model")
 
     @field_validator("sam_models", mode="before")
@@ -173,6 +242,9 @@ class AppArgs(StrictModel):
                 for name in mapping:
                     if not re.fullmatch(NAME_PATTERN, name):
                         raise ValueError(f"{named}: name {name!r} must match {NAME_PATTERN}")
+        for name in self.controlnets or {}:
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"controlnets: name {name!r} must match {NAME_PATTERN}")
         if self.detector is None and self.detectors is None:
             raise ValueError("a bbox detector is required: set detector (one model) or detectors (by name)")
         return self

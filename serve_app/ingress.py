@@ -32,10 +32,18 @@ from serve_app.config import Limits
 from serve_app.http_adapters.encoding import error_body, error_response, result_to_json
 from serve_app.http_adapters.errors import RequestError, parse_params
 from serve_app.http_adapters.request_reading import DETAIL_REQUEST_BODY, read_detail_request
-from serve_app.images import ImageInputError, as_uint8_image, encode_png
+from serve_app.images import ImageInputError, as_uint8_image, decode_base64_image, encode_png
 from serve_app.limits import LimitExceededError, check_planned_names, check_planned_work, check_request
-from serve_app.model_choice import ModelChoice, ModelChoiceError
-from serve_app.pipeline import DetailResult, PipelineInputError, PlannedFace, SegmentReport, detail_batch
+from serve_app.model_choice import ModelChoice, ModelChoiceError, NamedModels
+from serve_app.pipeline import (
+    ControlChoice,
+    DetailResult,
+    PipelineInputError,
+    PlannedFace,
+    SegmentReport,
+    detail_batch,
+    resolve_control,
+)
 from serve_app.streaming import HEARTBEAT_S, SSE_HEADERS, SSE_HEARTBEAT, SSE_MEDIA_TYPE, sse, with_progress
 from serve_app.web import web_router
 from serve_app.wildcard_files import WildcardFolder
@@ -132,8 +140,10 @@ class HandleStages:
         inpainter: DeploymentHandle,
         sam: DeploymentHandle | None,
         segm_detector: DeploymentHandle | None,
+        checkpoint: str | None = None,
     ) -> None:
         self.detector, self.inpainter, self.sam, self.segm_detector = detector, inpainter, sam, segm_detector
+        self.checkpoint = checkpoint
 
     async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]:
         return await _cancellable(self.detector.detect.remote(image, threshold))
@@ -147,7 +157,11 @@ class HandleStages:
         return await _cancellable(self.sam.predict.remote(image, list(prompts)))
 
     async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings) -> RefineResult:
-        return await _cancellable(self.inpainter.refine.remote(list(jobs), settings))
+        if self.checkpoint is None:
+            return await _cancellable(self.inpainter.refine.remote(list(jobs), settings))
+        # model multiplexing: routed to a replica that has the checkpoint loaded, if any
+        inpainter = self.inpainter.options(multiplexed_model_id=self.checkpoint)
+        return await _cancellable(inpainter.refine.remote(list(jobs), settings, self.checkpoint))
 
 
 def sampling_settings(params: FaceDetailerParams) -> SamplingSettings:
@@ -168,6 +182,8 @@ class FaceDetailerIngress:
         segm_detector: DeploymentHandle | dict[str, DeploymentHandle] | None = None,
         limits: dict[str, Any] | None = None,
         wildcards_dir: str | None = None,
+        controlnets: dict[str, str] | None = None,
+        checkpoints: list[str] | None = None,
     ) -> None:
         # each model kind: one handle, or several by name (serve_app/model_choice.py)
         self.models = ModelChoice.of(detector, segm_detector, sam)
@@ -176,6 +192,11 @@ class FaceDetailerIngress:
         )
         self.limits = Limits.model_validate(limits or {})
         self.wildcards = WildcardFolder(wildcards_dir) if wildcards_dir else None
+        self.controlnets = dict(controlnets or {})  # {name: preprocessor}; the inpainter loads them
+        # the inpainter's checkpoints by name (a request's ``model``; the first is the default)
+        # (an inpainter deployment bound without them takes no model argument: nothing is routed)
+        self.checkpoints = NamedModels.of("model", {name: name for name in checkpoints or ["default"]})
+        self._route_checkpoints = checkpoints is not None
         self._supported: tuple[list[str], list[str]] | None = None
         self.metrics = ServiceMetrics()
         self._inflight = 0
@@ -217,16 +238,19 @@ class FaceDetailerIngress:
     async def info(self) -> dict[str, Any]:
         samplers, schedulers = await self._supported_names()
         detector_info = await self.stages.detector.info.remote()
+        inpainter_info = await self.stages.inpainter.info.remote()
         return {
             "models": {
                 "detector": detector_info,
                 "segm_detector": await self.stages.segm_detector.info.remote() if self.stages.segm_detector else None,
                 "sam": await self.stages.sam.info.remote() if self.stages.sam else None,
-                "inpainter": await self.stages.inpainter.info.remote(),
+                "inpainter": inpainter_info,
             },
             "detectors": await _named_info(self.models.detectors.models),
             "segm_detectors": await _named_info(self.models.segm_detectors.models),
             "sam_models": await _named_info(self.models.sam_models.models),
+            "controlnets": inpainter_info.get("controlnets", {}),
+            "checkpoints": self.checkpoints.names,
             "samplers": samplers,
             "schedulers": schedulers,
             "limits": self.limits.model_dump(),
@@ -239,6 +263,7 @@ class FaceDetailerIngress:
                     "bbox_detector": self.models.detectors.names,
                     "segm_detector": self.models.segm_detectors.names,
                     "sam_model": self.models.sam_models.names,
+                    "model": self.checkpoints.names,
                 },
             ),
         }
@@ -282,6 +307,7 @@ class FaceDetailerIngress:
             raise RequestError(422, str(error), error.details()) from error
         try:
             chosen = self.models.select(params)
+            checkpoint = self.checkpoints.resolve(params.model)
         except ModelChoiceError as error:
             raise RequestError(422, str(error)) from error
         await self._validate_sampling(params)
@@ -290,7 +316,14 @@ class FaceDetailerIngress:
             check_cycle_plan(settings)  # the sampling hooks' cycles and unsampler, before any model work
         except ValueError as error:
             raise RequestError(422, str(error)) from error
-        stages = HandleStages(chosen.detector, self.stages.inpainter, chosen.sam, chosen.segm_detector)
+        control = self._control(params)
+        stages = HandleStages(
+            chosen.detector,
+            self.stages.inpainter,
+            chosen.sam,
+            chosen.segm_detector,
+            checkpoint if self._route_checkpoints else None,
+        )
         try:
             result = await asyncio.wait_for(
                 detail_batch(
@@ -305,6 +338,7 @@ class FaceDetailerIngress:
                     batch_faces=batch_faces,
                     check_work=lambda faces: self._check_planned(params, faces),
                     wildcard_files=self.wildcards,
+                    control=control,
                 ),
                 timeout=self.limits.request_timeout_s,
             )
@@ -333,6 +367,19 @@ class FaceDetailerIngress:
         """Before any inpainter work: work limits and the file names the faces ask for."""
         check_planned_work(params, faces, self.limits)
         check_planned_names(faces)
+
+    def _control(self, params: FaceDetailerParams) -> ControlChoice | None:
+        """The request's ControlNet checked against the configured ones; its control image decoded."""
+        try:
+            return resolve_control(
+                params,
+                self.controlnets,
+                lambda text: decode_base64_image(text, self.limits, "controlnet.control_image"),
+            )
+        except PipelineInputError as error:
+            raise RequestError(422, str(error)) from error
+        except ImageInputError as error:
+            raise RequestError(error.status_code, str(error)) from error
 
     # ---- HTTP API ----------------------------------------------------------------------------
     @http_app.get("/healthz")

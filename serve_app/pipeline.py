@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from facedetailer.blend import blend_face, feather_mask, resize_image, rgba_with_alpha
+from facedetailer.controlnet import ControlHint, ControlNetParams, control_image_for_face
 from facedetailer.guide_size import plan_upscale
 from facedetailer.hooks import DetailerHooks
 from facedetailer.outputs import node_list, sorted_by_shape
@@ -172,6 +173,34 @@ async def build_segs(
     return segs
 
 
+@dataclass(frozen=True)
+class ControlChoice:
+    """A request's ControlNet, resolved: its settings, the configured preprocessor, the decoded image."""
+
+    params: ControlNetParams
+    preprocessor: str  # "tile" or "control_image" (facedetailer/controlnet.py)
+    image: np.ndarray | None = None  # the request's whole-picture control image, uint8 [H, W, 3]
+
+
+def resolve_control(
+    params: FaceDetailerParams, preprocessors: Mapping[str, str], decode: Callable[[str], np.ndarray]
+) -> ControlChoice | None:
+    """Check the request's ``controlnet`` against the configured ones (``{name: preprocessor}``)."""
+    wanted = params.controlnet
+    if wanted is None:
+        return None
+    if wanted.name not in preprocessors:
+        configured = ", ".join(preprocessors) or "none"
+        raise PipelineInputError(f"controlnet.name: unknown {wanted.name!r}; configured: {configured}")
+    preprocessor = preprocessors[wanted.name]
+    if preprocessor == "control_image" and wanted.control_image is None:
+        raise PipelineInputError(
+            f"controlnet.control_image: ControlNet {wanted.name!r} takes its control image from the request; send one"
+        )
+    image = decode(wanted.control_image) if wanted.control_image is not None else None
+    return ControlChoice(params=wanted, preprocessor=preprocessor, image=image)
+
+
 @dataclass
 class RefinePlan:
     """One face ready for the inpainter, and how to bring its result back."""
@@ -182,6 +211,7 @@ class RefinePlan:
     job: Any
     crop_size: tuple[int, int]
     paste_mask: np.ndarray
+    cnet_image: np.ndarray | None = None  # the face's ControlNet control image (cnet_images)
 
 
 def _report(position: int, seg: SEG) -> SegmentReport:
@@ -202,6 +232,7 @@ def plan_face(
     params: FaceDetailerParams,
     image_seed: int,
     make_job: Callable[..., Any],
+    control: ControlChoice | None = None,
 ) -> RefinePlan | SegmentReport:
     """Crop from the *current* image and decide the upscale (spec §4); None-like → a report."""
     report = _report(position, seg)
@@ -231,6 +262,17 @@ def plan_face(
         noise_mask = feather_mask(seg.cropped_mask, params.noise_mask_feather)
     conditioning = face_conditioning(params.positive, params.negative, prompt)
     report.prompt = " BREAK ".join(conditioning.positive)
+    cnet_image, control_fields = None, {}
+    if control is not None:  # listed even at strength 0, as the reference's wrapper does
+        image_h, image_w = current.shape[:2]
+        cnet_image = control_image_for_face(
+            control.preprocessor, upscaled, seg.crop_region, (image_w, image_h), control.image
+        )
+        wanted = control.params
+        if wanted.active:
+            control_fields["control"] = ControlHint(
+                wanted.name, wanted.strength, wanted.start_percent, wanted.end_percent, cnet_image
+            )
     job = make_job(
         image=upscaled,
         noise_mask=noise_mask,
@@ -238,6 +280,7 @@ def plan_face(
         negative=conditioning.negative,
         seed=seed,
         loras=tuple((lora.name, lora.model_weight, lora.clip_weight) for lora in conditioning.loras),
+        **control_fields,
     )
     return RefinePlan(
         position=position,
@@ -246,6 +289,7 @@ def plan_face(
         job=job,
         crop_size=(crop_w, crop_h),
         paste_mask=feather_mask(seg.cropped_mask, params.feather),
+        cnet_image=cnet_image,
     )
 
 
@@ -347,6 +391,7 @@ async def refine_image(
     settings: Any,
     batch_faces: bool = True,
     on_face: Callable[[SegmentReport], None] | None = None,
+    control: ControlChoice | None = None,
 ) -> ImageResult:
     """Refine the prepared faces and blend them back (spec §4–§8).
 
@@ -372,11 +417,12 @@ async def refine_image(
     hooks = DetailerHooks.of(params.detailer_hooks)
     refined_crops: list[tuple[int, np.ndarray]] = []  # (position in the processing order, crop)
     alpha_crops: list[tuple[int, np.ndarray]] = []
+    cnet_images: list[tuple[int, np.ndarray]] = []
     for wave in waves:
         ready: list[RefinePlan] = []
         for member in wave:
             position, seg, prompt = pending[member]
-            face = plan_face(current, seg, position, prompt, params, prepared.image_seed, make_job)
+            face = plan_face(current, seg, position, prompt, params, prepared.image_seed, make_job, control)
             if isinstance(face, SegmentReport):
                 reports.append(face)
                 emit(face)
@@ -401,6 +447,8 @@ async def refine_image(
             )
             refined_crops.append((face.position, refined_crop))
             alpha_crops.append((face.position, alpha))
+            if face.cnet_image is not None:
+                cnet_images.append((face.position, face.cnet_image))
             reports.append(face.report)
             emit(face.report)
     reports.sort(key=lambda report: report.index)
@@ -411,6 +459,8 @@ async def refine_image(
         cropped_enhanced_alpha=sorted_by_shape(_in_processing_order(alpha_crops)),
         segments=reports,
         timings=prepared.timings,
+        # the reference extends this list as faces are refined, unsorted
+        cnet_images=_in_processing_order(cnet_images),
     )
 
 
@@ -426,13 +476,21 @@ async def detail_image(
     has_segm: bool = False,
     batch_faces: bool = True,
     on_face: Callable[[SegmentReport], None] | None = None,
+    control: ControlChoice | None = None,
 ) -> ImageResult:
     """FaceDetailer for one image (spec §2–§8): :func:`prepare_image`, then :func:`refine_image`."""
     prepared = await prepare_image(
         image, image_index, params, stages, has_sam=has_sam, has_segm=has_segm, on_face=on_face
     )
     return await refine_image(
-        prepared, params, stages, make_job=make_job, settings=settings, batch_faces=batch_faces, on_face=on_face
+        prepared,
+        params,
+        stages,
+        make_job=make_job,
+        settings=settings,
+        batch_faces=batch_faces,
+        on_face=on_face,
+        control=control,
     )
 
 
@@ -487,6 +545,7 @@ async def detail_batch(
     on_face: Callable[[SegmentReport], None] | None = None,
     check_work: Callable[[list[PlannedFace]], None] | None = None,
     wildcard_files: Mapping[str, Sequence[str]] | None = None,
+    control: ControlChoice | None = None,
 ) -> DetailResult:
     """Each image on its own with base seed + k (spec §6); the lists joined like the node's.
 
@@ -513,7 +572,14 @@ async def detail_batch(
         check_work([face for item in prepared for face in planned_faces(item, params)])
     per_image = [
         await refine_image(
-            item, params, stages, make_job=make_job, settings=settings, batch_faces=batch_faces, on_face=on_face
+            item,
+            params,
+            stages,
+            make_job=make_job,
+            settings=settings,
+            batch_faces=batch_faces,
+            on_face=on_face,
+            control=control,
         )
         for item in prepared
     ]
@@ -531,6 +597,6 @@ async def detail_batch(
         cropped_enhanced_alpha=node_list([result.cropped_enhanced_alpha for result in per_image]),
         cnet_images=node_list([result.cnet_images for result in per_image]),
         per_image=per_image,
-        detailer_pipe={"params": params.model_dump()},
+        detailer_pipe={"params": params.model_dump(exclude={"controlnet": {"control_image"}})},
         timings=timings,
     )

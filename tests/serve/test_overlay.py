@@ -47,8 +47,8 @@ def test_set_values_are_yaml_and_paths_scoped():
     assert application["runtime_env"]["env_vars"]["EXTRA"] == "1"
     assert application["args"]["inpainter"]["deployment"]["autoscaling_config"]["upscale_delay_s"] == 1
     assert config["http_options"]["port"] == 8000  # the loaded file is not modified
-    with pytest.raises(OverlayError, match="inpainter.model is str"):
-        apply_overlays(config, sets=["inpainter.model.x=1"])
+    with pytest.raises(OverlayError, match="detector.model is str"):
+        apply_overlays(config, sets=["detector.model.x=1"])
 
 
 def test_simulated_overlay_keeps_the_gpu_graph_and_swaps_only_models():
@@ -64,7 +64,10 @@ def test_simulated_overlay_keeps_the_gpu_graph_and_swaps_only_models():
         assert other.ray_actor_options == deployment.ray_actor_options, name
         assert other._deployment_config.autoscaling_config == deployment._deployment_config.autoscaling_config, name
         assert other.max_ongoing_requests == deployment.max_ongoing_requests, name
-    assert swapped["Inpainter"].init_args[0] == "sim://sd15-inpainting?a=0.01"
+    # gpu.yaml's checkpoints by name become the one simulated checkpoint (named "default")
+    assert swapped["Inpainter"].init_args[0] == {
+        "default": {"model": "sim://sd15-inpainting?a=0.01", "single_file_config": None}
+    }
     assert swapped["Detector"].init_args[0].startswith("sim://detector")
     assert swapped["Sam"].init_args[0] == "sim://sam"
     assert {swapped[name].init_kwargs["device"] for name in ("Inpainter", "Detector", "Sam")} == {"cpu"}
