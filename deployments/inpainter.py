@@ -552,6 +552,7 @@ class _CycleStage:
             noise=cycle_noise(crop.payload.settings.detailer_hooks, spec, latent),
             device=self.inpainter.device,
             slicing="impact",  # FaceDetailer samples through Impact's ksampler_wrapper
+            output="denoised",  # …whose separated_sample returns the last callback x0
         )
 
 

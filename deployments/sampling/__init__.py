@@ -46,10 +46,12 @@ from deployments.sampling.contract import CropProcess, UNetRequest, UNetResponse
 from deployments.sampling.inpaint import inpaint_concat
 from deployments.sampling.model_sampling import ModelSampling
 from deployments.sampling.process import (
+    OUTPUTS,
     SAMPLER_NAMES,
     SCHEDULER_NAMES,
     SLICINGS,
     DenoiserFunction,
+    Output,
     Slicing,
     crop_process,
     sample,
@@ -65,6 +67,8 @@ __all__ = [
     "CropProcess",
     "DenoiserFunction",
     "ModelSampling",
+    "OUTPUTS",
+    "Output",
     "SAMPLER_NAMES",
     "SCHEDULER_NAMES",
     "SLICINGS",

@@ -142,6 +142,13 @@ class SamplerEnv:
     # (sigma_min, sigma_max) of the Brownian tree when it is not the run's own range (Impact's
     # SDE samplers take the whole schedule's range); None: the run's sigmas, as ComfyUI.
     brownian_range: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The x0 ComfyUI's sampler last passed to its progress callback (``callback({"denoised": …})``):
+    # what Impact's ``separated_sample`` returns. None until the sampler reports one.
+    last_denoised: torch.Tensor | None = None
+
+    def report(self, denoised: torch.Tensor) -> None:
+        """Where the ComfyUI sampler calls its callback: remember the x0 it hands over."""
+        self.last_denoised = denoised
 
     def gaussian_noise(self, x: torch.Tensor) -> NoiseSampler:
         return gaussian_noise(x, self.seed)

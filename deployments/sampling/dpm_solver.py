@@ -93,7 +93,8 @@ def dpm_fast(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: Sample
     for i, order in enumerate(orders):
         cache: dict[str, torch.Tensor] = {}
         t, t_next = ts[i], ts[i + 1]
-        yield from solver.eps(cache, "eps", x, t)
+        eps = yield from solver.eps(cache, "eps", x, t)
+        env.report(x - _sigma(t) * eps)  # k-diffusion's info_callback: x0 recomputed from eps
         if order == 1:
             x = yield from solver.step_1(x, t, t_next, cache)
         elif order == 2:
@@ -137,7 +138,8 @@ def dpm_adaptive(
     while (s < t_end - 1e-5) if forward else (s > t_end + 1e-5):
         cache: dict[str, torch.Tensor] = {}
         t = torch.minimum(t_end, s + step) if forward else torch.maximum(t_end, s + step)
-        yield from solver.eps(cache, "eps", x, s)
+        eps = yield from solver.eps(cache, "eps", x, s)
+        denoised = x - _sigma(s) * eps
         if order == 2:
             x_low = yield from solver.step_1(x, s, t, cache)
             x_high = yield from solver.step_2(x, s, t, cache)
@@ -159,4 +161,5 @@ def dpm_adaptive(
             x_prev = x_low
             x = x_high + 0.0 * 1.0 * noise(_sigma(s), _sigma(t))
             s = t
+        env.report(denoised)  # after every attempt, accepted or not, as k-diffusion's info_callback
     return x

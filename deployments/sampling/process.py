@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,8 @@ from deployments.sampling.schedulers import (
 
 __all__ = [
     "DenoiserFunction",
+    "OUTPUTS",
+    "Output",
     "SAMPLER_NAMES",
     "SCHEDULER_NAMES",
     "SLICINGS",
@@ -51,6 +54,12 @@ MAX_STEPS = 10000  # KSampler's own limit
 IMPACT_WHOLE_RANGE_TREE = frozenset(
     {"dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu"}
 )
+
+# What a run returns: "latent", the sampler's final latent (ComfyUI's KSampler); "denoised", the
+# x0 the sampler last passed to ComfyUI's progress callback (Impact's ``separated_sample`` with
+# ``return_with_leftover_noise`` off, FaceDetailer's path), or the final latent if it passed none.
+Output = Literal["latent", "denoised"]
+OUTPUTS: tuple[str, ...] = ("latent", "denoised")
 
 # D(x, σ, need_uncond) → (cond denoised, uncond denoised or None)
 DenoiserFunction = Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
@@ -145,6 +154,7 @@ def sampling_process(
     device: torch.device | str | None = None,
     slicing: Slicing = "ksampler",
     sigmas: torch.Tensor | None = None,
+    output: Output = "latent",
 ) -> SamplerProcess:
     """Validate now, and return the generator of one run's :class:`DenoiseCall` s.
 
@@ -153,8 +163,11 @@ def sampling_process(
     :func:`sigmas_for`; ``"impact"`` also gives Impact's six wrapped SDE samplers their Brownian
     tree over the whole schedule's sigma range. ``sigmas`` replaces the schedule altogether
     (``KSampler.sample(sigmas=...)``, e.g. the Unsampler's ascending one; the names are still
-    validated, ``steps``/``denoise``/``slicing`` are then not used).
+    validated, ``steps``/``denoise``/``slicing`` are then not used). ``output``: see :data:`Output`;
+    an unsampled run (fewer than two sigmas) returns ``latent_image`` either way, as Impact.
     """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
     if sigmas is None:
         sigmas, tree_range = _schedule(model_sampling, sampler_name, scheduler, steps, denoise, slicing)
     else:
@@ -176,7 +189,7 @@ def sampling_process(
     if tree_range is not None:
         tree_range = (tree_range[0].to(device), tree_range[1].to(device))
     return _run(model_sampling, sampler_name, sigmas.to(device), cfg, seed, latent, prepare_mask(noise_mask, latent),
-                differential, noise.to(device=device, dtype=torch.float32), tree_range)  # fmt: skip
+                differential, noise.to(device=device, dtype=torch.float32), tree_range, output)  # fmt: skip
 
 
 def _run(
@@ -190,6 +203,7 @@ def _run(
     differential: bool,
     noise: torch.Tensor,
     tree_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output: Output = "latent",
 ) -> SamplerProcess:
     spec = SAMPLERS[sampler_name]
     if len(sigmas) <= 1:
@@ -212,6 +226,8 @@ def _run(
     x = model_sampling.noise_scaling(sigmas[0], noise, latent, max_denoise)
     env = SamplerEnv(model_sampling=model_sampling, seed=seed, brownian_range=tree_range)
     samples = yield from spec.function(model, x, sigmas, env)
+    if output == "denoised" and env.last_denoised is not None:
+        return env.last_denoised  # Impact: process_latent_out(x0) only; no inverse noise scaling
     return model_sampling.inverse_noise_scaling(sigmas[-1], samples)
 
 
@@ -237,8 +253,11 @@ def crop_process(
     device: torch.device | str | None = None,
     slicing: Slicing = "ksampler",
     sigmas: torch.Tensor | None = None,
+    output: Output = "latent",
 ) -> CropProcess:
     """The engine's view of one crop's KSampler run: yields :class:`UNetRequest`, returns the latent.
+
+    ``output="denoised"`` returns the last callback x0 instead (Impact's choice, see :data:`Output`).
 
     Raises :class:`UnsupportedSamplerError` / ``ValueError`` at once (not at the first ``next``).
     """
@@ -257,6 +276,7 @@ def crop_process(
         device=device,
         slicing=slicing,
         sigmas=sigmas,
+        output=output,
     )
     return _unet_driver(model_sampling, core)
 
@@ -319,6 +339,7 @@ def sample(
     table_kind: str = "alphas_cumprod",
     noise: torch.Tensor | None = None,
     slicing: Slicing = "ksampler",
+    output: Output = "latent",
 ) -> torch.Tensor:
     """Standalone KSampler: ComfyUI's sampling of ``denoiser`` with these settings → final latent.
 
@@ -351,6 +372,7 @@ def sample(
         differential=differential,
         noise=noise,
         slicing=slicing,
+        output=output,
     )
     return drive(process, denoiser)
 

@@ -47,6 +47,7 @@ def euler_ancestral_cfg_pp(
     noise = env.gaussian_noise(x)
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         if sigmas[i + 1] == 0:
             x = denoised
             continue
@@ -72,6 +73,7 @@ def dpmpp_2s_ancestral_cfg_pp(
     noise = env.gaussian_noise(x)
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         uncond = _uncond(model)
         guidance = denoised - uncond
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1])
@@ -95,6 +97,7 @@ def dpmpp_2m_cfg_pp(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env:
     old_uncond = None
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         uncond = _uncond(model)
         t, t_next = half_log_snr(sigmas[i]), half_log_snr(sigmas[i + 1])
         h = t_next - t
@@ -123,6 +126,7 @@ def _res_multistep(
     old_sigma_down = old_denoised = None
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         uncond = _uncond(model) if cfg_pp else None
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
         if sigma_down == 0 or old_denoised is None:
@@ -175,6 +179,7 @@ def _gradient_estimation(
     old_d = None
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         d = to_d(x, sigmas[i], _uncond(model) if cfg_pp else denoised)
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:

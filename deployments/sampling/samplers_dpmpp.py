@@ -54,6 +54,7 @@ def lms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv,
     history: list[torch.Tensor] = []
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         history.append(to_d(x, sigmas[i], denoised))
         if len(history) > order:
             history.pop(0)
@@ -71,6 +72,7 @@ def dpmpp_2s_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, e
     noise = env.gaussian_noise(x)
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1])
         if sigma_down == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
@@ -103,6 +105,7 @@ def dpmpp_sde(
     fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         if sigmas[i + 1] == 0:
             x = denoised
             continue
@@ -135,6 +138,7 @@ def dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: Sample
     old_denoised = None
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         t, t_next = half_log_snr(sigmas[i]), half_log_snr(sigmas[i + 1])
         h = t_next - t
         ratio = sigma_from_half_log_snr(t_next) / sigma_from_half_log_snr(t)
@@ -169,6 +173,7 @@ def dpmpp_2m_sde(
     h = h_last = None
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         if sigmas[i + 1] == 0:
             x = denoised
         else:
@@ -201,6 +206,7 @@ def dpmpp_3m_sde(
     h = h_1 = h_2 = None
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         if sigmas[i + 1] == 0:
             x = denoised
         else:
@@ -248,6 +254,7 @@ def ddpm(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv
     noise = env.gaussian_noise(x)
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         x = _ddpm_step(
             x / torch.sqrt(1.0 + sigmas[i] ** 2.0), sigmas[i], sigmas[i + 1], (x - denoised) / sigmas[i], noise
         )
@@ -261,6 +268,7 @@ def lcm(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv)
     noise = env.gaussian_noise(x)
     for i in range(max(1, len(sigmas) - 1)):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         x = denoised
         if sigmas[i + 1] > 0:
             x = env.model_sampling.noise_scaling(sigmas[i + 1], noise(sigmas[i], sigmas[i + 1]), x)

@@ -18,6 +18,7 @@ def euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEn
     """Karras et al. (2022) Algorithm 2 with Euler steps (no churn)."""
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
     return x
 
@@ -27,6 +28,7 @@ def euler_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env:
     noise = env.gaussian_noise(x)
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1])
         if sigma_down == 0:
             x = denoised
@@ -40,6 +42,7 @@ def heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv
     """Karras et al. (2022) Algorithm 2: Heun's 2nd-order steps, Euler into sigma 0."""
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         d = to_d(x, sigmas[i], denoised)
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
@@ -57,6 +60,7 @@ def heunpp2(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: Sampler
     s_end = sigmas[-1]
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         d = to_d(x, sigmas[i], denoised)
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == s_end:
@@ -85,6 +89,7 @@ def dpm_2(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEn
     """DPM-Solver-2 in Karras form: midpoint in log-sigma, Euler into sigma 0."""
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         d = to_d(x, sigmas[i], denoised)
         if sigmas[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigmas[i])
@@ -101,6 +106,7 @@ def dpm_2_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env:
     noise = env.gaussian_noise(x)
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1])
         d = to_d(x, sigmas[i], denoised)
         if sigma_down == 0:

@@ -48,6 +48,7 @@ def ipndm(
     for i in range(len(sigmas) - 1):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
         denoised = yield from model(x, t_cur)
+        env.report(denoised)
         d_cur = (x - denoised) / t_cur
         order = min(max_order, i + 1)
         if t_next == 0:
@@ -75,6 +76,7 @@ def ipndm_v(
     for i in range(len(sigmas) - 1):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
         denoised = yield from model(x, t_cur)
+        env.report(denoised)
         d_cur = (x - denoised) / t_cur
         order = min(max_order, i + 1)
         if t_next == 0:
@@ -176,6 +178,7 @@ def deis(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv
     for i in range(len(sigmas) - 1):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
         denoised = yield from model(x, t_cur)
+        env.report(denoised)
         d_cur = (x - denoised) / t_cur
         order = min(max_order, i + 1)
         if t_next <= 0:
@@ -210,6 +213,7 @@ def er_sde(
     old_denoised = old_denoised_d = None
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         stage = min(max_stage, i + 1)
         if sigmas[i + 1] == 0:
             x = denoised
@@ -268,6 +272,7 @@ def _seeds_2(
     fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         if sigmas[i + 1] == 0:
             x = denoised
             continue
@@ -327,6 +332,7 @@ def seeds_3(
     inject = eta > 0 and s_noise > 0
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
         if sigmas[i + 1] == 0:
             x = denoised
             continue
@@ -421,6 +427,7 @@ def _sa_solver(
     lower_order_to_end = float(sigmas[-1]) == 0
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x_pred, sigmas[i])
+        env.report(denoised)
         predictions.append(denoised)
         predictions = predictions[-max_order:]
         predictor_used = min(predictor_order, len(predictions))
@@ -440,7 +447,7 @@ def _sa_solver(
             if tau > 0 and s_noise > 0:
                 x = x + noise
             if use_pece:
-                denoised = yield from model(x, sigmas[i])
+                denoised = yield from model(x, sigmas[i])  # not reported: ComfyUI's callback ran above
                 predictions[-1] = denoised
         if sigmas[i + 1] == 0:
             x_pred = denoised

@@ -146,6 +146,7 @@ def uni_pc(
                     if model_x is None:
                         model_x = yield from solver.data_prediction(x, timesteps[step])
                     model_history[-1] = model_x
+        env.report(model_history[-1])  # ComfyUI's callback after each step: the newest x0 it keeps
     return x / _alpha(timesteps[-1])
 
 

@@ -643,3 +643,34 @@ def test_unet_sees_impact_slicing_timesteps(inpainter: Inpainter, steps: int, de
     assert len(impact) == steps + 1
     assert impact.shape != ksampler.shape or not torch.equal(impact, ksampler)
     assert timesteps == [float(ms.timestep(sigma)) for sigma in impact[:-1]]
+
+
+def test_a_cycle_returns_impacts_last_callback_x0_not_the_final_latent(
+    inpainter: Inpainter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Impact's separated_sample returns the x0 its preview callback last saw: replaying the run's
+    own UNet outputs through the sampling process gives that x0 and not the final latent."""
+    from deployments.sampling import UNetResponse, crop_process
+
+    arguments, decoded = SamplerArguments(monkeypatch), DecodedLatents(inpainter, monkeypatch)
+    settings = SamplingSettings(steps=4, denoise=0.5, cfg=1.0, sampler_name="dpm_fast", scheduler="karras")
+    with UnetCalls(inpainter) as calls:
+        inpainter.refine([job(crop(64, 64), seed=5)], settings)
+    [kwargs] = arguments.calls
+    [(refined, _)] = decoded.batches
+    assert kwargs["slicing"] == "impact" and kwargs["output"] == "denoised"
+
+    def replay(output: str) -> torch.Tensor:
+        process = crop_process(inpainter.model_sampling, **{**kwargs, "output": output})
+        try:
+            request, index = next(process), 0
+            while True:
+                assert not request.uncond
+                index += 1
+                request = process.send(UNetResponse(cond=calls.outputs[index - 1][:1]))
+        except StopIteration as stop:
+            assert index == len(calls.outputs)
+            return stop.value
+
+    torch.testing.assert_close(refined, replay("denoised").to(refined), rtol=1e-5, atol=1e-5)
+    assert float((refined - replay("latent").to(refined)).abs().max()) > 1e-3
