@@ -199,14 +199,15 @@ def older_algorithms(comfy: dict) -> dict[str, str]:
 
 
 def ours_run(
-    unet, model_sampling: ModelSampling, case: dict, latent_raw, context, mask, slicing: str = "ksampler"
+    unet, model_sampling: ModelSampling, case: dict, latent_raw, context, mask, slicing: str = "ksampler",
+    output: str = "latent",
 ) -> tuple[torch.Tensor, float]:
     started = time.perf_counter()
     process = crop_process(
         model_sampling, sampler_name=case["sampler"], scheduler=case["scheduler"], steps=case["steps"],
         denoise=case["denoise"], cfg=case["cfg"], seed=SEED, latent_image=latent_raw * SD15_SCALE,
         noise_mask=None if case["mask"] == "none" else mask, differential=case["mask"] == "soft+dd",
-        slicing=slicing,
+        slicing=slicing, output=output,
     )  # fmt: skip
     try:
         request = next(process)

@@ -10,9 +10,10 @@ noise mask as ``comfy_parity.py``, and reports per case:
   slicing="impact")`` exactly (both empty when Impact returns the latent unsampled);
 - ``final``: max |ours − Impact| / max |Impact| of the sampler's final latent (``sample_custom``'s
   output, which Impact computes before choosing what to return);
-- ``x0``: the same against what ``ksampler_wrapper`` returns, the last step's x0 prediction
-  (``return_with_leftover_noise=False``); our process returns the final latent, so this column
-  measures that known difference, it is not a parity figure;
+- ``returned``: our ``output="denoised"`` (what the inpainter's cycles return) against what
+  ``ksampler_wrapper`` returns, the x0 its preview callback last saw
+  (``return_with_leftover_noise=False``);
+- ``x0``: Impact's returned x0 against its own final latent: where the choice of output matters;
 - ``ksampler``: our ``slicing="ksampler"`` against Impact's final latent, to show where the two
   modes part.
 
@@ -171,6 +172,8 @@ def main() -> None:
                                     mask=mask_mode, cfg=6.5)  # fmt: skip
                         reference = impact_run(comfy, impact, patcher, case, latent_raw, context, mask)
                         ours, seconds = ours_run(unet, model_sampling, case, latent_raw, context, mask, "impact")
+                        returned, _ = ours_run(unet, model_sampling, case, latent_raw, context, mask, "impact",
+                                               output="denoised")  # fmt: skip
                         other, _ = ours_run(unet, model_sampling, case, latent_raw, context, mask, "ksampler")
                         expected = sigmas_for(model_sampling, sampler, scheduler, steps, denoise, slicing="impact")
                         result = {
@@ -178,7 +181,8 @@ def main() -> None:
                             "sigmas_equal": torch.equal(reference["sigmas"].float().cpu(), expected),
                             "impact_steps": max(len(reference["sigmas"]) - 1, 0),
                             "final": rel_diff(ours, reference["final"]),
-                            "x0": rel_diff(ours, reference["returned"]),
+                            "returned": rel_diff(returned, reference["returned"]),
+                            "x0": rel_diff(reference["final"], reference["returned"]),
                             "ksampler": rel_diff(other, reference["final"]),
                             "impact_s": reference["seconds"],
                             "ours_s": seconds,
@@ -187,22 +191,31 @@ def main() -> None:
                         times["ours"] += seconds
                         results.append(result)
                         by_sampler[sampler].append(result)
-                        if not result["sigmas_equal"] or (result["final"] > 1e-4 and sampler not in older):
+                        if not result["sigmas_equal"] or (
+                            max(result["final"], result["returned"]) > 1e-4 and sampler not in older
+                        ):
                             print(
                                 f"  MISMATCH {case}: sigmas equal {result['sigmas_equal']}, final {result['final']:.3g}"
+                                f", returned {result['returned']:.3g}"
                             )
-    header = f"{'sampler':32s} {'cases':>5s} {'sigmas =':>8s} {'final max':>10s} {'x0 max':>9s} {'ksampler max':>12s}"
+    header = (
+        f"{'sampler':32s} {'cases':>5s} {'sigmas =':>8s} {'final max':>10s} {'returned max':>12s} {'x0 max':>9s} "
+        f"{'ksampler max':>12s}"
+    )
     print("\n" + header)
     for name, rows in by_sampler.items():
         note = "  (older algorithm in the checkout)" if name in older else ""
         print(f"{name:32s} {len(rows):5d} {sum(r['sigmas_equal'] for r in rows):8d} "
-              f"{max(r['final'] for r in rows):10.3g} {max(r['x0'] for r in rows):9.3g} "
+              f"{max(r['final'] for r in rows):10.3g} {max(r['returned'] for r in rows):12.3g} "
+              f"{max(r['x0'] for r in rows):9.3g} "
               f"{max(r['ksampler'] for r in rows):12.3g}{note}")  # fmt: skip
     finals = [r["final"] for r in results if r["sampler"] not in older]
     print(
         f"\n{len(results)} cases: run sigmas identical in {sum(r['sigmas_equal'] for r in results)}; final latent "
         f"({len(finals)} cases of current algorithms) max rel diff {max(finals):.3g}, "
-        f"bit-identical in {sum(d == 0 for d in finals)}; "
+        f"bit-identical in {sum(d == 0 for d in finals)}; returned output max rel diff "
+        f"{max(r['returned'] for r in results if r['sampler'] not in older):.3g}, bit-identical in "
+        f"{sum(r['returned'] == 0 for r in results if r['sampler'] not in older)}; "
         f"ksampler slicing differs (> 1e-4) in {sum(r['ksampler'] > 1e-4 for r in results)}; "
         f"Impact's returned x0 differs from the final latent (> 1e-4) in {sum(r['x0'] > 1e-4 for r in results)}"
     )
