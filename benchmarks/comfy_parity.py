@@ -198,12 +198,15 @@ def older_algorithms(comfy: dict) -> dict[str, str]:
 # ---------------------------------------------------------------------- ours
 
 
-def ours_run(unet, model_sampling: ModelSampling, case: dict, latent_raw, context, mask) -> tuple[torch.Tensor, float]:
+def ours_run(
+    unet, model_sampling: ModelSampling, case: dict, latent_raw, context, mask, slicing: str = "ksampler"
+) -> tuple[torch.Tensor, float]:
     started = time.perf_counter()
     process = crop_process(
         model_sampling, sampler_name=case["sampler"], scheduler=case["scheduler"], steps=case["steps"],
         denoise=case["denoise"], cfg=case["cfg"], seed=SEED, latent_image=latent_raw * SD15_SCALE,
         noise_mask=None if case["mask"] == "none" else mask, differential=case["mask"] == "soft+dd",
+        slicing=slicing,
     )  # fmt: skip
     try:
         request = next(process)

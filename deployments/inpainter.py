@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,9 @@ import pydantic
 import torch
 import torch.nn.functional as F
 
+from deployments.controlnet import ControlNetSet
 from deployments.inpainter_engine import EngineCrop, EngineRequest, InpaintEngine
+from deployments.inpainter_hooks import check_cycle_plan, cycle_noise, hook_stages, hooked_cycle
 from deployments.inpainter_loading import (
     LoraPatcher,
     SDComponents,
@@ -52,6 +54,10 @@ from deployments.sampling import (
     inpaint_concat,
     validate,
 )
+from facedetailer.controlnet import ControlHint
+from facedetailer.cycle_hooks import NoiseInjectionStep, UnsampleStep
+from facedetailer.hooks import DetailerHook, DetailerHooks
+from facedetailer.token_windows import prompt_words, token_windows
 
 __all__ = [
     "CycleSpec",
@@ -80,6 +86,9 @@ class SamplingSettings(pydantic.BaseModel):
     cycle: int = pydantic.Field(1, ge=1, le=10)
     noise_mask_feather: int = pydantic.Field(20, ge=0, le=100)  # > 0: differential diffusion
     inpaint_model: bool = False  # condition a 9-channel inpainting UNet (InpaintModelConditioning)
+    # The request's detailer hooks; those with hook points inside sampling act per cycle
+    # (deployments.inpainter_hooks), the others are the pipeline's and are ignored here.
+    detailer_hooks: list[DetailerHook] = pydantic.Field(default_factory=list)
 
 
 @dataclass
@@ -95,15 +104,17 @@ class RefineJob:
     seed: int  # cycle c samples with (seed + c) mod 2**64
     loras: tuple[tuple[str, float, float], ...] = ()  # (name, model_weight, clip_weight)
     settings: SamplingSettings | None = None  # this crop's settings; None: the call's
+    control: ControlHint | None = None  # a ControlNet for this crop (deployments/controlnet.py)
 
 
 @dataclass(frozen=True)
 class CycleSpec:
     """One KSampler run of a crop. FaceDetailer's cycle c uses the crop's settings and seed + c.
 
-    The seam for per-cycle hooks: a denoise schedule over cycles changes ``denoise`` per spec,
-    variation noise sets ``noise`` (the initial noise, latent-shaped), and a latent transform
-    between cycles (noise injection, unsampling) becomes a stage of its own before the cycle.
+    Per-cycle hooks (reference §6.6): ``pre_ksample`` has set the values (a denoise schedule
+    changes ``denoise``; 0 = the cycle samples nothing), ``latent_steps`` are ``cycle_latent``'s
+    noise injection / unsampling, each a stage of its own before the cycle, and
+    ``get_custom_noise`` gets ``noise_seed`` (seed + c). ``noise`` replaces the initial noise.
     """
 
     sampler_name: str
@@ -113,21 +124,14 @@ class CycleSpec:
     cfg: float
     seed: int
     noise: torch.Tensor | None = None
+    latent_steps: tuple[NoiseInjectionStep | UnsampleStep, ...] = ()
+    noise_seed: int = 0
 
 
 def plan_cycles(job: RefineJob, settings: SamplingSettings) -> list[CycleSpec]:
-    """FaceDetailer's cycles: the same settings each time, seed + c (reference §6.6)."""
-    return [
-        CycleSpec(
-            sampler_name=settings.sampler_name,
-            scheduler=settings.scheduler,
-            steps=settings.steps,
-            denoise=settings.denoise,
-            cfg=settings.cfg,
-            seed=(int(job.seed) + cycle) % SEED_MODULUS,
-        )
-        for cycle in range(settings.cycle)
-    ]
+    """FaceDetailer's cycles: the same settings each time, seed + c (reference §6.6), as the hooks change them."""
+    hooks = DetailerHooks.of(settings.detailer_hooks)
+    return [CycleSpec(**hooked_cycle(hooks, settings, int(job.seed), cycle)) for cycle in range(settings.cycle)]
 
 
 @dataclass
@@ -162,6 +166,7 @@ class Inpainter:
         cache_dir: str | None = None,
         max_batch_size: int = 8,
         max_queued_crops: int = 256,
+        controlnets: Mapping[str, Mapping[str, Any]] | ControlNetSet | None = None,
     ) -> None:
         self.model = model
         self.device = pick_device(device)
@@ -188,6 +193,13 @@ class Inpainter:
         self.vae_scale_factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
         self.model_sampling = ModelSampling.from_scheduler_config(parts.scheduler_config)
         self.loras = LoraPatcher(parts, self.lora_dir)
+        self.controlnets = ControlNetSet(
+            controlnets,
+            device=self.device,
+            dtype=self.dtype,
+            model_sampling=self.model_sampling,
+            cache_dir=Path(cache_dir) if cache_dir else None,
+        )
         self._prompts: OrderedDict[Hashable, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._batch_conditioning: dict[Hashable, tuple[tuple, Any]] = {}
         self.engine = InpaintEngine(self, max_batch_size=max_batch_size, max_queued_crops=max_queued_crops)
@@ -234,6 +246,7 @@ class Inpainter:
             "load_seconds": round(self.load_seconds, 3),
             "samplers": self.supported_samplers(),
             "schedulers": self.supported_schedulers(),
+            "controlnets": self.controlnets.info(),
             "last_call": dict(self.last_call),
         }
 
@@ -252,6 +265,8 @@ class Inpainter:
             if resolved is None:
                 raise ValueError(f"job {index}: no sampling settings (neither the job's nor the call's)")
             self.validate_settings(resolved)
+            check_cycle_plan(resolved)
+            self.controlnets.check(index, job.control, self.components.unet.config)
             payloads.append(CropPayload(job=job, settings=resolved, cycles=plan_cycles(job, resolved)))
         return payloads
 
@@ -283,13 +298,19 @@ class Inpainter:
             for position, crop in enumerate(members):
                 crop.latent = latents[position : position + 1]
                 crop.state["padded"] = padded
+                crop.state["control"] = self.controlnets.prepare(
+                    crop.payload.job.control, crop.payload.job.image.shape[:2], padded
+                )
             self._prepare_masks(members, pixels, padded, tuple(latents.shape[-2:]))
         for key, members in _group(crops, lambda crop: lora_key(crop.payload.job.loras)).items():
             self.loras.activate(key)
             for crop in members:
                 self._prepare_conditioning(crop)
                 crop.group_key = (key, *tuple(crop.latent.shape[-2:]))
-                crop.stages = [_CycleStage(self, number) for number in range(len(crop.payload.cycles))]
+                crop.stages = []
+                for number, spec in enumerate(crop.payload.cycles):
+                    crop.stages += hook_stages(self, spec)  # cycle_latent: noise injection, unsampling
+                    crop.stages.append(_CycleStage(self, number))
 
     def _padded_size(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """Decision 5: pad to the latent grid instead of cropping (no sub-pixel shift)."""
@@ -445,14 +466,24 @@ class Inpainter:
             self._batch_conditioning[key] = cached
         context, added_conditions, concat = cached[1]
         sample = torch.cat(inputs).to(self.device)
+        timestep_rows = torch.tensor(timesteps, dtype=torch.float32, device=self.device)
+        control = self.controlnets.residuals(
+            [crop.state.get("control") for crop, _ in calls],
+            [request for _, request in calls],
+            sample,
+            timestep_rows,
+            context,
+            added_conditions,
+        ) if self.controlnets else {}  # fmt: skip
         if concat is not None:
             sample = torch.cat([sample, concat], dim=1)
         output = self.components.unet(
             sample.to(self.dtype),
-            torch.tensor(timesteps, dtype=torch.float32, device=self.device),
+            timestep_rows,
             encoder_hidden_states=context,
             added_cond_kwargs=added_conditions,
             return_dict=False,
+            **control,
         )[0].float()
         responses: list[UNetResponse] = []
         row = 0
@@ -503,6 +534,8 @@ class _CycleStage:
 
     def __call__(self, crop: EngineCrop, latent: torch.Tensor) -> Any:
         spec = crop.payload.cycles[self.number]
+        if spec.denoise <= 0.0:  # a denoise schedule reached 0: this cycle samples nothing
+            return _unchanged(latent)
         if crop.state.get("concat_per_cycle"):  # concat_cond: the sampler's input latent of this cycle
             crop.state["concat"] = inpaint_concat(latent, crop.state["mask"])
         return crop_process(
@@ -516,9 +549,16 @@ class _CycleStage:
             latent_image=latent,
             noise_mask=crop.state["mask"],
             differential=crop.state["differential"],
-            noise=spec.noise,
+            noise=cycle_noise(crop.payload.settings.detailer_hooks, spec, latent),
             device=self.inpainter.device,
+            slicing="impact",  # FaceDetailer samples through Impact's ksampler_wrapper
         )
+
+
+def _unchanged(latent: torch.Tensor) -> Any:
+    """A stage that needs no model call and hands its latent on."""
+    yield from ()
+    return latent
 
 
 def result_of(request: EngineRequest, images: list[np.ndarray]) -> RefineResult:
@@ -606,15 +646,24 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 def _token_windows(tokenizer: Any, text: str, length: int) -> list[list[int]]:
-    """``text`` as 77-token windows: BOS + up to 75 tokens + EOS, padded with the pad token.
+    """``text`` as ``length``-token windows cut the way ComfyUI's tokenizer cuts them (Decision 9).
 
-    A long chunk becomes several windows (ComfyUI does the same) instead of being truncated.
+    ComfyUI tokenizes word by word (:func:`~facedetailer.token_windows.prompt_words`) and moves a
+    word that does not fit whole to the next window (BOS + up to 75 tokens + EOS, padded); a
+    long chunk becomes several windows instead of being truncated.
     """
-    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
-    size = length - 2
-    pieces = [ids[start : start + size] for start in range(0, len(ids), size)] or [[]]
+    words = prompt_words(text)
+    word_tokens: list[list[int]] = []
+    if words:  # each word tokenized on its own (one batched call)
+        word_tokens = tokenizer(words, add_special_tokens=False, truncation=False, verbose=False).input_ids
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return [[tokenizer.bos_token_id, *piece, tokenizer.eos_token_id] + [pad] * (size - len(piece)) for piece in pieces]
+    return token_windows(
+        word_tokens,
+        start_token=tokenizer.bos_token_id,
+        end_token=tokenizer.eos_token_id,
+        pad_token=pad,
+        max_length=length,
+    )
 
 
 def _repeat_to_common_length(embeds: list[torch.Tensor]) -> torch.Tensor:

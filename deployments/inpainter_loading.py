@@ -351,14 +351,20 @@ class LoraPatcher:
         self._originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
 
     def find(self, name: str) -> Path | None:
-        """``<lora_dir>/<name>.safetensors``, or a file whose path ends with it (ComfyUI's suffix match)."""
+        """``<lora_dir>/<name>.safetensors``, or a file whose path ends with it (ComfyUI's suffix match).
+
+        The name comes from the request: it must stay inside ``lora_dir``
+        (:func:`facedetailer.safe_paths.resolve_inside`), else :class:`UnsafeNameError`.
+        """
+        from facedetailer.safe_paths import files_inside, resolve_inside
+
         if self.lora_dir is None:
             return None
         file_name = name if Path(name).suffix in (".safetensors", ".pt", ".ckpt") else f"{name}.safetensors"
-        direct = self.lora_dir / file_name
+        direct = resolve_inside(self.lora_dir, file_name, kind="LoRA")
         if direct.is_file():
             return direct
-        matches = sorted(path for path in self.lora_dir.rglob("*") if path.as_posix().endswith("/" + file_name))
+        matches = [path for relative, path in files_inside(self.lora_dir) if f"/{relative}".endswith("/" + file_name)]
         return matches[0] if matches else None
 
     def activate(self, loras: Any) -> list[str]:

@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from ray import serve
 
+from deployments.checkpoints import DRAIN_TIMEOUT_S, LoadedCheckpoint, checkpoint_specs, sum_snapshots
 from deployments.detector import FaceDetector
 from deployments.engine_stats import STATS_ACTOR_NAME, EngineMetrics, StatsReporter, merge_snapshots
-from deployments.inpainter import Inpainter, RefineJob, RefineResult, SamplingSettings, result_of
+from deployments.inpainter import Inpainter, RefineJob, RefineResult, SamplingSettings
 from deployments.sam import SamPrediction, SamSegmenter
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
@@ -70,6 +71,12 @@ class _ServedModel:
     def info(self) -> dict[str, Any]:
         return self.model.info()
 
+    def placement(self) -> dict[str, Any]:
+        """Node and logical GPU ids of this replica (fractional-GPU packing, tests/cluster/)."""
+        from deployments.placement import replica_placement
+
+        return replica_placement()
+
     async def check_health(self) -> None:
         self.watchdog.check()
         if not self.watchdog.busy:
@@ -99,60 +106,155 @@ class SamDeployment(_ServedModel):
 
 
 class InpainterDeployment(_ServedModel):
-    """Serves one :class:`Inpainter`: its engine loop runs in a background thread of the replica.
+    """Serves the configured checkpoints (:class:`Inpainter` s), each with its engine loop in a background thread.
 
-    Every request's crops join the engine's queue; at each step the engine runs the pending UNet
-    evaluations of all active crops (same latent size and LoRA set) as one UNet call, so crops of
-    concurrent requests share calls whatever their settings, with no batch wait. A full queue is
-    an :class:`EngineBusyError` (the ingress answers 503 with Retry-After); a cancelled call (the
-    client left, or the ingress timed out) takes its crops out of the engine at the next step.
-    ``max_batch_size`` (active crops) and ``max_queued_crops`` are the deployment's
-    ``user_config``: a ``serve deploy`` with new values calls :meth:`reconfigure` live.
+    Every request's crops join the engine of the checkpoint it names (``multiplexed_model_id``,
+    :mod:`deployments.checkpoints`); at each step an engine runs the pending UNet evaluations of
+    all its active crops (same latent size and LoRA set) as one UNet call, so crops of concurrent
+    requests share calls whatever their settings, with no batch wait — and crops of different
+    checkpoints never share one (each checkpoint has its own engine). A replica holds at most
+    ``max_models_per_replica`` checkpoints (Ray Serve model multiplexing, LRU eviction); the
+    first one is loaded at start. A full queue is an :class:`EngineBusyError` (the ingress
+    answers 503 with Retry-After); a cancelled call (the client left, or the ingress timed out)
+    takes its crops out of the engine at the next step. ``max_batch_size`` (active crops per
+    checkpoint) and ``max_queued_crops`` are the deployment's ``user_config``: a ``serve deploy``
+    with new values calls :meth:`reconfigure` live.
     """
 
     def __init__(
         self,
-        model: str,
+        model: str | Mapping[str, Any],
         *,
+        single_file_config: str | None = None,
+        max_models_per_replica: int = 2,
         max_batch_size: int = 8,
         max_queued_crops: int = 256,
         stuck_after_s: float = DEFAULT_STUCK_AFTER_S,
         **options: Any,
     ) -> None:
-        self.model = Inpainter(model, max_batch_size=max_batch_size, max_queued_crops=max_queued_crops, **options)
-        self.engine = self.model.engine
+        self.checkpoints = checkpoint_specs(model, single_file_config)
+        self.default_checkpoint = next(iter(self.checkpoints))
+        self.options = options
+        self.bounds = {"max_batch_size": max_batch_size, "max_queued_crops": max_queued_crops}
         self.stuck_after_s = stuck_after_s
-        self.engine.start(name="inpaint-engine")
+        self.max_models_per_replica = max_models_per_replica
+        self.loaded: dict[str, LoadedCheckpoint] = {}
+        self.retired_snapshots: list[dict[str, Any]] = []
+        self._shared_controlnets: Any = None
+        self._default_adopted = False
+        self._local_lock = asyncio.Lock()
+        self._last_model: Inpainter | None = None  # answers info() while the only checkpoint is swapped
+
+        async def load(name: str) -> LoadedCheckpoint:  # a plain function: Serve keeps its LRU cache on it
+            return await self._load_checkpoint(name)
+
+        self._get_checkpoint = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(load)
+        self._load_now(self.default_checkpoint)  # ready (and health-checked) before the first request
         self.reporter = StatsReporter(
             replica=_replica_name(),
-            snapshot=self.engine.snapshot,
+            snapshot=self.snapshot,
             aggregator=_stats_aggregator,
             metrics=_engine_metrics(),
         )
         self.reporter.start()
 
+    # ---------------------------------------------------------------- checkpoints
+
+    @property
+    def model(self) -> Inpainter:
+        """The default checkpoint's inpainter when loaded, else the most recently loaded one."""
+        loaded = self.loaded.get(self.default_checkpoint) or next(reversed(list(self.loaded.values())), None)
+        if loaded is not None:
+            self._last_model = loaded.inpainter
+        if self._last_model is None:
+            raise RuntimeError("no checkpoint is loaded right now (one is being swapped in); retry")
+        return self._last_model
+
+    @property
+    def engine(self) -> Any:
+        return self.model.engine
+
+    def _load_now(self, name: str) -> LoadedCheckpoint:
+        spec = self.checkpoints[name]
+        controlnets = self._shared_controlnets or self.options.get("controlnets")
+        options = {**self.options, "controlnets": controlnets}
+        inpainter = Inpainter(spec["model"], single_file_config=spec["single_file_config"], **self.bounds, **options)
+        self._shared_controlnets = inpainter.controlnets  # ControlNet weights loaded once per replica
+        loaded = LoadedCheckpoint(name, inpainter)
+        retire = loaded.retire
+
+        def retire_and_forget(timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+            retire(timeout_s)
+            self.retired_snapshots.append({**loaded.engine.snapshot(), "active_crops": 0, "queued_crops": 0})
+            self.loaded.pop(name, None)
+            if self._last_model is loaded.inpainter:
+                self._last_model = None
+            loaded.release()  # the weights go now, before the next checkpoint loads
+
+        loaded.__del__ = retire_and_forget  # what Ray Serve's LRU eviction calls
+        self.loaded[name] = loaded
+        return loaded
+
+    async def _load_checkpoint(self, name: str) -> LoadedCheckpoint:
+        """The multiplexed loader (``@serve.multiplexed``, applied in ``__init__`` with the configured size)."""
+        if name not in self.checkpoints:
+            raise ValueError(f"model: unknown checkpoint {name!r}; configured: {', '.join(self.checkpoints)}")
+        if name in self.loaded:  # the checkpoint loaded at start, handed to the LRU cache
+            return self.loaded[name]
+        return await asyncio.to_thread(self._load_now, name)
+
+    async def checkpoint(self, name: str | None = None) -> LoadedCheckpoint:
+        """The named (default: the request's ``multiplexed_model_id``, else the first) checkpoint, loaded."""
+        name = name or serve.get_multiplexed_model_id() or self.default_checkpoint
+        if name not in self.checkpoints:
+            raise ValueError(f"model: unknown checkpoint {name!r}; configured: {', '.join(self.checkpoints)}")
+        if _internal_replica_context() is None:  # local testing mode: Serve's multiplexer needs a replica
+            return await self._local_checkpoint(name)
+        if not self._default_adopted:  # the LRU cache learns of the checkpoint loaded at start first
+            self._default_adopted = True
+            await self._get_checkpoint(self.default_checkpoint)
+        return await self._get_checkpoint(name)
+
+    async def _local_checkpoint(self, name: str) -> LoadedCheckpoint:
+        """The same LRU policy without Serve's multiplexer (``serve.run(..., _local_testing_mode=True)``)."""
+        async with self._local_lock:
+            if name in self.loaded:
+                self.loaded[name] = self.loaded.pop(name)  # most recently used last
+                return self.loaded[name]
+            while len(self.loaded) >= self.max_models_per_replica:
+                oldest = next(iter(self.loaded.values()))
+                await asyncio.to_thread(oldest.__del__)
+            return await asyncio.to_thread(self._load_now, name)
+
+    # ---------------------------------------------------------------- serving
+
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Live update of ``max_batch_size`` (active crops) and ``max_queued_crops``."""
+        """Live update of ``max_batch_size`` (active crops) and ``max_queued_crops`` of every checkpoint."""
         unknown = set(user_config) - {"max_batch_size", "max_queued_crops"}
         if unknown:
             raise ValueError(f"unknown inpainter user_config keys: {sorted(unknown)}")
-        self.engine.configure(
-            max_batch_size=user_config.get("max_batch_size"), max_queued_crops=user_config.get("max_queued_crops")
-        )
-        logger.info(
-            "inpainter engine: %d active crops, %d queued", self.engine.max_batch_size, self.engine.max_queued_crops
-        )
+        self.bounds.update({key: value for key, value in user_config.items() if value is not None})
+        for loaded in list(self.loaded.values()):
+            loaded.engine.configure(
+                max_batch_size=user_config.get("max_batch_size"), max_queued_crops=user_config.get("max_queued_crops")
+            )
+        logger.info("inpainter engines: %(max_batch_size)d active crops, %(max_queued_crops)d queued", self.bounds)
 
-    async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings | None = None) -> RefineResult:
-        """Refine a request's crops (each with its own settings, or ``settings``) on the shared engine."""
-        payloads = self.model.payloads(list(jobs), settings)  # bad crops and settings fail here, alone
-        request = self.engine.submit(payloads)
-        try:
-            images = await asyncio.wrap_future(request.future)
-        except asyncio.CancelledError:
-            self.engine.cancel(request)
-            raise
-        return result_of(request, images)
+    async def refine(
+        self, jobs: Sequence[RefineJob], settings: SamplingSettings | None = None, model: str | None = None
+    ) -> RefineResult:
+        """Refine a request's crops (each with its own settings, or ``settings``) on a checkpoint's engine.
+
+        The checkpoint is ``model``, else the call's ``multiplexed_model_id``, else the first one.
+        (Callers pass both: the id routes the call, the argument also reaches local testing mode.)
+        """
+        loaded = await self.checkpoint(model)
+        return await loaded.refine(jobs, settings)
+
+    def snapshot(self) -> dict[str, Any]:
+        """This replica's engine counters: every checkpoint's engine, unloaded ones included."""
+        live = [loaded.engine.snapshot() for loaded in list(self.loaded.values())]
+        return sum_snapshots(self.retired_snapshots + live)
 
     async def stats(self) -> dict[str, Any]:
         """This deployment's engine statistics summed over all its replicas (see ``engine_stats``)."""
@@ -167,16 +269,25 @@ class InpainterDeployment(_ServedModel):
             return {**merge_snapshots({self.reporter.replica: (time.time(), own)}), "aggregated": False}
 
     async def check_health(self) -> None:
-        """Unhealthy if the engine loop died or one model call has run for longer than ``stuck_after_s``."""
-        if self.engine.loop_error is not None or not self.engine.running:
-            raise RuntimeError(f"inpaint engine loop is not running ({self.engine.loop_error!r})")
-        started = self.engine.model_call_started
-        if started is not None:
-            age = time.monotonic() - started
-            if age > self.stuck_after_s:
-                raise ModelStuckError(f"a model call has been running for {age:.0f} s (limit {self.stuck_after_s} s)")
-            return
-        await asyncio.to_thread(self.model.check_health)
+        """Unhealthy if an engine loop died or one model call has run for longer than ``stuck_after_s``."""
+        for loaded in list(self.loaded.values()):
+            engine = loaded.engine
+            if loaded.retired:
+                continue
+            if engine.loop_error is not None or not engine.running:
+                raise RuntimeError(f"inpaint engine of {loaded.name} is not running ({engine.loop_error!r})")
+            started = engine.model_call_started
+            if started is not None:
+                age = time.monotonic() - started
+                if age > self.stuck_after_s:
+                    limit = self.stuck_after_s
+                    raise ModelStuckError(f"a model call has been running for {age:.0f} s (limit {limit} s)")
+                continue
+            await asyncio.to_thread(loaded.inpainter.check_health)
+
+    def checkpoint_snapshots(self) -> dict[str, dict[str, Any]]:
+        """Each loaded checkpoint's own engine counters (its engine only ever batches its own crops)."""
+        return {name: loaded.engine.snapshot() for name, loaded in list(self.loaded.items())}
 
     def supported_samplers(self) -> list[str]:
         return self.model.supported_samplers()
@@ -185,9 +296,21 @@ class InpainterDeployment(_ServedModel):
         return self.model.supported_schedulers()
 
     def info(self) -> dict[str, Any]:
-        snapshot = self.engine.snapshot()
+        snapshot = self.snapshot()
         snapshot["queue_wait_s"].pop("recent")
-        return {**self.model.info(), "engine": snapshot}
+        return {
+            **self.model.info(),
+            "checkpoints": {name: spec["model"] for name, spec in self.checkpoints.items()},
+            "loaded_checkpoints": list(self.loaded),
+            "max_models_per_replica": self.max_models_per_replica,
+            "engine": snapshot,
+        }
+
+
+def _internal_replica_context() -> Any:
+    from ray.serve.context import _get_internal_replica_context
+
+    return _get_internal_replica_context()
 
 
 def _replica_name() -> str:

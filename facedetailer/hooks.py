@@ -160,11 +160,10 @@ DetailerHook = Annotated[
     Field(discriminator="type"),
 ]
 
-# Hooks whose hook points are inside the sampling loop: the request accepts them, the
-# pipeline answers "not supported yet" until the inpainter's cycle loop calls them.
-SAMPLING_HOOK_TYPES: frozenset[str] = frozenset(
-    {"denoise_scheduler", "noise_injection", "unsampler", "variation_noise", "black_patch_retry"}
-)
+# Hooks the request accepts but the service cannot run yet: the pipeline answers "not supported
+# yet" for them. Empty since the inpainter runs the sampling hooks (deployments.inpainter_hooks)
+# and the pipeline the black-patch retry (serve_app.patch_retry).
+SAMPLING_HOOK_TYPES: frozenset[str] = frozenset()
 
 
 # --- coreml geometry ---------------------------------------------------------------------------
@@ -251,7 +250,7 @@ class DetailerHooks:
         return [hook.type for hook in self.hooks]
 
     def unwired(self) -> list[tuple[int, str]]:
-        """(position, type) of every hook whose hook point is inside sampling."""
+        """(position, type) of every hook the service cannot run yet (``SAMPLING_HOOK_TYPES``)."""
         return [(index, hook.type) for index, hook in enumerate(self.hooks) if hook.type in SAMPLING_HOOK_TYPES]
 
     @property

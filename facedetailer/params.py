@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from facedetailer.blend import BlendMode
 from facedetailer.color_match import ColorMatchMethod
+from facedetailer.controlnet import ControlNetParams
 from facedetailer.hooks import DetailerHook
 
 MAX_RESOLUTION = 16384  # ComfyUI's MAX_RESOLUTION, the upper bound of every size input
@@ -89,6 +90,10 @@ class FaceDetailerParams(BaseModel):
     bbox_detector: str | None = Field(None, min_length=1)
     segm_detector: str | None = Field(None, min_length=1)
     sam_model: str | None = Field(None, min_length=1)
+    # The node's model input: a checkpoint the inpainter serves (GET /v1/info "checkpoints"; None = the first).
+    model: str | None = Field(None, min_length=1)
+    # ControlNetApplyAdvanced per face with a ControlNet the service configures (facedetailer/controlnet.py).
+    controlnet: ControlNetParams | None = None
 
     @field_validator("sam_mask_hint_use_negative", mode="before")
     @classmethod
@@ -96,6 +101,17 @@ class FaceDetailerParams(BaseModel):
         """ComfyUI workflows may carry the combo's "False" as a JSON boolean."""
         if value is False:
             return "False"
+        return value
+
+    @field_validator("controlnet", mode="before")
+    @classmethod
+    def _controlnet_as_json_text(cls, value: Any) -> Any:
+        """A form field or CLI ``--param`` carries the object as JSON text."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as error:
+                raise ValueError(f"not a JSON object: {error}") from error
         return value
 
     @field_validator("detailer_hooks", mode="before")

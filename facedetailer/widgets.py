@@ -17,6 +17,8 @@ import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
+from pydantic import BaseModel
+
 from facedetailer.params import FaceDetailerParams
 
 # ComfyUI's KSampler names (comfy/samplers.py, 2025 releases). A workflow may carry any of them;
@@ -65,7 +67,7 @@ GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "Optional inputs",
         (
             "use_sam", "sam_model", "use_segm", "segm_detector", "override_bbox_by_segm", "detailer_hooks",
-            "inpaint_model", "noise_mask_feather",
+            "inpaint_model", "noise_mask_feather", "model", "controlnet",
         ),
     ),
     # Not the node's: the service's seam options (off by default = the reference's paste).
@@ -91,8 +93,8 @@ UNSUPPORTED_NODE_WIDGETS = ("tiled_encode", "tiled_decode")
 # too (everything else is required).
 OPTIONAL = frozenset(name for key, _, members in GROUPS if key in ("optional", "seams") for name in members)
 # Inputs naming one of the service's configured models (``None``: its first); their options are
-# the names ``GET /v1/info`` lists (detectors, segm_detectors, sam_models).
-MODEL_NAME_FIELDS = ("bbox_detector", "segm_detector", "sam_model")
+# the names ``GET /v1/info`` lists (detectors, segm_detectors, sam_models, checkpoints).
+MODEL_NAME_FIELDS = ("bbox_detector", "segm_detector", "sam_model", "model")
 
 STEPS: dict[str, float] = {
     "guide_size": 8, "max_size": 8, "denoise": 0.01, "cfg": 0.1, "bbox_threshold": 0.01, "bbox_crop_factor": 0.1,
@@ -141,6 +143,8 @@ DESCRIPTIONS: dict[str, str] = {
     "segm_detector": "which of the service's segm detectors (switches use_segm on)",
     "sam_model": "which of the service's SAM models (switches use_sam on)",
     "detailer_hooks": "the node's detailer_hook as a JSON list of typed hooks (see the README)",
+    "model": "which of the service's checkpoints (empty: its first)",
+    "controlnet": "ControlNetApplyAdvanced per face, JSON: {name, strength, start_percent, end_percent}",
     "color_match": "match the refined face's colours to the original (Lab); none = the reference",
     "color_match_strength": "how far color_match moves the refined face",
     "blend": "feather = the reference's paste; multiband = Laplacian-pyramid blending",
@@ -153,7 +157,7 @@ def _kind(annotation: Any) -> tuple[str, list[Any] | None]:
         annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
     if get_origin(annotation) is Literal:
         return "COMBO", list(get_args(annotation))
-    if get_origin(annotation) is list:
+    if get_origin(annotation) is list or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
         return "JSON", None
     kinds = {bool: "BOOLEAN", int: "INT", float: "FLOAT", str: "STRING"}
     if annotation not in kinds:

@@ -72,18 +72,27 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         inpainter_deployment = inpainter_deployment.options(
             user_config={"max_batch_size": paint.max_batch_size, "max_queued_crops": paint.max_queued_crops}
         )
+    checkpoints = {name: spec.model_dump() for name, spec in paint.named_checkpoints().items()}
     inpainter = inpainter_deployment.bind(
-        paint.model,
-        single_file_config=paint.single_file_config,
+        checkpoints,
+        max_models_per_replica=paint.max_models_per_replica,
         device=paint.device,
         dtype=paint.dtype,
         lora_dir=paint.lora_dir,
         max_batch_size=paint.max_batch_size,
         max_queued_crops=paint.max_queued_crops,
+        controlnets={name: spec.model_dump() for name, spec in (config.controlnets or {}).items()},
     )
     ingress = FaceDetailerIngress.options(**config.ingress.to_serve_options())
     return ingress.bind(
-        detector, inpainter, sam=sam, segm_detector=segm_detector, limits=config.limits.model_dump()
+        detector,
+        inpainter,
+        sam=sam,
+        segm_detector=segm_detector,
+        limits=config.limits.model_dump(),
+        wildcards_dir=config.wildcards_dir,
+        checkpoints=list(checkpoints),
+        controlnets={name: spec.preprocessor for name, spec in (config.controlnets or {}).items()},
     )
 
 

@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +33,40 @@ def _application(config: dict[str, Any]) -> dict[str, Any]:
     raise SystemExit(f"the config has no application named {APP_NAME!r}")
 
 
+def load_config(config_path: Path, overlays: Sequence[Path] = (), sets: Sequence[str] = ()) -> dict[str, Any]:
+    """A Serve config file with ``--overlay`` files and ``--set`` values applied, validated."""
+    from serve_app.app import load_serve_config
+    from serve_app.overlay import OverlayError, apply_overlays, validate_config
+
+    try:
+        config = apply_overlays(load_serve_config(config_path), overlays, sets)
+        validate_config(config)
+    except (OverlayError, ValueError) as error:  # pydantic's ValidationError is a ValueError
+        raise SystemExit(f"{config_path}: {error}") from error
+    return config
+
+
 def start_serving(
-    config_path: Path, *, port: int | None = None, blocking: bool = False, join_cluster: bool = True
+    config_path: Path,
+    *,
+    port: int | None = None,
+    blocking: bool = False,
+    join_cluster: bool = True,
+    overlays: Sequence[Path] = (),
+    sets: Sequence[str] = (),
 ) -> tuple[Any, int]:
     """Start (or join) Ray, then deploy the application from a Serve config file; return (handle, port).
 
+    ``overlays`` and ``sets`` change the file's values (:mod:`serve_app.overlay`).
     ``join_cluster=False`` always starts a private instance (the demo must not replace or shut
     down an application someone else is running on this machine's cluster).
     """
     import ray
     from ray import serve
 
-    from serve_app.app import APP_NAME, build_app, load_serve_config
+    from serve_app.app import APP_NAME, build_app
 
-    config = load_serve_config(config_path)
+    config = load_config(config_path, overlays, sets)
     application = _application(config)
     env_vars = {key: str(value) for key, value in application.get("runtime_env", {}).get("env_vars", {}).items()}
     os.environ.update(env_vars)
@@ -61,7 +82,7 @@ def start_serving(
     http = dict(config.get("http_options", {}))
     if port is not None:
         http["port"] = port
-    serve.start(http_options=http)
+    serve.start(http_options=http, proxy_location=config.get("proxy_location"))
     handle = serve.run(
         build_app(application.get("args", {})),
         name=APP_NAME,
@@ -97,7 +118,15 @@ def side_by_side(before: np.ndarray, after: np.ndarray) -> np.ndarray:
 
 
 def command_serve(args: argparse.Namespace) -> None:
-    start_serving(args.config, port=args.port, blocking=True)
+    start_serving(args.config, port=args.port, blocking=True, overlays=args.overlay, sets=args.set)
+
+
+def command_config(args: argparse.Namespace) -> None:
+    """Print the config with its overlays applied (for ``serve deploy`` or a KubeRay serveConfigV2)."""
+    import yaml
+
+    config = load_config(args.config, args.overlay, args.set)
+    print(yaml.safe_dump(config, sort_keys=False), end="")
 
 
 def _request_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -185,7 +214,7 @@ def _detail_through_handle(args: argparse.Namespace, params: Any) -> None:
 
     from deployments.testing.assets import load_rgb
 
-    handle, _ = start_serving(args.config, port=args.port)
+    handle, _ = start_serving(args.config, port=args.port, overlays=args.overlay, sets=args.set)
     outdir = Path(args.output)
     for path in tqdm(args.images, desc="images", unit="image"):
         image = load_rgb(Path(path))
@@ -248,13 +277,14 @@ def command_demo(args: argparse.Namespace) -> None:
 
     apply_offline_env()
     started = time.perf_counter()
-    print("building the tiny inpainter if missing (random weights: refined faces will be noise)…")
-    build_component("sd", default_tiny_models_dir() / "sd")
+    print("building the tiny inpainters and ControlNet if missing (random weights: refined faces will be noise)…")
+    for component in ("sd", "sd_alt", "controlnet"):  # configs/local-cpu.yaml's checkpoints and ControlNet
+        build_component(component, default_tiny_models_dir() / component)
     photo = ultralytics_asset(args.photo)
     port = args.port or _free_port()
     try:
         print(f"serving {args.config} on 127.0.0.1:{port}…")
-        start_serving(args.config, port=port, join_cluster=False)
+        start_serving(args.config, port=port, join_cluster=False, overlays=args.overlay, sets=args.set)
         ready = time.perf_counter()
         # LiteMedSAM was trained on box prompts: prompt it with the box alone ("none").
         demo_params = {"use_sam": True, "sam_detection_hint": "none", "steps": args.steps, "seed": args.seed}
@@ -290,13 +320,28 @@ def command_demo(args: argparse.Namespace) -> None:
     print(f"outputs written to {outdir.resolve()}/ (detailed.png, mask.png, comparison.png, crops)")
 
 
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="a Serve config file")
+    parser.add_argument(
+        "--overlay", type=Path, action="append", default=[], metavar="FILE",
+        help="a partial Serve config merged into --config (repeatable)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="PATH=VALUE",
+        help="change one value, e.g. inpainter.model=sim://sd15-inpainting (repeatable; see README)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facedetailer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="serve the application from a Serve config")
-    serve_parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    _add_config_arguments(serve_parser)
     serve_parser.add_argument("--port", type=int)
     serve_parser.set_defaults(run=command_serve)
+    config_parser = commands.add_parser("config", help="print a Serve config with its overlays applied")
+    _add_config_arguments(config_parser)
+    config_parser.set_defaults(run=command_config)
     detail = commands.add_parser("detail", help="detail image files through the service")
     detail.add_argument("images", nargs="+")
     detail.add_argument("-o", "--output", required=True)
@@ -306,11 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     detail.add_argument("--url", help="a running service (http://host:port); default: serve --config here")
     detail.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one answer (--url)")
     detail.add_argument("--retry-budget", type=float, default=120.0, help="seconds of 429/503 retries (--url)")
-    detail.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    _add_config_arguments(detail)
     detail.add_argument("--port", type=int)
     detail.set_defaults(run=command_detail)
     demo = commands.add_parser("demo", help="offline demo on a photo shipped by ultralytics")
-    demo.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    _add_config_arguments(demo)
     demo.add_argument("--photo", default="zidane.jpg")
     demo.add_argument("--output", default="demo-output")
     demo.add_argument("--steps", type=int, default=8)

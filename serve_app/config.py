@@ -27,6 +27,8 @@ class AutoscalingConfig(StrictModel):
     target_ongoing_requests: float = Field(2.0, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(300.0, ge=0)
+    look_back_period_s: float | None = Field(None, gt=0, description="window the load is averaged over (Serve: 30)")
+    metrics_interval_s: float | None = Field(None, gt=0, description="how often replicas report load (Serve: 10)")
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> AutoscalingConfig:
@@ -39,6 +41,7 @@ class RayActorOptions(StrictModel):
     num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     memory: int | None = Field(None, ge=0, description="bytes reserved for the replica")
+    resources: dict[str, float] | None = Field(None, description="custom Ray resources, e.g. to pin to a node group")
     runtime_env: dict[str, Any] | None = None
 
 
@@ -87,9 +90,30 @@ class SamArgs(StrictModel):
     deployment: DeploymentOptions = DeploymentOptions()
 
 
-class InpainterArgs(StrictModel):
+class CheckpointArgs(StrictModel):
+    """One checkpoint of ``inpainter.checkpoints``."""
+
     model: str = Field(description="diffusers folder or HF id, or a single .safetensors/.ckpt file")
     single_file_config: str | None = None
+
+
+class InpainterArgs(StrictModel):
+    """The inpainter deployment: one checkpoint (``model``) or several by name (``checkpoints``).
+
+    With ``checkpoints`` a request picks one with ``model`` (the node's input name; the first is
+    the default) and Ray Serve's model multiplexing routes it to a replica that has it loaded;
+    a replica keeps ``max_models_per_replica`` of them and evicts the least recently used. After
+    validation ``model``/``single_file_config`` describe the default checkpoint in both forms.
+    """
+
+    model: str | None = Field(None, description="diffusers folder or HF id, or a single .safetensors/.ckpt file")
+    single_file_config: str | None = None
+    checkpoints: dict[str, CheckpointArgs] | None = Field(
+        None, description="checkpoints by name; the first is the default"
+    )
+    max_models_per_replica: int = Field(
+        2, ge=1, le=64, description="checkpoints one replica keeps loaded (LRU eviction beyond)"
+    )
     device: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     lora_dir: str | None = None
@@ -101,9 +125,52 @@ class InpainterArgs(StrictModel):
     )
     deployment: DeploymentOptions = DeploymentOptions()
 
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _checkpoint_reference_shorthand(cls, value: Any) -> Any:
+        return _shorthand(value, "model")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> InpainterArgs:
+        if self.checkpoints is None:
+            if self.model is None:
+                raise ValueError("inpainter: set model (one checkpoint) or checkpoints (by name)")
+            return self
+        if not self.checkpoints:
+            raise ValueError("inpainter.checkpoints: name at least one checkpoint")
+        for name in self.checkpoints:
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"inpainter.checkpoints: name {name!r} must match {NAME_PATTERN}")
+        first = next(iter(self.checkpoints.values()))
+        if self.model is not None and (self.model, self.single_file_config) != (first.model, first.single_file_config):
+            raise ValueError("inpainter: set either model or checkpoints, not both")
+        self.model, self.single_file_config = first.model, first.single_file_config
+        return self
+
+    def named_checkpoints(self) -> dict[str, CheckpointArgs]:
+        """``{name: checkpoint}``; the single ``model`` form is the one checkpoint named ``default``."""
+        if self.checkpoints is not None:
+            return self.checkpoints
+        assert self.model is not None  # the validator requires one of the two forms
+        return {DEFAULT_NAME: CheckpointArgs(model=self.model, single_file_config=self.single_file_config)}
+
+
+class ControlNetArgs(StrictModel):
+    """One ControlNet the inpainter serves (loaded on every inpainter replica)."""
+
+    model: str = Field(description="diffusers ControlNet folder or HF id, or a single .safetensors file")
+    preprocessor: Literal["tile", "control_image"] = Field(
+        "tile",
+        description="tile: the upscaled face crop is the control image; control_image: the request sends one",
+    )
+    single_file_config: str | None = Field(None, description="a diffusers ControlNet config, for a single file offline")
+
 
 class Limits(StrictModel):
-    """Request limits the ingress enforces before any model work (HTTP 413 / 422)."""
+    """Request limits the ingress enforces before any model work (HTTP 413 / 422).
+
+    The work limits (``max_steps`` … ``max_work_units``) are explained in :mod:`serve_app.limits`.
+    """
 
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
@@ -111,6 +178,14 @@ class Limits(StrictModel):
     request_timeout_s: float = Field(600.0, gt=0)
     max_inflight_requests: int = Field(
         64, ge=1, description="per ingress replica; beyond it /v1/detail answers 429 with Retry-After"
+    )
+    max_steps: int = Field(150, ge=1, description="the request's sampling steps")
+    max_sample_pixels: int = Field(
+        1536 * 1536, ge=64 * 64, description="width × height of each upscaled crop the inpainter samples"
+    )
+    max_faces_per_image: int = Field(16, ge=1, description="faces the inpainter refines in one image")
+    max_work_units: float = Field(
+        4000, gt=0, description="total of steps × cycle × crop pixels / 512² over every face of the request"
     )
 
 
@@ -130,12 +205,23 @@ class AppArgs(StrictModel):
     sam: SamArgs | None = None
     sam_models: dict[str, SamArgs] | None = Field(None, description="SAM models by name")
     inpainter: InpainterArgs
+    controlnets: dict[str, ControlNetArgs] | None = Field(
+        None, description="ControlNets by name; a request picks one with controlnet.name"
+    )
     ingress: DeploymentOptions = DeploymentOptions(max_ongoing_requests=16)
     limits: Limits = Limits()
+    wildcards_dir: str | None = Field(
+        None, description="folder of wildcard .txt files for __name__ (names stay inside it)"
+    )
 
     @field_validator("detectors", "segm_detectors", mode="before")
     @classmethod
     def _detector_reference_shorthand(cls, value: Any) -> Any:
+        return _shorthand(value, "model")
+
+    @field_validator("controlnets", mode="before")
+    @classmethod
+    def _controlnet_reference_shorthand(cls, value: Any) -> Any:
         return _shorthand(value, "model")
 
     @field_validator("sam_models", mode="before")
@@ -156,6 +242,9 @@ class AppArgs(StrictModel):
                 for name in mapping:
                     if not re.fullmatch(NAME_PATTERN, name):
                         raise ValueError(f"{named}: name {name!r} must match {NAME_PATTERN}")
+        for name in self.controlnets or {}:
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"controlnets: name {name!r} must match {NAME_PATTERN}")
         if self.detector is None and self.detectors is None:
             raise ValueError("a bbox detector is required: set detector (one model) or detectors (by name)")
         return self

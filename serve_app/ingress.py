@@ -22,7 +22,9 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.inpainter import RefineJob, RefineResult, SamplingSettings
 from deployments.inpainter_engine import EngineBusyError
+from deployments.inpainter_hooks import check_cycle_plan
 from facedetailer.params import FaceDetailerParams
+from facedetailer.safe_paths import UnsafeNameError
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
 from facedetailer.widgets import widget_specs
@@ -30,11 +32,21 @@ from serve_app.config import Limits
 from serve_app.http_adapters.encoding import error_body, error_response, result_to_json
 from serve_app.http_adapters.errors import RequestError, parse_params
 from serve_app.http_adapters.request_reading import DETAIL_REQUEST_BODY, read_detail_request
-from serve_app.images import ImageInputError, as_uint8_image, encode_png
-from serve_app.model_choice import ModelChoice, ModelChoiceError
-from serve_app.pipeline import DetailResult, PipelineInputError, SegmentReport, detail_batch
+from serve_app.images import ImageInputError, as_uint8_image, decode_base64_image, encode_png
+from serve_app.limits import LimitExceededError, check_planned_names, check_planned_work, check_request
+from serve_app.model_choice import ModelChoice, ModelChoiceError, NamedModels
+from serve_app.pipeline import (
+    ControlChoice,
+    DetailResult,
+    PipelineInputError,
+    PlannedFace,
+    SegmentReport,
+    detail_batch,
+    resolve_control,
+)
 from serve_app.streaming import HEARTBEAT_S, SSE_HEADERS, SSE_HEARTBEAT, SSE_MEDIA_TYPE, sse, with_progress
 from serve_app.web import web_router
+from serve_app.wildcard_files import WildcardFolder
 from serve_app.workflow_api import workflow_router
 
 logger = logging.getLogger("ray.serve")
@@ -128,8 +140,10 @@ class HandleStages:
         inpainter: DeploymentHandle,
         sam: DeploymentHandle | None,
         segm_detector: DeploymentHandle | None,
+        checkpoint: str | None = None,
     ) -> None:
         self.detector, self.inpainter, self.sam, self.segm_detector = detector, inpainter, sam, segm_detector
+        self.checkpoint = checkpoint
 
     async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]:
         return await _cancellable(self.detector.detect.remote(image, threshold))
@@ -143,7 +157,11 @@ class HandleStages:
         return await _cancellable(self.sam.predict.remote(image, list(prompts)))
 
     async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings) -> RefineResult:
-        return await _cancellable(self.inpainter.refine.remote(list(jobs), settings))
+        if self.checkpoint is None:
+            return await _cancellable(self.inpainter.refine.remote(list(jobs), settings))
+        # model multiplexing: routed to a replica that has the checkpoint loaded, if any
+        inpainter = self.inpainter.options(multiplexed_model_id=self.checkpoint)
+        return await _cancellable(inpainter.refine.remote(list(jobs), settings, self.checkpoint))
 
 
 def sampling_settings(params: FaceDetailerParams) -> SamplingSettings:
@@ -163,6 +181,9 @@ class FaceDetailerIngress:
         sam: DeploymentHandle | dict[str, DeploymentHandle] | None = None,
         segm_detector: DeploymentHandle | dict[str, DeploymentHandle] | None = None,
         limits: dict[str, Any] | None = None,
+        wildcards_dir: str | None = None,
+        controlnets: dict[str, str] | None = None,
+        checkpoints: list[str] | None = None,
     ) -> None:
         # each model kind: one handle, or several by name (serve_app/model_choice.py)
         self.models = ModelChoice.of(detector, segm_detector, sam)
@@ -170,6 +191,12 @@ class FaceDetailerIngress:
             self.models.detectors.default, inpainter, self.models.sam_models.default, self.models.segm_detectors.default
         )
         self.limits = Limits.model_validate(limits or {})
+        self.wildcards = WildcardFolder(wildcards_dir) if wildcards_dir else None
+        self.controlnets = dict(controlnets or {})  # {name: preprocessor}; the inpainter loads them
+        # the inpainter's checkpoints by name (a request's ``model``; the first is the default)
+        # (an inpainter deployment bound without them takes no model argument: nothing is routed)
+        self.checkpoints = NamedModels.of("model", {name: name for name in checkpoints or ["default"]})
+        self._route_checkpoints = checkpoints is not None
         self._supported: tuple[list[str], list[str]] | None = None
         self.metrics = ServiceMetrics()
         self._inflight = 0
@@ -211,19 +238,23 @@ class FaceDetailerIngress:
     async def info(self) -> dict[str, Any]:
         samplers, schedulers = await self._supported_names()
         detector_info = await self.stages.detector.info.remote()
+        inpainter_info = await self.stages.inpainter.info.remote()
         return {
             "models": {
                 "detector": detector_info,
                 "segm_detector": await self.stages.segm_detector.info.remote() if self.stages.segm_detector else None,
                 "sam": await self.stages.sam.info.remote() if self.stages.sam else None,
-                "inpainter": await self.stages.inpainter.info.remote(),
+                "inpainter": inpainter_info,
             },
             "detectors": await _named_info(self.models.detectors.models),
             "segm_detectors": await _named_info(self.models.segm_detectors.models),
             "sam_models": await _named_info(self.models.sam_models.models),
+            "controlnets": inpainter_info.get("controlnets", {}),
+            "checkpoints": self.checkpoints.names,
             "samplers": samplers,
             "schedulers": schedulers,
             "limits": self.limits.model_dump(),
+            "wildcards": sorted(self.wildcards) if self.wildcards is not None else [],
             "defaults": FaceDetailerParams().model_dump(),
             "parameters": widget_specs(
                 samplers,
@@ -232,6 +263,7 @@ class FaceDetailerIngress:
                     "bbox_detector": self.models.detectors.names,
                     "segm_detector": self.models.segm_detectors.names,
                     "sam_model": self.models.sam_models.names,
+                    "model": self.checkpoints.names,
                 },
             ),
         }
@@ -270,11 +302,28 @@ class FaceDetailerIngress:
         batch_faces: bool = True,
     ) -> DetailResult:
         try:
+            check_request(params, self.limits)
+        except LimitExceededError as error:
+            raise RequestError(422, str(error), error.details()) from error
+        try:
             chosen = self.models.select(params)
+            checkpoint = self.checkpoints.resolve(params.model)
         except ModelChoiceError as error:
             raise RequestError(422, str(error)) from error
         await self._validate_sampling(params)
-        stages = HandleStages(chosen.detector, self.stages.inpainter, chosen.sam, chosen.segm_detector)
+        settings = sampling_settings(params)
+        try:
+            check_cycle_plan(settings)  # the sampling hooks' cycles and unsampler, before any model work
+        except ValueError as error:
+            raise RequestError(422, str(error)) from error
+        control = self._control(params)
+        stages = HandleStages(
+            chosen.detector,
+            self.stages.inpainter,
+            chosen.sam,
+            chosen.segm_detector,
+            checkpoint if self._route_checkpoints else None,
+        )
         try:
             result = await asyncio.wait_for(
                 detail_batch(
@@ -282,14 +331,23 @@ class FaceDetailerIngress:
                     params,
                     stages,
                     make_job=RefineJob,
-                    settings=sampling_settings(params),
+                    settings=settings,
                     has_sam=stages.sam is not None,
                     has_segm=stages.segm_detector is not None,
                     on_face=on_face,
                     batch_faces=batch_faces,
+                    check_work=lambda faces: self._check_planned(params, faces),
+                    wildcard_files=self.wildcards,
+                    control=control,
                 ),
                 timeout=self.limits.request_timeout_s,
             )
+        except LimitExceededError as error:
+            raise RequestError(422, str(error), error.details()) from error
+        except UnsafeNameError as error:  # a LoRA or wildcard name that would leave its folder
+            name, reason, kind = (getattr(error, key, None) for key in ("name", "reason", "kind"))
+            message = f"{kind} name {name!r} is refused: {reason}" if reason else str(error)
+            raise RequestError(422, message, {"name": name, "reason": reason}) from error
         except PipelineInputError as error:
             raise RequestError(422, str(error)) from error
         except EngineBusyError as error:  # the inpainter's queue is full: retry later
@@ -304,6 +362,24 @@ class FaceDetailerIngress:
             raise RequestError(503, f"a model deployment is unavailable ({type(error).__name__}); retry") from error
         self.metrics.record(result)
         return result
+
+    def _check_planned(self, params: FaceDetailerParams, faces: list[PlannedFace]) -> None:
+        """Before any inpainter work: work limits and the file names the faces ask for."""
+        check_planned_work(params, faces, self.limits)
+        check_planned_names(faces)
+
+    def _control(self, params: FaceDetailerParams) -> ControlChoice | None:
+        """The request's ControlNet checked against the configured ones; its control image decoded."""
+        try:
+            return resolve_control(
+                params,
+                self.controlnets,
+                lambda text: decode_base64_image(text, self.limits, "controlnet.control_image"),
+            )
+        except PipelineInputError as error:
+            raise RequestError(422, str(error)) from error
+        except ImageInputError as error:
+            raise RequestError(error.status_code, str(error)) from error
 
     # ---- HTTP API ----------------------------------------------------------------------------
     @http_app.get("/healthz")

@@ -13,21 +13,24 @@ from deployments.sam import SamPrediction, SamSegmenter
 from facedetailer.params import FaceDetailerParams
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
-from serve_app.model_choice import ModelChoice
-from serve_app.pipeline import DetailResult, detail_batch
+from serve_app.config import Limits
+from serve_app.images import decode_base64_image
+from serve_app.model_choice import ModelChoice, NamedModels
+from serve_app.pipeline import DetailResult, detail_batch, resolve_control
 
 
 class LocalStages:
     """Calls the plain model classes directly, in this process.
 
     Each model kind may be one model or several by name, as in the served app; a request's
-    ``bbox_detector``/``segm_detector``/``sam_model`` picks one (the first by default).
+    ``bbox_detector``/``segm_detector``/``sam_model`` picks one (the first by default); so does
+    ``model`` among several inpainters (checkpoints) by name.
     """
 
     def __init__(
         self,
         detector: FaceDetector | Mapping[str, FaceDetector],
-        inpainter: Inpainter,
+        inpainter: Inpainter | Mapping[str, Inpainter],
         sam: SamSegmenter | Mapping[str, SamSegmenter] | None = None,
         segm_detector: FaceDetector | Mapping[str, FaceDetector] | None = None,
     ) -> None:
@@ -35,7 +38,8 @@ class LocalStages:
         self.detector = self.models.detectors.default
         self.sam = self.models.sam_models.default
         self.segm_detector = self.models.segm_detectors.default
-        self.inpainter = inpainter
+        self.inpainters = NamedModels.of("model", inpainter)
+        self.inpainter = self.inpainters.default
 
     async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]:
         return self.detector.detect(image, threshold)
@@ -57,9 +61,13 @@ class LocalStages:
         """The same FaceDetailer cycle the ingress runs, without any hop."""
         from serve_app.ingress import sampling_settings
 
-        self.inpainter.validate_settings(sampling_settings(params))
+        inpainter = self.inpainters.resolve(params.model)  # ModelChoiceError for an unknown name
+        inpainter.validate_settings(sampling_settings(params))
+        served = getattr(inpainter, "controlnets", None)
+        preprocessors = {name: loaded.preprocessor for name, loaded in (served.models if served else {}).items()}
+        control = resolve_control(params, preprocessors, lambda text: decode_base64_image(text, Limits()))
         chosen = self.models.select(params)  # ModelChoiceError (a ValueError) for an unknown name
-        stages = LocalStages(chosen.detector, self.inpainter, chosen.sam, chosen.segm_detector)
+        stages = LocalStages(chosen.detector, inpainter, chosen.sam, chosen.segm_detector)
         return asyncio.run(
             detail_batch(
                 list(images),
@@ -70,5 +78,6 @@ class LocalStages:
                 has_sam=stages.sam is not None,
                 has_segm=stages.segm_detector is not None,
                 batch_faces=batch_faces,
+                control=control,
             )
         )

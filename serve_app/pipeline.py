@@ -8,13 +8,14 @@ benchmark's in-process baseline). Nothing here imports Ray or a model library.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from facedetailer.blend import blend_face, feather_mask, resize_image, rgba_with_alpha
+from facedetailer.controlnet import ControlHint, ControlNetParams, control_image_for_face
 from facedetailer.guide_size import plan_upscale
 from facedetailer.hooks import DetailerHooks
 from facedetailer.outputs import node_list, sorted_by_shape
@@ -32,6 +33,7 @@ from facedetailer.segs import (
 )
 from facedetailer.waves import refinement_waves
 from facedetailer.wildcards import FacePrompt, plan_wildcards
+from serve_app.patch_retry import BlackPatchError, refine_with_retries
 
 
 class Stages(Protocol):
@@ -48,6 +50,9 @@ class Stages(Protocol):
 
 class PipelineInputError(ValueError):
     """The request cannot be served as asked (e.g. SAM requested but not deployed)."""
+
+
+__all__ = ["BlackPatchError", "PipelineInputError", "detail_batch", "detail_image"]
 
 
 @dataclass
@@ -168,6 +173,34 @@ async def build_segs(
     return segs
 
 
+@dataclass(frozen=True)
+class ControlChoice:
+    """A request's ControlNet, resolved: its settings, the configured preprocessor, the decoded image."""
+
+    params: ControlNetParams
+    preprocessor: str  # "tile" or "control_image" (facedetailer/controlnet.py)
+    image: np.ndarray | None = None  # the request's whole-picture control image, uint8 [H, W, 3]
+
+
+def resolve_control(
+    params: FaceDetailerParams, preprocessors: Mapping[str, str], decode: Callable[[str], np.ndarray]
+) -> ControlChoice | None:
+    """Check the request's ``controlnet`` against the configured ones (``{name: preprocessor}``)."""
+    wanted = params.controlnet
+    if wanted is None:
+        return None
+    if wanted.name not in preprocessors:
+        configured = ", ".join(preprocessors) or "none"
+        raise PipelineInputError(f"controlnet.name: unknown {wanted.name!r}; configured: {configured}")
+    preprocessor = preprocessors[wanted.name]
+    if preprocessor == "control_image" and wanted.control_image is None:
+        raise PipelineInputError(
+            f"controlnet.control_image: ControlNet {wanted.name!r} takes its control image from the request; send one"
+        )
+    image = decode(wanted.control_image) if wanted.control_image is not None else None
+    return ControlChoice(params=wanted, preprocessor=preprocessor, image=image)
+
+
 @dataclass
 class RefinePlan:
     """One face ready for the inpainter, and how to bring its result back."""
@@ -178,6 +211,7 @@ class RefinePlan:
     job: Any
     crop_size: tuple[int, int]
     paste_mask: np.ndarray
+    cnet_image: np.ndarray | None = None  # the face's ControlNet control image (cnet_images)
 
 
 def _report(position: int, seg: SEG) -> SegmentReport:
@@ -198,6 +232,7 @@ def plan_face(
     params: FaceDetailerParams,
     image_seed: int,
     make_job: Callable[..., Any],
+    control: ControlChoice | None = None,
 ) -> RefinePlan | SegmentReport:
     """Crop from the *current* image and decide the upscale (spec §4); None-like → a report."""
     report = _report(position, seg)
@@ -227,6 +262,17 @@ def plan_face(
         noise_mask = feather_mask(seg.cropped_mask, params.noise_mask_feather)
     conditioning = face_conditioning(params.positive, params.negative, prompt)
     report.prompt = " BREAK ".join(conditioning.positive)
+    cnet_image, control_fields = None, {}
+    if control is not None:  # listed even at strength 0, as the reference's wrapper does
+        image_h, image_w = current.shape[:2]
+        cnet_image = control_image_for_face(
+            control.preprocessor, upscaled, seg.crop_region, (image_w, image_h), control.image
+        )
+        wanted = control.params
+        if wanted.active:
+            control_fields["control"] = ControlHint(
+                wanted.name, wanted.strength, wanted.start_percent, wanted.end_percent, cnet_image
+            )
     job = make_job(
         image=upscaled,
         noise_mask=noise_mask,
@@ -234,6 +280,7 @@ def plan_face(
         negative=conditioning.negative,
         seed=seed,
         loras=tuple((lora.name, lora.model_weight, lora.clip_weight) for lora in conditioning.loras),
+        **control_fields,
     )
     return RefinePlan(
         position=position,
@@ -242,6 +289,178 @@ def plan_face(
         job=job,
         crop_size=(crop_w, crop_h),
         paste_mask=feather_mask(seg.cropped_mask, params.feather),
+        cnet_image=cnet_image,
+    )
+
+
+@dataclass(frozen=True)
+class PlannedFace:
+    """A face the inpainter will sample, known before any inpainter work (for work limits)."""
+
+    image_index: int
+    position: int
+    sample_size: tuple[int, int]  # (width, height) of the upscaled crop the inpainter samples
+    loras: tuple[str, ...] = ()  # LoRA names the face's prompt asks for
+
+
+@dataclass
+class PreparedImage:
+    """One image after detection, mask refinement and the wildcard plan: what remains is sampling."""
+
+    image: np.ndarray
+    index: int
+    mask: np.ndarray
+    image_seed: int
+    reports: list[SegmentReport]  # faces already settled (skipped, empty mask)
+    pending: list[tuple[int, SEG, FacePrompt]]  # (position, seg, prompt) to refine, in order
+    timings: dict[str, float]
+
+
+async def prepare_image(
+    image: np.ndarray,
+    image_index: int,
+    params: FaceDetailerParams,
+    stages: Stages,
+    *,
+    has_sam: bool = False,
+    has_segm: bool = False,
+    on_face: Callable[[SegmentReport], None] | None = None,
+    wildcard_files: Mapping[str, Sequence[str]] | None = None,
+) -> PreparedImage:
+    """Detect (and SAM / segm), then decide which faces are refined with which prompt (spec §2–§3, §7)."""
+    timings: dict[str, float] = {}
+    timer = _Timer(timings)
+
+    def emit(report: SegmentReport) -> None:
+        report.image_index = image_index
+        if on_face is not None:
+            on_face(report)
+
+    segs = await build_segs(image, params, stages, timer, has_sam=has_sam, has_segm=has_segm)
+    mask = timer.measure("blend", lambda: segs_to_combined_mask(segs))
+    image_seed = sampling_seed(params.seed, image_index, 0, 0)
+    plan = plan_wildcards(params.wildcard, segs.segs, seed=image_seed, wildcard_files=wildcard_files)
+    reports: list[SegmentReport] = []
+    pending: list[tuple[int, SEG, FacePrompt]] = []
+    for position, (seg_index, prompt) in enumerate(zip(plan.order, plan.prompts, strict=True)):
+        seg = segs.segs[seg_index]
+        reason = "empty mask" if not np.any(seg.cropped_mask) else "[SKIP]" if prompt.skip else None
+        if reason is None and prompt.stop:
+            break
+        if reason is not None:
+            report = _report(position, seg)
+            report.skipped, report.skip_reason = True, reason
+            reports.append(report)
+            emit(report)
+            continue
+        pending.append((position, seg, prompt))
+    return PreparedImage(image, image_index, mask, image_seed, reports, pending, timings)
+
+
+def planned_faces(prepared: PreparedImage, params: FaceDetailerParams) -> list[PlannedFace]:
+    """The faces of ``prepared`` the inpainter will sample, with their sample sizes (spec §4).
+
+    Sizes depend only on the crop region and bbox, not on pixels refined earlier, so they are
+    known before the first inpainter call; faces the upscale rule skips are left out.
+    """
+    hooks = DetailerHooks.of(params.detailer_hooks)
+    faces = []
+    for position, seg, prompt in prepared.pending:
+        x1, y1, x2, y2 = seg.crop_region
+        plan = plan_upscale(
+            (x2 - x1, y2 - y1),
+            seg.bbox,
+            guide_size=params.guide_size,
+            guide_size_for_bbox=params.guide_size_for,
+            max_size=params.max_size,
+            force_inpaint=params.force_inpaint,
+        )
+        if not plan.skip:
+            size = hooks.touch_scaled_size(*plan.new_size)  # as plan_face does
+            loras = tuple(lora.name for lora in face_conditioning(params.positive, params.negative, prompt).loras)
+            faces.append(PlannedFace(prepared.index, position, size, loras))
+    return faces
+
+
+async def refine_image(
+    prepared: PreparedImage,
+    params: FaceDetailerParams,
+    stages: Stages,
+    *,
+    make_job: Callable[..., Any],
+    settings: Any,
+    batch_faces: bool = True,
+    on_face: Callable[[SegmentReport], None] | None = None,
+    control: ControlChoice | None = None,
+) -> ImageResult:
+    """Refine the prepared faces and blend them back (spec §4–§8).
+
+    Faces are refined in waves (:func:`refinement_waves`): faces whose crops overlap an earlier
+    face wait for its result, as in the reference's one-by-one loop; the others share one
+    inpainter call. ``batch_faces=False`` refines strictly one face per call.
+    """
+    timer = _Timer(prepared.timings)
+
+    def emit(report: SegmentReport) -> None:
+        report.image_index = prepared.index
+        if on_face is not None:
+            on_face(report)
+
+    pending = prepared.pending
+    reports = list(prepared.reports)
+    waves = (
+        refinement_waves([seg.crop_region for _, seg, _ in pending])
+        if batch_faces
+        else [[index] for index in range(len(pending))]
+    )
+    current = prepared.image
+    hooks = DetailerHooks.of(params.detailer_hooks)
+    refined_crops: list[tuple[int, np.ndarray]] = []  # (position in the processing order, crop)
+    alpha_crops: list[tuple[int, np.ndarray]] = []
+    cnet_images: list[tuple[int, np.ndarray]] = []
+    for wave in waves:
+        ready: list[RefinePlan] = []
+        for member in wave:
+            position, seg, prompt = pending[member]
+            face = plan_face(current, seg, position, prompt, params, prepared.image_seed, make_job, control)
+            if isinstance(face, SegmentReport):
+                reports.append(face)
+                emit(face)
+            else:
+                ready.append(face)
+        if not ready:
+            continue
+
+        async def refine(jobs: list[Any]) -> list[np.ndarray]:
+            outcome = await timer.run("inpaint", stages.refine(jobs, settings))
+            # a RefineResult (images + the inpainter's queue wait) or a plain list of images
+            if hasattr(outcome, "queue_wait_s"):
+                waited = prepared.timings.get("inpaint_queue_wait", 0.0)
+                prepared.timings["inpaint_queue_wait"] = waited + outcome.queue_wait_s
+            return list(getattr(outcome, "images", outcome))
+
+        first = await refine([face.job for face in ready])
+        refined_batch = await refine_with_retries(ready, first, hooks, refine)  # should_retry_patch
+        for face, refined in zip(ready, refined_batch, strict=True):
+            current, refined_crop, alpha = timer.measure(
+                "blend", lambda image=current, f=face, r=refined: _blend(image, f, r, params)
+            )
+            refined_crops.append((face.position, refined_crop))
+            alpha_crops.append((face.position, alpha))
+            if face.cnet_image is not None:
+                cnet_images.append((face.position, face.cnet_image))
+            reports.append(face.report)
+            emit(face.report)
+    reports.sort(key=lambda report: report.index)
+    return ImageResult(
+        image=current,
+        mask=prepared.mask,
+        cropped_refined=sorted_by_shape(_in_processing_order(refined_crops)),
+        cropped_enhanced_alpha=sorted_by_shape(_in_processing_order(alpha_crops)),
+        segments=reports,
+        timings=prepared.timings,
+        # the reference extends this list as faces are refined, unsorted
+        cnet_images=_in_processing_order(cnet_images),
     )
 
 
@@ -257,81 +476,21 @@ async def detail_image(
     has_segm: bool = False,
     batch_faces: bool = True,
     on_face: Callable[[SegmentReport], None] | None = None,
+    control: ControlChoice | None = None,
 ) -> ImageResult:
-    """FaceDetailer for one image (spec §2–§8).
-
-    Faces are refined in waves (:func:`refinement_waves`): faces whose crops overlap an earlier
-    face wait for its result, as in the reference's one-by-one loop; the others share one
-    inpainter call. ``batch_faces=False`` refines strictly one face per call.
-    """
-    timings: dict[str, float] = {}
-    timer = _Timer(timings)
-
-    def emit(report: SegmentReport) -> None:
-        report.image_index = image_index
-        if on_face is not None:
-            on_face(report)
-
-    segs = await build_segs(image, params, stages, timer, has_sam=has_sam, has_segm=has_segm)
-    mask = timer.measure("blend", lambda: segs_to_combined_mask(segs))
-    image_seed = sampling_seed(params.seed, image_index, 0, 0)
-    plan = plan_wildcards(params.wildcard, segs.segs, seed=image_seed)
-    reports: list[SegmentReport] = []
-    pending: list[tuple[int, SEG, FacePrompt]] = []
-    for position, (seg_index, prompt) in enumerate(zip(plan.order, plan.prompts, strict=True)):
-        seg = segs.segs[seg_index]
-        reason = "empty mask" if not np.any(seg.cropped_mask) else "[SKIP]" if prompt.skip else None
-        if reason is None and prompt.stop:
-            break
-        if reason is not None:
-            report = _report(position, seg)
-            report.skipped, report.skip_reason = True, reason
-            reports.append(report)
-            emit(report)
-            continue
-        pending.append((position, seg, prompt))
-
-    waves = (
-        refinement_waves([seg.crop_region for _, seg, _ in pending])
-        if batch_faces
-        else [[index] for index in range(len(pending))]
+    """FaceDetailer for one image (spec §2–§8): :func:`prepare_image`, then :func:`refine_image`."""
+    prepared = await prepare_image(
+        image, image_index, params, stages, has_sam=has_sam, has_segm=has_segm, on_face=on_face
     )
-    current = image
-    refined_crops: list[tuple[int, np.ndarray]] = []  # (position in the processing order, crop)
-    alpha_crops: list[tuple[int, np.ndarray]] = []
-    for wave in waves:
-        ready: list[RefinePlan] = []
-        for member in wave:
-            position, seg, prompt = pending[member]
-            face = plan_face(current, seg, position, prompt, params, image_seed, make_job)
-            if isinstance(face, SegmentReport):
-                reports.append(face)
-                emit(face)
-            else:
-                ready.append(face)
-        if not ready:
-            continue
-        outcome = await timer.run("inpaint", stages.refine([face.job for face in ready], settings))
-        # a RefineResult (images + the inpainter's queue wait) or a plain list of images
-        refined_batch = getattr(outcome, "images", outcome)
-        if hasattr(outcome, "queue_wait_s"):
-            timings["inpaint_queue_wait"] = timings.get("inpaint_queue_wait", 0.0) + outcome.queue_wait_s
-        for face, refined in zip(ready, refined_batch, strict=True):
-            current, refined_crop, alpha = timer.measure(
-                "blend", lambda image=current, f=face, r=refined: _blend(image, f, r, params)
-            )
-            refined_crops.append((face.position, refined_crop))
-            alpha_crops.append((face.position, alpha))
-            reports.append(face.report)
-            emit(face.report)
-    reports.sort(key=lambda report: report.index)
-    return ImageResult(
-        image=current,
-        mask=mask,
-        cropped_refined=sorted_by_shape(_in_processing_order(refined_crops)),
-        cropped_enhanced_alpha=sorted_by_shape(_in_processing_order(alpha_crops)),
-        segments=reports,
-        timings=timings,
+    return await refine_image(
+        prepared,
+        params,
+        stages,
+        make_job=make_job,
+        settings=settings,
+        batch_faces=batch_faces,
+        on_face=on_face,
+        control=control,
     )
 
 
@@ -384,24 +543,45 @@ async def detail_batch(
     has_segm: bool = False,
     batch_faces: bool = True,
     on_face: Callable[[SegmentReport], None] | None = None,
+    check_work: Callable[[list[PlannedFace]], None] | None = None,
+    wildcard_files: Mapping[str, Sequence[str]] | None = None,
+    control: ControlChoice | None = None,
 ) -> DetailResult:
-    """Each image on its own with base seed + k (spec §6); the lists joined like the node's."""
+    """Each image on its own with base seed + k (spec §6); the lists joined like the node's.
+
+    Every image is prepared (detection, masks, wildcard plan) before any face is refined, so
+    ``check_work`` sees every face the request would sample, with its size, and can refuse the
+    request (by raising) before the inpainter does any work.
+    """
     check_hooks(params)
     start = time.perf_counter()
-    per_image = [
-        await detail_image(
+    prepared = [
+        await prepare_image(
             image,
             index,
             params,
             stages,
-            make_job=make_job,
-            settings=settings,
             has_sam=has_sam,
             has_segm=has_segm,
-            batch_faces=batch_faces,
             on_face=on_face,
+            wildcard_files=wildcard_files,
         )
         for index, image in enumerate(images)
+    ]
+    if check_work is not None:
+        check_work([face for item in prepared for face in planned_faces(item, params)])
+    per_image = [
+        await refine_image(
+            item,
+            params,
+            stages,
+            make_job=make_job,
+            settings=settings,
+            batch_faces=batch_faces,
+            on_face=on_face,
+            control=control,
+        )
+        for item in prepared
     ]
     timings: dict[str, float] = {}
     for result in per_image:
@@ -417,6 +597,6 @@ async def detail_batch(
         cropped_enhanced_alpha=node_list([result.cropped_enhanced_alpha for result in per_image]),
         cnet_images=node_list([result.cnet_images for result in per_image]),
         per_image=per_image,
-        detailer_pipe={"params": params.model_dump()},
+        detailer_pipe={"params": params.model_dump(exclude={"controlnet": {"control_image"}})},
         timings=timings,
     )

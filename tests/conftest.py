@@ -92,3 +92,21 @@ def tiny_sam() -> dict:
 @pytest.fixture(scope="session")
 def tiny_sd() -> dict:
     return _tiny("sd")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run tests/cluster first: its multi-node cluster must own the session's Ray connection
+    (the other Ray tests start their own instance, held until the session ends)."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("cluster") else 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet(tiny_sd: dict) -> dict:
+    """A ControlNet made from the tiny SD UNet (``ControlNetModel.from_unet``, random weights)."""
+    return _tiny("controlnet")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_alt() -> dict:
+    """A second tiny SD 1.x checkpoint: the same architecture with other random weights."""
+    return _tiny("sd_alt")

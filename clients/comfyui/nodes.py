@@ -49,7 +49,8 @@ def widget_input(spec: dict[str, Any]) -> tuple[Any, ...]:
             options["default"] = ""  # empty: the service's choice
         return ("STRING", options)
     if kind == "JSON":  # e.g. detailer_hooks: JSON text, parsed by the service
-        options.update(default=json.dumps(spec["default"]), multiline=True, dynamicPrompts=False)
+        default = "" if spec.get("nullable") else json.dumps(spec["default"])  # e.g. controlnet: empty = none
+        options.update(default=default, multiline=True, dynamicPrompts=False)
         return ("STRING", options)
     if kind == "COMBO":
         names = _comfy_names(spec) if spec["name"] in ("sampler_name", "scheduler") else list(spec["options"])

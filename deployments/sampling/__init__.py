@@ -32,7 +32,10 @@ A crop's whole KSampler run is one generator, :func:`crop_process`::
 - ``latent_image`` is in the model's space (VAE latent × scaling factor); ``noise_mask`` is on the
   latent grid [1, 1, h, w] (ComfyUI's bilinear resize of the crop mask); ``noise`` replaces the
   initial noise (CPU ``randn`` from the seed) for hooks such as variation noise; ``device`` is
-  where the process keeps its tensors (the model's device: ancestral noise is drawn there).
+  where the process keeps its tensors (the model's device: ancestral noise is drawn there);
+  ``slicing`` picks how a denoise < 1 run is cut from its longer schedule: ``"ksampler"`` (the
+  KSampler node, the default) or ``"impact"`` (Impact Pack's ``ksampler_wrapper``, which
+  FaceDetailer uses; the inpainter passes it).
 
 :func:`sample` is the standalone entry point over a denoiser function ``D(x, σ)``;
 :func:`validate` checks names and values before any model work; :data:`SAMPLER_NAMES` /
@@ -45,7 +48,9 @@ from deployments.sampling.model_sampling import ModelSampling
 from deployments.sampling.process import (
     SAMPLER_NAMES,
     SCHEDULER_NAMES,
+    SLICINGS,
     DenoiserFunction,
+    Slicing,
     crop_process,
     sample,
     sampling_process,
@@ -62,6 +67,8 @@ __all__ = [
     "ModelSampling",
     "SAMPLER_NAMES",
     "SCHEDULER_NAMES",
+    "SLICINGS",
+    "Slicing",
     "UNetRequest",
     "UNetResponse",
     "UnsupportedSamplerError",

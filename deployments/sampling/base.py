@@ -139,11 +139,16 @@ class SamplerEnv:
 
     model_sampling: ModelSampling
     seed: int
+    # (sigma_min, sigma_max) of the Brownian tree when it is not the run's own range (Impact's
+    # SDE samplers take the whole schedule's range); None: the run's sigmas, as ComfyUI.
+    brownian_range: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def gaussian_noise(self, x: torch.Tensor) -> NoiseSampler:
         return gaussian_noise(x, self.seed)
 
     def brownian_noise(self, x: torch.Tensor, sigmas: torch.Tensor, cpu: bool) -> NoiseSampler:
+        if self.brownian_range is not None:
+            return brownian_tree_noise(x, *self.brownian_range, self.seed, cpu=cpu)
         positive = sigmas[sigmas > 0]
         return brownian_tree_noise(x, positive.min(), sigmas.max(), self.seed, cpu=cpu)
 

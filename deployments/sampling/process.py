@@ -20,12 +20,21 @@ from deployments.sampling.contract import CropProcess, UNetRequest, UNetResponse
 from deployments.sampling.model_sampling import ModelSampling
 from deployments.sampling.noise import SEED_MODULUS, initial_noise, inpaint_random_noise
 from deployments.sampling.registry import COMFY_SAMPLER_NAMES, SAMPLERS
-from deployments.sampling.schedulers import SCHEDULERS, ksampler_sigmas, schedule_length
+from deployments.sampling.schedulers import (
+    SCHEDULERS,
+    SLICINGS,
+    Slicing,
+    impact_schedule,
+    ksampler_sigmas,
+    schedule_length,
+)
 
 __all__ = [
     "DenoiserFunction",
     "SAMPLER_NAMES",
     "SCHEDULER_NAMES",
+    "SLICINGS",
+    "Slicing",
     "crop_process",
     "sample",
     "sampling_process",
@@ -37,6 +46,11 @@ __all__ = [
 SAMPLER_NAMES: tuple[str, ...] = tuple(name for name in COMFY_SAMPLER_NAMES if name in SAMPLERS)
 SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
 MAX_STEPS = 10000  # KSampler's own limit
+# Impact's ``ksampler()`` hands these a Brownian tree over the WHOLE schedule's range (its
+# ``total_sigmas``); every other sampler (dpmpp_2m_sde_heun included) is ComfyUI's own.
+IMPACT_WHOLE_RANGE_TREE = frozenset(
+    {"dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu"}
+)
 
 # D(x, σ, need_uncond) → (cond denoised, uncond denoised or None)
 DenoiserFunction = Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
@@ -68,12 +82,38 @@ def validate(sampler_name: str, scheduler: str, steps: int, denoise: float) -> N
 
 
 def sigmas_for(
-    model_sampling: ModelSampling, sampler_name: str, scheduler: str, steps: int, denoise: float
+    model_sampling: ModelSampling,
+    sampler_name: str,
+    scheduler: str,
+    steps: int,
+    denoise: float,
+    slicing: Slicing = "ksampler",
 ) -> torch.Tensor:
-    """The sigmas KSampler runs for these settings (penultimate discard and denoise truncation)."""
+    """The sigmas a run uses (penultimate discard and denoise cut).
+
+    ``slicing="ksampler"``: ComfyUI's KSampler node (``KSampler.set_steps``); ``"impact"``:
+    Impact Pack's ``ksampler_wrapper`` → ``separated_sample``, the path FaceDetailer samples
+    through. May be empty in impact mode (Impact then returns the latent unsampled).
+    """
+    return _schedule(model_sampling, sampler_name, scheduler, steps, denoise, slicing)[0]
+
+
+def _schedule(
+    model_sampling: ModelSampling, sampler_name: str, scheduler: str, steps: int, denoise: float, slicing: str
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(run sigmas, Brownian-tree range override or None)."""
     validate(sampler_name, scheduler, steps, denoise)
+    if slicing not in SLICINGS:
+        raise ValueError(f"slicing must be one of {', '.join(SLICINGS)}, got {slicing!r}")
     spec = SAMPLERS[sampler_name]
-    return ksampler_sigmas(model_sampling, scheduler, steps, float(denoise), spec.discard_penultimate)
+    if slicing == "ksampler":
+        return ksampler_sigmas(model_sampling, scheduler, steps, float(denoise), spec.discard_penultimate), None
+    sigmas, whole = impact_schedule(model_sampling, scheduler, steps, float(denoise), spec.discard_penultimate)
+    tree_range = None
+    positive = whole[whole > 0]
+    if sampler_name in IMPACT_WHOLE_RANGE_TREE and len(positive):
+        tree_range = (positive.min(), whole.max())
+    return sigmas, tree_range
 
 
 def prepare_mask(noise_mask: torch.Tensor | None, latent: torch.Tensor) -> torch.Tensor | None:
@@ -103,13 +143,25 @@ def sampling_process(
     differential: bool = False,
     noise: torch.Tensor | None = None,
     device: torch.device | str | None = None,
+    slicing: Slicing = "ksampler",
+    sigmas: torch.Tensor | None = None,
 ) -> SamplerProcess:
     """Validate now, and return the generator of one run's :class:`DenoiseCall` s.
 
     ``latent_image`` is in the model's latent space (VAE latent × scaling factor), [1, C, h, w];
-    zeros for text-to-image. The generator's return value is the final latent.
+    zeros for text-to-image. The generator's return value is the final latent. ``slicing``: see
+    :func:`sigmas_for`; ``"impact"`` also gives Impact's six wrapped SDE samplers their Brownian
+    tree over the whole schedule's sigma range. ``sigmas`` replaces the schedule altogether
+    (``KSampler.sample(sigmas=...)``, e.g. the Unsampler's ascending one; the names are still
+    validated, ``steps``/``denoise``/``slicing`` are then not used).
     """
-    sigmas = sigmas_for(model_sampling, sampler_name, scheduler, steps, denoise)
+    if sigmas is None:
+        sigmas, tree_range = _schedule(model_sampling, sampler_name, scheduler, steps, denoise, slicing)
+    else:
+        validate(sampler_name, scheduler, steps, 1.0)
+        sigmas, tree_range = torch.as_tensor(sigmas), None
+        if sigmas.ndim != 1 or not torch.isfinite(sigmas).all():
+            raise ValueError(f"sigmas must be a finite 1-D schedule, got shape {tuple(sigmas.shape)}")
     if not math.isfinite(cfg):
         raise ValueError(f"cfg must be finite, got {cfg}")
     device = torch.device(device) if device is not None else latent_image.device
@@ -121,8 +173,10 @@ def sampling_process(
         noise = initial_noise(latent.shape, seed)
     elif tuple(noise.shape) != tuple(latent.shape):
         raise ValueError(f"noise {tuple(noise.shape)} does not match the latent {tuple(latent.shape)}")
+    if tree_range is not None:
+        tree_range = (tree_range[0].to(device), tree_range[1].to(device))
     return _run(model_sampling, sampler_name, sigmas.to(device), cfg, seed, latent, prepare_mask(noise_mask, latent),
-                differential, noise.to(device=device, dtype=torch.float32))  # fmt: skip
+                differential, noise.to(device=device, dtype=torch.float32), tree_range)  # fmt: skip
 
 
 def _run(
@@ -135,6 +189,7 @@ def _run(
     mask: torch.Tensor | None,
     differential: bool,
     noise: torch.Tensor,
+    tree_range: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SamplerProcess:
     spec = SAMPLERS[sampler_name]
     if len(sigmas) <= 1:
@@ -155,7 +210,7 @@ def _run(
     )
     max_denoise = _is_max_denoise(model_sampling, sigmas)
     x = model_sampling.noise_scaling(sigmas[0], noise, latent, max_denoise)
-    env = SamplerEnv(model_sampling=model_sampling, seed=seed)
+    env = SamplerEnv(model_sampling=model_sampling, seed=seed, brownian_range=tree_range)
     samples = yield from spec.function(model, x, sigmas, env)
     return model_sampling.inverse_noise_scaling(sigmas[-1], samples)
 
@@ -180,6 +235,8 @@ def crop_process(
     differential: bool,
     noise: torch.Tensor | None = None,
     device: torch.device | str | None = None,
+    slicing: Slicing = "ksampler",
+    sigmas: torch.Tensor | None = None,
 ) -> CropProcess:
     """The engine's view of one crop's KSampler run: yields :class:`UNetRequest`, returns the latent.
 
@@ -198,6 +255,8 @@ def crop_process(
         differential=differential,
         noise=noise,
         device=device,
+        slicing=slicing,
+        sigmas=sigmas,
     )
     return _unet_driver(model_sampling, core)
 
@@ -259,6 +318,7 @@ def sample(
     prediction_type: str = "epsilon",
     table_kind: str = "alphas_cumprod",
     noise: torch.Tensor | None = None,
+    slicing: Slicing = "ksampler",
 ) -> torch.Tensor:
     """Standalone KSampler: ComfyUI's sampling of ``denoiser`` with these settings → final latent.
 
@@ -290,6 +350,7 @@ def sample(
         noise_mask=noise_mask,
         differential=differential,
         noise=noise,
+        slicing=slicing,
     )
     return drive(process, denoiser)
 

@@ -4,13 +4,15 @@ Each schedule returns a float32 tensor of sigmas from high to low, normally endi
 with ComfyUI's own formulas and dtypes (quirks included: ``ddim_uniform`` may return more than
 ``steps`` steps, ``beta`` drops repeated timesteps). :func:`ksampler_sigmas` adds what
 ``KSampler.set_steps`` does on top: the penultimate-sigma discard of some samplers and the
-``denoise`` truncation.
+``denoise`` truncation. :func:`impact_schedule` is Impact Pack's other way of cutting the same
+schedule (``ksampler_wrapper`` → ``separated_sample``), which FaceDetailer samples through.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import scipy.stats
@@ -21,14 +23,24 @@ from deployments.sampling.model_sampling import ModelSampling
 __all__ = [
     "FULL_DENOISE",
     "SCHEDULERS",
+    "SLICINGS",
+    "Slicing",
     "calculate_sigmas",
+    "impact_schedule",
+    "impact_total_steps",
     "karras_sigmas",
     "exponential_sigmas",
+    "full_schedule",
     "ksampler_sigmas",
     "schedule_length",
 ]
 
 FULL_DENOISE = 0.9999  # KSampler.set_steps: denoise above this runs the plain schedule
+
+# How a denoise < 1 run is cut out of a longer schedule: ComfyUI's KSampler node, or Impact Pack's
+# ksampler_wrapper (FaceDetailer, Detailer, ...). See docs/samplers.md "Denoise slicing".
+Slicing = Literal["ksampler", "impact"]
+SLICINGS: tuple[str, ...] = ("ksampler", "impact")
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -169,17 +181,53 @@ def ksampler_sigmas(
     with one more step and its second-to-last sigma dropped.
     """
 
-    def schedule(total: int) -> torch.Tensor:
-        if discard_penultimate:
-            sigmas = calculate_sigmas(model_sampling, scheduler, total + 1)
-            return torch.cat([sigmas[:-2], sigmas[-1:]])
-        return calculate_sigmas(model_sampling, scheduler, total)
-
     if denoise > FULL_DENOISE:
-        return schedule(steps)
+        return full_schedule(model_sampling, scheduler, steps, discard_penultimate)
     if denoise <= 0.0:
         return torch.FloatTensor([])
-    return schedule(int(steps / denoise))[-(steps + 1) :]
+    return full_schedule(model_sampling, scheduler, int(steps / denoise), discard_penultimate)[-(steps + 1) :]
+
+
+def full_schedule(
+    model_sampling: ModelSampling, scheduler: str, total: int, discard_penultimate: bool = False
+) -> torch.Tensor:
+    """``KSampler.calculate_sigmas`` (= Impact's ``calculate_sigmas``): ``total`` steps, or
+    ``total + 1`` with the second-to-last sigma dropped for the discard samplers."""
+    if discard_penultimate:
+        sigmas = calculate_sigmas(model_sampling, scheduler, total + 1)
+        return torch.cat([sigmas[:-2], sigmas[-1:]])
+    return calculate_sigmas(model_sampling, scheduler, total)
+
+
+def impact_total_steps(steps: int, denoise: float) -> int:
+    """Impact's ``advanced_steps = math.floor(steps / denoise)`` (no full-denoise special case)."""
+    return math.floor(steps / denoise)
+
+
+def impact_schedule(
+    model_sampling: ModelSampling, scheduler: str, steps: int, denoise: float, discard_penultimate: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Impact's ``ksampler_wrapper`` → ``separated_sample`` cut: (run sigmas, whole schedule).
+
+    T = floor(steps / denoise) schedule steps, start = T − steps, end = T. When the schedule has
+    more than T steps (``ddim_uniform``), it is cut to its first T + 1 sigmas and the last one set
+    to 0; then the run starts at index ``start`` (counted from the top, where KSampler counts
+    ``steps + 1`` from the bottom). When ``start`` is not before the last sigma (a ``beta`` or
+    ``ddim_uniform`` schedule much shorter than T), Impact returns the latent unsampled: the run
+    sigmas are then empty. The whole schedule is returned as Impact leaves it (its end-cut writes
+    the 0 through a view, so the whole schedule gets it too): Impact's SDE samplers take their
+    Brownian-tree range from it.
+    """
+    total_steps = impact_total_steps(steps, denoise)
+    whole = full_schedule(model_sampling, scheduler, total_steps, discard_penultimate).clone()
+    start, end = total_steps - steps, total_steps
+    sigmas = whole
+    if end < len(whole) - 1:
+        sigmas = whole[: end + 1]
+        sigmas[-1] = 0.0  # a view: ``whole`` changes too, as in Impact
+    if start >= len(sigmas) - 1:
+        return whole.new_zeros([0]), whole
+    return sigmas[start:].clone(), whole
 
 
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:

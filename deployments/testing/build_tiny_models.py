@@ -5,9 +5,9 @@ deployments load it through their production loading code. Usage::
 
     python -m deployments.testing.build_tiny_models DIR
 
-Each component (``yolo``, ``sam``, ``sd``) is built into its own sub-folder, once: a finished
-build leaves ``manifest.json``, written last after an atomic rename, so an interrupted build is
-redone rather than half-used.
+Each component (``yolo``, ``sam``, ``sd``, ``sd_alt``, ``controlnet``) is built into its own
+sub-folder, once: a finished build leaves ``manifest.json``, written last after an atomic
+rename, so an interrupted build is redone rather than half-used.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ BUILDERS: dict[str, str] = {
     "yolo": "deployments.testing.tiny_yolo:build_tiny_yolo",
     "sam": "deployments.testing.tiny_sam:build_tiny_sam",
     "sd": "deployments.testing.tiny_sd:build_tiny_sd",
+    "sd_alt": "deployments.testing.tiny_sd:build_tiny_sd_alt",  # other weights: a second checkpoint
+    "controlnet": "deployments.testing.tiny_controlnet:build_tiny_controlnet",  # needs "sd" (built first)
 }
 
 

@@ -275,3 +275,13 @@ def build_tiny_sd(directory: Path) -> dict[str, str]:
     _sdxl_pipeline(tokenizer_dir, tokenizer_2_dir).save_pretrained(directory / "sdxl", safe_serialization=True)
     paths["sdxl_pipeline"] = str(directory / "sdxl")
     return paths
+
+
+def build_tiny_sd_alt(directory: Path) -> dict[str, str]:
+    """A second SD 1.x folder, same architecture, other random weights: a second checkpoint to serve."""
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = write_clip_tokenizer(directory / "clip-tokenizer")
+    torch.manual_seed(SEED + 1)
+    _sd_pipeline(tokenizer_dir, in_channels=4).save_pretrained(directory / "sd15-alt", safe_serialization=True)
+    return {"pipeline": str(directory / "sd15-alt")}

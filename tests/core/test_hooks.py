@@ -93,7 +93,12 @@ def test_every_type_parses_with_the_providers_defaults():
     assert dumped[6] == {"type": "variation_noise", "seed": 0, "strength": 0.0}
     assert dumped[7] == {"type": "coreml", "mode": "512x512"}
     assert dumped[8] == {"type": "black_patch_retry", "mean_thresh": 10, "var_thresh": 5, "max_retries": 1}
-    assert {hook.type for hook in hooks} == SAMPLING_HOOK_TYPES | {
+    assert {hook.type for hook in hooks} == {
+        "denoise_scheduler",
+        "noise_injection",
+        "unsampler",
+        "variation_noise",
+        "black_patch_retry",
         "segs_ordered_filter",
         "segs_range_filter",
         "segs_label_filter",
@@ -341,6 +346,7 @@ def test_segm_override_is_allowed_only_without_hooks_or_with_a_lone_coreml_hook(
     assert not parse({"type": "coreml"}, {"type": "coreml"}).allows_segm_override
 
 
-def test_sampling_hooks_are_reported_as_unwired_with_their_position():
-    hooks = parse({"type": "coreml"}, {"type": "denoise_scheduler"}, {"type": "segs_label_filter", "labels": "a"})
-    assert hooks.unwired() == [(1, "denoise_scheduler")]
+def test_every_hook_type_is_wired():
+    hooks = parse(*({"type": name} for name in ("coreml", "denoise_scheduler", "noise_injection", "unsampler",
+                                                 "variation_noise", "black_patch_retry")))  # fmt: skip
+    assert SAMPLING_HOOK_TYPES == frozenset() and hooks.unwired() == []

@@ -44,6 +44,8 @@ SPEC_DEFAULTS = {
     "bbox_detector": None,
     "segm_detector": None,
     "sam_model": None,
+    "controlnet": None,
+    "model": None,
 }
 
 

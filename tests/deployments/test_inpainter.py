@@ -622,3 +622,24 @@ def test_docs_table_names_every_sampler_and_schedule() -> None:
     text = (Path(__file__).resolve().parents[2] / "docs" / "samplers.md").read_text()
     for name in [*SAMPLER_NAMES, *SCHEDULER_NAMES]:
         assert re.search(rf"^\| `?{re.escape(name)}`? \|", text, flags=re.MULTILINE), name
+
+
+# ------------------------------------------------------------------ Impact's denoise slicing
+
+
+@pytest.mark.parametrize(("steps", "denoise"), [(4, 0.6), (7, 1.0)])
+def test_unet_sees_impact_slicing_timesteps(inpainter: Inpainter, steps: int, denoise: float) -> None:
+    """FaceDetailer samples through Impact's ksampler_wrapper: where its cut differs from KSampler's
+    (ddim_uniform with a schedule longer than T + 1 sigmas), the UNet gets Impact's timesteps."""
+    from deployments.sampling import sigmas_for
+
+    settings = SamplingSettings(steps=steps, denoise=denoise, cfg=1.0, scheduler="ddim_uniform", noise_mask_feather=0)
+    with UnetInputs(inpainter) as inputs:
+        inpainter.refine([job(crop(64, 64), seed=3)], settings)
+    timesteps = [float(t.reshape(-1)[0]) for t in inputs.timesteps]
+    ms = inpainter.model_sampling
+    impact = sigmas_for(ms, "euler", "ddim_uniform", steps, denoise, slicing="impact")
+    ksampler = sigmas_for(ms, "euler", "ddim_uniform", steps, denoise)
+    assert len(impact) == steps + 1
+    assert impact.shape != ksampler.shape or not torch.equal(impact, ksampler)
+    assert timesteps == [float(ms.timestep(sigma)) for sigma in impact[:-1]]

@@ -33,7 +33,9 @@ def local_cpu_config() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def serve_instance(local_cpu_config: dict[str, Any], tiny_sd: dict, tiny_yolo: dict) -> Iterator[dict[str, Any]]:
+def serve_instance(
+    local_cpu_config: dict[str, Any], tiny_sd: dict, tiny_yolo: dict, tiny_controlnet: dict
+) -> Iterator[dict[str, Any]]:
     """Ray (2 CPUs) with the local-cpu.yaml app on a free port and a second app with a segm detector."""
     import ray
     from ray import serve
@@ -70,6 +72,10 @@ def serve_instance(local_cpu_config: dict[str, Any], tiny_sd: dict, tiny_yolo: d
             ingress=light,
         )
         segm_values["inpainter"]["deployment"] = light
+        # Its inpainter serves an SD 1.x and an SDXL checkpoint (the tiny SDXL end to end over HTTP).
+        segm_values["inpainter"].update(
+            model=None, checkpoints={"sd15": tiny_sd["pipeline"], "sdxl": tiny_sd["sdxl_pipeline"]}
+        )
         segm_args = AppArgs.model_validate(segm_values)
         segm_handle = serve.run(build_app(segm_args), name=SEGM_APP_NAME, route_prefix=SEGM_ROUTE)
         yield {

@@ -299,12 +299,41 @@ def test_hooks_over_http_filter_faces_and_refuse_what_they_cannot_honour(client)
     files = {"image": ("image.png", png_bytes(image), "image/png")}
     data = {**{k: str(v) for k, v in FAST.items()}, "detailer_hooks": json.dumps([middle])}
     assert client.post("/v1/detail?format=json", files=files, data=data).json()["faces_detected"] == 1
-    refused = post_detail(client, image, {"detailer_hooks": [{"type": "denoise_scheduler"}]})
-    assert refused.status_code == 422 and "not supported yet: denoise_scheduler" in refused.json()["error"]
+    refused = post_detail(client, image, {"detailer_hooks": [{"type": "unsampler", "sampler_name": "nope"}]})
+    assert refused.status_code == 422 and "unsampler: sampler_name 'nope' is unknown" in refused.json()["error"]
     unknown = post_detail(client, image, {"detailer_hooks": [{"type": "face_swap"}]})
     assert unknown.status_code == 422 and "face_swap" in unknown.json()["error"]
     extra = post_detail(client, image, {"detailer_hooks": [{"type": "coreml", "size": 512}]})
     assert extra.status_code == 422 and "coreml.size" in extra.json()["error"]
+
+
+def test_sampling_hooks_over_http_and_the_handle_by_their_formulas(client, serve_instance):
+    """Exact identities of the reference formulas, through the served graph (euler: no sampler noise).
+
+    - variation noise at strength 1 is (0·n(seed) + 1·n(vseed)) / 1 = n(vseed): the face is refined
+      exactly as with seed = vseed (one face at position 0, so its seed is the request's);
+    - a denoise schedule to 0 over 2 cycles leaves cycle 1 unsampled: the result of 1 cycle.
+    """
+    photo = assets.astronaut()
+
+    def refined(params: dict) -> np.ndarray:
+        body = post_detail(client, photo, params, json_format=True)
+        assert body.status_code == 200, body.text
+        return decode(body.json()["cropped_refined"][0])
+
+    seed_11, seed_3 = refined({"seed": 11}), refined({"seed": 3})
+    assert not np.array_equal(seed_11, seed_3)
+    variation = refined({"seed": 3, "detailer_hooks": [{"type": "variation_noise", "seed": 11, "strength": 1.0}]})
+    assert np.array_equal(variation, seed_11)
+    handle = serve_instance["handle"]
+
+    def through_handle(params: dict) -> np.ndarray:
+        return handle.detail.remote(photo, {**FAST, **params}).result(timeout_s=600).cropped_refined[0]
+
+    one_cycle = through_handle({"cycle": 1})
+    scheduled = through_handle({"cycle": 2, "detailer_hooks": [{"type": "denoise_scheduler", "target_denoise": 0.0}]})
+    assert np.array_equal(scheduled, one_cycle)
+    assert not np.array_equal(through_handle({"cycle": 2}), one_cycle)
 
 
 def test_each_image_without_faces_has_a_placeholder_in_every_list_over_http(client):
@@ -339,5 +368,6 @@ def test_named_detectors_over_http_and_the_handle(client, serve_instance):
     hands_only = {**FAST, "detailer_hooks": [{"type": "segs_label_filter", "labels": "hand"}]}
     filtered = handle.detail.remote(photo, hands_only).result(timeout_s=600)
     assert filtered.per_image[0].segments == [] and not filtered.masks.any()
-    with pytest.raises(RequestError, match="not supported yet: variation_noise"):
-        handle.detail.remote(photo, {**FAST, "detailer_hooks": [{"type": "variation_noise"}]}).result(timeout_s=60)
+    with pytest.raises(RequestError, match="unsampler: scheduler 'nope'"):
+        bad = {**FAST, "cycle": 2, "detailer_hooks": [{"type": "unsampler", "scheduler": "nope"}]}
+        handle.detail.remote(photo, bad).result(timeout_s=60)

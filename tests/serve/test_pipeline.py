@@ -15,7 +15,7 @@ import pytest
 
 from facedetailer.params import FaceDetailerParams
 from facedetailer.segs import Detection
-from serve_app.pipeline import PipelineInputError, detail_batch
+from serve_app.pipeline import BlackPatchError, PipelineInputError, detail_batch
 
 
 @dataclass
@@ -300,13 +300,61 @@ def test_coreml_hook_squares_the_crop_and_samples_at_its_fixed_size():
     assert result.cropped_refined[0].shape == (120, 120, 3)
 
 
-@pytest.mark.parametrize("hook", ["denoise_scheduler", "noise_injection", "unsampler", "variation_noise"])
-def test_hooks_inside_sampling_are_refused_not_ignored(hook):
-    stages = FakeStages([face(20, 20, 60, 70)])
-    params = FaceDetailerParams(detailer_hooks=[{"type": "coreml"}, {"type": hook}])
-    with pytest.raises(PipelineInputError, match=rf"detailer_hooks\[1\]: not supported yet: {hook}"):
-        asyncio.run(detail_batch([textured()], params, stages, make_job=Job, settings=None))
-    assert not stages.refine_calls
+@dataclass
+class BlackStages(FakeStages):
+    """The 'inpainter' returns a black crop for the seeds in ``black_seeds``."""
+
+    black_seeds: set[int] = field(default_factory=set)
+
+    async def refine(self, jobs: list[Job], settings: Any) -> list[np.ndarray]:
+        results = await super().refine(jobs, settings)
+        pairs = zip(jobs, results, strict=True)
+        return [np.zeros_like(image) if job.seed in self.black_seeds else image for job, image in pairs]
+
+
+TWO_FACES = [face(20, 20, 60, 70), face(220, 150, 260, 200)]
+
+
+def test_black_patch_retry_samples_a_black_face_again_with_the_next_seed():
+    stages = BlackStages(list(TWO_FACES), black_seeds={7, 8})
+    hooks = [{"type": "black_patch_retry", "max_retries": 3}]
+    result = run([textured()], stages, seed=7, detailer_hooks=hooks)
+    # face 0 (seed 7) is black, then seed 8 black too, seed 9 is kept; face 1 (seed 8!) is black → 9
+    assert [[job.seed for job in call] for call in _calls(stages)] == [[7, 8], [8, 9], [9]]
+    assert [segment.seed for segment in result.per_image[0].segments] == [9, 9]
+    colour = FakeStages.colour(9)
+    assert all(np.all(crop == colour) for crop in result.cropped_refined)
+
+
+def _calls(stages: FakeStages) -> list[list[Job]]:
+    """refine_calls split per inpainter call (the fake records jobs flat; calls are 2, 2, 1 jobs here)."""
+    sizes, calls, jobs = [2, 2, 1], [], list(stages.refine_calls)
+    for size in sizes:
+        calls.append(jobs[:size])
+        jobs = jobs[size:]
+    assert not jobs
+    return calls
+
+
+def test_black_patch_retry_stops_at_max_retries_and_fails_like_the_reference():
+    stages = BlackStages([face(20, 20, 60, 70)], black_seeds={7, 8, 9})
+    with pytest.raises(BlackPatchError, match=r"still a black patch after 2 attempt\(s\) \(seeds 7, 8\)"):
+        run([textured()], stages, seed=7, detailer_hooks=[{"type": "black_patch_retry", "max_retries": 2}])
+    assert [job.seed for job in stages.refine_calls] == [7, 8]
+
+
+def test_black_patch_thresholds_and_no_retry_without_the_hook():
+    dark = BlackStages([face(20, 20, 60, 70)], black_seeds={7})
+    result = run([textured()], dark, seed=7)  # no hook: the black crop is kept
+    assert len(dark.refine_calls) == 1 and not result.cropped_refined[0].any()
+    # FakeStages paints 40 + 53·seed mod 200: seed 7 → 211 (bright), never "black" at mean_thresh 10
+    bright = FakeStages([face(20, 20, 60, 70)])
+    run([textured()], bright, seed=7, detailer_hooks=[{"type": "black_patch_retry", "max_retries": 5}])
+    assert len(bright.refine_calls) == 1
+    # … but black at mean_thresh 255 (mean ≤ 1 and variance 0 ≤ 5/255): every attempt retried, then the error
+    with pytest.raises(BlackPatchError):
+        run([textured()], FakeStages([face(20, 20, 60, 70)]), seed=7,
+            detailer_hooks=[{"type": "black_patch_retry", "mean_thresh": 255, "max_retries": 2}])  # fmt: skip
 
 
 def test_segm_override_that_the_reference_would_ignore_is_refused():

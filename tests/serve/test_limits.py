@@ -1,0 +1,150 @@
+"""Work limits: a request over a limit is refused with 422, naming it, before the inpainter works.
+
+The pure checks and the cycle (with fake stages) run in milliseconds; the HTTP checks use the
+session's served graph (tests/serve/conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from facedetailer.params import FaceDetailerParams
+from serve_app.config import Limits
+from serve_app.limits import LimitExceededError, check_planned_work, check_request, face_work_units
+from serve_app.pipeline import PlannedFace, detail_batch
+from tests.serve.test_pipeline import FakeStages, Job, face, textured
+
+LIMITS = Limits(max_steps=50, max_sample_pixels=1024 * 1024, max_faces_per_image=2, max_work_units=100)
+
+
+def test_work_units_weigh_steps_cycles_and_crop_area():
+    params = FaceDetailerParams(steps=20, cycle=2)
+    assert face_work_units(params, (512, 512)) == 40
+    assert face_work_units(params, (1024, 512)) == 80
+    assert face_work_units(params, (256, 256)) == 10
+
+
+def test_steps_over_the_limit_name_the_limit_and_the_value():
+    check_request(FaceDetailerParams(steps=50), LIMITS)
+    with pytest.raises(LimitExceededError, match=r"steps: 10000 exceeds limits\.max_steps = 50") as caught:
+        check_request(FaceDetailerParams(steps=10000), LIMITS)
+    assert caught.value.details() == {"limit": "limits.max_steps", "limit_value": 50, "requested": 10000}
+
+
+@pytest.mark.parametrize(
+    ("faces", "params", "limit", "requested"),
+    [
+        ([PlannedFace(0, 1, (1536, 1024))], {}, "max_sample_pixels", 1536 * 1024),
+        ([PlannedFace(0, k, (64, 64)) for k in range(3)], {}, "max_faces_per_image", 3),
+        # 2 + 2 faces over two images: each image within 2 faces, the total work over 100 units
+        ([PlannedFace(k // 2, k % 2, (512, 512)) for k in range(4)], {"steps": 20, "cycle": 2}, "max_work_units", 160),
+    ],
+)
+def test_planned_work_over_a_limit(faces, params, limit, requested):
+    with pytest.raises(LimitExceededError) as caught:
+        check_planned_work(FaceDetailerParams(**params), faces, LIMITS)
+    assert caught.value.limit == limit and caught.value.requested == requested
+    assert f"limits.{limit}" in str(caught.value) and str(getattr(LIMITS, limit)) in str(caught.value)
+
+
+def test_planned_work_within_limits_passes():
+    faces = [PlannedFace(0, 0, (1024, 1024)), PlannedFace(1, 0, (512, 512))]
+    check_planned_work(FaceDetailerParams(steps=10), faces, LIMITS)  # 40 + 10 units
+
+
+def refuse(limit: str):
+    def check(faces: list[PlannedFace]) -> None:
+        raise LimitExceededError(limit, 0, len(faces), f"{limit}: {[f.sample_size for f in faces]}")
+
+    return check
+
+
+def test_the_cycle_plans_every_image_before_the_first_inpainter_call():
+    """Image 1 is over the limit: image 0's face must not have been refined either."""
+    stages = FakeStages([face(40, 40, 80, 90)])
+    seen: list[list[PlannedFace]] = []
+
+    def check(faces: list[PlannedFace]) -> None:
+        seen.append(faces)
+        check_planned_work(FaceDetailerParams(), faces, LIMITS.model_copy(update={"max_faces_per_image": 0}))
+
+    with pytest.raises(LimitExceededError, match="max_faces_per_image"):
+        asyncio.run(
+            detail_batch([textured(), textured(seed=1)], FaceDetailerParams(), stages, make_job=Job, settings=None,
+                         check_work=check)
+        )
+    assert stages.refine_calls == []
+    [faces] = seen
+    assert [(f.image_index, f.position) for f in faces] == [(0, 0), (1, 0)]
+
+
+@pytest.mark.parametrize("hooks", [[], [{"type": "coreml", "mode": "768x512"}]])
+def test_planned_sizes_are_the_sizes_the_inpainter_gets(hooks):
+    """Including a hook that pins the sampled size (coreml), which the plan must apply too."""
+    stages = FakeStages([face(40, 40, 80, 90), face(200, 100, 260, 170)])
+    seen: list[PlannedFace] = []
+    params = FaceDetailerParams(guide_size=256, max_size=512, detailer_hooks=hooks)
+    result = asyncio.run(
+        detail_batch([textured()], params, stages, make_job=Job, settings=None, check_work=seen.extend)
+    )
+    sizes = {(job.image.shape[1], job.image.shape[0]) for job in stages.refine_calls}
+    assert {face.sample_size for face in seen} == sizes and len(seen) == 2
+    assert [segment.upscaled_size for segment in result.per_image[0].segments] == [f.sample_size for f in seen]
+    if hooks:
+        assert sizes == {(768, 512)}
+
+
+def test_a_huge_guide_size_is_refused_before_the_crop_is_upscaled():
+    """guide_size = max_size = 16384 on a 40-px face: refused from the plan, no 16k-pixel crop made."""
+    stages = FakeStages([face(40, 40, 80, 80)])
+    params = FaceDetailerParams(guide_size=16384, max_size=16384)
+    with pytest.raises(LimitExceededError, match="max_sample_pixels") as caught:
+        asyncio.run(
+            detail_batch([textured()], params, stages, make_job=Job, settings=None,
+                         check_work=lambda faces: check_planned_work(params, faces, LIMITS))
+        )
+    assert caught.value.requested > 16000**2 and stages.refine_calls == []
+
+
+# ------------------------------------------------------------------ over HTTP, on the served graph
+
+
+@pytest.fixture(scope="module")
+def client(serve_instance):
+    import httpx
+
+    with httpx.Client(base_url=serve_instance["url"], timeout=600, trust_env=False) as http:
+        yield http
+
+
+def post(client, image: np.ndarray, params: dict):
+    from tests.serve.test_http import png_bytes
+
+    files = {"image": ("image.png", png_bytes(image), "image/png")}
+    return client.post("/v1/detail?format=json", files=files, data={"params": json.dumps(params)})
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_http_refuses_over_limit_requests_with_422_and_lists_limits(client):
+    from tests.serve.test_http import three_faces
+
+    info = client.get("/v1/info").json()
+    limits = info["limits"]
+    for name in ("max_steps", "max_sample_pixels", "max_faces_per_image", "max_work_units"):
+        assert name in limits, name
+    response = post(client, three_faces(), {"steps": 10000})
+    assert response.status_code == 422
+    body = response.json()
+    assert "limits.max_steps" in body["error"] and "10000" in body["error"]
+    assert body["details"] == {"limit": "limits.max_steps", "limit_value": limits["max_steps"], "requested": 10000}
+    response = post(client, three_faces(), {"steps": 2, "guide_size": 16384, "max_size": 16384})
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["details"]["limit"] == "limits.max_sample_pixels"
+    assert body["details"]["requested"] > limits["max_sample_pixels"]
+    assert body["details"]["limit_value"] == limits["max_sample_pixels"]
