@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from deployments.inpainter_loading import _hub_cache, _locate, _offline
 from deployments.sampling import ModelSampling, UNetRequest
+from deployments.sampling.inpaint import center_crop_to_aspect
 from deployments.weights import CorruptWeightsError, WeightsNotFoundError
 from facedetailer.controlnet import PREPROCESSORS, ControlHint
 
@@ -78,14 +79,7 @@ def load_controlnet_model(
 
 def common_upscale_center(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """ComfyUI's ``common_upscale(image, width, height, "nearest-exact", "center")`` for [N, C, H, W]."""
-    old_height, old_width = image.shape[-2:]
-    old_aspect, new_aspect = old_width / old_height, width / height
-    x = y = 0
-    if old_aspect > new_aspect:
-        x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
-    cut = image.narrow(-2, y, old_height - 2 * y).narrow(-1, x, old_width - 2 * x)
+    cut = center_crop_to_aspect(image, height, width)
     if tuple(cut.shape[-2:]) == (height, width):
         return cut
     return F.interpolate(cut, size=(height, width), mode="nearest-exact")

@@ -52,7 +52,7 @@ class PipelineInputError(ValueError):
     """The request cannot be served as asked (e.g. SAM requested but not deployed)."""
 
 
-__all__ = ["BlackPatchError", "PipelineInputError", "detail_batch", "detail_image"]
+__all__ = ["BlackPatchError", "PipelineInputError", "detail_batch", "prepare_image", "refine_image"]
 
 
 @dataclass
@@ -461,36 +461,6 @@ async def refine_image(
         timings=prepared.timings,
         # the reference extends this list as faces are refined, unsorted
         cnet_images=_in_processing_order(cnet_images),
-    )
-
-
-async def detail_image(
-    image: np.ndarray,
-    image_index: int,
-    params: FaceDetailerParams,
-    stages: Stages,
-    *,
-    make_job: Callable[..., Any],
-    settings: Any,
-    has_sam: bool = False,
-    has_segm: bool = False,
-    batch_faces: bool = True,
-    on_face: Callable[[SegmentReport], None] | None = None,
-    control: ControlChoice | None = None,
-) -> ImageResult:
-    """FaceDetailer for one image (spec §2–§8): :func:`prepare_image`, then :func:`refine_image`."""
-    prepared = await prepare_image(
-        image, image_index, params, stages, has_sam=has_sam, has_segm=has_segm, on_face=on_face
-    )
-    return await refine_image(
-        prepared,
-        params,
-        stages,
-        make_job=make_job,
-        settings=settings,
-        batch_faces=batch_faces,
-        on_face=on_face,
-        control=control,
     )
 
 

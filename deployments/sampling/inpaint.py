@@ -16,14 +16,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BLANK_INPAINT_LATENT", "inpaint_concat"]
+__all__ = ["BLANK_INPAINT_LATENT", "center_crop_to_aspect", "inpaint_concat"]
 
 # ComfyUI's blank_inpaint_image_like: an all-grey (0 in [-1, 1]) image in SD 1.x/2.x latent space.
 BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
 
 
-def _center_resize(samples: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``common_upscale(…, "bilinear", "center")``: crop to the target aspect ratio, then bilinear."""
+def center_crop_to_aspect(samples: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The centre cut of ComfyUI's ``common_upscale(…, "center")``: [..., H, W] cropped to the aspect of
+    ``height``×``width`` (the resize that follows is the caller's)."""
     old_height, old_width = samples.shape[-2:]
     old_aspect, new_aspect = old_width / old_height, width / height
     x = y = 0
@@ -31,7 +32,12 @@ def _center_resize(samples: torch.Tensor, height: int, width: int) -> torch.Tens
         x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
     elif old_aspect < new_aspect:
         y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
-    cropped = samples.narrow(-2, y, old_height - y * 2).narrow(-1, x, old_width - x * 2)
+    return samples.narrow(-2, y, old_height - y * 2).narrow(-1, x, old_width - x * 2)
+
+
+def _center_resize(samples: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``common_upscale(…, "bilinear", "center")``: crop to the target aspect ratio, then bilinear."""
+    cropped = center_crop_to_aspect(samples, height, width)
     return F.interpolate(cropped, size=(height, width), mode="bilinear")
 
 

@@ -50,6 +50,9 @@ def _rescale_zero_terminal_snr(sigmas: torch.Tensor) -> torch.Tensor:
     return ((1 - alphas_bar) / alphas_bar) ** 0.5
 
 
+_TIMESTEP_MEMO_SIZE = 4096  # distinct scalar sigmas remembered by ModelSampling.timestep
+
+
 class ModelSampling:
     """Sigma table and the model's input/output conversions (eps or v prediction).
 
@@ -70,6 +73,7 @@ class ModelSampling:
         # ComfyUI keeps float32 sigmas and float32(log(sigma)) taken before the cast.
         self.sigmas = sigmas.float()
         self.log_sigmas = sigmas.log().float()
+        self._timestep_memo: dict[tuple[float, tuple[int, ...], str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ constructors
 
@@ -119,6 +123,19 @@ class ModelSampling:
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The training timestep (int64) whose log-sigma is nearest: what the UNet is fed."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        if sigma.numel() != 1:
+            return self._nearest_timesteps(sigma)
+        # A run asks for the same few sigmas at every evaluation (the step's, differential
+        # diffusion's first and last): remember them instead of searching the table each time.
+        key = (float(sigma), tuple(sigma.shape), str(sigma.device))
+        found = self._timestep_memo.get(key)
+        if found is None:
+            if len(self._timestep_memo) >= _TIMESTEP_MEMO_SIZE:
+                self._timestep_memo.clear()
+            found = self._timestep_memo[key] = self._nearest_timesteps(sigma)
+        return found.clone()
+
+    def _nearest_timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
         distances = sigma.log().to(self.log_sigmas.device).reshape(1, -1) - self.log_sigmas[:, None]
         return distances.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
 
