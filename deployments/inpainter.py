@@ -211,6 +211,17 @@ class Inpainter:
     def max_batch_size(self) -> int:
         return self.engine.max_batch_size
 
+    def synchronize(self) -> None:
+        """Wait until the device has run all launched work: called before a result is read on the host.
+
+        A no-op on torch devices, whose reads (``.cpu()``, ``float(t)``, ``bool(t)``) synchronise
+        by themselves; the ``sim://`` accelerator computes results eagerly and models the device
+        time apart (:class:`deployments.simulated.SimulatedAccelerator`), so it is told here.
+        """
+        accelerator = getattr(self.components.unet, "accelerator", None)
+        if accelerator is not None:
+            accelerator.synchronize()
+
     # ---------------------------------------------------------------- public API
 
     def supported_samplers(self) -> list[str]:
@@ -328,7 +339,9 @@ class Inpainter:
         vae = self.components.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         images = vae.decode((latents / vae.config.scaling_factor + shift).to(self.vae_dtype)).sample
-        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu()
+        images = ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        self.synchronize()  # the decoded pixels come back to the host
+        return images.cpu()
 
     def _prepare_masks(
         self, crops: Sequence[EngineCrop], pixels: torch.Tensor, padded: tuple[int, int], latent_size: tuple[int, ...]
@@ -553,6 +566,7 @@ class _CycleStage:
             device=self.inpainter.device,
             slicing="impact",  # FaceDetailer samples through Impact's ksampler_wrapper
             output="denoised",  # …whose separated_sample returns the last callback x0
+            synchronize=self.inpainter.synchronize,
         )
 
 
