@@ -335,14 +335,13 @@ class Inpainter:
         return (mean - shift) * vae.config.scaling_factor
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → uint8 [n, H, W, 3] on the device, quantised there (a quarter of the bytes to copy back)."""
+        """Latents → float [n, 3, H, W] in [0, 1] on the host."""
         vae = self.components.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         images = vae.decode((latents / vae.config.scaling_factor + shift).to(self.vae_dtype)).sample
-        # In place on the decoder's fresh output: ((x + 1) / 2).clamp(0, 1), then _to_uint8's
-        # steps (its clamp to [0, 255] changes nothing after a clamp to [0, 1]: left out).
-        images = images.float().add_(1.0).div_(2.0).clamp_(0.0, 1.0)
-        return images.mul_(255.0).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        images = images.float().add_(1.0).div_(2.0).clamp_(0.0, 1.0)  # in place on the decoder's fresh output
+        self.synchronize()  # the decoded pixels come back to the host
+        return images.cpu()
 
     def _prepare_masks(
         self, crops: Sequence[EngineCrop], pixels: torch.Tensor, padded: tuple[int, int], latent_size: tuple[int, ...]
@@ -534,9 +533,9 @@ class Inpainter:
         results: dict[int, np.ndarray] = {}
         for batch in _group(crops, lambda crop: tuple(crop.latent.shape[-2:])).values():
             latents = batch[0].latent if len(batch) == 1 else torch.cat([crop.latent for crop in batch])
-            decoded = self._decode(latents)
-            self.synchronize()  # the decoded pixels come back to the host
-            decoded = decoded.cpu()
+            # _to_uint8 for the whole batch, in place (its clamp to [0, 255] is a no-op after
+            # _decode's clamp to [0, 1]), then HWC and contiguous: one pass per step, no copies
+            decoded = self._decode(latents).mul_(255.0).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
             for image, crop in zip(decoded, batch, strict=True):
                 height, width = crop.payload.job.image.shape[:2]
                 cut = image if tuple(image.shape[:2]) == (height, width) else image[:height, :width].contiguous()
