@@ -703,7 +703,8 @@ def main() -> None:
     clients.add_argument("--sim-a", type=float, default=None)
     clients.add_argument("--sim-b", type=float, default=None)
     clients.add_argument("--sim-sync", action="store_true", help="the synchronous sim:// device (sync=1)")
-    clients.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the replica")
+    clients.add_argument("--threads", type=int, default=None,
+                         help="OMP_NUM_THREADS of the replica (cpu: 2; sim: 1, as configs/overlays/simulated-cpu.yaml)")
     clients.add_argument("--tiny-models", type=Path, default=DEFAULT_TINY_MODELS)
     clients.add_argument("--json", type=Path, required=True)
     single = commands.add_parser("single", help="one request served vs in-process (CPU)")
@@ -729,6 +730,7 @@ def main() -> None:
     load_at_start = [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
     if opts.command == "clients":
         opts.size = opts.size or (512 if opts.model == "sim" else 128)
+        opts.threads = opts.threads or (1 if opts.model == "sim" else 2)
         result = run_clients(opts)
         result["options"] = {key: value for key, value in vars(opts).items() if key not in ("json",)}
         result["options"] = json.loads(json.dumps(result["options"], default=str))
