@@ -568,7 +568,7 @@ def render(files: list[Path], notes: Path | None = None) -> str:
         "|---|---|---|---|",
     ]
     if _device(sim_new or {}) == "async":
-        lines[-3:-3] = [
+        lines[-2:-2] = [
             "The engine's sim figures are on the asynchronous `sim://` device (the default: the host runs one "
             "call ahead, as on a CUDA stream); the `@serve.batch` column was measured on the synchronous one "
             "(its code has no other), as is the `sync=1` row.",
