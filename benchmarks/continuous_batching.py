@@ -383,33 +383,68 @@ def run_lone(opts: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ single request
 
 
+def _server_timing(header: str) -> dict[str, float]:
+    """``Server-Timing: detect;dur=12.3, …`` → ``{"detect": 0.0123, …}``."""
+    timings = {}
+    for part in header.split(","):
+        name, _, duration = part.strip().partition(";dur=")
+        if duration:
+            timings[name] = float(duration) / 1000
+    return timings
+
+
+def _quartiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    q1, median, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else ordered * 3
+    return {"median": median, "q1": q1, "q3": q3, "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
+
+
 def run_single(opts: argparse.Namespace) -> dict[str, Any]:
+    """One request on a real photo: in-process vs served (handle, HTTP PNG), in interleaved pairs.
+
+    Every repetition runs the three paths back to back (in-process first in even repetitions, last
+    in odd ones), so each served sample has an in-process sample taken under the same load: the
+    per-pair ratio's median and quartiles are the figure. Each sample records the pipeline's stage
+    ``timings`` (HTTP: the ``Server-Timing`` header) and the UNet seconds its engine ran, so what
+    serving adds can be told per stage. The in-process run happens while the Ray instance is up
+    (its replicas idle), as the served run has the driver idle: both share the machine the same way.
+    """
     import httpx
     import torch
     from PIL import Image
+    from ray import serve
 
     from deployments.detector import FaceDetector
     from deployments.inpainter import Inpainter
     from deployments.testing import assets
     from facedetailer.params import FaceDetailerParams
-    from serve_app.cli import start_serving
+    from serve_app.app import APP_NAME
+    from serve_app.cli import load_config, start_serving
+    from serve_app.config import AppArgs
     from serve_app.local import LocalStages
 
     config = REPO / "configs" / "local-cpu.yaml"
     os.environ.update(OFFLINE_ENV, FACEDETAILER_TINY_MODELS=str(opts.tiny_models))
-    import yaml
-
-    [application] = yaml.safe_load(config.read_text())["applications"]
+    [application] = load_config(config, (), ())["applications"]
     threads = int(application["runtime_env"]["env_vars"].get("OMP_NUM_THREADS", 1))
-    args = application["args"]
+    args = AppArgs.model_validate(application["args"])
     from deployments.testing.build_tiny_models import build_component
 
     build_component("sd", Path(opts.tiny_models) / "sd")
     image = np.ascontiguousarray(np.asarray(Image.fromarray(assets.astronaut())))
     params = {"steps": 20, "guide_size": 256, "max_size": 512, "seed": 0}
+    detector = args.named_detectors()[next(iter(args.named_detectors()))]
+    checkpoint = next(iter(args.inpainter.named_checkpoints().values()))
+    paint = args.inpainter
+    torch.set_num_threads(threads)
+    inpainter = Inpainter(  # the served replica's first checkpoint, with the same options
+        checkpoint.model, single_file_config=checkpoint.single_file_config, device=paint.device, dtype=paint.dtype,
+        max_batch_size=paint.max_batch_size, max_queued_crops=paint.max_queued_crops,
+        controlnets={name: spec.model_dump() for name, spec in (args.controlnets or {}).items()},
+    )  # fmt: skip
     stages = LocalStages(
-        detector=FaceDetector(args["detector"]["model"], task="detect", device="cpu"),
-        inpainter=Inpainter(args["inpainter"]["model"], device="cpu"),
+        detector=FaceDetector(detector.model, task="detect", imgsz=detector.imgsz, device=detector.device),
+        inpainter=inpainter,
     )
     resolved = FaceDetailerParams(**params)
     import io
@@ -417,50 +452,110 @@ def run_single(opts: argparse.Namespace) -> dict[str, Any]:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     png = buffer.getvalue()
-    port = free_port()
-    handle, port = start_serving(config, port=port, join_cluster=False)
-    samples: dict[str, list[float]] = {"in-process": [], "handle": [], "http-png": []}
+    handle, port = start_serving(config, port=free_port(), join_cluster=False)
+    paths = ("in-process", "handle", "http-png")
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
+    threads_seen: dict[str, Any] = {}
     try:
         served = handle.info.remote().result(timeout_s=120)["models"]["inpainter"]
         served_path = "engine" if "engine" in served else "serve.batch"
         if served_path != code_under_test()["path"]:
             raise RuntimeError(f"the served inpainter runs the {served_path} path, the driver imported "
                                f"{code_under_test()}: run from the code's own directory")  # fmt: skip
+        replica = serve.get_deployment_handle("Inpainter", APP_NAME)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=300) as client:
 
-            def in_process() -> None:
-                torch.set_num_threads(threads)
-                stages.detail([image], resolved)
+            def in_process() -> tuple[dict[str, float], float, int | None]:
+                torch.set_num_threads(threads)  # ultralytics resets it process-wide
+                before = inpainter.engine.stats.unet_seconds
+                result = stages.detail([image], resolved)
+                engine = inpainter.engine
+                return dict(result.timings), engine.stats.unet_seconds - before, engine.torch_threads
 
-            def via_handle() -> None:
-                handle.detail.remote(image, params).result(timeout_s=300)
+            def via_handle() -> dict[str, float]:
+                return dict(handle.detail.remote(image, params).result(timeout_s=300).timings)
 
-            def via_http() -> None:
+            def via_http() -> dict[str, float]:
                 response = client.post("/v1/detail", files={"image": ("a.png", png, "image/png")},
                                        data={"params": json.dumps(params)})  # fmt: skip
                 response.raise_for_status()
+                return _server_timing(response.headers["Server-Timing"])
 
-            paths = {"in-process": in_process, "handle": via_handle, "http-png": via_http}
-            for function in paths.values():  # warm-up
-                function()
-                function()
-            for _ in range(opts.repeats):
-                for name, function in paths.items():
-                    started = time.perf_counter()
+            calls = {"handle": via_handle, "http-png": via_http}
+            for function in (in_process, via_handle, via_http):  # warm-up
+                for _ in range(opts.warmup):
                     function()
-                    samples[name].append(time.perf_counter() - started)
+            for repetition in range(opts.repeats):
+                order = paths if repetition % 2 == 0 else tuple(reversed(paths))
+                for name in order:
+                    # the wall time is the call alone; the engine probes around it are not timed
+                    if name == "in-process":
+                        started = time.perf_counter()
+                        timings, unet_s, torch_threads = in_process()
+                        wall = time.perf_counter() - started
+                    else:
+                        before = replica.snapshot.remote().result(timeout_s=60)
+                        started = time.perf_counter()
+                        timings = calls[name]()
+                        wall = time.perf_counter() - started
+                        after = replica.snapshot.remote().result(timeout_s=60)
+                        unet_s = after["unet_seconds"] - before["unet_seconds"]
+                        torch_threads = after.get("torch_threads")
+                    threads_seen.setdefault(name, set()).add(torch_threads)
+                    samples[name].append({"wall": wall, "timings": timings, "unet_s": unet_s, "repetition": repetition})
+                log(f"  repetition {repetition + 1}/{opts.repeats}: "
+                    + ", ".join(f"{name} {samples[name][-1]['wall']:.3f} s" for name in paths))  # fmt: skip
     finally:
-        from ray import serve
-
         serve.shutdown()
         import ray
 
         ray.shutdown()
-    medians = {name: statistics.median(values) for name, values in samples.items()}
-    fastest = {name: min(values) for name, values in samples.items()}
-    return {"benchmark": "single", "params": params, "samples": samples, "medians": medians, "fastest": fastest,
-            "ratios": {name: medians[name] / medians["in-process"] for name in medians},
-            "fastest_ratios": {name: fastest[name] / fastest["in-process"] for name in fastest}}  # fmt: skip
+    return summarise_single(
+        {"benchmark": "single", "params": params, "paths": list(paths), "samples": samples, "threads": threads,
+         "engine_torch_threads": {name: sorted(v for v in seen if v is not None)
+                                  for name, seen in threads_seen.items()},
+         "in_process_with_ray_up": True, "warmup": opts.warmup}  # fmt: skip
+    )
+
+
+def summarise_single(run: dict[str, Any]) -> dict[str, Any]:
+    """Medians, fastest, and the per-pair ratios / stage differences of a ``single`` run's samples."""
+    samples = run["samples"]
+    walls = {name: [sample["wall"] for sample in values] for name, values in samples.items()}
+    run["medians"] = {name: statistics.median(values) for name, values in walls.items()}
+    run["fastest"] = {name: min(values) for name, values in walls.items()}
+    run["ratios"] = {name: run["medians"][name] / run["medians"]["in-process"] for name in walls}
+    run["fastest_ratios"] = {name: run["fastest"][name] / run["fastest"]["in-process"] for name in walls}
+    local = samples["in-process"]
+    pairs: dict[str, Any] = {}
+    stages: dict[str, Any] = {}
+    for name in ("handle", "http-png"):
+        ratios = [served["wall"] / alone["wall"] for served, alone in zip(samples[name], local, strict=True)]
+        pairs[name] = _quartiles(ratios)
+    for name, values in samples.items():
+        keys = sorted({key for sample in values for key in sample["timings"]} | {"unet_s", "wall"})
+        per_stage = {}
+        for key in keys:
+            series = [_stage(sample, key) for sample in values]
+            if all(value is None for value in series):
+                continue
+            entry: dict[str, Any] = {"value": _quartiles([v for v in series if v is not None])}
+            if name != "in-process":
+                diffs = [served - alone for served, alone in zip(series, (_stage(x, key) for x in local), strict=True)
+                         if served is not None and alone is not None]  # fmt: skip
+                if diffs:
+                    entry["minus_in_process"] = _quartiles(diffs)
+            per_stage[key] = entry
+        stages[name] = per_stage
+    run["pair_ratios"] = pairs
+    run["stages"] = stages
+    return run
+
+
+def _stage(sample: dict[str, Any], key: str) -> float | None:
+    if key in ("wall", "unet_s"):
+        return sample[key]
+    return sample["timings"].get(key)
 
 
 # ------------------------------------------------------------------------------------ render
@@ -661,7 +756,8 @@ def main() -> None:
     clients.add_argument("--tiny-models", type=Path, default=DEFAULT_TINY_MODELS)
     clients.add_argument("--json", type=Path, required=True)
     single = commands.add_parser("single", help="one request served vs in-process (CPU)")
-    single.add_argument("--repeats", type=int, default=7)
+    single.add_argument("--repeats", type=int, default=16, help="interleaved repetitions (pairs)")
+    single.add_argument("--warmup", type=int, default=2, help="warm-up calls per path")
     single.add_argument("--tiny-models", type=Path, default=DEFAULT_TINY_MODELS)
     single.add_argument("--json", type=Path, required=True)
     lone = commands.add_parser("lone", help="lone crops on sim:// in-process: the engine's overhead")
