@@ -60,6 +60,7 @@ OFFLINE_ENV = {
     "FACEDETAILER_OFFLINE": "1",
 }
 SECTION = "## Continuous batching"
+QUIET_CPU_S = 0.05  # a sample is undisturbed when other processes took at most this much CPU during it
 
 
 def log(message: str) -> None:
@@ -393,6 +394,41 @@ def _server_timing(header: str) -> dict[str, float]:
     return timings
 
 
+def cpu_clock() -> tuple[float, float]:
+    """(CPU seconds the machine was busy, CPU seconds of this process and its descendants) since boot.
+
+    Ray's processes (GCS, raylet, workers, replicas) descend from the driver that started the local
+    instance, so the difference of the two over a sample is CPU taken by *other* processes: load
+    from outside the benchmark that distorts that sample.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    busy = (user + nice + system + irq + softirq + steal) / ticks
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        rest = stat[stat.rindex(")") + 2 :].split()
+        pid = int(entry.name)
+        parents[pid] = int(rest[1])
+        cpu[pid] = (int(rest[11]) + int(rest[12])) / ticks  # utime + stime
+    own = {os.getpid()}
+    changed = True
+    while changed:
+        changed = False
+        for pid, parent in parents.items():
+            if parent in own and pid not in own:
+                own.add(pid)
+                changed = True
+    return busy, sum(cpu.get(pid, 0.0) for pid in own)
+
+
 def _quartiles(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     q1, median, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else ordered * 3
@@ -489,6 +525,7 @@ def run_single(opts: argparse.Namespace) -> dict[str, Any]:
                 order = paths if repetition % 2 == 0 else tuple(reversed(paths))
                 for name in order:
                     # the wall time is the call alone; the engine probes around it are not timed
+                    clock = cpu_clock()
                     if name == "in-process":
                         started = time.perf_counter()
                         timings, unet_s, torch_threads = in_process()
@@ -501,8 +538,10 @@ def run_single(opts: argparse.Namespace) -> dict[str, Any]:
                         after = replica.snapshot.remote().result(timeout_s=60)
                         unet_s = after["unet_seconds"] - before["unet_seconds"]
                         torch_threads = after.get("torch_threads")
+                    busy, own = (now - then for now, then in zip(cpu_clock(), clock, strict=True))
                     threads_seen.setdefault(name, set()).add(torch_threads)
-                    samples[name].append({"wall": wall, "timings": timings, "unet_s": unet_s, "repetition": repetition})
+                    samples[name].append({"wall": wall, "timings": timings, "unet_s": unet_s, "repetition": repetition,
+                                          "foreign_cpu_s": max(0.0, busy - own)})  # fmt: skip
                 log(f"  repetition {repetition + 1}/{opts.repeats}: "
                     + ", ".join(f"{name} {samples[name][-1]['wall']:.3f} s" for name in paths))  # fmt: skip
     finally:
@@ -549,6 +588,25 @@ def summarise_single(run: dict[str, Any]) -> dict[str, Any]:
         stages[name] = per_stage
     run["pair_ratios"] = pairs
     run["stages"] = stages
+    # the same ratios over the repetitions in which no other process took CPU time (undisturbed pairs)
+    limit = run.get("quiet_cpu_s", QUIET_CPU_S)
+    quiet = [index for index in range(len(local))
+             if all(samples[name][index].get("foreign_cpu_s", 0.0) <= limit for name in samples)]  # fmt: skip
+    run["quiet_repetitions"] = quiet
+    run["quiet_pair_ratios"] = {
+        name: _quartiles([samples[name][i]["wall"] / local[i]["wall"] for i in quiet]) if quiet else None
+        for name in ("handle", "http-png")
+    }
+    run["foreign_cpu_s"] = {name: _quartiles([s.get("foreign_cpu_s", 0.0) for s in values])
+                            for name, values in samples.items()}  # fmt: skip
+    # what serving adds beyond the UNet: (wall − UNet seconds) served − the same in-process, per pair
+    run["beyond_unet_minus_in_process"] = {
+        name: _quartiles([(s["wall"] - s["unet_s"]) - (alone["wall"] - alone["unet_s"])
+                          for s, alone in zip(samples[name], local, strict=True)])
+        for name in ("handle", "http-png")
+    }  # fmt: skip
+    run["unet_ratios"] = {name: _quartiles([s["unet_s"] / alone["unet_s"] for s, alone in zip(samples[name], local,
+                                            strict=True)]) for name in ("handle", "http-png")}  # fmt: skip
     return run
 
 
