@@ -958,7 +958,7 @@ def main() -> None:
     clients.add_argument("--tiny-models", type=Path, default=DEFAULT_TINY_MODELS)
     clients.add_argument("--json", type=Path, required=True)
     single = commands.add_parser("single", help="one request served vs in-process (CPU)")
-    single.add_argument("--repeats", type=int, default=16, help="interleaved repetitions (pairs)")
+    single.add_argument("--repeats", type=int, default=30, help="interleaved repetitions (pairs)")
     single.add_argument("--warmup", type=int, default=2, help="warm-up calls per path")
     single.add_argument("--in-process", choices=("subprocess", "driver"), default="subprocess",
                         help="run the in-process side in a clean process without Ray, or in the benchmark's "
