@@ -60,6 +60,7 @@ OFFLINE_ENV = {
     "FACEDETAILER_OFFLINE": "1",
 }
 SECTION = "## Continuous batching"
+QUIET_CPU_S = 0.05  # a sample is undisturbed when other processes took at most this much CPU during it
 
 
 def log(message: str) -> None:
@@ -386,84 +387,306 @@ def run_lone(opts: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ single request
 
 
-def run_single(opts: argparse.Namespace) -> dict[str, Any]:
-    import httpx
+def _server_timing(header: str) -> dict[str, float]:
+    """``Server-Timing: detect;dur=12.3, …`` → ``{"detect": 0.0123, …}``."""
+    timings = {}
+    for part in header.split(","):
+        name, _, duration = part.strip().partition(";dur=")
+        if duration:
+            timings[name] = float(duration) / 1000
+    return timings
+
+
+def cpu_clock() -> tuple[float, float, float]:
+    """CPU seconds since boot: the machine busy, this process and its descendants, this process alone.
+
+    Ray's processes (GCS, raylet, workers, replicas) descend from the driver that started the local
+    instance, so the difference of the two over a sample is CPU taken by *other* processes: load
+    from outside the benchmark that distorts that sample.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    busy = (user + nice + system + irq + softirq + steal) / ticks
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        rest = stat[stat.rindex(")") + 2 :].split()
+        pid = int(entry.name)
+        parents[pid] = int(rest[1])
+        cpu[pid] = (int(rest[11]) + int(rest[12])) / ticks  # utime + stime
+    own = {os.getpid()}
+    changed = True
+    while changed:
+        changed = False
+        for pid, parent in parents.items():
+            if parent in own and pid not in own:
+                own.add(pid)
+                changed = True
+    return busy, sum(cpu.get(pid, 0.0) for pid in own), cpu.get(os.getpid(), 0.0)
+
+
+def _quartiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    q1, median, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else ordered * 3
+    return {"median": median, "q1": q1, "q3": q3, "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
+
+
+SINGLE_PARAMS = {"steps": 20, "guide_size": 256, "max_size": 512, "seed": 0}
+
+
+def _single_threads(config: Path) -> int:
+    from serve_app.cli import load_config
+
+    [application] = load_config(config, (), ())["applications"]
+    return int(application["runtime_env"]["env_vars"].get("OMP_NUM_THREADS", 1))
+
+
+def _in_process_runner(config: Path, tiny_models: Path) -> Any:
+    """The config's first detector and inpainter checkpoint loaded here; a function running one request.
+
+    It returns (wall s, stage timings, UNet seconds, torch threads of the engine's thread).
+    """
     import torch
     from PIL import Image
 
     from deployments.detector import FaceDetector
     from deployments.inpainter import Inpainter
     from deployments.testing import assets
+    from deployments.testing.build_tiny_models import build_component
     from facedetailer.params import FaceDetailerParams
-    from serve_app.cli import start_serving
+    from serve_app.cli import load_config
+    from serve_app.config import AppArgs
     from serve_app.local import LocalStages
+
+    os.environ.update(OFFLINE_ENV, FACEDETAILER_TINY_MODELS=str(tiny_models))
+    [application] = load_config(config, (), ())["applications"]
+    args = AppArgs.model_validate(application["args"])
+    threads = _single_threads(config)
+    build_component("sd", Path(tiny_models) / "sd")
+    detector = next(iter(args.named_detectors().values()))
+    checkpoint = next(iter(args.inpainter.named_checkpoints().values()))
+    paint = args.inpainter
+    torch.set_num_threads(threads)
+    inpainter = Inpainter(  # the served replica's first checkpoint, with the same options
+        checkpoint.model, single_file_config=checkpoint.single_file_config, device=paint.device, dtype=paint.dtype,
+        max_batch_size=paint.max_batch_size, max_queued_crops=paint.max_queued_crops,
+        controlnets={name: spec.model_dump() for name, spec in (args.controlnets or {}).items()},
+    )  # fmt: skip
+    stages = LocalStages(
+        detector=FaceDetector(detector.model, task="detect", imgsz=detector.imgsz, device=detector.device),
+        inpainter=inpainter,
+    )
+    image = np.ascontiguousarray(np.asarray(Image.fromarray(assets.astronaut())))
+    resolved = FaceDetailerParams(**SINGLE_PARAMS)
+
+    def run() -> tuple[float, dict[str, float], float, int | None]:
+        torch.set_num_threads(threads)  # ultralytics resets it process-wide
+        before = inpainter.engine.stats.unet_seconds
+        started = time.perf_counter()
+        result = stages.detail([image], resolved)
+        wall = time.perf_counter() - started
+        engine = inpainter.engine
+        return wall, dict(result.timings), engine.stats.unet_seconds - before, engine.torch_threads
+
+    return run
+
+
+def _in_process_worker(connection: Any, config: str, tiny_models: str) -> None:
+    """``single``'s in-process side in a clean process (no Ray): one request per message."""
+    run = _in_process_runner(Path(config), Path(tiny_models))
+    connection.send("ready")
+    while connection.recv():
+        connection.send(run())
+
+
+def run_single(opts: argparse.Namespace) -> dict[str, Any]:
+    """One request on a real photo: in-process vs served (handle, HTTP PNG), in interleaved pairs.
+
+    Every repetition runs the three paths back to back (in-process first in even repetitions, last
+    in odd ones), so each served sample has an in-process sample taken under the same load: the
+    per-pair ratio's median and quartiles are the figure. Each sample records the pipeline's stage
+    ``timings`` (HTTP: the ``Server-Timing`` header) and the UNet seconds its engine ran, so what
+    serving adds can be told per stage. The in-process run happens while the Ray instance is up
+    (its replicas idle), as the served run has the driver idle: both share the machine the same way.
+    By default the in-process side runs in a clean child process without Ray, as a user's script
+    would: in the benchmark's own driver (``--in-process driver``), next to Ray's driver threads and
+    the Serve handle, the same work beyond the UNet ran ~50 ms slower, which flattered the served side.
+    """
+    import httpx
+    from PIL import Image
+    from ray import serve
+
+    from deployments.testing import assets
+    from serve_app.app import APP_NAME
+    from serve_app.cli import start_serving
 
     config = REPO / "configs" / "local-cpu.yaml"
     os.environ.update(OFFLINE_ENV, FACEDETAILER_TINY_MODELS=str(opts.tiny_models))
-    import yaml
-
-    [application] = yaml.safe_load(config.read_text())["applications"]
-    threads = int(application["runtime_env"]["env_vars"].get("OMP_NUM_THREADS", 1))
-    args = application["args"]
-    from deployments.testing.build_tiny_models import build_component
-
-    build_component("sd", Path(opts.tiny_models) / "sd")
     image = np.ascontiguousarray(np.asarray(Image.fromarray(assets.astronaut())))
-    params = {"steps": 20, "guide_size": 256, "max_size": 512, "seed": 0}
-    stages = LocalStages(
-        detector=FaceDetector(args["detector"]["model"], task="detect", device="cpu"),
-        inpainter=Inpainter(args["inpainter"]["model"], device="cpu"),
-    )
-    resolved = FaceDetailerParams(**params)
+    threads, params = _single_threads(config), dict(SINGLE_PARAMS)
+    if opts.in_process == "driver":
+        run_local = _in_process_runner(config, opts.tiny_models)
+        worker = None
+    else:  # a clean Python process without Ray, driven over a pipe (its own wall clock)
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        connection, child = context.Pipe()
+        worker = context.Process(target=_in_process_worker, args=(child, str(config), str(opts.tiny_models)),
+                                 daemon=True)  # fmt: skip
+        worker.start()
+        if not connection.poll(600) or connection.recv() != "ready":
+            raise RuntimeError("the in-process worker did not start")
+
+        def run_local() -> tuple[float, dict[str, float], float, int | None]:
+            connection.send(True)
+            if not connection.poll(600):
+                raise RuntimeError("the in-process worker did not answer")
+            return connection.recv()
+
     import io
 
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     png = buffer.getvalue()
-    port = free_port()
-    handle, port = start_serving(config, port=port, join_cluster=False)
-    samples: dict[str, list[float]] = {"in-process": [], "handle": [], "http-png": []}
+    handle, port = start_serving(config, port=free_port(), join_cluster=False)
+    paths = ("in-process", "handle", "http-png")
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
+    threads_seen: dict[str, Any] = {}
     try:
         served = handle.info.remote().result(timeout_s=120)["models"]["inpainter"]
         served_path = "engine" if "engine" in served else "serve.batch"
         if served_path != code_under_test()["path"]:
             raise RuntimeError(f"the served inpainter runs the {served_path} path, the driver imported "
                                f"{code_under_test()}: run from the code's own directory")  # fmt: skip
+        replica = serve.get_deployment_handle("Inpainter", APP_NAME)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=300) as client:
 
-            def in_process() -> None:
-                torch.set_num_threads(threads)
-                stages.detail([image], resolved)
+            def in_process() -> tuple[dict[str, float], float, int | None]:
+                return run_local()[1:]
 
-            def via_handle() -> None:
-                handle.detail.remote(image, params).result(timeout_s=300)
+            def via_handle() -> dict[str, float]:
+                return dict(handle.detail.remote(image, params).result(timeout_s=300).timings)
 
-            def via_http() -> None:
+            def via_http() -> dict[str, float]:
                 response = client.post("/v1/detail", files={"image": ("a.png", png, "image/png")},
                                        data={"params": json.dumps(params)})  # fmt: skip
                 response.raise_for_status()
+                return _server_timing(response.headers["Server-Timing"])
 
-            paths = {"in-process": in_process, "handle": via_handle, "http-png": via_http}
-            for function in paths.values():  # warm-up
-                function()
-                function()
-            for _ in range(opts.repeats):
-                for name, function in paths.items():
-                    started = time.perf_counter()
+            calls = {"handle": via_handle, "http-png": via_http}
+            for function in (in_process, via_handle, via_http):  # warm-up
+                for _ in range(opts.warmup):
                     function()
-                    samples[name].append(time.perf_counter() - started)
+            for repetition in range(opts.repeats):
+                order = paths if repetition % 2 == 0 else tuple(reversed(paths))
+                for name in order:
+                    # the wall time is the call alone; the engine probes around it are not timed
+                    clock = cpu_clock()
+                    if name == "in-process":
+                        wall, timings, unet_s, torch_threads = run_local()
+                    else:
+                        before = replica.snapshot.remote().result(timeout_s=60)
+                        started = time.perf_counter()
+                        timings = calls[name]()
+                        wall = time.perf_counter() - started
+                        after = replica.snapshot.remote().result(timeout_s=60)
+                        unet_s = after["unet_seconds"] - before["unet_seconds"]
+                        torch_threads = after.get("torch_threads")
+                    busy, own, driver = (now - then for now, then in zip(cpu_clock(), clock, strict=True))
+                    threads_seen.setdefault(name, set()).add(torch_threads)
+                    samples[name].append({"wall": wall, "timings": timings, "unet_s": unet_s, "repetition": repetition,
+                                          "foreign_cpu_s": max(0.0, busy - own),
+                                          "ray_cpu_s": own - driver, "driver_cpu_s": driver})  # fmt: skip
+                log(f"  repetition {repetition + 1}/{opts.repeats}: "
+                    + ", ".join(f"{name} {samples[name][-1]['wall']:.3f} s" for name in paths))  # fmt: skip
     finally:
-        from ray import serve
-
         serve.shutdown()
         import ray
 
         ray.shutdown()
-    medians = {name: statistics.median(values) for name, values in samples.items()}
-    fastest = {name: min(values) for name, values in samples.items()}
-    return {"benchmark": "single", "params": params, "samples": samples, "medians": medians, "fastest": fastest,
-            "ratios": {name: medians[name] / medians["in-process"] for name in medians},
-            "fastest_ratios": {name: fastest[name] / fastest["in-process"] for name in fastest}}  # fmt: skip
+    return summarise_single(
+        {"benchmark": "single", "params": params, "paths": list(paths), "samples": samples, "threads": threads,
+         "engine_torch_threads": {name: sorted(v for v in seen if v is not None)
+                                  for name, seen in threads_seen.items()},
+         "in_process_with_ray_up": True, "warmup": opts.warmup}  # fmt: skip
+    )
+
+
+def summarise_single(run: dict[str, Any]) -> dict[str, Any]:
+    """Medians, fastest, and the per-pair ratios / stage differences of a ``single`` run's samples."""
+    samples = run["samples"]
+    walls = {name: [sample["wall"] for sample in values] for name, values in samples.items()}
+    run["medians"] = {name: statistics.median(values) for name, values in walls.items()}
+    run["fastest"] = {name: min(values) for name, values in walls.items()}
+    run["ratios"] = {name: run["medians"][name] / run["medians"]["in-process"] for name in walls}
+    run["fastest_ratios"] = {name: run["fastest"][name] / run["fastest"]["in-process"] for name in walls}
+    local = samples["in-process"]
+    pairs: dict[str, Any] = {}
+    stages: dict[str, Any] = {}
+    for name in ("handle", "http-png"):
+        ratios = [served["wall"] / alone["wall"] for served, alone in zip(samples[name], local, strict=True)]
+        pairs[name] = _quartiles(ratios)
+    for name, values in samples.items():
+        keys = sorted({key for sample in values for key in sample["timings"]} | {"unet_s", "wall", *DERIVED_STAGES})
+        per_stage = {}
+        for key in keys:
+            series = [_stage(sample, key) for sample in values]
+            if all(value is None for value in series):
+                continue
+            entry: dict[str, Any] = {"value": _quartiles([v for v in series if v is not None])}
+            if name != "in-process":
+                diffs = [served - alone for served, alone in zip(series, (_stage(x, key) for x in local), strict=True)
+                         if served is not None and alone is not None]  # fmt: skip
+                if diffs:
+                    entry["minus_in_process"] = _quartiles(diffs)
+            per_stage[key] = entry
+        stages[name] = per_stage
+    run["pair_ratios"] = pairs
+    run["stages"] = stages
+    # the same ratios over the repetitions in which no other process took CPU time (undisturbed pairs)
+    limit = run.get("quiet_cpu_s", QUIET_CPU_S)
+    quiet = [index for index in range(len(local))
+             if all(samples[name][index].get("foreign_cpu_s", 0.0) <= limit for name in samples)]  # fmt: skip
+    run["quiet_repetitions"] = quiet
+    run["quiet_pair_ratios"] = {
+        name: _quartiles([samples[name][i]["wall"] / local[i]["wall"] for i in quiet]) if quiet else None
+        for name in ("handle", "http-png")
+    }
+    run["foreign_cpu_s"] = {name: _quartiles([s.get("foreign_cpu_s", 0.0) for s in values])
+                            for name, values in samples.items()}  # fmt: skip
+    # what serving adds beyond the UNet: (wall − UNet seconds) served − the same in-process, per pair
+    run["beyond_unet_minus_in_process"] = {
+        name: _quartiles([(s["wall"] - s["unet_s"]) - (alone["wall"] - alone["unet_s"])
+                          for s, alone in zip(samples[name], local, strict=True)])
+        for name in ("handle", "http-png")
+    }  # fmt: skip
+    run["unet_ratios"] = {name: _quartiles([s["unet_s"] / alone["unet_s"] for s, alone in zip(samples[name], local,
+                                            strict=True)]) for name in ("handle", "http-png")}  # fmt: skip
+    return run
+
+
+DERIVED_STAGES = {  # name: (minuend, subtrahend), both stage keys
+    "inpaint_hop": ("inpaint", "inpaint_engine"),  # handle call, object store, replica, thread hand-offs
+    "engine_beyond_unet": ("inpaint_engine", "unet_s"),  # VAE, text, sampler arithmetic, engine bookkeeping
+    "outside_pipeline": ("wall", "pipeline"),  # ingress decode/encode, HTTP or the handle's result transfer
+}
+
+
+def _stage(sample: dict[str, Any], key: str) -> float | None:
+    if key in DERIVED_STAGES:
+        first, second = (_stage(sample, part) for part in DERIVED_STAGES[key])
+        return None if first is None or second is None else first - second
+    if key in ("wall", "unet_s"):
+        return sample[key]
+    return sample["timings"].get(key)
 
 
 # ------------------------------------------------------------------------------------ render
@@ -499,10 +722,14 @@ def _merged_single(runs: list[dict[str, Any]], path: str) -> dict[str, Any] | No
     chosen = [run for run in runs if run["benchmark"] == "single" and run["code"]["path"] == path]
     if not chosen:
         return None
-    samples: dict[str, list[float]] = {}
+    samples: dict[str, list[Any]] = {}
     for run in chosen:
         for name, values in run["samples"].items():
             samples.setdefault(name, []).extend(values)
+    if all(isinstance(value, dict) for values in samples.values() for value in values):  # per-sample records
+        merged = summarise_single({"benchmark": "single", "samples": samples})
+        return {**merged, "code": chosen[-1]["code"], "runs": len(chosen), "started": [r["started"] for r in chosen],
+                "machine": [r["machine"] for r in chosen]}  # fmt: skip
     medians = {name: statistics.median(values) for name, values in samples.items()}
     fastest = {name: min(values) for name, values in samples.items()}
     return {"benchmark": "single", "code": chosen[0]["code"], "samples": samples, "medians": medians,
@@ -519,6 +746,67 @@ def _level(run: dict[str, Any] | None, clients: int) -> dict[str, Any] | None:
 
 def _fmt(value: float | None, pattern: str) -> str:
     return "—" if value is None else pattern.format(value)
+
+
+def _iqr(stats: dict[str, float] | None, pattern: str, scale: float = 1.0) -> str:
+    if not stats:
+        return "—"
+    median, q1, q3 = (pattern.format(stats[key] * scale) for key in ("median", "q1", "q3"))
+    return f"{median} ({q1} – {q3})"
+
+
+STAGE_ROWS = (
+    ("decode", "decode (multipart + PNG decode, ingress)"),
+    ("detect", "detect (served: + the detector hop)"),
+    ("inpaint", "inpaint (served: + the inpainter hop)"),
+    ("inpaint_hop", "… the hop: inpaint − engine (Ray call, object store, replica, thread hand-offs)"),
+    ("inpaint_engine", "… in the inpainter's engine (submit → crops decoded)"),
+    ("unet_s", "… … UNet calls"),
+    ("engine_beyond_unet", "… … beyond the UNet (VAE, text, sampler, bookkeeping)"),
+    ("blend", "blend"),
+    ("pipeline", "pipeline (the whole cycle)"),
+    ("encode", "encode (PNG, ingress)"),
+    ("outside_pipeline", "wall − pipeline (decode, encode, HTTP/proxy or the handle's result transfer)"),
+    ("wall", "**client wall time**"),
+)
+
+
+def single_stage_table(run: dict[str, Any]) -> list[str]:
+    """Stage times in ms, median (IQR); served − in-process per pair."""
+    stages = run["stages"]
+    lines = [f"Per stage ({len(run['samples']['in-process'])} repetitions; ms, median (interquartile range); "
+             "served − in-process is taken per pair, then the median):", "",
+             "| stage | in-process | handle | handle − in-process | HTTP PNG | HTTP − in-process |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+
+    def cell(path: str, key: str, kind: str = "value") -> str:
+        entry = stages.get(path, {}).get(key)
+        return _iqr(entry.get(kind) if entry else None, "{:.1f}", 1000)
+
+    for key, label in STAGE_ROWS:
+        lines.append(
+            f"| {label} | {cell('in-process', key)} | {cell('handle', key)} "
+            f"| {cell('handle', key, 'minus_in_process')} | {cell('http-png', key)} "
+            f"| {cell('http-png', key, 'minus_in_process')} |"
+        )
+    beyond, unet = run.get("beyond_unet_minus_in_process", {}), run.get("unet_ratios", {})
+    lines += [
+        f"| wall − UNet, served − in-process | | | {_iqr(beyond.get('handle'), '{:.1f}', 1000)} | "
+        f"| {_iqr(beyond.get('http-png'), '{:.1f}', 1000)} |",
+        f"| UNet seconds, served ÷ in-process | | | {_iqr(unet.get('handle'), '{:.3f}')} | "
+        f"| {_iqr(unet.get('http-png'), '{:.3f}')} |",
+        "",
+    ]
+    quiet = run.get("quiet_pair_ratios") or {}
+    if quiet.get("handle"):
+        lines += [
+            f"Repetitions in which no process outside the benchmark's tree took more than {QUIET_CPU_S} CPU-s "
+            f"during any of its three samples: {len(run['quiet_repetitions'])} of "
+            f"{len(run['samples']['in-process'])}; per-pair ratio over those: handle "
+            f"{_iqr(quiet['handle'], '{:.3f}')}, HTTP {_iqr(quiet['http-png'], '{:.3f}')}.",
+            "",
+        ]
+    return lines
 
 
 def render(files: list[Path], notes: Path | None = None) -> str:
@@ -612,6 +900,9 @@ def render(files: list[Path], notes: Path | None = None) -> str:
         f"{_fmt(ratio(single_new, 'http-png', 'fastest_ratios'), '{:.3f}')} "
         f"| {_fmt(ratio(single_old, 'handle', 'fastest_ratios'), '{:.3f}')} / "
         f"{_fmt(ratio(single_old, 'http-png', 'fastest_ratios'), '{:.3f}')} | |",
+        f"| … per pair, median (IQR): handle / HTTP PNG "
+        f"| {_iqr((single_new or {}).get('pair_ratios', {}).get('handle'), '{:.3f}')} / "
+        f"{_iqr((single_new or {}).get('pair_ratios', {}).get('http-png'), '{:.3f}')} | — | |",
         "",
     ]
     if notes is not None and notes.exists():
@@ -655,20 +946,26 @@ def render(files: list[Path], notes: Path | None = None) -> str:
     singles = [run for run in (single_old, single_new) if run is not None]
     if singles:
         lines += ["### One request served vs in-process (CPU, `configs/local-cpu.yaml`)", "",
-                  "Median (fastest) of all repetitions, in-process and served interleaved; astronaut.png, 20 steps.",
+                  "Median (fastest) of all repetitions, in-process and served interleaved; astronaut.png, 20 steps. "
+                  "Per pair: each served sample ÷ the in-process sample of the same repetition, median "
+                  "(interquartile range).",
                   "",
-                  "| code | runs × repetitions | in-process | handle | HTTP PNG | handle ÷ in-process "
-                  "| HTTP ÷ in-process |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| code | runs, repetitions | in-process | handle | HTTP PNG | handle ÷ in-process "
+                  "| HTTP ÷ in-process | per pair: handle | per pair: HTTP |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for run in singles:
             m, f, r, fr = run["medians"], run["fastest"], run["ratios"], run["fastest_ratios"]
+            pairs = run.get("pair_ratios", {})
             lines.append(
-                f"| {run['code']['path']} | {run['runs']} × {len(run['samples']['handle']) // run['runs']} "
+                f"| {run['code']['path']} | {run['runs']}, {len(run['samples']['handle'])} "
                 f"| {m['in-process']:.3f} ({f['in-process']:.3f}) s | {m['handle']:.3f} ({f['handle']:.3f}) s "
                 f"| {m['http-png']:.3f} ({f['http-png']:.3f}) s | {r['handle']:.3f} ({fr['handle']:.3f}) "
-                f"| {r['http-png']:.3f} ({fr['http-png']:.3f}) |"
+                f"| {r['http-png']:.3f} ({fr['http-png']:.3f}) | {_iqr(pairs.get('handle'), '{:.3f}')} "
+                f"| {_iqr(pairs.get('http-png'), '{:.3f}')} |"
             )
         lines.append("")
+    if single_new is not None and "stages" in single_new:
+        lines += single_stage_table(single_new)
     return "\n".join(lines)
 
 
@@ -708,7 +1005,11 @@ def main() -> None:
     clients.add_argument("--tiny-models", type=Path, default=DEFAULT_TINY_MODELS)
     clients.add_argument("--json", type=Path, required=True)
     single = commands.add_parser("single", help="one request served vs in-process (CPU)")
-    single.add_argument("--repeats", type=int, default=7)
+    single.add_argument("--repeats", type=int, default=30, help="interleaved repetitions (pairs)")
+    single.add_argument("--warmup", type=int, default=2, help="warm-up calls per path")
+    single.add_argument("--in-process", choices=("subprocess", "driver"), default="subprocess",
+                        help="run the in-process side in a clean process without Ray, or in the benchmark's "
+                             "own driver process (which also holds Ray's driver and the Serve handle)")  # fmt: skip
     single.add_argument("--tiny-models", type=Path, default=DEFAULT_TINY_MODELS)
     single.add_argument("--json", type=Path, required=True)
     lone = commands.add_parser("lone", help="lone crops on sim:// in-process: the engine's overhead")

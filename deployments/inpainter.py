@@ -149,6 +149,7 @@ class RefineResult:
 
     images: list[np.ndarray]
     queue_wait_s: float = 0.0
+    engine_s: float = 0.0  # in the engine: queue wait, preparation, sampling, decoding
     unet_evaluations: list[int] = field(default_factory=list)
 
 
@@ -584,6 +585,7 @@ def result_of(request: EngineRequest, images: list[np.ndarray]) -> RefineResult:
     return RefineResult(
         images=images,
         queue_wait_s=request.queue_wait_s,
+        engine_s=request.engine_s,
         unet_evaluations=[crop.unet_evaluations for crop in request.crops],
     )
 

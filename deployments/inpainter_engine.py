@@ -99,6 +99,12 @@ class EngineRequest:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cancelled: bool = False
     remaining: int = 0
+    finished_at: float | None = None  # monotonic time its last crop's result was ready
+
+    @property
+    def engine_s(self) -> float:
+        """Time in the engine: from submission until its results were ready (or until now)."""
+        return (self.finished_at or time.monotonic()) - self.submitted_at
 
     @property
     def dropped(self) -> bool:
@@ -178,6 +184,7 @@ class InpaintEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.model_call_started: float | None = None  # monotonic start of the running model call
+        self.torch_threads: int | None = None  # torch's intra-op threads in the thread that last stepped
         self.loop_error: BaseException | None = None
 
     # ------------------------------------------------------------------ configuration
@@ -280,6 +287,7 @@ class InpaintEngine:
 
     def step(self) -> bool:
         """One engine step; returns False when there was nothing to do."""
+        self.torch_threads = torch.get_num_threads()  # per thread: what this step's model calls use
         with torch.inference_mode():
             self._drop_cancelled()
             admitted = self._admit()
@@ -463,6 +471,7 @@ class InpaintEngine:
             self.stats.crops_completed += 1
             request.remaining -= 1
             if request.remaining == 0 and not request.future.done():
+                request.finished_at = time.monotonic()
                 request.future.set_result([member.result for member in request.crops])
 
     def _fail(self, crop: EngineCrop, error: BaseException) -> None:
@@ -519,6 +528,7 @@ class InpaintEngine:
                 "queued_crops": len(self._queue),
                 "max_batch_size": self.max_batch_size,
                 "max_queued_crops": self.max_queued_crops,
+                "torch_threads": self.torch_threads,
                 "crops_submitted": stats.crops_submitted,
                 "crops_completed": stats.crops_completed,
                 "crops_failed": stats.crops_failed,

@@ -437,6 +437,8 @@ async def refine_image(
             if hasattr(outcome, "queue_wait_s"):
                 waited = prepared.timings.get("inpaint_queue_wait", 0.0)
                 prepared.timings["inpaint_queue_wait"] = waited + outcome.queue_wait_s
+            if hasattr(outcome, "engine_s"):  # the engine's own time: inpaint − inpaint_engine is the hop
+                prepared.timings["inpaint_engine"] = prepared.timings.get("inpaint_engine", 0.0) + outcome.engine_s
             return list(getattr(outcome, "images", outcome))
 
         first = await refine([face.job for face in ready])

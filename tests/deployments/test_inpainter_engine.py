@@ -242,3 +242,21 @@ def test_reconfigure_changes_the_bounds_at_the_next_step():
     assert max(len(names) for _, names in backend.calls) == 1
     with pytest.raises(ValueError):
         loop.configure(max_batch_size=0)
+
+
+def test_a_request_keeps_its_engine_time_and_the_snapshot_reports_the_stepping_threads_torch_threads():
+    loop, _ = engine()
+    request = loop.submit([Fake("x", steps=3)])
+    running = request.engine_s
+    time.sleep(0.01)
+    assert request.engine_s > running, "unfinished: the engine time grows"
+    run_all(loop)
+    finished = request.engine_s
+    time.sleep(0.01)
+    assert request.engine_s == finished >= request.queue_wait_s, "finished: fixed at the moment its results were ready"
+    loop.start()  # the background thread reports what its own model calls use
+    try:
+        assert loop.run([Fake("y", steps=1)]) == [1.0]
+        assert loop.snapshot()["torch_threads"] == torch.get_num_threads()
+    finally:
+        loop.stop()
