@@ -212,6 +212,17 @@ class Inpainter:
     def max_batch_size(self) -> int:
         return self.engine.max_batch_size
 
+    def synchronize(self) -> None:
+        """Wait until the device has run all launched work: called before a result is read on the host.
+
+        A no-op on torch devices, whose reads (``.cpu()``, ``float(t)``, ``bool(t)``) synchronise
+        by themselves; the ``sim://`` accelerator computes results eagerly and models the device
+        time apart (:class:`deployments.simulated.SimulatedAccelerator`), so it is told here.
+        """
+        accelerator = getattr(self.components.unet, "accelerator", None)
+        if accelerator is not None:
+            accelerator.synchronize()
+
     # ---------------------------------------------------------------- public API
 
     def supported_samplers(self) -> list[str]:
@@ -293,8 +304,7 @@ class Inpainter:
         """VAE-encode, condition and plan newly admitted crops (batched by padded size)."""
         by_size = _group(crops, lambda crop: self._padded_size(crop.payload.job.image.shape))
         for padded, members in by_size.items():
-            pixels = torch.stack([_to_pixels(_pad_image(crop.payload.job.image, padded)) for crop in members])
-            pixels = pixels.to(self.device)
+            pixels = _device_pixels([_pad_image(crop.payload.job.image, padded) for crop in members], self.device)
             latents = self._encode(pixels)
             for position, crop in enumerate(members):
                 crop.latent = latents[position : position + 1]
@@ -326,10 +336,13 @@ class Inpainter:
         return (mean - shift) * vae.config.scaling_factor
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → float [n, 3, H, W] in [0, 1] on the host."""
         vae = self.components.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         images = vae.decode((latents / vae.config.scaling_factor + shift).to(self.vae_dtype)).sample
-        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu()
+        images = images.float().add_(1.0).div_(2.0).clamp_(0.0, 1.0)  # in place on the decoder's fresh output
+        self.synchronize()  # the decoded pixels come back to the host
+        return images.cpu()
 
     def _prepare_masks(
         self, crops: Sequence[EngineCrop], pixels: torch.Tensor, padded: tuple[int, int], latent_size: tuple[int, ...]
@@ -520,10 +533,14 @@ class Inpainter:
         """Decode finished crops (batched by padded size), cut the padding, quantise to uint8."""
         results: dict[int, np.ndarray] = {}
         for batch in _group(crops, lambda crop: tuple(crop.latent.shape[-2:])).values():
-            decoded = self._decode(torch.cat([crop.latent for crop in batch]))
+            latents = batch[0].latent if len(batch) == 1 else torch.cat([crop.latent for crop in batch])
+            # _to_uint8 for the whole batch, in place (its clamp to [0, 255] is a no-op after
+            # _decode's clamp to [0, 1]), then HWC and contiguous: one pass per step, no copies
+            decoded = self._decode(latents).mul_(255.0).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
             for image, crop in zip(decoded, batch, strict=True):
                 height, width = crop.payload.job.image.shape[:2]
-                results[id(crop)] = _to_uint8(image[:, :height, :width])
+                cut = image if tuple(image.shape[:2]) == (height, width) else image[:height, :width].contiguous()
+                results[id(crop)] = cut.numpy()
         return [results[id(crop)] for crop in crops]
 
 
@@ -554,6 +571,7 @@ class _CycleStage:
             device=self.inpainter.device,
             slicing="impact",  # FaceDetailer samples through Impact's ksampler_wrapper
             output="denoised",  # …whose separated_sample returns the last callback x0
+            synchronize=self.inpainter.synchronize,
         )
 
 
@@ -641,6 +659,18 @@ def _pad_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def _to_pixels(image: np.ndarray) -> torch.Tensor:
     """uint8 HWC → float CHW in [-1, 1]."""
     return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def _device_pixels(images: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    """uint8 HWC crops of one size → float [n, 3, H, W] in [-1, 1] on ``device``, as :func:`_to_pixels` each.
+
+    Uploaded as uint8 (a quarter of the bytes of float pixels) and converted there.
+    """
+    if len(images) == 1:  # a copy either way: the caller's array may be read-only (Ray's object store)
+        channels_first = np.ascontiguousarray(images[0].transpose(2, 0, 1))[None]
+    else:
+        channels_first = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))
+    return torch.from_numpy(channels_first).to(device).float() / 127.5 - 1.0
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:

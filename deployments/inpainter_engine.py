@@ -135,6 +135,9 @@ class EngineBackend(Protocol):
     def order_groups(self, keys: Sequence[Hashable]) -> list[Hashable]:
         """The order to run this step's groups in (e.g. the LoRA set already merged first)."""
 
+    # Optional: ``synchronize()``, called before the engine reads a device value on the host
+    # (a stage's latent checked for finiteness); see ``Inpainter.synchronize``.
+
 
 @dataclass
 class EngineStats:
@@ -168,6 +171,7 @@ class InpaintEngine:
         on_queue_wait: Callable[[float], None] | None = None,
     ) -> None:
         self.backend = backend
+        self._synchronize: Callable[[], None] = getattr(backend, "synchronize", None) or (lambda: None)
         self.configure(max_batch_size=max_batch_size, max_queued_crops=max_queued_crops)
         self.on_unet_call = on_unet_call
         self.on_queue_wait = on_queue_wait
@@ -391,6 +395,7 @@ class InpaintEngine:
                 latent = stop.value
                 if not isinstance(latent, torch.Tensor):
                     raise TypeError(f"stage {crop.stage_index} returned {type(latent).__name__}") from None
+                self._synchronize()  # the check reads a device value on the host
                 if not torch.isfinite(latent).all():
                     raise FloatingPointError(f"stage {crop.stage_index} produced non-finite latent values") from None
                 crop.latent, crop.process, response = latent, None, None

@@ -196,6 +196,7 @@ class UnsampleStage:
             noise=torch.zeros_like(latent, device="cpu"),
             device=self.inpainter.device,
             sigmas=unsampler_schedule(self.inpainter.model_sampling, step),
+            synchronize=self.inpainter.synchronize,
         )
         return _normalized(process) if step.normalize else process
 

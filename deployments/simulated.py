@@ -86,9 +86,11 @@ DETECTOR_COST_S = 0.00183
 SAM_ENCODER_S = 0.452
 SAM_DECODER_S = 0.004
 
-INPAINTER_OPTIONS: dict[str, float] = {"a": UNET_A_S, "b": UNET_B_S, "area": 1.0, "vae": 0.0, "text": 0.0}
-DETECTOR_OPTIONS: dict[str, float] = {"cost": DETECTOR_COST_S, "faces": 1.0, "size": 0.5}
-SAM_OPTIONS: dict[str, float] = {"encoder": SAM_ENCODER_S, "decoder": SAM_DECODER_S}
+# ``sync=1``: the synchronous device of before (see SimulatedAccelerator), to reproduce old figures.
+INPAINTER_OPTIONS: dict[str, float] = {"a": UNET_A_S, "b": UNET_B_S, "area": 1.0, "vae": 0.0, "text": 0.0, "sync": 0.0}
+DETECTOR_OPTIONS: dict[str, float] = {"cost": DETECTOR_COST_S, "faces": 1.0, "size": 0.5, "sync": 0.0}
+SAM_OPTIONS: dict[str, float] = {"encoder": SAM_ENCODER_S, "decoder": SAM_DECODER_S, "sync": 0.0}
+FLAG_OPTIONS = frozenset({"sync"})  # 0 or 1
 INPAINTER_KINDS: dict[str, int] = {"sd15": 4, "sd15-inpainting": 9}  # kind → UNet input channels
 
 # SD 1.5's noise schedule, as its repository's scheduler_config.json has it (PNDM).
@@ -134,6 +136,8 @@ def parse_sim_reference(
             raise ValueError(f"{reference}: option {name}={text!r} is not a number") from None
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{reference}: option {name} must be a finite number >= 0, got {text!r}")
+        if name in FLAG_OPTIONS and value not in (0.0, 1.0):
+            raise ValueError(f"{reference}: option {name} must be 0 or 1, got {text!r}")
         options[name] = value
     return kind, options
 
@@ -141,43 +145,107 @@ def parse_sim_reference(
 # ---------------------------------------------------------------------------- the device
 
 
+# time.sleep wakes a thread 0.1–0.4 ms after its deadline on a shared box (measured: p50 0.15 ms
+# for a 38 ms sleep); sleeping until this long before and yielding the core for the rest lands
+# within ~0.05 ms for ~1 % of a core.
+WAKE_MARGIN_S = 0.001
+
+
+def wait_until(deadline: float) -> None:
+    """Block until ``time.perf_counter()`` reaches ``deadline``: asleep, then yielding for the last ~1 ms."""
+    while True:
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            return
+        time.sleep(remaining - WAKE_MARGIN_S if remaining > WAKE_MARGIN_S else 0)
+
+
 @dataclass(frozen=True)
 class SimulatedCall:
-    """One piece of work on a simulated accelerator."""
+    """One piece of work on a simulated accelerator, and when the device ran it (``perf_counter``)."""
 
     operation: str
     batch: int
     modelled_s: float
-    elapsed_s: float
+    elapsed_s: float  # device time it occupied: the modelled time (synchronous mode: as slept)
+    started: float = 0.0
+    ended: float = 0.0
 
 
 class SimulatedAccelerator:
     """One simulated device: work runs one piece at a time, each taking its modelled time.
 
-    The cheap stand-in arithmetic runs first; the rest of the modelled time is slept, so a
-    replica waiting on its "GPU" holds no CPU core, as a real one waiting on CUDA would not.
+    **Asynchronous** (the default), like a CUDA stream: a piece of work starts on the device at
+    ``max(launch time, the device's free time)``; its cheap stand-in arithmetic is done at once
+    on the host (so results exist immediately) and the launch returns without waiting for the
+    modelled time, so host work between launches (a sampler's arithmetic) overlaps the device.
+    The host runs at most one call ahead: launching call k+1 blocks, asleep, until call k has
+    ended — PyTorch's bounded launch queue (about one SD UNet forward of kernels), and what a
+    blocking host→device copy before each step forces on CUDA anyway. Whoever reads a result
+    on the host must call :meth:`synchronize` first, where a CUDA replica would synchronise
+    (``.cpu()``, ``.item()``, ``float(t)``, ``bool(t)``).
+
+    **Synchronous** (``sync=True``, a reference's ``sync=1``): the behaviour before, kept to
+    reproduce old figures — the stand-in arithmetic runs, the rest of the modelled time is slept
+    while the caller waits, and the call's busy time is what it actually took.
+
+    Either way the device holds no CPU core while it "runs", and ``busy_s`` / ``calls`` record
+    the device intervals.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, synchronous: bool = False) -> None:
         self.name = name
-        self._lock = threading.Lock()
-        self.calls: deque[SimulatedCall] = deque(maxlen=4096)
+        self.synchronous = synchronous
+        self._lock = threading.Lock()  # launches (and, synchronous, whole calls) one at a time
+        self.calls: deque[SimulatedCall] = deque(maxlen=4096)  # the most recent calls
+        self.call_count = 0
         self.busy_s = 0.0
+        self._free_at = 0.0  # perf_counter time at which all launched work has ended
 
     @contextmanager
     def occupy(self, operation: str, seconds: float, batch: int = 1) -> Iterator[None]:
+        """Run the body (the stand-in arithmetic) as one piece of ``seconds`` of device work."""
+        if self.synchronous:
+            with self._lock:
+                started = time.perf_counter()
+                yield
+                remaining = seconds - (time.perf_counter() - started)
+                if remaining > 0:
+                    time.sleep(remaining)
+                ended = time.perf_counter()
+                self.busy_s += ended - started
+                self.call_count += 1
+                self._free_at = ended
+                self.calls.append(SimulatedCall(operation, batch, seconds, ended - started, started, ended))
+            return
+        launched = time.perf_counter()
+        yield  # the result is computed now, on the host; the device time is accounted below
         with self._lock:
-            started = time.perf_counter()
-            yield
-            remaining = seconds - (time.perf_counter() - started)
-            if remaining > 0:
-                time.sleep(remaining)
-            elapsed = time.perf_counter() - started
-            self.busy_s += elapsed
-            self.calls.append(SimulatedCall(operation, batch, seconds, elapsed))
+            wait_until(self._free_at)  # the launch queue holds one call: the previous one must end
+            started = max(launched, self._free_at)
+            ended = started + seconds
+            self._free_at = ended
+            self.busy_s += seconds
+            self.call_count += 1
+            self.calls.append(SimulatedCall(operation, batch, seconds, seconds, started, ended))
+
+    def synchronize(self) -> None:
+        """Wait until every launched piece of work has ended (``torch.cuda.synchronize``)."""
+        while (free_at := self._free_at) > time.perf_counter():
+            wait_until(free_at)
+
+    @property
+    def idle_at(self) -> float:
+        """``perf_counter`` time at which the device has finished all work launched so far."""
+        return self._free_at
 
     def summary(self) -> dict[str, Any]:
-        return {"device": self.name, "calls": len(self.calls), "busy_s": round(self.busy_s, 3)}
+        return {
+            "device": self.name,
+            "mode": "sync" if self.synchronous else "async",
+            "calls": self.call_count,
+            "busy_s": round(self.busy_s, 3),
+        }
 
 
 # ---------------------------------------------------------------------------- inpainter stand-ins
@@ -453,10 +521,43 @@ class SimulatedTextEncoder(_SimulatedModule):
         return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled, hidden_states=hidden_states)
 
 
+# glibc's mallopt parameters, and the values that keep freed tensor memory for reuse
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+KEEP_FREED_BELOW_BYTES = 32 * 1024 * 1024  # glibc's largest mmap threshold on 64-bit
+_device_memory_kept = False
+
+
+def keep_device_memory() -> bool:
+    """Let the process reuse freed tensor memory instead of handing it back to the OS (glibc only).
+
+    The simulated device's tensors are host memory. A GPU replica's live in PyTorch's caching
+    allocator, which keeps freed blocks: a crop's buffers (pixels, latents, the decoded image)
+    are re-allocated without cost. glibc instead returns blocks above its mmap threshold to the
+    OS and the next crop page-faults them back in (measured: about half of a lone crop's host
+    time before its first UNet call, ~6 ms). Raising the mmap and trim thresholds makes host
+    memory behave like that cache. Idempotent; False where it cannot be set.
+    """
+    global _device_memory_kept
+    if _device_memory_kept:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        _device_memory_kept = bool(
+            libc.mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BELOW_BYTES)
+            and libc.mallopt(M_TRIM_THRESHOLD, 4 * KEEP_FREED_BELOW_BYTES)
+        )
+    except (OSError, AttributeError):  # not glibc
+        _device_memory_kept = False
+    return _device_memory_kept
+
+
 def load_simulated_components(reference: str, dtype: torch.dtype = torch.float32) -> SDComponents:
     """The inpainter's components for ``sim://sd15`` / ``sim://sd15-inpainting``."""
     kind, options = parse_sim_reference(reference, list(INPAINTER_KINDS), INPAINTER_OPTIONS)
-    accelerator = SimulatedAccelerator(f"sim-{kind}")
+    keep_device_memory()
+    accelerator = SimulatedAccelerator(f"sim-{kind}", synchronous=bool(options["sync"]))
     unet = SimulatedUNet(INPAINTER_KINDS[kind], SD15_SCHEDULER_CONFIG, options, accelerator)
     parts = [unet, SimulatedVAE(options, accelerator), SimulatedTextEncoder(options, accelerator)]
     for module in parts:
@@ -567,7 +668,7 @@ class SimulatedDetector(FaceDetector):
         self.model_task = "segment"  # boxes and masks, so it can stand in for either detector
         self.task = task or "detect"
         self.names = {0: "face"}
-        self.accelerator = SimulatedAccelerator("sim-detector")
+        self.accelerator = SimulatedAccelerator("sim-detector", synchronous=bool(self.options["sync"]))
         self.load_seconds = 0.0
 
     def detect(self, image: np.ndarray, threshold: float, *, with_masks: bool | None = None) -> list[Detection]:
@@ -578,7 +679,7 @@ class SimulatedDetector(FaceDetector):
         height, width = rgb.shape[:2]
         with self.accelerator.occupy("detect", self.options["cost"]):
             found = simulated_faces(rgb, int(self.options["faces"]), self.options["size"])
-            return [
+            detections = [
                 Detection(
                     label="face",
                     bbox=box,
@@ -588,6 +689,8 @@ class SimulatedDetector(FaceDetector):
                 for box, confidence in found
                 if confidence > threshold  # ultralytics keeps confidences above conf
             ]
+        self.accelerator.synchronize()  # boxes and masks come back to the host
+        return detections
 
     def info(self) -> dict[str, Any]:
         return {
@@ -614,7 +717,7 @@ class SimulatedSegmenter(SamSegmenter):
         self.checkpoint_path = Path(checkpoint)
         self.model_type = model_type
         self.device = device or "cpu"
-        self.accelerator = SimulatedAccelerator("sim-sam")
+        self.accelerator = SimulatedAccelerator("sim-sam", synchronous=bool(self.options["sync"]))
         self.embeddings_computed = 0
         self.load_seconds = 0.0
 
@@ -640,7 +743,9 @@ class SimulatedSegmenter(SamSegmenter):
         with self.accelerator.occupy("sam", seconds, len(answerable)):
             self.embeddings_computed += 1
             grey, stride = _grey(rgb)
-            return [self._answer(prompt, grey, stride, height, width) for prompt in prompts]
+            predictions = [self._answer(prompt, grey, stride, height, width) for prompt in prompts]
+        self.accelerator.synchronize()  # the masks and scores come back to the host
+        return predictions
 
     def _answer(self, prompt: SamPrompt, grey: np.ndarray, stride: int, height: int, width: int) -> SamPrediction:
         box = prompt.box

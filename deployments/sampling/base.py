@@ -133,6 +133,10 @@ def differential_mask(
     return (mask >= threshold.to(mask.device)).to(mask.dtype)
 
 
+def no_device_sync() -> None:
+    """The device-sync hook of real devices: torch synchronises by itself where the host reads."""
+
+
 @dataclass
 class SamplerEnv:
     """Per-run facts a sampler may need besides the model: model sampling, seed, noise sources."""
@@ -145,6 +149,11 @@ class SamplerEnv:
     # The x0 ComfyUI's sampler last passed to its progress callback (``callback({"denoised": …})``):
     # what Impact's ``separated_sample`` returns. None until the sampler reports one.
     last_denoised: torch.Tensor | None = None
+    # Called before the sampler reads a device value on the host (``float(t)``, ``.cpu()``): where
+    # a CUDA replica synchronises. A no-op for torch devices (CUDA syncs inside those reads by
+    # itself); the ``sim://`` accelerator, whose results exist before its modelled time has
+    # passed, waits there until its device is idle.
+    synchronize: Callable[[], None] = no_device_sync
 
     def report(self, denoised: torch.Tensor) -> None:
         """Where the ComfyUI sampler calls its callback: remember the x0 it hands over."""
@@ -153,7 +162,14 @@ class SamplerEnv:
     def gaussian_noise(self, x: torch.Tensor) -> NoiseSampler:
         return gaussian_noise(x, self.seed)
 
+    def read(self, value: torch.Tensor) -> float:
+        """A device scalar on the host (a synchronisation point)."""
+        self.synchronize()
+        return float(value)
+
     def brownian_noise(self, x: torch.Tensor, sigmas: torch.Tensor, cpu: bool) -> NoiseSampler:
+        if cpu:
+            self.synchronize()  # the tree is built from a host copy of a device tensor
         if self.brownian_range is not None:
             return brownian_tree_noise(x, *self.brownian_range, self.seed, cpu=cpu)
         positive = sigmas[sigmas > 0]

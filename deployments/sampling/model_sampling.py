@@ -74,6 +74,8 @@ class ModelSampling:
         self.sigmas = sigmas.float()
         self.log_sigmas = sigmas.log().float()
         self._timestep_memo: dict[tuple[float, tuple[int, ...], str], torch.Tensor] = {}
+        # calculate_sigmas' schedules by (scheduler, steps): a service sees the same few settings
+        self.schedule_memo: dict[tuple[str, int], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ constructors
 
@@ -145,6 +147,20 @@ class ModelSampling:
         t = torch.clamp(timestep.float().to(self.log_sigmas.device), min=0, max=len(self.sigmas) - 1)
         low, high, weight = t.floor().long(), t.ceil().long(), t.frac()
         return ((1 - weight) * self.log_sigmas[low] + weight * self.log_sigmas[high]).exp().to(timestep.device)
+
+    def sigma_values(self, timesteps: torch.Tensor) -> list[float]:
+        """``[float(self.sigma(t)) for t in timesteps]``, bit for bit, at a fraction of the cost.
+
+        The clamp, floor/ceil/frac, gathers, products and sum are exact or correctly rounded
+        float32 operations, the same for one element as for many; ``exp`` is not (PyTorch
+        computes a lone element with the scalar libm routine, a longer tensor with a vectorised
+        one), so it runs element by element, as ComfyUI's per-timestep calls do.
+        """
+        t = torch.clamp(torch.as_tensor(timesteps).float().cpu(), min=0, max=len(self.sigmas) - 1)
+        low, high, weight = t.floor().long(), t.ceil().long(), t.frac()
+        log_sigmas = self.log_sigmas.cpu()
+        exponents = (1 - weight) * log_sigmas[low] + weight * log_sigmas[high]
+        return [float(exponent.exp()) for exponent in exponents]
 
     def percent_to_sigma(self, percent: float) -> float:
         """Sigma at a fraction of the sampling run (ControlNet/conditioning start and end)."""

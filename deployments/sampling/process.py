@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from deployments.sampling.base import DenoiseCall, Denoiser, Prediction, SamplerEnv, SamplerProcess
+from deployments.sampling.base import DenoiseCall, Denoiser, Prediction, SamplerEnv, SamplerProcess, no_device_sync
 from deployments.sampling.contract import CropProcess, UNetRequest, UNetResponse, UnsupportedSamplerError
 from deployments.sampling.model_sampling import ModelSampling
 from deployments.sampling.noise import SEED_MODULUS, initial_noise, inpaint_random_noise
@@ -155,6 +155,7 @@ def sampling_process(
     slicing: Slicing = "ksampler",
     sigmas: torch.Tensor | None = None,
     output: Output = "latent",
+    synchronize: Callable[[], None] = no_device_sync,
 ) -> SamplerProcess:
     """Validate now, and return the generator of one run's :class:`DenoiseCall` s.
 
@@ -165,6 +166,8 @@ def sampling_process(
     (``KSampler.sample(sigmas=...)``, e.g. the Unsampler's ascending one; the names are still
     validated, ``steps``/``denoise``/``slicing`` are then not used). ``output``: see :data:`Output`;
     an unsampled run (fewer than two sigmas) returns ``latent_image`` either way, as Impact.
+    ``synchronize`` is called where the sampler reads a device value on the host
+    (:attr:`SamplerEnv.synchronize`; only the simulated accelerator needs it).
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
@@ -189,7 +192,8 @@ def sampling_process(
     if tree_range is not None:
         tree_range = (tree_range[0].to(device), tree_range[1].to(device))
     return _run(model_sampling, sampler_name, sigmas.to(device), cfg, seed, latent, prepare_mask(noise_mask, latent),
-                differential, noise.to(device=device, dtype=torch.float32), tree_range, output)  # fmt: skip
+                differential, noise.to(device=device, dtype=torch.float32), tree_range, output,
+                synchronize)  # fmt: skip
 
 
 def _run(
@@ -204,6 +208,7 @@ def _run(
     noise: torch.Tensor,
     tree_range: tuple[torch.Tensor, torch.Tensor] | None = None,
     output: Output = "latent",
+    synchronize: Callable[[], None] = no_device_sync,
 ) -> SamplerProcess:
     spec = SAMPLERS[sampler_name]
     if len(sigmas) <= 1:
@@ -224,7 +229,7 @@ def _run(
     )
     max_denoise = _is_max_denoise(model_sampling, sigmas)
     x = model_sampling.noise_scaling(sigmas[0], noise, latent, max_denoise)
-    env = SamplerEnv(model_sampling=model_sampling, seed=seed, brownian_range=tree_range)
+    env = SamplerEnv(model_sampling=model_sampling, seed=seed, brownian_range=tree_range, synchronize=synchronize)
     samples = yield from spec.function(model, x, sigmas, env)
     if output == "denoised" and env.last_denoised is not None:
         return env.last_denoised  # Impact: process_latent_out(x0) only; no inverse noise scaling
@@ -254,6 +259,7 @@ def crop_process(
     slicing: Slicing = "ksampler",
     sigmas: torch.Tensor | None = None,
     output: Output = "latent",
+    synchronize: Callable[[], None] = no_device_sync,
 ) -> CropProcess:
     """The engine's view of one crop's KSampler run: yields :class:`UNetRequest`, returns the latent.
 
@@ -277,6 +283,7 @@ def crop_process(
         slicing=slicing,
         sigmas=sigmas,
         output=output,
+        synchronize=synchronize,
     )
     return _unet_driver(model_sampling, core)
 

@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 FULL_DENOISE = 0.9999  # KSampler.set_steps: denoise above this runs the plain schedule
+SCHEDULE_MEMO_SIZE = 256  # schedules remembered per model sampling (a few KB each)
 
 # How a denoise < 1 run is cut out of a longer schedule: ComfyUI's KSampler node, or Impact Pack's
 # ksampler_wrapper (FaceDetailer, Detailer, ...). See docs/samplers.md "Denoise slicing".
@@ -101,7 +102,7 @@ def normal_sigmas(model_sampling: ModelSampling, steps: int, sgm: bool = False) 
             steps += 1
             append_zero = False
         timesteps = torch.linspace(start, end, steps)
-    sigmas = [float(model_sampling.sigma(t)) for t in timesteps]
+    sigmas = model_sampling.sigma_values(timesteps)  # = [float(model_sampling.sigma(t)) for t in timesteps]
     return torch.FloatTensor(sigmas + ([0.0] if append_zero else []))
 
 
@@ -160,11 +161,18 @@ SCHEDULERS: dict[str, Callable[[ModelSampling, int], torch.Tensor]] = {
 
 
 def calculate_sigmas(model_sampling: ModelSampling, scheduler: str, steps: int) -> torch.Tensor:
-    """ComfyUI's ``calculate_sigmas``: the named schedule of ``steps`` steps."""
-    try:
+    """ComfyUI's ``calculate_sigmas``: the named schedule of ``steps`` steps (remembered per model sampling)."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}")
+    memo = getattr(model_sampling, "schedule_memo", None)
+    if memo is None:
         return SCHEDULERS[scheduler](model_sampling, steps)
-    except KeyError:
-        raise ValueError(f"unknown scheduler {scheduler!r}") from None
+    found = memo.get((scheduler, steps))
+    if found is None:
+        if len(memo) >= SCHEDULE_MEMO_SIZE:
+            memo.clear()
+        found = memo[(scheduler, steps)] = SCHEDULERS[scheduler](model_sampling, steps)
+    return found.clone()  # callers may write into their schedule (Impact's end cut does)
 
 
 def schedule_length(steps: int, denoise: float) -> int:

@@ -133,10 +133,13 @@ def test_a_unet_evaluation_of_n_latents_costs_a_plus_b_n_asleep() -> None:
 def test_the_modelled_time_is_slept_not_computed() -> None:
     """A 0.6 s evaluation of 16 latents at 128×128 holds the CPU for a small fraction of it."""
     parts = simulated.load_simulated_components("sim://sd15?a=0.5&b=0.0015625")
+    accelerator = parts.unet.accelerator
     sample, context = torch.randn(16, 4, 128, 128), torch.randn(16, 77, 768)
     parts.unet(sample, 500, context)  # warm-up
+    accelerator.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
     parts.unet(sample, 500, context)
+    accelerator.synchronize()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     assert wall >= 0.5 + 0.0015625 * 16 * 4
     assert cpu < 0.25 * wall, f"{cpu:.2f} s of CPU in a {wall:.2f} s evaluation"
@@ -154,7 +157,96 @@ def test_one_accelerator_runs_one_evaluation_at_a_time() -> None:
         thread.start()
     for thread in threads:
         thread.join(timeout=10)
+    unet.accelerator.synchronize()
     assert time.perf_counter() - started >= 0.6  # serialised, as on one GPU
+    calls = list(unet.accelerator.calls)
+    assert len(calls) == 3
+    for before, after in zip(calls, calls[1:], strict=False):
+        assert after.started >= before.ended
+
+
+# ------------------------------------------------------------------ the device's timing model
+
+
+def launch(accelerator: simulated.SimulatedAccelerator, seconds: float) -> float:
+    """One piece of work; returns how long the launch blocked the caller."""
+    started = time.perf_counter()
+    with accelerator.occupy("work", seconds):
+        pass
+    return time.perf_counter() - started
+
+
+def test_a_launch_returns_before_its_work_ends_and_synchronize_waits_for_it() -> None:
+    accelerator = simulated.SimulatedAccelerator("test")
+    assert launch(accelerator, 0.3) < 0.15, "an idle device takes the work at once: the launch does not wait"
+    [call] = accelerator.calls
+    assert call.elapsed_s == call.modelled_s == 0.3 and call.ended == call.started + 0.3
+    assert accelerator.idle_at == call.ended > time.perf_counter()
+    accelerator.synchronize()
+    now = time.perf_counter()
+    assert call.ended <= now < call.ended + 0.15, "synchronize returns when the modelled work has ended"
+    assert accelerator.busy_s == pytest.approx(0.3) and accelerator.summary()["calls"] == 1
+
+
+def test_launch_k_plus_1_waits_until_call_k_has_ended() -> None:
+    """The launch queue holds one call: the host runs at most one call ahead of the device."""
+    accelerator = simulated.SimulatedAccelerator("test")
+    launch(accelerator, 0.2)
+    launch(accelerator, 0.2)
+    returned = time.perf_counter()
+    first, second = accelerator.calls
+    assert returned >= first.ended, "the second launch returned before the first call ended"
+    assert second.started == first.ended, "the device runs queued work back to back"
+    assert returned < second.ended, "…and the second call is still running when its launch returns"
+    accelerator.synchronize()
+
+
+def test_host_work_shorter_than_the_device_time_does_not_lengthen_a_sequence() -> None:
+    """Four 0.1 s calls with 0.06 s of host work after each: 0.4 s asynchronous, 0.64 s with ``sync``."""
+    walls = {}
+    for mode in ("async", "sync"):
+        accelerator = simulated.SimulatedAccelerator("test", synchronous=mode == "sync")
+        started = time.perf_counter()
+        for _ in range(4):
+            launch(accelerator, 0.1)
+            time.sleep(0.06)  # the sampler's arithmetic between two UNet calls
+        accelerator.synchronize()
+        walls[mode] = time.perf_counter() - started
+        calls = list(accelerator.calls)
+        assert [call.modelled_s for call in calls] == [0.1] * 4
+        if mode == "async":
+            assert all(after.started == before.ended for before, after in zip(calls, calls[1:], strict=False))
+            assert accelerator.busy_s == pytest.approx(0.4)
+        else:  # the old model: the caller waits out each call, busy time is what it took
+            assert all(call.elapsed_s >= call.modelled_s for call in calls)
+            assert all(after.started >= before.ended + 0.05 for before, after in zip(calls, calls[1:], strict=False))
+    assert 0.4 <= walls["async"] < 0.52, walls
+    assert walls["sync"] >= 0.64, walls
+
+
+def test_the_sync_option_selects_the_synchronous_device() -> None:
+    assert not Inpainter(sim("sd15"), device="cpu").components.unet.accelerator.synchronous
+    assert Inpainter(sim("sd15", sync=1), device="cpu").components.unet.accelerator.synchronous
+    assert FaceDetector("sim://detector?sync=1").accelerator.synchronous
+    assert SamSegmenter("sim://sam?sync=1").info()["simulated"]["mode"] == "sync"
+    with pytest.raises(ValueError, match="sync must be 0 or 1"):
+        simulated.parse_sim_reference("sim://sd15?sync=2", ["sd15"], simulated.INPAINTER_OPTIONS)
+
+
+def test_a_refined_crop_comes_back_after_its_device_work_and_equal_in_both_modes() -> None:
+    """The decoded pixels are read on the host only once the device has run everything for them."""
+    job = RefineJob(image=textured(64, 64), noise_mask=box_mask(64, 64), positive=("red face",), negative=(), seed=3)
+    settings = SamplingSettings(steps=3, denoise=0.6, cfg=4.0, sampler_name="dpm_adaptive")  # reads its error
+    images = {}
+    for mode in ("0", "1"):
+        inpainter = Inpainter("sim://sd15?a=0.02&b=0.002&vae=0.01&sync=" + mode, device="cpu")
+        accelerator = inpainter.components.unet.accelerator
+        [images[mode]] = inpainter.refine([job], settings)
+        assert accelerator.idle_at <= time.perf_counter()
+        operations = [call.operation for call in accelerator.calls]
+        assert operations[0] in ("vae_encode", "text_encoder") and operations[-1] == "vae_decode"
+        assert accelerator.busy_s >= sum(call.modelled_s for call in accelerator.calls) - 1e-9
+    np.testing.assert_array_equal(images["0"], images["1"])
 
 
 # ------------------------------------------------------------------ stand-ins with diffusers' signatures
