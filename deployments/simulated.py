@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -384,6 +385,23 @@ class SimulatedUNet(_SimulatedModule):
         return UNet2DConditionOutput(sample=output) if return_dict else (output,)
 
 
+def _block_means(x: torch.Tensor) -> torch.Tensor:
+    """[n, c, H, W] → float64 [n, c, H/8, W/8]: each 8×8 block's mean, as ``F.avg_pool2d(x.double(), 8)``.
+
+    On the host with sides divisible by 8 (the inpainter pads to the latent grid) OpenCV's area
+    resize does it, ~2× faster at 512² than torch's float64 pooling; both sum in float64 and scale
+    by 1/64, and for float32 pixels in [-1, 1] (the inpainter's) every partial sum is exact, so
+    the means are bit-identical whatever the order.
+    """
+    n, c, height, width = x.shape
+    if x.device.type != "cpu" or height % VAE_FACTOR or width % VAE_FACTOR or height * width < 128 * 128:
+        return F.avg_pool2d(x.double(), VAE_FACTOR)
+    size = (width // VAE_FACTOR, height // VAE_FACTOR)
+    planes = x.detach().reshape(n * c, height, width).numpy()
+    means = np.stack([cv2.resize(plane.astype(np.float64), size, interpolation=cv2.INTER_AREA) for plane in planes])
+    return torch.from_numpy(means.reshape(n, c, size[1], size[0]))
+
+
 class SimulatedVAE(_SimulatedModule):
     """``AutoencoderKL``'s ``encode``/``decode``: 8×8 averages of the pixels, and back."""
 
@@ -406,7 +424,7 @@ class SimulatedVAE(_SimulatedModule):
         from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
         with self.accelerator.occupy("vae_encode", self.seconds_per_image * x.shape[0], x.shape[0]):
-            pooled = F.avg_pool2d(x.double(), VAE_FACTOR)
+            pooled = _block_means(x)
             mean = torch.cat([pooled, pooled.mean(1, keepdim=True)], dim=1) / VAE_SCALING_FACTOR
             log_variance = torch.full_like(mean, -30.0)  # a point distribution: its mean is the latent
             distribution = DiagonalGaussianDistribution(torch.cat([mean, log_variance], dim=1).to(x.dtype))
