@@ -164,9 +164,7 @@ def calculate_sigmas(model_sampling: ModelSampling, scheduler: str, steps: int) 
     """ComfyUI's ``calculate_sigmas``: the named schedule of ``steps`` steps (remembered per model sampling)."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}")
-    memo = getattr(model_sampling, "schedule_memo", None)
-    if memo is None:
-        return SCHEDULERS[scheduler](model_sampling, steps)
+    memo = model_sampling.schedule_memo
     found = memo.get((scheduler, steps))
     if found is None:
         if len(memo) >= SCHEDULE_MEMO_SIZE:
