@@ -216,6 +216,7 @@ def probe_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
         "crop_evaluations": evaluations,
         "rows": int(after["rows"]) - int(before["rows"]),
         "mean_batch": evaluations / calls if calls else None,
+        "device_busy_s": after["busy_s"] - before["busy_s"] if after.get("busy_s") is not None else None,
     }
 
 
@@ -275,12 +276,19 @@ async def run_level(
         # the UNet work done in the window, at the cost model's price with every call carrying `ideal` crops
         ideal_busy = calls["crop_evaluations"] * a / ideal + b * calls["rows"] * area
         actual_busy = calls["unet_calls"] * a + b * calls["rows"] * area
-        mean_request = statistics.fmean(r["evaluations"] * (a / ideal + b * r["rows"] * area) for r in records)
+        # the VAE (and text) work has no batching price: at the ideal it costs what it did (0 unless set;
+        # the asynchronous device's busy time is exactly the modelled time, the synchronous one's is not)
+        other_busy = 0.0 if opts.sim_sync else max(0.0, (calls["device_busy_s"] or actual_busy) - actual_busy)
+        ideal_busy += other_busy
+        vae_per_crop = (cost.get("vae_encode", 0.0) + cost.get("vae_decode", 0.0)) * area
+        mean_request = statistics.fmean(r["evaluations"] * (a / ideal + b * r["rows"] * area) + vae_per_crop
+                                        for r in records)  # fmt: skip
         result["cost_model"] = {
             "ideal_batch": ideal,
             "ideal_throughput_rps": 1.0 / mean_request,
             "work_efficiency": ideal_busy / window,  # UNet work at batch `ideal` price / wall time
-            "modelled_busy_fraction": actual_busy / window,
+            "modelled_busy_fraction": (actual_busy + other_busy) / window,
+            "vae_and_text_busy_s": other_busy,
         }
         # latency above the request's own modelled UNet time (the lone-crop figure at 1 client), and
         # above everything the simulated device ran for it (UNet, VAE and text stand-ins, as run)
@@ -307,8 +315,11 @@ def run_clients(opts: argparse.Namespace) -> dict[str, Any]:
         from deployments import simulated
 
         cost = {"a": opts.sim_a or simulated.UNET_A_S, "b": opts.sim_b or simulated.UNET_B_S,
-                "area": (opts.size // 8) ** 2 / simulated.REFERENCE_LATENT_AREA}  # fmt: skip
+                "area": (opts.size // 8) ** 2 / simulated.REFERENCE_LATENT_AREA,
+                "vae_encode": opts.sim_vae_encode, "vae_decode": opts.sim_vae_decode}  # fmt: skip
         model = f"sim://sd15?a={cost['a']}&b={cost['b']}" + ("&sync=1" if opts.sim_sync else "")
+        if opts.sim_vae_encode or opts.sim_vae_decode:
+            model += f"&vae_encode={opts.sim_vae_encode}&vae_decode={opts.sim_vae_decode}"
     else:
         from deployments.testing.build_tiny_models import build_component
 
@@ -353,8 +364,10 @@ def run_lone(opts: argparse.Namespace) -> dict[str, Any]:
     from deployments.inpainter import Inpainter
 
     torch.set_num_threads(opts.threads)
-    cost = {"a": simulated.UNET_A_S, "b": simulated.UNET_B_S, "area": (opts.size // 8) ** 2 / 4096}
-    reference = f"sim://sd15?a={cost['a']}&b={cost['b']}" + ("&sync=1" if opts.sim_sync else "")
+    cost = {"a": simulated.UNET_A_S, "b": simulated.UNET_B_S, "area": (opts.size // 8) ** 2 / 4096,
+            "vae_encode": opts.vae_encode, "vae_decode": opts.vae_decode}  # fmt: skip
+    reference = f"sim://sd15?a={cost['a']}&b={cost['b']}&vae_encode={opts.vae_encode}&vae_decode={opts.vae_decode}"
+    reference += "&sync=1" if opts.sim_sync else ""
     inpainter = Inpainter(reference, device="cpu")
     accelerator = inpainter.components.unet.accelerator
     stream = workload(99, opts.size)
@@ -375,7 +388,8 @@ def run_lone(opts: argparse.Namespace) -> dict[str, Any]:
     beyond_device = [r["latency"] - r["device_busy_s"] for r in records]
     per_evaluation = [(r["latency"] - r["device_busy_s"]) / r["evaluations"] for r in records]
     return {
-        "benchmark": "lone", "model": "sim", "device": sim_device(opts.sim_sync), "cost": cost, "size": opts.size,
+        "benchmark": "lone", "model": "sim", "model_reference": reference, "device": sim_device(opts.sim_sync),
+        "cost": cost, "size": opts.size,
         "records": records,
         "latency_minus_model_time_s": {"p50": percentile(beyond_model, 0.5), "max": max(beyond_model)},
         "latency_minus_device_busy_s": {"p50": percentile(beyond_device, 0.5), "max": max(beyond_device)},
@@ -631,6 +645,9 @@ def main() -> None:
     clients.add_argument("--sim-a", type=float, default=None)
     clients.add_argument("--sim-b", type=float, default=None)
     clients.add_argument("--sim-sync", action="store_true", help="the synchronous sim:// device (sync=1)")
+    clients.add_argument("--sim-vae-encode", type=float, default=0.0,
+                         help="sim:// VAE encode, s per 512² image (default 0: free; published: 0.015)")
+    clients.add_argument("--sim-vae-decode", type=float, default=0.0, help="… decode (published: 0.031)")
     clients.add_argument("--threads", type=int, default=None,
                          help="OMP_NUM_THREADS of the replica (cpu: 2; sim: 1, as configs/overlays/simulated-cpu.yaml)")
     clients.add_argument("--tiny-models", type=Path, default=DEFAULT_TINY_MODELS)
@@ -648,6 +665,10 @@ def main() -> None:
     lone.add_argument("--size", type=int, default=512)
     lone.add_argument("--threads", type=int, default=1)
     lone.add_argument("--sim-sync", action="store_true", help="the synchronous sim:// device (sync=1)")
+    lone.add_argument("--vae-encode", type=float, default=0.0,
+                      help="sim:// VAE encode, s per 512² image (0: free, the default; published RTX 4090 "
+                           "figure: 0.015, see docs/simulated.md)")  # fmt: skip
+    lone.add_argument("--vae-decode", type=float, default=0.0, help="… decode (published: 0.031)")
     lone.add_argument("--json", type=Path, required=True)
     rendering = commands.add_parser("render", help="write the docs section from saved runs")
     rendering.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")

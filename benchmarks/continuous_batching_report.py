@@ -97,14 +97,22 @@ def _stage(sample: dict[str, Any], key: str) -> float | None:
 
 
 def _by(
-    runs: list[dict[str, Any]], benchmark: str, model: str | None, path: str, device: str | None = None
+    runs: list[dict[str, Any]], benchmark: str, model: str | None, path: str, device: str | None = None,
+    vae: bool = False,
 ) -> dict[str, Any] | None:
-    """The first run of ``benchmark`` on ``model`` and code ``path`` (and ``sim://`` device mode, if given)."""
+    """The first run of ``benchmark`` on ``model`` and code ``path`` (and ``sim://`` device mode, if given),
+    with a costed ``sim://`` VAE or (the default) a free one."""
     for run in runs:
         if run["benchmark"] == benchmark and run["code"]["path"] == path and run.get("model") == model:
-            if device is None or _device(run) == device:
+            if (device is None or _device(run) == device) and _vae_costed(run) == vae:
                 return run
     return None
+
+
+def _vae_costed(run: dict[str, Any]) -> bool:
+    """Whether a sim run gave the VAE its published costs (``vae_encode`` / ``vae_decode``; before: free)."""
+    cost = run.get("cost") or {}
+    return bool(cost.get("vae_encode") or cost.get("vae_decode"))
 
 
 def _device(run: dict[str, Any]) -> str | None:
@@ -253,6 +261,12 @@ def render(files: list[Path], notes: Path | None = None) -> str:
     def in_process(run: dict[str, Any] | None, key: str) -> float | None:
         return run[key]["p50"] * 1000 if run else None
 
+    # the same targets with the VAE at its published cost (docs/simulated.md): model time = UNet + VAE
+    lone_in_vae = _by(runs, "lone", "sim", "engine", "async", vae=True)
+    sim_vae = _by(runs, "clients", "sim", "engine", "async", vae=True)
+    lone_vae, eight_vae = _level(sim_vae, 1), _level(sim_vae, 8)
+    roundtrip = next((run for run in runs if run["benchmark"] == "serve_roundtrip"), None)
+
     lines += [
         "### Targets",
         "",
@@ -287,6 +301,27 @@ def render(files: list[Path], notes: Path | None = None) -> str:
         f"| +{_fmt(in_process(lone_in_new, 'latency_minus_device_busy_s'), '{:.1f}')} ms "
         f"| +{_fmt(in_process(lone_in_old, 'latency_minus_device_busy_s'), '{:.1f}')} ms | |",
     ]
+    if lone_in_vae or sim_vae:
+        hop = replica = None
+        if lone_vae:
+            hop = statistics.median(r["latency"] - r["replica_s"] for r in lone_vae["records"]) * 1000
+            replica = statistics.median(r["replica_s"] - r["device_busy_s"] for r in lone_vae["records"]) * 1000
+        empty = roundtrip["round_trip_ms"]["empty"]["p50"] if roundtrip else None
+        job = roundtrip["round_trip_ms"]["crop_job"]["p50"] if roundtrip else None
+        within = (in_process(lone_in_vae, "latency_minus_device_busy_s") or 99) <= 5
+        lines += [
+            f"| sim with the VAE at its published cost (encode 15 ms, decode 31 ms per 512² crop), a lone crop "
+            f"in-process: latency ≤ its model time (UNet + VAE) + 5 ms "
+            f"| +{_fmt(in_process(lone_in_vae, 'latency_minus_device_busy_s'), '{:.1f}')} ms | — "
+            f"| {'yes' if within else 'no'} |",
+            f"| … served, 1 client: latency − (UNet + VAE) = Ray's round trip + the replica's share "
+            f"| +{_fmt(lone(lone_vae, 'latency_minus_device_busy_s'), '{:.1f}')} ms = {_fmt(hop, '{:.1f}')} "
+            f"+ {_fmt(replica, '{:.1f}')} ms | — | no: an empty Serve handle call alone takes "
+            f"{_fmt(empty, '{:.1f}')} ms here, the crop's job {_fmt(job, '{:.1f}')} ms |",
+            f"| … 8 clients: device work ÷ ideal at batch 8 / mean UNet batch "
+            f"| {_fmt(efficiency(eight_vae), '{:.2f}')} / {_fmt(mean_batch(eight_vae), '{:.2f}')} | — "
+            f"| {'yes' if (efficiency(eight_vae) or 0) >= 0.85 and (mean_batch(eight_vae) or 0) >= 6 else 'no'} |",
+        ]
     if lone_in_sync or lone_sync:
         lines += [
             f"| … on the synchronous device (`sync=1`, the model before): served / in-process, latency − "
@@ -317,6 +352,7 @@ def render(files: list[Path], notes: Path | None = None) -> str:
     ):
         code = run["code"]
         device = f" ({_device(run)} device)" if _device(run) else ""
+        device += ", the VAE at its published cost" if _vae_costed(run) else ""
         lines += [f"### {run['model'].upper()}, {code['path']} path{device}", ""]
         options = run["options"]
         lines.append(

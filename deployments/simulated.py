@@ -12,8 +12,9 @@ References (options are ``?name=value&…``; unknown names are rejected):
   encoder and tokenizer with diffusers'/transformers' call signatures, configs and outputs —
   so the real :class:`deployments.inpainter.Inpainter` samples with them. One UNet evaluation of
   a batch of ``n`` latents takes ``a + b·n`` seconds (``b`` scaled by the latent area relative to
-  64×64, i.e. a 512×512 crop, unless ``area=0``); ``vae`` seconds per image for each encode and
-  decode; ``text`` seconds per text-encoder call.
+  64×64, i.e. a 512×512 crop, unless ``area=0``); ``vae_encode`` / ``vae_decode`` seconds per
+  512×512 image for each VAE encode / decode (area-scaled the same way; ``vae`` sets both);
+  ``text`` seconds per text-encoder call.
 - ``sim://detector``: a face detector of ``cost`` seconds per image that finds up to ``faces``
   faces (``size`` = box side as a fraction of a grid cell), in the highest-contrast cells of a
   grid over the image.
@@ -83,12 +84,21 @@ UNET_A_S = 1 / SD15_A100_IT_PER_S[1] - 2 * UNET_B_S
 REFERENCE_LATENT_AREA = 64 * 64  # the benchmark's 512×512 images
 # ultralytics README, YOLOv8m at 640: 1.83 ms on an A100 with TensorRT.
 DETECTOR_COST_S = 0.00183
+# diffusers, "Hybrid Inference" VAE encode / decode tables (docs/source/en/hybrid_inference/vae_encode.md,
+# vae_decode.md), SD v1.5 at 512×512 on an RTX 4090 (the tables have no A100 row): encode 0.015 s,
+# decode 0.031 s. Not a default (the VAE is free unless set): ``vae_encode=0.015&vae_decode=0.031``.
+SD15_VAE_ENCODE_S = 0.015
+SD15_VAE_DECODE_S = 0.031
 # MobileSAM README, original SAM on one GPU: image encoder 452 ms, mask decoder 4 ms.
 SAM_ENCODER_S = 0.452
 SAM_DECODER_S = 0.004
 
 # ``sync=1``: the synchronous device of before (see SimulatedAccelerator), to reproduce old figures.
-INPAINTER_OPTIONS: dict[str, float] = {"a": UNET_A_S, "b": UNET_B_S, "area": 1.0, "vae": 0.0, "text": 0.0, "sync": 0.0}
+# ``vae_encode`` / ``vae_decode`` default to ``vae`` (NaN here: "not given").
+INPAINTER_OPTIONS: dict[str, float] = {
+    "a": UNET_A_S, "b": UNET_B_S, "area": 1.0, "vae": 0.0, "vae_encode": math.nan, "vae_decode": math.nan,
+    "text": 0.0, "sync": 0.0,
+}  # fmt: skip
 DETECTOR_OPTIONS: dict[str, float] = {"cost": DETECTOR_COST_S, "faces": 1.0, "size": 0.5, "sync": 0.0}
 SAM_OPTIONS: dict[str, float] = {"encoder": SAM_ENCODER_S, "decoder": SAM_DECODER_S, "sync": 0.0}
 FLAG_OPTIONS = frozenset({"sync"})  # 0 or 1
@@ -417,13 +427,27 @@ class SimulatedVAE(_SimulatedModule):
             shift_factor=None,
             force_upcast=True,
         )
-        self.seconds_per_image = options["vae"]
+        # seconds per 512×512 image; ``vae_encode`` / ``vae_decode`` not given → ``vae``
+        given = {name: options.get(name, math.nan) for name in ("vae_encode", "vae_decode")}
+        self.encode_s, self.decode_s = (options["vae"] if math.isnan(v) else v for v in given.values())
+        self.area_scaling = bool(options["area"])
+
+    def seconds(self, per_image: float, images: int, latent_height: int, latent_width: int) -> float:
+        """``per_image`` for each image, scaled by its latent area relative to 64×64 unless ``area=0``.
+
+        The published VAE times grow about with the pixel count (diffusers' tables: decode 0.031 s
+        at 512², 0.148 s at 1024²; encode 0.004 / 0.015 / 0.078 s at 256² / 512² / 1024²).
+        """
+        area = latent_height * latent_width / REFERENCE_LATENT_AREA if self.area_scaling else 1.0
+        return per_image * images * area
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> Any:
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
-        with self.accelerator.occupy("vae_encode", self.seconds_per_image * x.shape[0], x.shape[0]):
+        n, _, height, width = x.shape
+        seconds = self.seconds(self.encode_s, n, height / VAE_FACTOR, width / VAE_FACTOR)
+        with self.accelerator.occupy("vae_encode", seconds, n):
             pooled = _block_means(x)
             mean = torch.cat([pooled, pooled.mean(1, keepdim=True)], dim=1) / VAE_SCALING_FACTOR
             log_variance = torch.full_like(mean, -30.0)  # a point distribution: its mean is the latent
@@ -433,7 +457,8 @@ class SimulatedVAE(_SimulatedModule):
     def decode(self, z: torch.Tensor, return_dict: bool = True, generator: torch.Generator | None = None) -> Any:
         from diffusers.models.autoencoders.vae import DecoderOutput
 
-        with self.accelerator.occupy("vae_decode", self.seconds_per_image * z.shape[0], z.shape[0]):
+        n, _, height, width = z.shape
+        with self.accelerator.occupy("vae_decode", self.seconds(self.decode_s, n, height, width), n):
             rgb = (z[:, :3].double() * VAE_SCALING_FACTOR * self.gain.double()).clamp(-1.0, 1.0).to(z.dtype)
             # Nearest upsampling copies values, so clamping and casting first gives the same pixels
             # for 64× less stand-in arithmetic (CPU a real GPU decode would not spend).
@@ -598,7 +623,8 @@ def describe_simulated(components: SDComponents) -> dict[str, Any]:
         "unet_a_s": unet.a,
         "unet_b_s": unet.b,
         "area_scaling": unet.area_scaling,
-        "vae_s_per_image": components.vae.seconds_per_image,
+        "vae_encode_s": components.vae.encode_s,  # per 512×512 image
+        "vae_decode_s": components.vae.decode_s,
         **unet.accelerator.summary(),
     }
 

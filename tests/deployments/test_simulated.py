@@ -96,7 +96,7 @@ def test_references_parse_and_bad_ones_say_why() -> None:
     kind, options = simulated.parse_sim_reference("sim://sd15?a=0.5&area=0", ["sd15"], simulated.INPAINTER_OPTIONS)
     assert kind == "sd15" and options["a"] == 0.5 and options["area"] == 0.0
     assert options["b"] == simulated.UNET_B_S
-    with pytest.raises(ValueError, match="unknown option 'speed'.*a, b, area, vae, text"):
+    with pytest.raises(ValueError, match="unknown option 'speed'.*a, b, area, vae, vae_encode, vae_decode, text"):
         simulated.parse_sim_reference("sim://sd15?speed=2", ["sd15"], simulated.INPAINTER_OPTIONS)
     with pytest.raises(ValueError, match="unknown simulated model 'sdxl'"):
         Inpainter("sim://sdxl", device="cpu")
@@ -222,6 +222,51 @@ def test_host_work_shorter_than_the_device_time_does_not_lengthen_a_sequence() -
             assert all(after.started >= before.ended + 0.05 for before, after in zip(calls, calls[1:], strict=False))
     assert 0.4 <= walls["async"] < 0.52, walls
     assert walls["sync"] >= 0.64, walls
+
+
+def test_vae_encode_and_decode_cost_their_own_seconds_scaled_by_the_latent_area() -> None:
+    """``vae_encode`` / ``vae_decode`` per 512×512 image (``vae`` sets both), ×(latent area / 64²) unless area=0."""
+    job = RefineJob(image=textured(128, 64), noise_mask=None, positive=("face",), negative=(), seed=1)
+    settings = SamplingSettings(steps=1, denoise=0.5, cfg=1.0)
+    area = (128 // 8) * (64 // 8) / 64**2
+    for query, encode, decode in [
+        ("vae_encode=0.3&vae_decode=0.6", 0.3 * area, 0.6 * area),
+        ("vae=0.2", 0.2 * area, 0.2 * area),
+        ("vae=0.2&vae_decode=0.4", 0.2 * area, 0.4 * area),
+        ("vae_encode=0.3&vae_decode=0.6&area=0", 0.3, 0.6),
+        ("", 0.0, 0.0),
+    ]:
+        inpainter = Inpainter("sim://sd15?a=0.001&b=0" + (f"&{query}" if query else ""), device="cpu")
+        accelerator = inpainter.components.unet.accelerator
+        inpainter.refine([job], settings)
+        modelled = {call.operation: call.modelled_s for call in accelerator.calls if call.operation.startswith("vae")}
+        assert modelled == {"vae_encode": pytest.approx(encode), "vae_decode": pytest.approx(decode)}, query
+        info = inpainter.info()["simulated"]
+        assert (info["vae_encode_s"], info["vae_decode_s"]) == pytest.approx(
+            (encode / (1 if "area=0" in query else area), decode / (1 if "area=0" in query else area))
+        )
+    assert (simulated.SD15_VAE_ENCODE_S, simulated.SD15_VAE_DECODE_S) == (0.015, 0.031)  # diffusers' RTX 4090 table
+
+
+def test_a_crops_host_preparation_runs_while_the_device_encodes_it() -> None:
+    """As on a GPU: the host prepares mask, prompt and sampler while the VAE encode runs, and the
+    first UNet call starts the moment the encode ends; the decode starts once the last call and
+    the engine's check of its latent are done, and the result waits for the decode."""
+    job = RefineJob(image=textured(128, 128), noise_mask=box_mask(128, 128), positive=("face",), negative=(), seed=2)
+    inpainter = Inpainter("sim://sd15?a=0.01&b=0&area=0&vae_encode=0.25&vae_decode=0.05", device="cpu")
+    accelerator = inpainter.components.unet.accelerator
+    settings = SamplingSettings(steps=3, denoise=0.5, cfg=5.0, sampler_name="euler")
+    inpainter.refine([job], settings)  # the prompts' embeddings are remembered from here on
+    accelerator.calls.clear()
+    started = time.perf_counter()
+    inpainter.refine([job], settings)
+    ended = time.perf_counter()
+    calls = list(accelerator.calls)
+    assert [call.operation for call in calls] == ["vae_encode"] + ["unet"] * 3 + ["vae_decode"]
+    encode, first_unet, last_unet, decode = calls[0], calls[1], calls[-2], calls[-1]
+    assert first_unet.started == encode.ended  # back to back: the preparation was hidden
+    assert decode.started >= last_unet.ended and ended >= decode.ended
+    assert ended - started >= 0.25 + 3 * 0.01 + 0.05
 
 
 def test_the_sync_option_selects_the_synchronous_device() -> None:
