@@ -432,7 +432,7 @@ class SimulatedVAE(_SimulatedModule):
         self.encode_s, self.decode_s = (options["vae"] if math.isnan(v) else v for v in given.values())
         self.area_scaling = bool(options["area"])
 
-    def seconds(self, per_image: float, images: int, latent_height: int, latent_width: int) -> float:
+    def seconds(self, per_image: float, images: int, latent_height: float, latent_width: float) -> float:
         """``per_image`` for each image, scaled by its latent area relative to 64×64 unless ``area=0``.
 
         The published VAE times grow about with the pixel count (diffusers' tables: decode 0.031 s

@@ -347,7 +347,7 @@ class FaceDetailerIngress:
         except UnsafeNameError as error:  # a LoRA or wildcard name that would leave its folder
             name, reason, kind = (getattr(error, key, None) for key in ("name", "reason", "kind"))
             message = f"{kind} name {name!r} is refused: {reason}" if reason else str(error)
-            raise RequestError(422, message, {"name": name, "reason": reason}) from error
+            raise RequestError(422, message, [{"message": message, "name": name, "reason": reason}]) from error
         except PipelineInputError as error:
             raise RequestError(422, str(error)) from error
         except EngineBusyError as error:  # the inpainter's queue is full: retry later

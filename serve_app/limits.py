@@ -31,6 +31,15 @@ from serve_app.pipeline import PlannedFace
 WORK_UNIT_PIXELS = 512 * 512
 
 
+# the inputs that lower what each limit counts: a 422's ``details`` name them as fields
+LIMIT_FIELDS: dict[str, tuple[str, ...]] = {
+    "max_steps": ("steps",),
+    "max_sample_pixels": ("guide_size", "max_size"),
+    "max_faces_per_image": ("bbox_threshold", "drop_size"),
+    "max_work_units": ("steps", "cycle", "guide_size", "max_size"),
+}
+
+
 class LimitExceededError(ValueError):
     """A request over one of the configured work limits."""
 
@@ -43,8 +52,11 @@ class LimitExceededError(ValueError):
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.limit, self.limit_value, self.requested, str(self)))
 
-    def details(self) -> dict[str, Any]:
-        return {"limit": f"limits.{self.limit}", "limit_value": self.limit_value, "requested": self.requested}
+    def details(self) -> list[dict[str, Any]]:
+        """The service's error ``details`` shape — one ``{"field", "message"}`` per input that lowers
+        what the limit counts — each with the limit, its value and the value asked."""
+        facts = {"limit": f"limits.{self.limit}", "limit_value": self.limit_value, "requested": self.requested}
+        return [{"field": field, "message": str(self), **facts} for field in LIMIT_FIELDS[self.limit]]
 
 
 def face_work_units(params: FaceDetailerParams, sample_size: tuple[int, int]) -> float:

@@ -85,6 +85,15 @@ def test_stream_endpoint_sends_face_events_then_the_json_result(url):
         refused = http.post(f"{url}/v1/detail/stream", files=files, data={"params": json.dumps({"denoise": 3})})
         assert refused.status_code == 422 and refused.headers["content-type"] == "application/json"
         assert refused.json()["details"][0]["field"] == "denoise"
+        # a work limit only known after detection: the stream has started, so it is an `error` event
+        over = {**FAST, "guide_size": 16384, "max_size": 16384}
+        with http.stream("POST", f"{url}/v1/detail/stream", files=files, data={"params": json.dumps(over)}) as answer:
+            assert answer.status_code == 200
+            lines = [line for line in answer.iter_lines() if line.startswith(("event: ", "data: "))]
+        assert [line for line in lines if line.startswith("event: ")] == ["event: error"]
+        error = json.loads(lines[-1][6:])
+        assert error["status"] == 422 and "limits.max_sample_pixels" in error["error"]
+        assert [detail["field"] for detail in error["details"]] == ["guide_size", "max_size"]
 
 
 def test_workflow_import_over_http_in_both_formats(url):

@@ -32,7 +32,8 @@ def test_steps_over_the_limit_name_the_limit_and_the_value():
     check_request(FaceDetailerParams(steps=50), LIMITS)
     with pytest.raises(LimitExceededError, match=r"steps: 10000 exceeds limits\.max_steps = 50") as caught:
         check_request(FaceDetailerParams(steps=10000), LIMITS)
-    assert caught.value.details() == {"limit": "limits.max_steps", "limit_value": 50, "requested": 10000}
+    facts = {"limit": "limits.max_steps", "limit_value": 50, "requested": 10000}
+    assert caught.value.details() == [{"field": "steps", "message": str(caught.value), **facts}]
 
 
 @pytest.mark.parametrize(
@@ -141,10 +142,13 @@ def test_http_refuses_over_limit_requests_with_422_and_lists_limits(client):
     assert response.status_code == 422
     body = response.json()
     assert "limits.max_steps" in body["error"] and "10000" in body["error"]
-    assert body["details"] == {"limit": "limits.max_steps", "limit_value": limits["max_steps"], "requested": 10000}
+    # the same list of {"field", "message"} as every other 422, with the limit's facts
+    assert body["details"] == [{"field": "steps", "message": body["error"], "limit": "limits.max_steps",
+                                "limit_value": limits["max_steps"], "requested": 10000}]  # fmt: skip
     response = post(client, three_faces(), {"steps": 2, "guide_size": 16384, "max_size": 16384})
     assert response.status_code == 422, response.text
     body = response.json()
-    assert body["details"]["limit"] == "limits.max_sample_pixels"
-    assert body["details"]["requested"] > limits["max_sample_pixels"]
-    assert body["details"]["limit_value"] == limits["max_sample_pixels"]
+    assert [detail["field"] for detail in body["details"]] == ["guide_size", "max_size"]
+    for detail in body["details"]:
+        assert detail["limit"] == "limits.max_sample_pixels" and detail["message"] == body["error"]
+        assert detail["requested"] > limits["max_sample_pixels"] == detail["limit_value"]

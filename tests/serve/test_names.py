@@ -101,4 +101,5 @@ def test_http_refuses_an_escaping_lora_tag_with_422(serve_instance):
         response = client.post("/v1/detail", files=files, data={"params": json.dumps(params)})
     assert response.status_code == 422, response.text
     body = response.json()
-    assert body["details"]["name"] == "../../../etc/passwd" and "LoRA name" in body["error"]
+    assert body["details"][0]["name"] == "../../../etc/passwd" and "LoRA name" in body["error"]
+    assert "field" not in body["details"][0]  # the name came from a prompt or wildcard, not one input

@@ -166,4 +166,10 @@ def test_page_runs_facedetailer_in_a_real_browser(browser_page, serve_instance, 
     page.click("#run")
     page.wait_for_function("document.querySelector('#error-use_segm').textContent.length > 0")
     assert "segm" in page.inner_text("#error-use_segm")
+    # …and a work limit's 422 next to the inputs that lower it (its details list them as fields)
+    page.uncheck("#field-use_segm")
+    page.fill("#field-steps", "10000")
+    page.click("#run")
+    page.wait_for_function("document.querySelector('#error-steps').textContent.length > 0")
+    assert "limits.max_steps" in page.inner_text("#error-steps")
     assert not script_errors, script_errors

@@ -207,7 +207,7 @@ function clearErrors() {
 function showServiceError(body, status) {
   const message = body?.error ?? `HTTP ${status}`;
   let placed = false;
-  for (const detail of body?.details ?? []) {
+  for (const detail of Array.isArray(body?.details) ? body.details : []) {
     const field = String(detail.field ?? "").split(".")[0];
     placed = showFieldError(field, detail.message) || placed;
   }
