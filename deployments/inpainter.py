@@ -59,7 +59,8 @@ from deployments.sampling import (
 from facedetailer.controlnet import ControlHint
 from facedetailer.cycle_hooks import NoiseInjectionStep, UnsampleStep
 from facedetailer.hooks import DetailerHook, DetailerHooks
-from facedetailer.token_windows import prompt_words, token_windows
+from facedetailer.prompt_weights import PromptSyntaxError, check_prompt, weighted_words
+from facedetailer.token_windows import empty_window, weighted_token_windows
 
 __all__ = [
     "CycleSpec",
@@ -434,6 +435,9 @@ class Inpainter:
         Each chunk (a BREAK / [CONCAT] part) is tokenised on its own into 77-token windows
         (BOS + 75 + EOS, padded), every window is encoded separately and the results are
         concatenated along the token axis, like ComfyUI's CLIPTextEncode + ConditioningConcat.
+        Emphasis (``(word:1.2)``) follows ComfyUI: when any token's weight is not 1, the empty
+        prompt's window is encoded too and each weighted token becomes (z − z_empty)·w + z_empty,
+        per encoder, in float32; the pooled embedding is the unweighted first window's.
         """
         parts = self.components
         hidden_parts: list[torch.Tensor] = []
@@ -441,15 +445,25 @@ class Inpainter:
         with torch.inference_mode():
             for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders, strict=True):
                 length = min(int(tokenizer.model_max_length), int(encoder.config.max_position_embeddings))
-                windows = [window for chunk in chunks for window in _token_windows(tokenizer, chunk, length)]
+                windows: list[list[int]] = []
+                weights: list[list[float]] = []
+                for chunk in chunks:
+                    chunk_windows, chunk_weights = _prompt_windows(tokenizer, chunk, length)
+                    windows += chunk_windows
+                    weights += chunk_weights
+                emphasis = any(weight != 1.0 for row in weights for weight in row)
+                if emphasis:
+                    windows.append(empty_window(**_special_tokens(tokenizer), max_length=length))
                 ids = torch.tensor(windows, dtype=torch.long, device=self.device)
                 output = encoder(ids, output_hidden_states=parts.is_sdxl)
                 # SD 1.x/2.x: last layer (diffusers' SD 2 encoders already end at the penultimate
                 # OpenCLIP layer); SDXL: both encoders' penultimate layer, without the final norm.
                 hidden = output.hidden_states[-2] if parts.is_sdxl else output.last_hidden_state
+                if emphasis:
+                    hidden = apply_token_weights(hidden[:-1], hidden[-1], torch.tensor(weights, device=self.device))
                 hidden_parts.append(hidden.reshape(1, -1, hidden.shape[-1]))
                 if pooled is None and getattr(output, "text_embeds", None) is not None:
-                    pooled = output.text_embeds[:1]
+                    pooled = output.text_embeds[:1]  # the first window's (the empty one is last)
         return torch.cat(hidden_parts, dim=-1).to(self.dtype), pooled
 
     # ---------------------------------------------------------------- engine backend: evaluate
@@ -606,6 +620,12 @@ def check_job(index: int, job: RefineJob) -> None:
             raise ValueError(f"job {index}: noise_mask must be a non-empty 2-D array, got shape {mask.shape}")
         if not np.isfinite(mask).all():
             raise ValueError(f"job {index}: noise_mask has non-finite values")
+    for name in ("positive", "negative"):
+        for chunk in getattr(job, name):
+            try:
+                check_prompt(chunk)
+            except PromptSyntaxError as error:
+                raise PromptSyntaxError(f"job {index}: {name}: {error}") from error
 
 
 def stretch_to_latent_grid(
@@ -722,25 +742,47 @@ def _quantised_images(images: torch.Tensor) -> list[np.ndarray]:
     return [cv2.merge(list(image)) for image in planes]
 
 
-def _token_windows(tokenizer: Any, text: str, length: int) -> list[list[int]]:
+def apply_token_weights(hidden: torch.Tensor, empty: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's emphasis: each token with weight w ≠ 1 becomes (z − z_empty)·w + z_empty (float32).
+
+    ``hidden`` [n, L, D] are the windows' hidden states, ``empty`` [L, D] the empty prompt's, and
+    ``weights`` [n, L] each place's weight; places of weight 1 are returned bit for bit.
+    """
+    hidden, empty, weights = hidden.float(), empty.float(), weights.float()
+    weighted = (hidden - empty) * weights[..., None] + empty
+    return torch.where((weights != 1.0)[..., None], weighted, hidden)
+
+
+def _special_tokens(tokenizer: Any) -> dict[str, int]:
+    """Start, end and padding ids (a tokenizer without a pad token pads with its end token)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {"start_token": tokenizer.bos_token_id, "end_token": tokenizer.eos_token_id, "pad_token": pad}
+
+
+def _prompt_windows(tokenizer: Any, text: str, length: int) -> tuple[list[list[int]], list[list[float]]]:
     """``text`` as ``length``-token windows cut the way ComfyUI's tokenizer cuts them (Decision 9).
 
-    ComfyUI tokenizes word by word (:func:`~facedetailer.token_windows.prompt_words`) and moves a
-    word that does not fit whole to the next window (BOS + up to 75 tokens + EOS, padded); a
-    long chunk becomes several windows instead of being truncated.
+    The emphasis syntax is parsed first (:func:`~facedetailer.prompt_weights.weighted_words`);
+    ComfyUI then tokenizes word by word and moves a word that does not fit whole to the next
+    window (BOS + up to 75 tokens + EOS, padded); a long chunk becomes several windows instead of
+    being truncated. Returns the windows' ids and each place's weight.
     """
-    words = prompt_words(text)
+    words = weighted_words(text)
     word_tokens: list[list[int]] = []
     if words:  # each word tokenized on its own (one batched call)
-        word_tokens = tokenizer(words, add_special_tokens=False, truncation=False, verbose=False).input_ids
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return token_windows(
-        word_tokens,
-        start_token=tokenizer.bos_token_id,
-        end_token=tokenizer.eos_token_id,
-        pad_token=pad,
+        word_tokens = tokenizer(
+            [word for word, _ in words], add_special_tokens=False, truncation=False, verbose=False
+        ).input_ids
+    return weighted_token_windows(
+        [(tokens, weight) for tokens, (_, weight) in zip(word_tokens, words, strict=True)],
+        **_special_tokens(tokenizer),
         max_length=length,
     )
+
+
+def _token_windows(tokenizer: Any, text: str, length: int) -> list[list[int]]:
+    """The ids of :func:`_prompt_windows`."""
+    return _prompt_windows(tokenizer, text, length)[0]
 
 
 def _repeat_to_common_length(embeds: list[torch.Tensor]) -> torch.Tensor:

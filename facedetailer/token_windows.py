@@ -4,7 +4,8 @@ ComfyUI tokenizes a prompt word by word (the text split on spaces, newlines read
 fills windows of ``max_length`` tokens (start token, up to 75 tokens, end token, padding). A word
 that no longer fits in the current window moves whole to the next one, unless it is itself
 ``max_word_length`` tokens or longer, in which case it is split at the window's end. A plain
-75-token cut would instead split short words across two windows.
+75-token cut would instead split short words across two windows. With emphasis
+(:mod:`facedetailer.prompt_weights`) every token also carries its word's weight.
 """
 
 from __future__ import annotations
@@ -30,16 +31,44 @@ def token_windows(
     max_word_length: int = MAX_WORD_LENGTH,
 ) -> list[list[int]]:
     """Windows of exactly ``max_length`` ids from each word's tokens (no word: one empty window)."""
+    windows, _ = weighted_token_windows(
+        [(tokens, 1.0) for tokens in word_tokens],
+        start_token=start_token,
+        end_token=end_token,
+        pad_token=pad_token,
+        max_length=max_length,
+        max_word_length=max_word_length,
+    )
+    return windows
+
+
+def weighted_token_windows(
+    weighted_words: Sequence[tuple[Sequence[int], float]],
+    *,
+    start_token: int,
+    end_token: int,
+    pad_token: int,
+    max_length: int = CLIP_MAX_LENGTH,
+    max_word_length: int = MAX_WORD_LENGTH,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """:func:`token_windows` of (tokens, weight) words, and each place's weight alongside.
+
+    Every token of a word (also the part of a long word that moves on) carries the word's weight;
+    the start, end and padding tokens carry 1.0, as in ComfyUI.
+    """
     room = max_length - 2  # tokens between the start and end tokens
     windows: list[list[int]] = []
-    current: list[int] = []
+    weights: list[list[float]] = []
+    current: list[tuple[int, float]] = []
 
     def close() -> None:
-        windows.append([start_token, *current, end_token] + [pad_token] * (room - len(current)))
+        padding = room - len(current)
+        windows.append([start_token, *(token for token, _ in current), end_token] + [pad_token] * padding)
+        weights.append([1.0, *(weight for _, weight in current), 1.0] + [1.0] * padding)
         current.clear()
 
-    for tokens in word_tokens:
-        pending = list(tokens)
+    for tokens, weight in weighted_words:
+        pending = [(token, weight) for token in tokens]
         splittable = len(pending) >= max_word_length
         while pending:
             free = room - len(current)
@@ -51,4 +80,9 @@ def token_windows(
                 pending = pending[free:]
             close()
     close()
-    return windows
+    return windows, weights
+
+
+def empty_window(*, start_token: int, end_token: int, pad_token: int, max_length: int = CLIP_MAX_LENGTH) -> list[int]:
+    """The empty prompt's window: ComfyUI's reference point for emphasis weights."""
+    return [start_token, end_token] + [pad_token] * (max_length - 2)

@@ -116,7 +116,7 @@ DESCRIPTIONS: dict[str, str] = {
     "cfg": "classifier-free guidance scale",
     "sampler_name": "ComfyUI sampler name",
     "scheduler": "ComfyUI scheduler name",
-    "positive": "prompt for the refined faces (BREAK splits chunks)",
+    "positive": "prompt for the refined faces (BREAK splits chunks; (word:1.2) emphasis as in ComfyUI)",
     "negative": "negative prompt",
     "denoise": "img2img strength: how much of each face is redrawn",
     "feather": "blur radius of the paste mask",
