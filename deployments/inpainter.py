@@ -59,7 +59,7 @@ from deployments.sampling import (
 from facedetailer.controlnet import ControlHint
 from facedetailer.cycle_hooks import NoiseInjectionStep, UnsampleStep
 from facedetailer.hooks import DetailerHook, DetailerHooks
-from facedetailer.prompt_weights import PromptSyntaxError, check_prompt, weighted_words
+from facedetailer.prompt_weights import PromptSyntaxError, check_prompt, weighted_groups
 from facedetailer.token_windows import empty_window, weighted_token_windows
 
 __all__ = [
@@ -762,19 +762,21 @@ def _special_tokens(tokenizer: Any) -> dict[str, int]:
 def _prompt_windows(tokenizer: Any, text: str, length: int) -> tuple[list[list[int]], list[list[float]]]:
     """``text`` as ``length``-token windows cut the way ComfyUI's tokenizer cuts them (Decision 9).
 
-    The emphasis syntax is parsed first (:func:`~facedetailer.prompt_weights.weighted_words`);
-    ComfyUI then tokenizes word by word and moves a word that does not fit whole to the next
-    window (BOS + up to 75 tokens + EOS, padded); a long chunk becomes several windows instead of
-    being truncated. Returns the windows' ids and each place's weight.
+    The emphasis syntax is parsed first; each weighted segment is one group, cut only before an
+    ``embedding:`` (:func:`~facedetailer.prompt_weights.weighted_groups`), and each group is
+    tokenized whole, as ComfyUI 0.3.64 does. A group that does not fit moves whole to the next
+    window unless it has 8+ tokens, then it is cut at the window's end (BOS + up to 75 tokens +
+    EOS, padded); a long chunk becomes several windows instead of being truncated. Returns the
+    windows' ids and each place's weight.
     """
-    words = weighted_words(text)
-    word_tokens: list[list[int]] = []
-    if words:  # each word tokenized on its own (one batched call)
-        word_tokens = tokenizer(
-            [word for word, _ in words], add_special_tokens=False, truncation=False, verbose=False
+    groups = weighted_groups(text)
+    group_tokens: list[list[int]] = []
+    if groups:  # each group tokenized on its own (one batched call)
+        group_tokens = tokenizer(
+            [group for group, _ in groups], add_special_tokens=False, truncation=False, verbose=False
         ).input_ids
     return weighted_token_windows(
-        [(tokens, weight) for tokens, (_, weight) in zip(word_tokens, words, strict=True)],
+        [(tokens, weight) for tokens, (_, weight) in zip(group_tokens, groups, strict=True)],
         **_special_tokens(tokenizer),
         max_length=length,
     )
