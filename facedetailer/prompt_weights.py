@@ -37,6 +37,8 @@ _ESCAPED_CLOSE, _ESCAPED_OPEN = "\0\1", "\0\2"
 _EMBEDDING = re.compile(r"(?:^|[ \n])embedding:\s*(\S*)")
 # Where ComfyUI cuts a segment into separately tokenized groups.
 _EMBEDDING_CUT = re.compile(r"[ \n]embedding:")
+# Text CLIP's tokenizer folds to no token: whitespace, except \x1c-\x1f (whitespace to Python, tokens to CLIP).
+_NO_TOKEN = re.compile(r"[^\S\x1c-\x1f]*")
 
 
 class PromptSyntaxError(ValueError):
@@ -138,5 +140,5 @@ def check_prompt(text: str) -> None:
             "the embedding's learned vectors in its place; remove it or write the words it stands for"
         )
     for group, weight in weighted_groups(text):
-        if group.strip() and not (math.isfinite(weight) and abs(weight) <= FLOAT32_MAX):  # blank: no token
+        if not _NO_TOKEN.fullmatch(group) and not (math.isfinite(weight) and abs(weight) <= FLOAT32_MAX):
             raise PromptSyntaxError(f"emphasis weight {weight!r} on {group!r} is not a finite float32 number")

@@ -131,6 +131,9 @@ def test_what_we_cannot_encode_as_comfyui_is_refused() -> None:
         with pytest.raises(PromptSyntaxError, match="not a finite float32"):
             check_prompt(text)
     check_prompt("( :nan)")  # weights no token
+    check_prompt("(\n\t\u3000:nan)")  # whitespace CLIP folds away: no token either
+    with pytest.raises(PromptSyntaxError, match="not a finite float32"):
+        check_prompt("(\x1c:nan)")  # whitespace to Python, but a token to CLIP's tokenizer
     check_prompt("(a:1e38) a,embedding:x (b:-2)")
 
 
