@@ -59,7 +59,7 @@ from deployments.sampling import (
 from facedetailer.controlnet import ControlHint
 from facedetailer.cycle_hooks import NoiseInjectionStep, UnsampleStep
 from facedetailer.hooks import DetailerHook, DetailerHooks
-from facedetailer.prompt_weights import PromptSyntaxError, check_prompt, weighted_words
+from facedetailer.prompt_weights import PromptSyntaxError, check_prompt, weighted_groups
 from facedetailer.token_windows import empty_window, weighted_token_windows
 
 __all__ = [
@@ -433,11 +433,13 @@ class Inpainter:
         """[1, 77·n, D] hidden states (+ SDXL's pooled embedding of the first window).
 
         Each chunk (a BREAK / [CONCAT] part) is tokenised on its own into 77-token windows
-        (BOS + 75 + EOS, padded), every window is encoded separately and the results are
-        concatenated along the token axis, like ComfyUI's CLIPTextEncode + ConditioningConcat.
-        Emphasis (``(word:1.2)``) follows ComfyUI: when any token's weight is not 1, the empty
-        prompt's window is encoded too and each weighted token becomes (z − z_empty)·w + z_empty,
-        per encoder, in float32; the pooled embedding is the unweighted first window's.
+        (BOS + 75 + EOS, padded) and encoded in its own encoder call; the chunks' hidden states
+        are concatenated along the token axis, like Impact's one CLIPTextEncode per chunk +
+        ConditioningConcat (one call per chunk, not one for all: batching moves float rounding).
+        Emphasis (``(word:1.2)``) follows ComfyUI: when any token of a chunk has a weight ≠ 1, the
+        empty prompt's window is encoded in that chunk's call and each weighted token becomes
+        (z − z_empty)·w + z_empty, per encoder, in float32. The pooled embedding is the first
+        chunk's first window's, unweighted (ConditioningConcat keeps the first chunk's).
         """
         parts = self.components
         hidden_parts: list[torch.Tensor] = []
@@ -445,26 +447,32 @@ class Inpainter:
         with torch.inference_mode():
             for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders, strict=True):
                 length = min(int(tokenizer.model_max_length), int(encoder.config.max_position_embeddings))
-                windows: list[list[int]] = []
-                weights: list[list[float]] = []
+                chunk_parts: list[torch.Tensor] = []
                 for chunk in chunks:
-                    chunk_windows, chunk_weights = _prompt_windows(tokenizer, chunk, length)
-                    windows += chunk_windows
-                    weights += chunk_weights
-                emphasis = any(weight != 1.0 for row in weights for weight in row)
-                if emphasis:
-                    windows.append(empty_window(**_special_tokens(tokenizer), max_length=length))
-                ids = torch.tensor(windows, dtype=torch.long, device=self.device)
-                output = encoder(ids, output_hidden_states=parts.is_sdxl)
-                # SD 1.x/2.x: last layer (diffusers' SD 2 encoders already end at the penultimate
-                # OpenCLIP layer); SDXL: both encoders' penultimate layer, without the final norm.
-                hidden = output.hidden_states[-2] if parts.is_sdxl else output.last_hidden_state
-                if emphasis:
-                    hidden = apply_token_weights(hidden[:-1], hidden[-1], torch.tensor(weights, device=self.device))
-                hidden_parts.append(hidden.reshape(1, -1, hidden.shape[-1]))
-                if pooled is None and getattr(output, "text_embeds", None) is not None:
-                    pooled = output.text_embeds[:1]  # the first window's (the empty one is last)
+                    hidden, chunk_pooled = self._encode_chunk(tokenizer, encoder, chunk, length)
+                    chunk_parts.append(hidden.reshape(1, -1, hidden.shape[-1]))
+                    if pooled is None and chunk_pooled is not None:
+                        pooled = chunk_pooled  # the first chunk's (SDXL: the encoder that has one)
+                hidden_parts.append(torch.cat(chunk_parts, dim=1))
         return torch.cat(hidden_parts, dim=-1).to(self.dtype), pooled
+
+    def _encode_chunk(
+        self, tokenizer: Any, encoder: Any, chunk: str, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One chunk's windows [n, L, D] through one encoder in one call (+ its first window's pooled)."""
+        windows, weights = _prompt_windows(tokenizer, chunk, length)
+        emphasis = any(weight != 1.0 for row in weights for weight in row)
+        if emphasis:
+            windows.append(empty_window(**_special_tokens(tokenizer), max_length=length))
+        ids = torch.tensor(windows, dtype=torch.long, device=self.device)
+        output = encoder(ids, output_hidden_states=self.components.is_sdxl)
+        # SD 1.x/2.x: last layer (diffusers' SD 2 encoders already end at the penultimate OpenCLIP
+        # layer); SDXL: both encoders' penultimate layer, without the final norm.
+        hidden = output.hidden_states[-2] if self.components.is_sdxl else output.last_hidden_state
+        if emphasis:
+            hidden = apply_token_weights(hidden[:-1], hidden[-1], torch.tensor(weights, device=self.device))
+        text_embeds = getattr(output, "text_embeds", None)
+        return hidden, None if text_embeds is None else text_embeds[:1]  # the empty window is last
 
     # ---------------------------------------------------------------- engine backend: evaluate
 
@@ -762,19 +770,21 @@ def _special_tokens(tokenizer: Any) -> dict[str, int]:
 def _prompt_windows(tokenizer: Any, text: str, length: int) -> tuple[list[list[int]], list[list[float]]]:
     """``text`` as ``length``-token windows cut the way ComfyUI's tokenizer cuts them (Decision 9).
 
-    The emphasis syntax is parsed first (:func:`~facedetailer.prompt_weights.weighted_words`);
-    ComfyUI then tokenizes word by word and moves a word that does not fit whole to the next
-    window (BOS + up to 75 tokens + EOS, padded); a long chunk becomes several windows instead of
-    being truncated. Returns the windows' ids and each place's weight.
+    The emphasis syntax is parsed first; each weighted segment is one group, cut only before an
+    ``embedding:`` (:func:`~facedetailer.prompt_weights.weighted_groups`), and each group is
+    tokenized whole, as ComfyUI 0.3.64 does. A group that does not fit moves whole to the next
+    window unless it has 8+ tokens, then it is cut at the window's end (BOS + up to 75 tokens +
+    EOS, padded); a long chunk becomes several windows instead of being truncated. Returns the
+    windows' ids and each place's weight.
     """
-    words = weighted_words(text)
-    word_tokens: list[list[int]] = []
-    if words:  # each word tokenized on its own (one batched call)
-        word_tokens = tokenizer(
-            [word for word, _ in words], add_special_tokens=False, truncation=False, verbose=False
+    groups = weighted_groups(text)
+    group_tokens: list[list[int]] = []
+    if groups:  # each group tokenized on its own (one batched call)
+        group_tokens = tokenizer(
+            [group for group, _ in groups], add_special_tokens=False, truncation=False, verbose=False
         ).input_ids
     return weighted_token_windows(
-        [(tokens, weight) for tokens, (_, weight) in zip(word_tokens, words, strict=True)],
+        [(tokens, weight) for tokens, (_, weight) in zip(group_tokens, groups, strict=True)],
         **_special_tokens(tokenizer),
         max_length=length,
     )

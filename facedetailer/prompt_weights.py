@@ -11,8 +11,9 @@ ComfyUI's CLIPTextEncode reads a prompt as weighted segments before tokenizing i
 - ``\\(`` and ``\\)`` are literal parentheses;
 - a ``(`` that is never closed stays in the text literally, as does a stray ``)`` (which also
   shifts the depth count, so later groups of the same run stay literal: ComfyUI's quirk, kept);
-- segments are then cut into words on spaces (newlines read as spaces) and every token of a word
-  carries its segment's weight; the window's start, end and padding tokens carry 1.0.
+- each segment is then tokenized whole, as one group (ComfyUI 0.3.64 cuts it only where
+  ``embedding:`` follows a space or a newline, :func:`weighted_groups`); every token of a group
+  carries its segment's weight, the window's start, end and padding tokens carry 1.0.
 
 ``embedding:NAME`` asks ComfyUI for a textual-inversion embedding (its learned vectors replace
 the word; a missing file drops the word). This service has no embeddings to load, so such a
@@ -26,8 +27,6 @@ from __future__ import annotations
 import math
 import re
 
-from facedetailer.token_windows import prompt_words
-
 EMPHASIS = 1.1  # weight factor of a plain parenthesised group
 EMBEDDING_PREFIX = "embedding:"
 FLOAT32_MAX = 3.4028234663852886e38
@@ -36,6 +35,10 @@ FLOAT32_MAX = 3.4028234663852886e38
 _ESCAPED_CLOSE, _ESCAPED_OPEN = "\0\1", "\0\2"
 # ComfyUI's marker for an embedding: at the segment's start or after a space or newline.
 _EMBEDDING = re.compile(r"(?:^|[ \n])embedding:\s*(\S*)")
+# Where ComfyUI cuts a segment into separately tokenized groups.
+_EMBEDDING_CUT = re.compile(r"[ \n]embedding:")
+# Text CLIP's tokenizer folds to no token: whitespace, except \x1c-\x1f (whitespace to Python, tokens to CLIP).
+_NO_TOKEN = re.compile(r"[^\S\x1c-\x1f]*")
 
 
 class PromptSyntaxError(ValueError):
@@ -107,9 +110,20 @@ def weighted_segments(text: str) -> list[tuple[str, float]]:
     return [(_restore_escapes(segment), weight) for segment, weight in _segments(_hide_escapes(text), 1.0)]
 
 
-def weighted_words(text: str) -> list[tuple[str, float]]:
-    """The words tokenized one by one, each with its segment's weight (words never cross segments)."""
-    return [(word, weight) for segment, weight in weighted_segments(text) for word in prompt_words(segment)]
+def segment_groups(segment: str) -> list[str]:
+    """The pieces ComfyUI tokenizes one by one in a segment: cut before each ``embedding:``.
+
+    The cut consumes the space or newline before ``embedding:``; empty pieces are dropped. Every
+    other piece is tokenized whole (newlines and runs of spaces included: CLIP's tokenizer folds
+    whitespace itself), so a piece may be cut anywhere at a window's end when it has 8+ tokens.
+    """
+    pieces = _EMBEDDING_CUT.split(segment)
+    return [piece for piece in [pieces[0], *(EMBEDDING_PREFIX + piece for piece in pieces[1:])] if piece]
+
+
+def weighted_groups(text: str) -> list[tuple[str, float]]:
+    """The groups tokenized one by one, each with its segment's weight (groups never cross segments)."""
+    return [(group, weight) for segment, weight in weighted_segments(text) for group in segment_groups(segment)]
 
 
 def embedding_names(text: str) -> list[str]:
@@ -125,6 +139,6 @@ def check_prompt(text: str) -> None:
             f"textual-inversion embeddings are not supported (embedding:{names[0]}): ComfyUI would put "
             "the embedding's learned vectors in its place; remove it or write the words it stands for"
         )
-    for word, weight in weighted_words(text):
-        if not (math.isfinite(weight) and abs(weight) <= FLOAT32_MAX):
-            raise PromptSyntaxError(f"emphasis weight {weight!r} on {word!r} is not a finite float32 number")
+    for group, weight in weighted_groups(text):
+        if not _NO_TOKEN.fullmatch(group) and not (math.isfinite(weight) and abs(weight) <= FLOAT32_MAX):
+            raise PromptSyntaxError(f"emphasis weight {weight!r} on {group!r} is not a finite float32 number")

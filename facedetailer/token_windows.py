@@ -1,11 +1,13 @@
 """CLIP token windows the way ComfyUI's tokenizer cuts a long prompt (Decision 9).
 
-ComfyUI tokenizes a prompt word by word (the text split on spaces, newlines read as spaces) and
-fills windows of ``max_length`` tokens (start token, up to 75 tokens, end token, padding). A word
-that no longer fits in the current window moves whole to the next one, unless it is itself
-``max_word_length`` tokens or longer, in which case it is split at the window's end. A plain
-75-token cut would instead split short words across two windows. With emphasis
-(:mod:`facedetailer.prompt_weights`) every token also carries its word's weight.
+ComfyUI (0.3.64's ``SDTokenizer.tokenize_with_weights``) tokenizes a prompt group by group — a
+group is a whole weighted segment, cut only where an ``embedding:`` begins
+(:func:`facedetailer.prompt_weights.weighted_groups`) — and fills windows of ``max_length``
+tokens (start token, up to 75 tokens, end token, padding). A group that no longer fits in the
+current window moves whole to the next one, unless it is itself ``max_word_length`` tokens or
+longer, in which case it is cut at the window's end, mid-word if need be: a plain prompt of more
+than 75 tokens is one such group, cut at exactly 75. With emphasis every token also carries its
+group's weight.
 """
 
 from __future__ import annotations
@@ -13,16 +15,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 CLIP_MAX_LENGTH = 77
-MAX_WORD_LENGTH = 8  # words of this many tokens or more may be split across windows
-
-
-def prompt_words(text: str) -> list[str]:
-    """The words ComfyUI tokenizes one by one: split on single spaces after newlines become spaces."""
-    return [word for word in text.replace("\n", " ").split(" ") if word]
+MAX_WORD_LENGTH = 8  # groups of this many tokens or more may be cut across windows (ComfyUI's name)
 
 
 def token_windows(
-    word_tokens: Sequence[Sequence[int]],
+    group_tokens: Sequence[Sequence[int]],
     *,
     start_token: int,
     end_token: int,
@@ -30,9 +27,9 @@ def token_windows(
     max_length: int = CLIP_MAX_LENGTH,
     max_word_length: int = MAX_WORD_LENGTH,
 ) -> list[list[int]]:
-    """Windows of exactly ``max_length`` ids from each word's tokens (no word: one empty window)."""
+    """Windows of exactly ``max_length`` ids from each group's tokens (no token: one empty window)."""
     windows, _ = weighted_token_windows(
-        [(tokens, 1.0) for tokens in word_tokens],
+        [(tokens, 1.0) for tokens in group_tokens],
         start_token=start_token,
         end_token=end_token,
         pad_token=pad_token,
@@ -43,7 +40,7 @@ def token_windows(
 
 
 def weighted_token_windows(
-    weighted_words: Sequence[tuple[Sequence[int], float]],
+    weighted_groups: Sequence[tuple[Sequence[int], float]],
     *,
     start_token: int,
     end_token: int,
@@ -51,10 +48,10 @@ def weighted_token_windows(
     max_length: int = CLIP_MAX_LENGTH,
     max_word_length: int = MAX_WORD_LENGTH,
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """:func:`token_windows` of (tokens, weight) words, and each place's weight alongside.
+    """:func:`token_windows` of (tokens, weight) groups, and each place's weight alongside.
 
-    Every token of a word (also the part of a long word that moves on) carries the word's weight;
-    the start, end and padding tokens carry 1.0, as in ComfyUI.
+    Every token of a group (also the part of a long group that moves on) carries the group's
+    weight; the start, end and padding tokens carry 1.0, as in ComfyUI.
     """
     room = max_length - 2  # tokens between the start and end tokens
     windows: list[list[int]] = []
@@ -67,7 +64,7 @@ def weighted_token_windows(
         weights.append([1.0, *(weight for _, weight in current), 1.0] + [1.0] * padding)
         current.clear()
 
-    for tokens, weight in weighted_words:
+    for tokens, weight in weighted_groups:
         pending = [(token, weight) for token in tokens]
         splittable = len(pending) >= max_word_length
         while pending:

@@ -2,7 +2,8 @@
 
 The expected values are computed here from the tiny encoders' raw outputs (the windows written
 out by hand, the empty prompt's window appended to the batch, ComfyUI's per-token rule
-z' = (z − z_empty)·w + z_empty in float32), never through the inpainter's own helpers.
+z' = (z − z_empty)·w + z_empty in float32), never through the inpainter's own helpers. Each BREAK
+chunk is one encoder call, as Impact's one CLIPTextEncode per chunk + ConditioningConcat.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.inpainter import Inpainter, RefineJob, SamplingSettings
+from deployments.inpainter import Inpainter, RefineJob, SamplingSettings, _prompt_windows
 from facedetailer.prompt_weights import PromptSyntaxError
-from facedetailer.token_windows import prompt_words, token_windows
+from facedetailer.token_windows import token_windows
 
 pytestmark = [pytest.mark.models, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -56,29 +57,108 @@ def encode(inpainter: Inpainter, *chunks: str) -> tuple[torch.Tensor, torch.Tens
 
 
 def unweighted_reference(inpainter: Inpainter, chunks: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The encoding before emphasis existed: words split on spaces, windows, encoders, concatenated."""
+    """A plain prompt: each chunk is one group tokenized whole, cut into windows, one call per chunk."""
     parts, pooled = [], None
     for index, tokenizer in enumerate(inpainter.components.tokenizers):
-        windows = []
+        chunk_parts = []
         for chunk in chunks:
-            words = prompt_words(chunk)
-            ids = tokenizer(words, add_special_tokens=False).input_ids if words else []
-            windows += token_windows(ids, start_token=BOS, end_token=EOS, pad_token=pad_of(tokenizer))
-        hidden, text_embeds = raw_hidden(inpainter, index, windows)
-        parts.append(hidden.reshape(1, -1, hidden.shape[-1]))
-        if pooled is None and text_embeds is not None:
-            pooled = text_embeds[:1]
+            ids = tokenizer(chunk, add_special_tokens=False).input_ids
+            windows = token_windows([ids], start_token=BOS, end_token=EOS, pad_token=pad_of(tokenizer))
+            hidden, text_embeds = raw_hidden(inpainter, index, windows)
+            chunk_parts.append(hidden.reshape(1, -1, hidden.shape[-1]))
+            if pooled is None and text_embeds is not None:
+                pooled = text_embeds[:1]
+        parts.append(torch.cat(chunk_parts, dim=1))
     return torch.cat(parts, dim=-1), pooled
 
 
+def former_encoding(
+    inpainter: Inpainter, chunks: tuple[str, ...], *, per_chunk: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An independent copy of the encoding as it was before one call per chunk (``per_chunk=False``:
+    every chunk's windows and ONE empty window in one encoder call), or with one call per chunk."""
+    parts, pooled = [], None
+    for index, tokenizer in enumerate(inpainter.components.tokenizers):
+        calls = [[chunk] for chunk in chunks] if per_chunk else [list(chunks)]
+        call_parts = []
+        for call in calls:
+            windows, weights = [], []
+            for chunk in call:
+                chunk_windows, chunk_weights = _prompt_windows(tokenizer, chunk, 77)
+                windows, weights = windows + chunk_windows, weights + chunk_weights
+            emphasis = any(w != 1.0 for row in weights for w in row)
+            hidden, text_embeds = raw_hidden(inpainter, index, windows + ([window(tokenizer, [])] if emphasis else []))
+            if emphasis:
+                z, z_empty, w = hidden[:-1], hidden[-1], torch.tensor(weights, dtype=torch.float32)[..., None]
+                hidden = torch.where(w != 1.0, (z - z_empty) * w + z_empty, z)
+            call_parts.append(hidden.reshape(1, -1, hidden.shape[-1]))
+            if pooled is None and text_embeds is not None:
+                pooled = text_embeds[:1]
+        parts.append(torch.cat(call_parts, dim=1))
+    return torch.cat(parts, dim=-1), pooled
+
+
+def same(ours: tuple[torch.Tensor, torch.Tensor | None], expected: tuple[torch.Tensor, torch.Tensor | None]) -> bool:
+    pooled, expected_pooled = ours[1], expected[1]
+    same_pooled = pooled is None and expected_pooled is None or torch.equal(pooled, expected_pooled)
+    return torch.equal(ours[0], expected[0].to(ours[0].dtype)) and same_pooled
+
+
 @pytest.mark.parametrize("model", ["sd", "sdxl"])
-def test_prompts_without_emphasis_are_encoded_bit_for_bit_as_before(model: str, request: pytest.FixtureRequest) -> None:
+def test_prompts_without_emphasis_are_encoded_bit_for_bit_as_one_group_per_chunk(
+    model: str, request: pytest.FixtureRequest
+) -> None:
     inpainter = request.getfixturevalue(model)
     for chunks in [("a photo of a face, smiling",), ("a face", "photo BREAK-less"), (" ".join(["face"] * 100),), ("",)]:
-        hidden, pooled = encode(inpainter, *chunks)
-        expected, expected_pooled = unweighted_reference(inpainter, chunks)
-        assert torch.equal(hidden, expected), chunks
-        assert (pooled is None and expected_pooled is None) or torch.equal(pooled, expected_pooled)
+        assert same(encode(inpainter, *chunks), unweighted_reference(inpainter, chunks)), chunks
+
+
+SINGLE_CHUNKS = [
+    "a (smiling:1.2) face, ((freckles))",
+    " ".join(["a"] * 74) + " ((photo)) (face:0.5)",
+    "(a:1.5) " * 50 + "plain " * 30,  # three windows
+    "a photo of a face",
+    "",
+]
+SEVERAL_CHUNKS = [
+    ("a face", "photo"),  # SD 1.x: one call for both rounds differently
+    ("a face", "(photo:-1)"),
+    ("photo", "(a face:1.2)"),
+    ("a photo of a face", "smiling"),
+    ("a", "b", "c"),
+]
+
+
+@pytest.mark.parametrize("model", ["sd", "sdxl"])
+def test_a_single_chunk_encodes_bit_for_bit_as_before(model: str, request: pytest.FixtureRequest) -> None:
+    inpainter = request.getfixturevalue(model)
+    for text in SINGLE_CHUNKS:
+        assert same(encode(inpainter, text), former_encoding(inpainter, (text,), per_chunk=False)), text
+
+
+@pytest.mark.parametrize("model", ["sd", "sdxl"])
+def test_each_break_chunk_is_its_own_encoder_call_with_its_own_empty_window(
+    model: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inpainter = request.getfixturevalue(model)
+    batches: list[tuple[int, int]] = []  # (encoder, windows in the call)
+    for number, encoder in enumerate(inpainter.components.text_encoders):
+        def counting(
+            ids: torch.Tensor, *args: object, _number: int = number, _forward=encoder.forward, **kwargs: object
+        ):
+            batches.append((_number, int(ids.shape[0])))
+            return _forward(ids, *args, **kwargs)
+
+        monkeypatch.setattr(encoder, "forward", counting)
+    for chunks in SEVERAL_CHUNKS:
+        batches.clear()
+        ours = encode(inpainter, *chunks)
+        # as Impact's one CLIPTextEncode per chunk: a call per chunk and encoder, each with one
+        # window per 75 tokens plus the empty prompt's window when the chunk has a weight ≠ 1
+        expected = [(number, 1 + ("(" in chunk)) for number in range(len(inpainter.components.text_encoders))
+                    for chunk in chunks]  # fmt: skip
+        assert sorted(batches) == sorted(expected), chunks
+        assert same(ours, former_encoding(inpainter, chunks, per_chunk=True)), chunks
 
 
 @pytest.mark.parametrize("model", ["sd", "sdxl"])
@@ -137,10 +217,11 @@ def test_nested_and_fractional_weights_on_a_long_prompt_across_windows(sd: Inpai
 def test_break_chunks_are_weighted_each_on_its_own_windows(sd: Inpainter) -> None:
     tokenizer = sd.components.tokenizers[0]
     hidden, _ = encode(sd, "a face", "(photo:-1)")
-    raw, _ = raw_hidden(sd, 0, [window(tokenizer, [A, FACE]), window(tokenizer, [PHOTO]), window(tokenizer, [])])
-    expected = raw[:2].clone()
-    expected[1, 1] = (raw[1, 1] - raw[2, 1]) * -1.0 + raw[2, 1]
-    assert torch.equal(hidden[0], expected.reshape(154, -1))
+    plain, _ = raw_hidden(sd, 0, [window(tokenizer, [A, FACE])])  # the first chunk alone: no empty window
+    weighted, _ = raw_hidden(sd, 0, [window(tokenizer, [PHOTO]), window(tokenizer, [])])  # its own empty one
+    expected = torch.cat([plain[0], weighted[0]])
+    expected[77 + 1] = (weighted[0, 1] - weighted[1, 1]) * -1.0 + weighted[1, 1]
+    assert torch.equal(hidden[0], expected)
 
 
 def test_the_prompt_cache_keeps_weighted_and_plain_texts_apart(sd: Inpainter) -> None:
