@@ -790,11 +790,6 @@ def _prompt_windows(tokenizer: Any, text: str, length: int) -> tuple[list[list[i
     )
 
 
-def _token_windows(tokenizer: Any, text: str, length: int) -> list[list[int]]:
-    """The ids of :func:`_prompt_windows`."""
-    return _prompt_windows(tokenizer, text, length)[0]
-
-
 def _repeat_to_common_length(embeds: list[torch.Tensor]) -> torch.Tensor:
     """Bring [1, L_i, D] embeddings to one length by repeating each whole sequence (ComfyUI's way).
 

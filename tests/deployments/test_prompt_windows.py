@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.inpainter import _prompt_windows, _token_windows
+from deployments.inpainter import _prompt_windows
 from deployments.testing.tiny_sd import write_clip_tokenizer
 
 BOS, EOS = 49406, 49407
@@ -18,6 +18,11 @@ A, FACE = 320, 1710  # "a", "face" in CLIP's vocabulary
 PHOTOREALISTIC = [1153, 16157]  # a 2-token word
 LONG_WORD = "supercalifragilisticexpialidocious"
 LONG_WORD_IDS = [1642, 2857, 13093, 2076, 5868, 26850, 835, 639, 38466]  # 9 tokens: may be cut
+
+
+def token_ids(tokenizer: object, text: str, length: int) -> list[list[int]]:
+    """The windows' ids of :func:`_prompt_windows` (without their weights)."""
+    return _prompt_windows(tokenizer, text, length)[0]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +39,7 @@ def test_the_vocabulary_is_clips(tokenizer) -> None:
 
 def test_a_plain_prompt_over_75_tokens_is_one_group_cut_at_75_tokens_mid_word(tokenizer) -> None:
     text = " ".join(["a"] * 74 + ["photorealistic", "face"])  # 74 tokens, then a 2-token word: 77 tokens
-    first, second = _token_windows(tokenizer, text, 77)
+    first, second = token_ids(tokenizer, text, 77)
     assert first == [BOS] + [A] * 74 + [PHOTOREALISTIC[0], EOS], "ComfyUI 0.3.64 cuts the word's tokens apart"
     assert second == [BOS, PHOTOREALISTIC[1], FACE, EOS] + [EOS] * 73
 
@@ -58,9 +63,9 @@ def test_a_weighted_group_of_eight_or_more_tokens_is_cut_at_the_window_end(token
 
 
 def test_a_group_is_tokenized_whole_with_its_newlines_and_runs_of_spaces(tokenizer) -> None:
-    assert _token_windows(tokenizer, "a\nface  a", 77) == [[BOS, A, FACE, A, EOS] + [EOS] * 72]
-    assert _token_windows(tokenizer, "", 77) == [[BOS, EOS] + [EOS] * 75]
-    first, second = _token_windows(tokenizer, "a\n" * 40 + "face\n" * 40, 77)  # one 80-token group
+    assert token_ids(tokenizer, "a\nface  a", 77) == [[BOS, A, FACE, A, EOS] + [EOS] * 72]
+    assert token_ids(tokenizer, "", 77) == [[BOS, EOS] + [EOS] * 75]
+    first, second = token_ids(tokenizer, "a\n" * 40 + "face\n" * 40, 77)  # one 80-token group
     assert first == [BOS] + [A] * 40 + [FACE] * 35 + [EOS]
     assert second == [BOS] + [FACE] * 5 + [EOS] * 71
 
@@ -70,4 +75,4 @@ def test_ids_of_a_whole_group_equal_its_words_ids(tokenizer) -> None:
     text = "a photorealistic\n\tface,  smiling's  4k\u00a0photo"
     words = [word for word in text.split() if word]
     per_word = [token for word in words for token in tokenizer(word, add_special_tokens=False).input_ids]
-    assert _token_windows(tokenizer, text, 77)[0][1 : 1 + len(per_word) + 1] == [*per_word, EOS]
+    assert token_ids(tokenizer, text, 77)[0][1 : 1 + len(per_word) + 1] == [*per_word, EOS]
