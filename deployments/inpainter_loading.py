@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class SDComponents:
     source: str
     format: str  # "diffusers", "single_file" or "simulated"
     is_sdxl: bool = False
+    markers: dict[str, bool] = field(default_factory=dict)  # a single file's ComfyUI marker keys (v_pred, ztsnr)
 
     @property
     def is_inpaint(self) -> bool:

@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from deployments.checkpoints import DRAIN_TIMEOUT_S, LoadedCheckpoint, checkpoint_specs, sum_snapshots
+from deployments.checkpoints import (
+    DRAIN_TIMEOUT_S,
+    LoadedCheckpoint,
+    checkpoint_reference,
+    checkpoint_specs,
+    sum_snapshots,
+)
 from deployments.detector import FaceDetector
 from deployments.engine_stats import STATS_ACTOR_NAME, EngineMetrics, StatsReporter, merge_snapshots
 from deployments.inpainter import Inpainter, RefineJob, RefineResult, SamplingSettings
@@ -178,7 +184,7 @@ class InpainterDeployment(_ServedModel):
         spec = self.checkpoints[name]
         controlnets = self._shared_controlnets or self.options.get("controlnets")
         options = {**self.options, "controlnets": controlnets}
-        inpainter = Inpainter(spec["model"], single_file_config=spec["single_file_config"], **self.bounds, **options)
+        inpainter = Inpainter(**spec, **self.bounds, **options)
         self._shared_controlnets = inpainter.controlnets  # ControlNet weights loaded once per replica
         loaded = LoadedCheckpoint(name, inpainter)
         retire = loaded.retire
@@ -300,7 +306,7 @@ class InpainterDeployment(_ServedModel):
         snapshot["queue_wait_s"].pop("recent")
         return {
             **self.model.info(),
-            "checkpoints": {name: spec["model"] for name, spec in self.checkpoints.items()},
+            "checkpoints": {name: checkpoint_reference(spec) for name, spec in self.checkpoints.items()},
             "loaded_checkpoints": list(self.loaded),
             "max_models_per_replica": self.max_models_per_replica,
             "engine": snapshot,

@@ -91,10 +91,51 @@ class SamArgs(StrictModel):
 
 
 class CheckpointArgs(StrictModel):
-    """One checkpoint of ``inpainter.checkpoints``."""
+    """One checkpoint of ``inpainter.checkpoints``: a folder or single file, or ComfyUI's split layout.
 
-    model: str = Field(description="diffusers folder or HF id, or a single .safetensors/.ckpt file")
-    single_file_config: str | None = None
+    The family (sd, sdxl, sd3, flux) is detected from the weights' keys as ComfyUI does; the
+    settings below override what the files say (docs/models.md).
+    """
+
+    model: str | None = Field(
+        None, description="diffusers folder or HF id, or one all-in-one .safetensors/.ckpt file"
+    )
+    single_file_config: str | None = Field(
+        None,
+        description="a diffusers folder (or cached HF id) of the same architecture: the component configs and "
+        "tokenizers a single file or the split layout does not carry (its weights are not read)",
+    )
+    diffusion_model: str | None = Field(
+        None, description="split layout: the diffusion model file (ComfyUI's models/unet or models/diffusion_models)"
+    )
+    text_encoders: dict[Literal["clip_l", "clip_g", "t5xxl"], str] | None = Field(
+        None, description="split layout: text encoder files by kind (ComfyUI's models/text_encoders)"
+    )
+    vae: str | None = Field(None, description="split layout: the VAE file (ComfyUI's models/vae)")
+    family: Literal["sd", "sdxl", "sd3", "flux"] | None = Field(
+        None, description="override the family detected from the weights"
+    )
+    prediction: Literal["eps", "v_prediction"] | None = Field(
+        None, description="SD/SDXL: the model's prediction type (v-prediction finetunes often don't say it)"
+    )
+    zsnr: bool | None = Field(None, description="SD/SDXL: zero terminal SNR (rescaled sigma table)")
+    shift: float | None = Field(None, gt=0, le=100, description="SD3/Flux: the model sampling's shift")
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> CheckpointArgs:
+        if (self.model is None) == (self.diffusion_model is None):
+            raise ValueError("a checkpoint sets model (folder or single file) or diffusion_model (split layout)")
+        if self.model is not None and (self.text_encoders or self.vae):
+            raise ValueError("text_encoders and vae belong to the split layout (diffusion_model), not to model")
+        if self.family in ("sd3", "flux") and (self.prediction is not None or self.zsnr is not None):
+            raise ValueError(f"prediction and zsnr are SD/SDXL settings; {self.family} is a rectified-flow model")
+        if self.family in ("sd", "sdxl") and self.shift is not None:
+            raise ValueError(f"shift is an SD3/Flux setting; {self.family} uses a discrete sigma table")
+        return self
+
+    def inpainter_options(self) -> dict[str, Any]:
+        """The :class:`~deployments.inpainter.Inpainter` keyword arguments of this checkpoint."""
+        return self.model_dump(exclude_none=True)
 
 
 class InpainterArgs(StrictModel):

@@ -1,0 +1,436 @@
+"""A checkpoint as users have it → the :class:`~deployments.families.base.ModelFamily` that runs it.
+
+A checkpoint is described by a :class:`CheckpointSource`:
+
+- ``model``: a diffusers folder (or a Hugging Face repo id in the local cache), one all-in-one
+  single file (``.safetensors``/``.ckpt``), a ``tiny://``/``pkg://``/… reference
+  (:func:`deployments.weights.resolve_weights`) or ``sim://`` simulated components;
+- or ComfyUI's split layout: ``diffusion_model`` (a file from ``models/unet`` /
+  ``models/diffusion_models``), ``text_encoders`` (``clip_l``, ``clip_g``, ``t5xxl`` files from
+  ``models/text_encoders`` / ``models/clip``) and ``vae`` (``models/vae``);
+- ``config``: a diffusers folder (or cached repo id) of the same architecture, giving the
+  component configs and tokenizers a single file or the split layout does not carry (its
+  weights are not needed); offline it is required for them;
+- ``family`` (``sd``, ``sdxl``, ``sd3``, ``flux``) overrides the family detected from the
+  weights' keys (:mod:`deployments.families.detection`); ``prediction``/``zsnr`` (SD) and
+  ``shift`` (SD3, Flux) override the model sampling.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deployments.families.base import ModelFamily
+from deployments.families.detection import (
+    FAMILY_PREFIXES,
+    Detected,
+    UnsupportedModelError,
+    detect_diffusion_model,
+    detect_text_encoder,
+    read_header,
+)
+from deployments.families.dit import DiTComponents
+from deployments.families.flux_keys import flux_to_diffusers
+from deployments.weights import CorruptWeightsError, WeightsNotFoundError, is_simulated, resolve_weights
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointSource",
+    "FAMILY_NAMES",
+    "folder_family",
+    "load_family",
+    "prepare_modules",
+    "public_reference",
+]
+
+FAMILY_NAMES = ("sd", "sdxl", "sd3", "flux")
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """Where a checkpoint's weights are and what the configuration says about them (module docstring)."""
+
+    model: str | None = None
+    config: str | None = None
+    diffusion_model: str | None = None
+    text_encoders: Mapping[str, str] = field(default_factory=dict)
+    vae: str | None = None
+    family: str | None = None
+    prediction: str | None = None
+    zsnr: bool | None = None
+    shift: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.diffusion_model is None):
+            raise ValueError("a checkpoint is either model (folder or single file) or diffusion_model (split layout)")
+        if self.family is not None and self.family not in FAMILY_NAMES:
+            raise ValueError(f"family {self.family!r} is not one of {', '.join(FAMILY_NAMES)}")
+        unknown = set(self.text_encoders) - {"clip_l", "clip_g", "t5xxl"}
+        if unknown:
+            raise ValueError(f"text_encoders: unknown {', '.join(sorted(unknown))}; known: clip_l, clip_g, t5xxl")
+        if self.model is not None and (self.text_encoders or self.vae):
+            raise ValueError("text_encoders and vae belong to the split layout (diffusion_model), not to model")
+
+    @property
+    def label(self) -> str:
+        """A short name for logs and errors: the model reference, or the split layout's diffusion model."""
+        return self.model if self.model is not None else str(self.diffusion_model)
+
+
+def public_reference(reference: str | None) -> str | None:
+    """A reference as it may be shown to clients: schemes and repo ids as written, a local path by its name only."""
+    if reference is None or "://" in reference:
+        return reference
+    path = Path(reference)
+    return path.name if path.is_absolute() else reference
+
+
+def prepare_modules(modules: list[tuple[Any, torch.dtype]], device: torch.device) -> None:
+    """Move each module to ``device`` in its dtype, inference mode, no gradients."""
+    for module, module_dtype in modules:
+        module.to(device)
+        if getattr(module, "dtype", module_dtype) != module_dtype:  # loaded in the run dtype; an upcast VAE differs
+            module.to(dtype=module_dtype)
+        module.eval().requires_grad_(False)
+
+
+def vae_run_dtype(vae: Any, dtype: torch.dtype) -> torch.dtype:
+    """fp16 SDXL VAEs overflow; diffusers marks them force_upcast and decodes in float32."""
+    upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    return torch.float32 if upcast else dtype
+
+
+# diffusers folder component → ComfyUI's text encoder name, per family
+FOLDER_TEXT_ENCODERS: dict[str, dict[str, str]] = {
+    "sd3": {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5xxl"},
+    "flux": {"text_encoder": "clip_l", "text_encoder_2": "t5xxl"},
+}
+TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
+_PIPELINE_FAMILIES = (("StableDiffusion3", "sd3"), ("Flux", "flux"), ("StableDiffusionXL", "sdxl"))
+
+
+def folder_family(index: Mapping[str, Any]) -> str:
+    """The family of a diffusers folder, from its ``model_index.json`` (pipeline class, else its parts)."""
+    class_name = str(index.get("_class_name", ""))
+    for prefix, family in _PIPELINE_FAMILIES:
+        if class_name.startswith(prefix):
+            return family
+    transformer = index.get("transformer") or [None, None]
+    if transformer[1] == "SD3Transformer2DModel":
+        return "sd3"
+    if transformer[1] == "FluxTransformer2DModel":
+        return "flux"
+    if (index.get("text_encoder_2") or [None])[0]:
+        return "sdxl"
+    if index.get("unet"):
+        return "sd"
+    raise UnsupportedModelError(
+        f"a diffusers folder of {class_name or 'an unknown pipeline'} is not a supported family; supported: "
+        "Stable Diffusion 1.x/2.x/XL, SD3/SD3.5, Flux.1 dev/schnell/Fill"
+    )
+
+
+def load_family(
+    source: CheckpointSource, *, device: torch.device, dtype: torch.dtype, cache_dir: Path | None = None
+) -> ModelFamily:
+    """Load ``source`` with diffusers' and transformers' own model classes and wrap it in its family.
+
+    :class:`~deployments.weights.WeightsNotFoundError` / :class:`~deployments.weights.CorruptWeightsError`
+    name the file; :class:`~deployments.families.detection.UnsupportedModelError` says what is supported.
+    """
+    from deployments.inpainter_loading import load_sd_components
+
+    if source.diffusion_model is not None:
+        components, detected = _load_split(source, dtype, cache_dir)
+        return _wrap(source, detected.family, components, device, dtype)
+    model = source.model
+    assert model is not None
+    if is_simulated(model):
+        return _wrap(source, "sd", load_sd_components(model, dtype=dtype), device, dtype)
+    path = _locate(model, cache_dir)
+    if path is None or path.is_dir():  # a diffusers folder, local or a cached repo id
+        family = source.family or folder_family(_folder_index(model if path is None else str(path), cache_dir))
+        if family in ("sd", "sdxl"):
+            config = _config(source, cache_dir)
+            components = load_sd_components(model, single_file_config=config, dtype=dtype, cache_dir=cache_dir)
+            return _wrap(source, family, components, device, dtype)
+        components = _load_dit_folder(family, model if path is None else str(path), dtype, cache_dir)
+        return _wrap(source, family, components, device, dtype)
+    detected = _detect_file(path)
+    family = source.family or detected.family
+    if family in ("sd", "sdxl"):
+        components = load_sd_components(
+            model, single_file_config=_config(source, cache_dir), dtype=dtype, cache_dir=cache_dir
+        )
+        components.markers = {name: bool(detected.facts.get(name, False)) for name in ("v_pred", "ztsnr")}
+        return _wrap(source, family, components, device, dtype)
+    components = _load_dit_files(family, _single_file_parts(path), source, dtype, cache_dir, format="single_file")
+    return _wrap(source, family, components, device, dtype)
+
+
+def _wrap(
+    source: CheckpointSource, family: str, components: Any, device: torch.device, dtype: torch.dtype
+) -> ModelFamily:
+    """Move the parts to the device in their run dtypes and build the family object."""
+    vae_dtype = vae_run_dtype(components.vae, dtype)
+    if family in ("sd", "sdxl"):
+        from deployments.families.sd import SDFamily
+
+        if source.shift is not None:
+            raise ValueError(f"shift is an SD3/Flux setting; {source.label} is {family} (a discrete sigma table)")
+        encoders = [(encoder, dtype) for encoder in components.text_encoders]
+        prepare_modules([(components.unet, dtype), (components.vae, vae_dtype), *encoders], device)
+        return SDFamily(
+            components, device=device, dtype=dtype, vae_dtype=vae_dtype, prediction=source.prediction, zsnr=source.zsnr
+        )
+    if source.prediction is not None or source.zsnr is not None:
+        raise ValueError(f"prediction and zsnr are SD/SDXL settings; {source.label} is {family} (rectified flow)")
+    encoders = [(encoder, dtype) for encoder in components.text_encoders.values()]
+    prepare_modules([(components.transformer, dtype), (components.vae, vae_dtype), *encoders], device)
+    if family == "sd3":
+        from deployments.families.sd3 import SD3Family
+
+        return SD3Family(components, device=device, dtype=dtype, vae_dtype=vae_dtype, shift=source.shift)
+    from deployments.families.flux import FluxFamily
+
+    return FluxFamily(components, device=device, dtype=dtype, vae_dtype=vae_dtype, shift=source.shift)
+
+
+# ---------------------------------------------------------------------------- references
+
+
+def _locate(reference: str, cache_dir: Path | None) -> Path | None:
+    from deployments.inpainter_loading import _locate as locate
+
+    return locate(reference, cache_dir)
+
+
+def _config(source: CheckpointSource, cache_dir: Path | None) -> str | None:
+    """The architecture folder of ``source`` as a local path (or a repo id diffusers resolves itself)."""
+    if source.config is None:
+        return None
+    path = _locate(source.config, cache_dir)
+    return str(path) if path is not None else source.config
+
+
+def _hub(cache_dir: Path | None) -> dict[str, Any]:
+    from deployments.inpainter_loading import _hub_cache, _offline
+
+    return {"cache_dir": _hub_cache(cache_dir), "local_files_only": _offline()}
+
+
+def _folder_index(reference: str, cache_dir: Path | None) -> dict[str, Any]:
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(reference, **_hub(cache_dir)))
+    except (OSError, ValueError) as error:
+        raise WeightsNotFoundError(f"{reference}: no diffusers model_index.json: {error}") from error
+
+
+def _detect_file(path: Path) -> Detected:
+    if path.suffix != ".safetensors":  # pickled checkpoints: SD 1.x/2.x/XL only, as before
+        return Detected("sd")
+    try:
+        keys, shape, _ = read_header(path)
+    except Exception as error:
+        raise CorruptWeightsError(f"{path}: cannot be read as a safetensors file: {error}") from error
+    return detect_diffusion_model(keys, shape)
+
+
+# ---------------------------------------------------------------------------- transformer families
+
+
+def _component_class(entry: Any) -> Any:
+    library, class_name = entry
+    return getattr(importlib.import_module(library), class_name)
+
+
+def _load_dit_folder(family: str, reference: str, dtype: torch.dtype, cache_dir: Path | None) -> DiTComponents:
+    """A diffusers SD3 / Flux folder: each part with the class ``model_index.json`` names for it."""
+    index = _folder_index(reference, cache_dir)
+    hub = _hub(cache_dir)
+    parts: dict[str, Any] = {}
+    for name in ("transformer", "vae", *FOLDER_TEXT_ENCODERS[family]):
+        entry = index.get(name)
+        if not entry or entry[0] is None:
+            continue
+        parts[name] = _component_class(entry).from_pretrained(reference, subfolder=name, torch_dtype=dtype, **hub)
+    missing = [name for name in ("transformer", "vae") if name not in parts]
+    if missing:
+        raise CorruptWeightsError(f"{reference}: model_index.json has no {', '.join(missing)}")
+    tokenizers, encoders = {}, {}
+    for folder_name, name in FOLDER_TEXT_ENCODERS[family].items():
+        if folder_name in parts:
+            encoders[name] = parts[folder_name]
+            tokenizer = TOKENIZER_OF[folder_name]
+            tokenizers[name] = _component_class(index[tokenizer]).from_pretrained(reference, subfolder=tokenizer, **hub)
+    return DiTComponents(
+        transformer=parts["transformer"], vae=parts["vae"], tokenizers=tokenizers, text_encoders=encoders,
+        source=reference, format="diffusers",
+    )  # fmt: skip
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as error:
+        raise CorruptWeightsError(f"{path}: cannot be read as a safetensors file: {error}") from error
+
+
+def _single_file_parts(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """An all-in-one SD3/Flux checkpoint split into its parts by ComfyUI's key prefixes."""
+    state = _read_state(path)
+    parts: dict[str, dict[str, torch.Tensor]] = {"diffusion_model": {}}
+    for key, value in state.items():
+        for part, prefixes in FAMILY_PREFIXES.items():
+            prefix = next((prefix for prefix in prefixes if key.startswith(prefix)), None)
+            if prefix is not None:
+                parts.setdefault(part, {})[key[len(prefix) :]] = value
+                break
+        else:
+            if key.startswith("model.diffusion_model."):
+                parts["diffusion_model"][key] = value
+    return parts
+
+
+def _load_split(source: CheckpointSource, dtype: torch.dtype, cache_dir: Path | None) -> tuple[DiTComponents, Detected]:
+    """ComfyUI's split layout: a diffusion model file, text encoder files and a VAE file."""
+    assert source.diffusion_model is not None
+    files = {"diffusion_model": source.diffusion_model, **dict(source.text_encoders)}
+    if source.vae is not None:
+        files["vae"] = source.vae
+    paths = {part: resolve_weights(reference, cache_dir) for part, reference in files.items()}
+    parts = {part: _read_state(path) for part, path in paths.items()}
+    state = parts["diffusion_model"]
+    detected = detect_diffusion_model(list(state), lambda key: tuple(state[key].shape))
+    family = source.family or detected.family
+    if family in ("sd", "sdxl"):
+        raise UnsupportedModelError(
+            f"{source.diffusion_model}: the split layout is supported for SD3 and Flux; give an SD/SDXL UNet as a "
+            "single file or a diffusers folder"
+        )
+    for part, path in paths.items():
+        if part in ("clip_l", "clip_g", "t5xxl"):
+            kind = detect_text_encoder(list(parts[part]))
+            if (kind == "t5xxl") != (part == "t5xxl"):
+                raise CorruptWeightsError(f"{path}: holds {kind} weights, configured as {part}")
+    if "vae" not in parts:
+        raise ValueError(f"{source.diffusion_model}: the split layout needs a vae file")
+    components = _load_dit_files(family, parts, source, dtype, cache_dir, format="split", detected=detected)
+    components.files = {part: public_reference(str(reference)) or "" for part, reference in files.items()}
+    return components, Detected(family, detected.variant, detected.layout, detected.prefix, detected.facts)
+
+
+def _load_dit_files(
+    family: str,
+    parts: dict[str, dict[str, torch.Tensor]],
+    source: CheckpointSource,
+    dtype: torch.dtype,
+    cache_dir: Path | None,
+    *,
+    format: str,
+    detected: Detected | None = None,
+) -> DiTComponents:
+    """SD3/Flux parts from state dicts, with the architecture and tokenizers of the ``config`` folder."""
+    config = _config(source, cache_dir)
+    if config is None:
+        raise ValueError(
+            f"{source.label}: a {family} single file or split layout needs single_file_config, a diffusers folder "
+            f"(or cached repo id) of the same architecture giving the component configs and tokenizers"
+        )
+    index = _folder_index(config, cache_dir)
+    hub = _hub(cache_dir)
+    state = parts["diffusion_model"]
+    if detected is None:
+        detected = detect_diffusion_model(list(state), lambda key: tuple(state[key].shape))
+    transformer_class = _component_class(index["transformer"])
+    transformer_config = dict(transformer_class.load_config(config, subfolder="transformer", **hub))
+    if family == "flux":
+        converted = flux_to_diffusers(state) if detected.layout == "ldm" else dict(state)
+        def blocks(prefix: str) -> int:
+            return len({key.split(".")[1] for key in converted if key.startswith(prefix)})
+
+        transformer_config.update(
+            in_channels=int(converted["x_embedder.weight"].shape[1]),
+            guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in converted,
+            num_layers=blocks("transformer_blocks."),
+            num_single_layers=blocks("single_transformer_blocks."),
+        )  # the weights say which Flux.1 variant this is, whatever the config folder's was
+    else:
+        if detected.layout == "ldm":
+            from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+            converted = convert_sd3_transformer_checkpoint_to_diffusers(dict(state))
+        else:
+            converted = dict(state)
+    transformer = _instantiate(
+        lambda: transformer_class.from_config(transformer_config), converted, dtype, "diffusion model"
+    )
+    vae_state = parts.get("vae")
+    if not vae_state:
+        raise ValueError(f"{source.label}: no VAE weights (an all-in-one file's vae. keys, or a vae file)")
+    vae_class = _component_class(index["vae"])
+    vae_config = dict(vae_class.load_config(config, subfolder="vae", **hub))
+    if any(key.startswith(("encoder.down.", "decoder.up.")) for key in vae_state):
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        vae_state = convert_ldm_vae_checkpoint(vae_state, vae_config)
+    vae = _instantiate(lambda: vae_class.from_config(vae_config), vae_state, dtype, "VAE")
+    tokenizers, encoders = {}, {}
+    for folder_name, name in FOLDER_TEXT_ENCODERS[family].items():
+        encoder_state = parts.get(name)
+        if not encoder_state:
+            continue
+        encoder_class = _component_class(index[folder_name])
+        encoder_config = encoder_class.config_class.from_pretrained(config, subfolder=folder_name, **hub)
+        encoders[name] = _instantiate(
+            lambda cls=encoder_class, cfg=encoder_config: cls(cfg), _text_state(encoder_state), dtype, name
+        )
+        tokenizer = TOKENIZER_OF[folder_name]
+        tokenizers[name] = _component_class(index[tokenizer]).from_pretrained(config, subfolder=tokenizer, **hub)
+    return DiTComponents(
+        transformer=transformer, vae=vae, tokenizers=tokenizers, text_encoders=encoders, source=source.label,
+        format=format,
+    )  # fmt: skip
+
+
+def _text_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' current names: CLIP without ``text_model.``, T5's shared embedding also as the encoder's."""
+    out = {key.removeprefix("text_model."): value for key, value in state.items()}
+    if "shared.weight" in out and "encoder.embed_tokens.weight" not in out:
+        out["encoder.embed_tokens.weight"] = out["shared.weight"]
+    for stale in ("logit_scale", "embeddings.position_ids"):
+        out.pop(stale, None)
+    return out
+
+
+def _instantiate(build: Any, state: Mapping[str, torch.Tensor], dtype: torch.dtype, part: str) -> Any:
+    """A model from ``build()`` with exactly ``state`` as its weights, in ``dtype``.
+
+    The weights are created on the meta device and assigned from ``state`` (no random init of a
+    large model); a model with buffers that are not in its state dict is built normally instead.
+    """
+    with torch.device("meta"):
+        model = build()
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+        leftovers = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    except RuntimeError as error:
+        raise CorruptWeightsError(f"{part}: the weights do not fit the configured architecture: {error}") from error
+    if leftovers:  # non-persistent buffers (e.g. CLIP's position ids): build it for real
+        model = build()
+        model.load_state_dict(state, strict=True)
+    if any(parameter.dtype != dtype for parameter in model.parameters()):  # stored in another dtype (fp16 files)
+        model = model.to(dtype)
+    return model
