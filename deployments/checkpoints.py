@@ -62,11 +62,6 @@ def checkpoint_specs(
     return specs
 
 
-def checkpoint_reference(spec: Mapping[str, Any]) -> str:
-    """What names a checkpoint's weights: its model reference, or the split layout's diffusion model."""
-    return str(spec.get("model") or spec.get("diffusion_model"))
-
-
 class LoadedCheckpoint:
     """One checkpoint on a replica: its inpainter, its engine thread, the requests using it."""
 

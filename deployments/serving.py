@@ -21,12 +21,12 @@ from ray import serve
 from deployments.checkpoints import (
     DRAIN_TIMEOUT_S,
     LoadedCheckpoint,
-    checkpoint_reference,
     checkpoint_specs,
     sum_snapshots,
 )
 from deployments.detector import FaceDetector
 from deployments.engine_stats import STATS_ACTOR_NAME, EngineMetrics, StatsReporter, merge_snapshots
+from deployments.families.loading import describe_checkpoint
 from deployments.inpainter import Inpainter, RefineJob, RefineResult, SamplingSettings
 from deployments.sam import SamPrediction, SamSegmenter
 from facedetailer.sam_prompts import SamPrompt
@@ -150,6 +150,7 @@ class InpainterDeployment(_ServedModel):
         self._default_adopted = False
         self._local_lock = asyncio.Lock()
         self._last_model: Inpainter | None = None  # answers info() while the only checkpoint is swapped
+        self._descriptions: dict[str, dict[str, Any]] | None = None
 
         async def load(name: str) -> LoadedCheckpoint:  # a plain function: Serve keeps its LRU cache on it
             return await self._load_checkpoint(name)
@@ -295,6 +296,22 @@ class InpainterDeployment(_ServedModel):
         """Each loaded checkpoint's own engine counters (its engine only ever batches its own crops)."""
         return {name: loaded.engine.snapshot() for name, loaded in list(self.loaded.items())}
 
+    def checkpoint_descriptions(self) -> dict[str, dict[str, Any]]:
+        """Each configured checkpoint's family, prediction, model sampling and stored weight dtype (``GET /v1/info``).
+
+        Read from the files' headers and configs (no weights), once; whether it is loaded on this
+        replica, and in which dtype it runs, are added live.
+        """
+        if self._descriptions is None:
+            self._descriptions = {name: describe_checkpoint(spec) for name, spec in self.checkpoints.items()}
+        described = {}
+        for name, description in self._descriptions.items():
+            loaded = self.loaded.get(name)
+            described[name] = {**description, "loaded": loaded is not None}
+            if loaded is not None and loaded.inpainter is not None:
+                described[name]["dtype"] = str(loaded.inpainter.dtype).removeprefix("torch.")
+        return described
+
     def supported_samplers(self) -> list[str]:
         return self.model.supported_samplers()
 
@@ -306,7 +323,7 @@ class InpainterDeployment(_ServedModel):
         snapshot["queue_wait_s"].pop("recent")
         return {
             **self.model.info(),
-            "checkpoints": {name: checkpoint_reference(spec) for name, spec in self.checkpoints.items()},
+            "checkpoints": self.checkpoint_descriptions(),
             "loaded_checkpoints": list(self.loaded),
             "max_models_per_replica": self.max_models_per_replica,
             "engine": snapshot,

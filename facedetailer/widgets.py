@@ -67,7 +67,7 @@ GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "Optional inputs",
         (
             "use_sam", "sam_model", "use_segm", "segm_detector", "override_bbox_by_segm", "detailer_hooks",
-            "inpaint_model", "noise_mask_feather", "model", "controlnet",
+            "inpaint_model", "noise_mask_feather", "model", "guidance", "controlnet",
         ),
     ),
     # Not the node's: the service's seam options (off by default = the reference's paste).
@@ -98,7 +98,7 @@ MODEL_NAME_FIELDS = ("bbox_detector", "segm_detector", "sam_model", "model")
 
 STEPS: dict[str, float] = {
     "guide_size": 8, "max_size": 8, "denoise": 0.01, "cfg": 0.1, "bbox_threshold": 0.01, "bbox_crop_factor": 0.1,
-    "sam_threshold": 0.01, "sam_mask_hint_threshold": 0.01, "color_match_strength": 0.05,
+    "sam_threshold": 0.01, "sam_mask_hint_threshold": 0.01, "color_match_strength": 0.05, "guidance": 0.1,
 }
 BOOLEAN_LABELS: dict[str, tuple[str, str]] = {
     "guide_size_for": ("bbox", "crop_region"),
@@ -117,7 +117,7 @@ DESCRIPTIONS: dict[str, str] = {
     "sampler_name": "ComfyUI sampler name",
     "scheduler": "ComfyUI scheduler name",
     "positive": "prompt for the refined faces (BREAK splits chunks; (word:1.2) emphasis as in ComfyUI)",
-    "negative": "negative prompt",
+    "negative": "negative prompt (JSON null: none at all, basic guidance; needs cfg 1)",
     "denoise": "img2img strength: how much of each face is redrawn",
     "feather": "blur radius of the paste mask",
     "noise_mask": "denoise only inside the face mask",
@@ -144,6 +144,7 @@ DESCRIPTIONS: dict[str, str] = {
     "sam_model": "which of the service's SAM models (switches use_sam on)",
     "detailer_hooks": "the node's detailer_hook as a JSON list of typed hooks (see the README)",
     "model": "which of the service's checkpoints (empty: its first)",
+    "guidance": "FluxGuidance: the guidance a Flux.1 dev/Fill checkpoint is given (others ignore it)",
     "controlnet": "ControlNetApplyAdvanced per face, JSON: {name, strength, start_percent, end_percent}",
     "color_match": "match the refined face's colours to the original (Lab); none = the reference",
     "color_match_strength": "how far color_match moves the refined face",

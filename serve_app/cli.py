@@ -278,7 +278,8 @@ def command_demo(args: argparse.Namespace) -> None:
     apply_offline_env()
     started = time.perf_counter()
     print("building the tiny inpainters and ControlNet if missing (random weights: refined faces will be noise)…")
-    for component in ("sd", "sd_alt", "controlnet"):  # configs/local-cpu.yaml's checkpoints and ControlNet
+    # configs/local-cpu.yaml's checkpoints (one per model family) and ControlNet
+    for component in ("sd", "sd_alt", "controlnet", "sdxl_vpred", "sd3", "flux_dev", "flux_fill"):
         build_component(component, default_tiny_models_dir() / component)
     photo = ultralytics_asset(args.photo)
     port = args.port or _free_port()

@@ -250,7 +250,7 @@ class FaceDetailerIngress:
             "segm_detectors": await _named_info(self.models.segm_detectors.models),
             "sam_models": await _named_info(self.models.sam_models.models),
             "controlnets": inpainter_info.get("controlnets", {}),
-            "checkpoints": self.checkpoints.names,
+            "checkpoints": await self._checkpoint_descriptions(),
             "samplers": samplers,
             "schedulers": schedulers,
             "limits": self.limits.model_dump(),
@@ -267,6 +267,15 @@ class FaceDetailerIngress:
                 },
             ),
         }
+
+    async def _checkpoint_descriptions(self) -> dict[str, Any]:
+        """The checkpoints by name (the first is the default), each with its family, model sampling and dtype."""
+        try:
+            described = await self.stages.inpainter.checkpoint_descriptions.remote()
+        except Exception as error:  # an inpainter deployment without descriptions: the names alone
+            logger.debug("checkpoint descriptions unavailable: %s", error)
+            described = {}
+        return {name: described.get(name, {}) for name in self.checkpoints.names}
 
     async def stats(self) -> dict[str, Any]:
         """Serving statistics: the inpainter engine's, summed over its replicas (``GET /v1/stats``)."""

@@ -118,7 +118,8 @@ class ModelFamily:
 
     @property
     def prediction(self) -> str:
-        return str(getattr(self.model_sampling, "prediction_type", "eps"))
+        """ComfyUI's name of what the model predicts: eps, v_prediction or const (rectified flow)."""
+        return str(self.model_sampling.prediction)
 
     def sampling_settings(self) -> dict[str, Any]:
         """The model sampling ComfyUI would assign (kind and its settings), JSON-able."""

@@ -434,3 +434,134 @@ def _instantiate(build: Any, state: Mapping[str, torch.Tensor], dtype: torch.dty
     if any(parameter.dtype != dtype for parameter in model.parameters()):  # stored in another dtype (fp16 files)
         model = model.to(dtype)
     return model
+
+
+# ---------------------------------------------------------------------------- description without loading
+
+
+def describe_checkpoint(spec: Mapping[str, Any], cache_dir: Path | None = None) -> dict[str, Any]:
+    """What a configured checkpoint is, from its files' headers and configs only (no weights read).
+
+    ``spec`` holds :class:`CheckpointSource`'s fields (``single_file_config`` for ``config``). The
+    family, variant, prediction and model sampling are what loading it would give; ``weight_dtype``
+    is the dtype its diffusion model is stored in. References are shown as configured, local paths
+    by their file name only. A checkpoint that cannot be described says why under ``error``.
+    """
+    options = {key: value for key, value in spec.items() if value is not None}
+    options["config"] = options.pop("single_file_config", None)
+    try:
+        source = CheckpointSource(**options)
+        return {"source": _public_source(source), **_describe_source(source, cache_dir)}
+    except Exception as error:  # a broken entry is reported, not raised: the others still describe themselves
+        message = f"{type(error).__name__}: {error}"
+        for reference in _references(options):  # no server paths: each file by its name
+            message = message.replace(reference, public_reference(reference) or "")
+        return {"error": message}
+
+
+def _references(options: Mapping[str, Any]) -> list[str]:
+    found = [value for key, value in options.items() if isinstance(value, str) and key != "family"]
+    found += [str(value) for value in dict(options.get("text_encoders") or {}).values()]
+    return sorted(found, key=len, reverse=True)
+
+
+def _public_source(source: CheckpointSource) -> dict[str, Any]:
+    if source.model is not None:
+        return {"model": public_reference(source.model), "config": public_reference(source.config)}
+    files = {"diffusion_model": source.diffusion_model, **dict(source.text_encoders), "vae": source.vae}
+    return {
+        "split": {part: public_reference(reference) for part, reference in files.items() if reference},
+        "config": public_reference(source.config),
+    }
+
+
+def _describe_source(source: CheckpointSource, cache_dir: Path | None) -> dict[str, Any]:
+    import json
+
+    from deployments.sampling import ModelSampling
+
+    if source.model is not None and is_simulated(source.model):
+        return {"family": "sd", "variant": None, "format": "simulated"}
+    scheduler_config: dict[str, Any] | None = None
+    weight_dtype: str | None = None
+    if source.diffusion_model is not None:
+        path = resolve_weights(source.diffusion_model, cache_dir)
+        keys, shape, dtypes = read_header(path)
+        detected, layout, weight_dtype = detect_diffusion_model(keys, shape), "split", _main_dtype(dtypes)
+    else:
+        path = _locate(source.model, cache_dir)  # type: ignore[arg-type]
+        if path is None or path.is_dir():
+            folder = str(path) if path is not None else str(source.model)
+            index = _folder_index(folder, cache_dir)
+            family = source.family or folder_family(index)
+            variant, layout = None, "diffusers"
+            if family in ("sd", "sdxl") and path is not None:
+                config_path = path / "scheduler" / "scheduler_config.json"
+                scheduler_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+                weights = sorted((path / "unet").glob("*.safetensors"))
+            else:
+                weights = sorted((path / "transformer").glob("*.safetensors")) if path is not None else []
+            facts: dict[str, Any] = {}
+            if weights:
+                keys, shape, dtypes = read_header(weights[0])
+                weight_dtype = _main_dtype(dtypes)
+                if family in ("sd3", "flux"):
+                    found = detect_diffusion_model(keys, shape)
+                    variant, facts = found.variant, found.facts
+            detected = Detected(family, variant, "diffusers", facts=facts)
+        else:
+            layout = "single_file"
+            if path.suffix == ".safetensors":
+                keys, shape, dtypes = read_header(path)
+                detected = detect_diffusion_model(keys, shape)
+                weight_dtype = _main_dtype({key: dtype for key, dtype in dtypes.items()
+                                            if key.startswith(detected.prefix)})  # fmt: skip
+            else:
+                detected = Detected("sd")
+    family = source.family or detected.family
+    if family in ("sd", "sdxl"):
+        from deployments.families.sd import sd_scheduler_config
+
+        prediction = source.prediction or ("v_prediction" if detected.facts.get("v_pred") else None)
+        zsnr = source.zsnr if source.zsnr is not None else (True if detected.facts.get("ztsnr") else None)
+        if scheduler_config is None:  # a single file: its config folder's schedule, else SD's
+            scheduler_config = {}
+            config = _config(source, cache_dir)
+            if config is not None and Path(config, "scheduler", "scheduler_config.json").is_file():
+                scheduler_config = json.loads(Path(config, "scheduler", "scheduler_config.json").read_text())
+        config = sd_scheduler_config(scheduler_config, prediction=prediction, zsnr=zsnr)
+        sampling = ModelSampling.from_scheduler_config(config)
+        variant = "inpainting" if detected.facts.get("in_channels") == 9 else detected.variant
+    else:
+        variant = detected.variant
+        model_class = "SD3" if family == "sd3" else {"fill": "FluxInpaint", "schnell": "FluxSchnell"}.get(
+            str(variant), "Flux"
+        )  # fmt: skip
+        overrides = {"shift": float(source.shift)} if source.shift is not None else {}
+        sampling = ModelSampling.for_comfy_model(model_class, **overrides)
+    described = sampling.describe()
+    return {
+        "family": family,
+        "variant": variant,
+        "format": layout,
+        "prediction": described["prediction"],
+        "model_sampling": {key: value for key, value in described.items() if key not in ("sigma_min", "sigma_max")},
+        "weight_dtype": weight_dtype,
+    }
+
+
+# safetensors' dtype names → torch's
+SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "BOOL": "bool",
+}  # fmt: skip
+
+
+def _main_dtype(dtypes: Mapping[str, str]) -> str | None:
+    """The dtype most of a file's tensors are stored in (``float16``, ``bfloat16``, ``float8_e4m3fn``, …)."""
+    counts: dict[str, int] = {}
+    for dtype in dtypes.values():
+        name = SAFETENSORS_DTYPES.get(str(dtype).upper(), str(dtype).removeprefix("torch.").lower())
+        counts[name] = counts.get(name, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else None

@@ -122,26 +122,13 @@ class SDFamily(ModelFamily):
 
     # ------------------------------------------------------------------ description
 
-    @property
-    def prediction(self) -> str:
-        return "v_prediction" if self.model_sampling.prediction_type == "v_prediction" else "eps"
-
-    def sampling_settings(self) -> dict[str, Any]:
-        config = self.scheduler_config
-        return {
-            "kind": "discrete",
-            "prediction": self.prediction,
-            "beta_schedule": config.get("beta_schedule", "scaled_linear"),
-            "linear_start": config.get("beta_start", 0.00085),
-            "linear_end": config.get("beta_end", 0.012),
-            "timesteps": int(config.get("num_train_timesteps") or 1000),
-            "zsnr": bool(config.get("rescale_betas_zero_snr", False)),
-        }
-
     def describe(self) -> dict[str, Any]:
         from deployments.inpainter_loading import describe
 
-        return {**describe(self.components), **super().describe()}
+        described = {**describe(self.components), **super().describe()}
+        # what the model sampling uses (the checkpoint's settings and markers applied)
+        described["prediction_type"] = "v_prediction" if self.prediction == "v_prediction" else "epsilon"
+        return described
 
     def inpaint_refusal(self) -> str:
         return f"this checkpoint is {self.name} with {self.denoiser.config.in_channels} input channels"
