@@ -411,3 +411,28 @@ def test_families_describe_themselves(flux_dev: Inpainter, sd3: Inpainter) -> No
     assert info["latent_scale_factor"] == FLUX_LATENT.scale_factor
     assert not info["model"].startswith("/"), "no absolute server path"
     assert sd3.info()["text_encoders"] == ["clip_g", "clip_l", "t5xxl"]
+
+
+def test_an_all_in_one_flux_file_loads_like_the_folder(tiny_flux_dev: dict, flux_dev: Inpainter, tmp_path) -> None:
+    """ComfyUI's checkpoint layout: model.diffusion_model., vae., text_encoders.<name>.transformer. prefixes."""
+    from safetensors.torch import load_file, save_file
+
+    prefixes = {
+        "split_diffusion_model": "model.diffusion_model.",
+        "split_vae": "vae.",
+        "split_clip_l": "text_encoders.clip_l.transformer.",
+        "split_t5xxl": "text_encoders.t5xxl.transformer.",
+    }
+    state = {prefix + key: value for part, prefix in prefixes.items()
+             for key, value in load_file(tiny_flux_dev[part]).items()}  # fmt: skip
+    path = tmp_path / "flux1-tiny-dev-aio.safetensors"
+    save_file(state, str(path))
+    source = CheckpointSource(model=str(path), config=tiny_flux_dev["pipeline"])
+    family = load_family(source, device=CPU, dtype=torch.float32)
+    assert (family.name, family.variant, family.format) == ("flux", "dev", "single_file")
+    folder = flux_dev.family
+    pairs = [(family.denoiser, folder.denoiser), (family.vae, folder.vae)]
+    pairs += [(family.components.text_encoders[name], folder.components.text_encoders[name]) for name in ("t5xxl",)]
+    for ours, theirs in pairs:
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in b)

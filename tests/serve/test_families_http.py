@@ -36,6 +36,14 @@ EXPECTED = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def default_checkpoint_loaded_again(serve_instance):
+    """The shared app's replica keeps 2 checkpoints: load the default one back for the modules that follow."""
+    yield
+    handle = serve_instance["handle"]
+    handle.detail.remote(assets.astronaut(), {**FAST, "model": "tiny"}).result(timeout_s=600)
+
+
 def test_info_describes_each_checkpoint_without_server_paths(client, tiny_sd3):  # noqa: F811
     response = client.get("/v1/info")
     checkpoints = response.json()["checkpoints"]
