@@ -108,9 +108,9 @@ def load_comfy(path: Path) -> dict[str, ModuleType]:
     }
 
 
-def _loaded(result: Any, what: str) -> None:
+def _loaded(result: Any, what: str, unused: tuple[str, ...] = ()) -> None:
     """ComfyUI loads text encoders with strict=False: a missing weight would be a silent random one."""
-    missing = [key for key in result.missing_keys if "position_ids" not in key]
+    missing = [key for key in result.missing_keys if "position_ids" not in key and key not in unused]
     if missing:
         raise RuntimeError(f"ComfyUI's {what} is missing weights: {missing[:5]}")
 
@@ -132,7 +132,7 @@ def t5_options(encoder: Any) -> dict[str, Any]:
 
 def clip_state(encoder: Any) -> dict[str, torch.Tensor]:
     """Our CLIP's weights under the names ComfyUI's CLIPTextModel has (transformers' classic names)."""
-    return {key if key.startswith(("text_model.", "text_projection")) else "text_model." + key: value
+    return {key if key.startswith(("text_model.", "text_projection")) else "text_model." + key: value.detach().clone()
             for key, value in encoder.state_dict().items()}  # fmt: skip
 
 
@@ -167,8 +167,9 @@ class ComfyText:
             self.tokenizer.t5xxl = t5_tokenizer(comfy, t5_dir, 256)
             self.model = comfy["flux_text"].FluxClipModel(dtype_t5=torch.float32, device="cpu", dtype=torch.float32,
                                                            model_options=options)  # fmt: skip
-        _loaded(self.model.clip_l.load_sd(clip_state(encoders["clip_l"])), "CLIP-L")
-        t5 = dict(encoders["t5xxl"].state_dict())
+        # CLIP-L's projection is not read by SD3 or Flux (ComfyUI's return_projected_pooled=False)
+        _loaded(self.model.clip_l.load_sd(clip_state(encoders["clip_l"])), "CLIP-L", ("text_projection.weight",))
+        t5 = weights_copy(encoders["t5xxl"])
         _loaded(self.model.t5xxl.load_sd(t5), "T5")
 
     def encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,8 +187,13 @@ class ComfyText:
 # ---------------------------------------------------------------------- models
 
 
+def weights_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of a module's weights: ComfyUI's conversion writes some of them in place (its scale/shift swap)."""
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
 def comfy_sd3(comfy: dict[str, ModuleType], family: Any) -> Any:
-    patcher = comfy["sd"].load_diffusion_model_state_dict(dict(family.denoiser.state_dict()))
+    patcher = comfy["sd"].load_diffusion_model_state_dict(weights_copy(family.denoiser))
     if patcher is None:
         raise RuntimeError("ComfyUI did not recognise the tiny SD3 weights")
     return patcher.model.float()
@@ -196,7 +202,7 @@ def comfy_sd3(comfy: dict[str, ModuleType], family: Any) -> Any:
 def comfy_flux(comfy: dict[str, ModuleType], family: Any) -> Any:
     """ComfyUI's Flux BaseModel at the tiny sizes, loaded with ComfyUI's conversion of the diffusers weights."""
     config = family.denoiser.config
-    state = comfy["model_detection"].convert_diffusers_mmdit(dict(family.denoiser.state_dict()), "")
+    state = comfy["model_detection"].convert_diffusers_mmdit(weights_copy(family.denoiser), "")
     ours = flux_from_diffusers(family.denoiser.state_dict())
     same = state.keys() == ours.keys() and all(torch.equal(state[key], ours[key]) for key in state)
     unet_config = {
@@ -305,6 +311,8 @@ def main() -> None:
             comfy_model, same = comfy_flux(comfy, family)
             report["conversion"][name] = same  # our BFL names equal ComfyUI's conversion, bit for bit
         report["forward"] += compare_forward(comfy_model, family, name)
+        print(name, "forward:", [f"{row['denoised']:.2e}" for row in report["forward"] if row["family"] == name],
+              flush=True)  # fmt: skip
         if name in ("sd3", "flux-dev"):
             report["text"] += compare_text(comfy, family, "sd3" if name == "sd3" else "flux")
     print(f"{'family':13} {'case':14} {'denoised':>10} {'concat':>10}   ours s  comfy s")

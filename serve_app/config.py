@@ -133,10 +133,6 @@ class CheckpointArgs(StrictModel):
             raise ValueError(f"shift is an SD3/Flux setting; {self.family} uses a discrete sigma table")
         return self
 
-    def inpainter_options(self) -> dict[str, Any]:
-        """The :class:`~deployments.inpainter.Inpainter` keyword arguments of this checkpoint."""
-        return self.model_dump(exclude_none=True)
-
 
 class InpainterArgs(StrictModel):
     """The inpainter deployment: one checkpoint (``model``) or several by name (``checkpoints``).

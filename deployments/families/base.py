@@ -162,6 +162,15 @@ class ModelFamily:
             raise ValueError(f"inpaint_model=True needs an inpainting checkpoint; {self.inpaint_refusal()}")
         if job.negative is None and not self.allows_missing_negative(settings):
             raise ValueError(self.missing_negative_refusal(settings))
+        if job.negative is None:
+            from deployments.sampling.registry import SAMPLERS
+
+            spec = SAMPLERS.get(str(getattr(settings, "sampler_name", "")))
+            if spec is not None and spec.needs_uncond:  # cfg++: ComfyUI's basic guider would give them x0 = 0
+                raise ValueError(
+                    f"negative: null has no negative for {settings.sampler_name}, which evaluates the negative at "
+                    "every step (cfg++); give a negative prompt or pick a sampler without cfg_pp"
+                )
 
     def title(self) -> str:
         return self.name + (f" ({self.variant})" if self.variant else "")

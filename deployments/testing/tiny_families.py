@@ -69,11 +69,12 @@ def _vae16(scaling_factor: float, shift_factor: float) -> Any:
     )
 
 
-def _clip(*, projection: bool, act: str = "quick_gelu") -> Any:
+def _clip(*, projection: bool, act: str = "quick_gelu", layers: int = 2) -> Any:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     config = _text_encoder_config(projection=projection)
     config.hidden_act = act
+    config.num_hidden_layers = layers
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
@@ -186,7 +187,8 @@ def _sd3_pipeline(tokenizers: dict[str, Path]) -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTokenizer, T5Tokenizer
 
-    clip_l, clip_g = _clip(projection=True), _clip(projection=True, act="gelu")
+    # 3 layers: ComfyUI reads the penultimate one only of an encoder deeper than 2
+    clip_l, clip_g = _clip(projection=True, layers=3), _clip(projection=True, act="gelu", layers=3)
     transformer = SD3Transformer2DModel(
         sample_size=32,
         patch_size=2,

@@ -270,6 +270,8 @@ def test_negative_null_runs_the_positive_only_and_equals_cfg_one(flux_dev: Inpai
 def test_what_a_family_cannot_honour_is_refused_naming_what_is_supported(flux_dev: Inpainter, sd3: Inpainter) -> None:
     with pytest.raises(ValueError, match="negative: null.*set cfg to 1"):
         flux_dev.payloads([job(1, negative=None)], SamplingSettings(steps=2, cfg=3.5))
+    with pytest.raises(ValueError, match="negative: null has no negative for euler_cfg_pp"):
+        flux_dev.payloads([job(1, negative=None)], SamplingSettings(steps=2, cfg=1.0, sampler_name="euler_cfg_pp"))
     with pytest.raises(ValueError, match="needs an inpainting checkpoint.*Flux.1 dev, not Flux.1 Fill"):
         flux_dev.validate_settings(SamplingSettings(inpaint_model=True))
     with pytest.raises(ValueError, match="LoRAs .*supported on SD 1.x/2.x/XL checkpoints only; this checkpoint is sd3"):

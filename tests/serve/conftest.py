@@ -34,9 +34,20 @@ def local_cpu_config() -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def serve_instance(
-    local_cpu_config: dict[str, Any], tiny_sd: dict, tiny_yolo: dict, tiny_controlnet: dict
+    local_cpu_config: dict[str, Any],
+    tiny_sd: dict,
+    tiny_yolo: dict,
+    tiny_controlnet: dict,
+    tiny_sdxl_vpred: dict,
+    tiny_sd3: dict,
+    tiny_flux_dev: dict,
+    tiny_flux_fill: dict,
 ) -> Iterator[dict[str, Any]]:
-    """Ray (2 CPUs) with the local-cpu.yaml app on a free port and a second app with a segm detector."""
+    """Ray (2 CPUs) with the local-cpu.yaml app on a free port and a second app with a segm detector.
+
+    Every tiny checkpoint local-cpu.yaml serves (one per model family) is built here first, so no
+    replica builds one while it answers a request.
+    """
     import ray
     from ray import serve
 

@@ -146,3 +146,23 @@ def test_named_models_build_one_deployment_each_and_reach_the_ingress_by_name():
 def test_named_model_config_errors(args, needle):
     with pytest.raises(ValidationError, match=needle):
         AppArgs.model_validate(args)
+
+
+def test_checkpoint_layouts_and_overrides_are_checked():
+    from serve_app.config import CheckpointArgs
+
+    split = CheckpointArgs(diffusion_model="unet/flux1-dev.safetensors", text_encoders={"t5xxl": "t5.safetensors"},
+                           vae="ae.safetensors", family="flux", shift=1.5)  # fmt: skip
+    assert split.model is None and split.text_encoders == {"t5xxl": "t5.safetensors"}
+    refused = [
+        ({"model": "a.safetensors", "diffusion_model": "b.safetensors"}, "model .* or diffusion_model"),
+        ({}, "model .* or diffusion_model"),
+        ({"model": "a.safetensors", "vae": "ae.safetensors"}, "belong to the split layout"),
+        ({"model": "flux", "family": "flux", "prediction": "v_prediction"}, "SD/SDXL settings"),
+        ({"model": "sd", "family": "sdxl", "shift": 3.0}, "SD3/Flux setting"),
+        ({"diffusion_model": "x", "text_encoders": {"clip_h": "y"}}, "clip_h"),
+        ({"model": "x", "family": "pixart"}, "family"),
+    ]
+    for values, message in refused:
+        with pytest.raises(ValidationError, match=message):
+            CheckpointArgs.model_validate(values)
