@@ -498,7 +498,7 @@ def draw_pictures(results: dict[str, Any], context: dict[str, Any], image_dir: P
             tile(pictures[after], box, f"{what}: mean_std + multiband"),
         ]
 
-    if "zidane" in photos and "astronaut" in photos:  # README: the demo's noise faces, and a real cast
+    if "zidane" in photos and "astronaut" in photos:  # docs/parameters.md: the demo's noise faces, and a real cast
         rows = [
             before_after("tiny-sd", None, "zidane", "tiny SD"),
             before_after(cast_kind, strongest, "astronaut", f"cast {strongest:g}"),
