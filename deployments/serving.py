@@ -247,15 +247,22 @@ class InpainterDeployment(_ServedModel):
         logger.info("inpainter engines: %(max_batch_size)d active crops, %(max_queued_crops)d queued", self.bounds)
 
     async def refine(
-        self, jobs: Sequence[RefineJob], settings: SamplingSettings | None = None, model: str | None = None
+        self,
+        jobs: Sequence[RefineJob],
+        settings: SamplingSettings | None = None,
+        model: str | None = None,
+        *,
+        tenant: str = "",
+        weight: float = 1.0,
     ) -> RefineResult:
         """Refine a request's crops (each with its own settings, or ``settings``) on a checkpoint's engine.
 
         The checkpoint is ``model``, else the call's ``multiplexed_model_id``, else the first one.
         (Callers pass both: the id routes the call, the argument also reaches local testing mode.)
+        ``tenant``/``weight``: the caller's share of the engine's fair queue (an API key's id).
         """
         loaded = await self.checkpoint(model)
-        return await loaded.refine(jobs, settings)
+        return await loaded.refine(jobs, settings, tenant=tenant, weight=weight)
 
     def snapshot(self) -> dict[str, Any]:
         """This replica's engine counters: every checkpoint's engine, unloaded ones included."""
