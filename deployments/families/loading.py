@@ -139,23 +139,35 @@ def folder_family(index: Mapping[str, Any]) -> str:
 
 
 def load_family(
-    source: CheckpointSource, *, device: torch.device, dtype: torch.dtype, cache_dir: Path | None = None
+    source: CheckpointSource,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    cache_dir: Path | None = None,
+    load_components: Any = None,
 ) -> ModelFamily:
     """Load ``source`` with diffusers' and transformers' own model classes and wrap it in its family.
 
+    ``load_components`` loads SD 1.x/2.x/XL checkpoints (default:
+    :func:`deployments.inpainter_loading.load_sd_components`), and any ``model`` reference this
+    module cannot locate as a file or folder (a stand-in's, see :mod:`deployments.model_loading`).
     :class:`~deployments.weights.WeightsNotFoundError` / :class:`~deployments.weights.CorruptWeightsError`
     name the file; :class:`~deployments.families.detection.UnsupportedModelError` says what is supported.
     """
-    from deployments.inpainter_loading import load_sd_components
+    from deployments.inpainter_loading import load_sd_components as real_sd_components
 
+    load_sd_components = load_components or real_sd_components
     if source.diffusion_model is not None:
         components, detected = _load_split(source, dtype, cache_dir)
         return _wrap(source, detected.family, components, device, dtype)
     model = source.model
     assert model is not None
-    if is_simulated(model):
-        return _wrap(source, "sd", load_sd_components(model, dtype=dtype), device, dtype)
-    path = _locate(model, cache_dir)
+    try:
+        path = _locate(model, cache_dir)
+    except WeightsNotFoundError:  # nothing on disk or in the hub cache: the SD loader says what it is (or why not)
+        config = _config(source, cache_dir)
+        components = load_sd_components(model, single_file_config=config, dtype=dtype, cache_dir=cache_dir)
+        return _wrap(source, "sd", components, device, dtype)
     if path is None or path.is_dir():  # a diffusers folder, local or a cached repo id
         family = source.family or folder_family(_folder_index(model if path is None else str(path), cache_dir))
         if family in ("sd", "sdxl"):
