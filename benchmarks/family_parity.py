@@ -154,7 +154,10 @@ class ComfyText:
         encoders = parts.text_encoders
         options = {"clip_l_model_config": clip_options(encoders["clip_l"]),
                    "t5xxl_model_config": t5_options(encoders["t5xxl"])}  # fmt: skip
-        t5_dir = parts.tokenizers["t5xxl"].name_or_path
+        # the folder our T5 tokenizer was loaded from (the pipeline's tokenizer_2 / tokenizer_3)
+        t5_dir = str(Path(family.source) / ("tokenizer_3" if name == "sd3" else "tokenizer_2"))
+        if not (Path(t5_dir) / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"no T5 tokenizer in {t5_dir}")
         if name == "sd3":
             options["clip_g_model_config"] = clip_options(encoders["clip_g"])
             self.tokenizer = comfy["sd3_clip"].SD3Tokenizer()

@@ -438,3 +438,17 @@ def test_an_all_in_one_flux_file_loads_like_the_folder(tiny_flux_dev: dict, flux
     for ours, theirs in pairs:
         a, b = ours.state_dict(), theirs.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in b)
+
+
+def test_checkpoints_are_described_from_their_headers_without_server_paths(tiny_flux_fill: dict, tmp_path) -> None:
+    from deployments.families.loading import describe_checkpoint
+
+    fill = describe_checkpoint({"model": tiny_flux_fill["pipeline"]})
+    assert (fill["family"], fill["variant"], fill["format"], fill["weight_dtype"]) == ("flux", "fill", "diffusers",
+                                                                                        "float32")  # fmt: skip
+    assert fill["model_sampling"] == {"kind": "flux", "prediction": "const", "shift": 1.15}
+    assert fill["source"]["model"] == "flux-fill", "a local path by its name only"
+    shifted = describe_checkpoint({"model": tiny_flux_fill["pipeline"], "shift": 2.0})
+    assert shifted["model_sampling"]["shift"] == 2.0
+    missing = describe_checkpoint({"model": str(tmp_path / "nowhere" / "model.safetensors")})
+    assert "model.safetensors" in missing["error"] and str(tmp_path) not in missing["error"]
