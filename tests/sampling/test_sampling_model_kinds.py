@@ -194,3 +194,32 @@ def test_describe_is_json_able_and_names_the_settings():
     assert described["kind"] == "discrete_flow" and described["prediction"] == "const"
     assert described["shift"] == 3.0 and described["multiplier"] == 1000.0 and described["sigma_max"] == 1.0
     json.dumps(ModelSampling.from_scheduler_config({}).describe())
+
+
+def test_schedules_on_the_flow_tables_follow_comfyuis_grids():
+    from deployments.sampling.schedulers import calculate_sigmas
+
+    sd3, flux = ModelSampling.for_comfy_model("SD3"), ModelSampling.for_comfy_model("Flux")
+
+    def shift3(t: np.ndarray) -> np.ndarray:
+        return 3 * t / (1 + 2 * t)
+
+    # normal: model timesteps σ·1000 spaced linearly from σ_max to σ_min, σ by the shift formula, then 0
+    low = float(sd3.sigma_min)
+    timesteps = np.linspace(1000.0, low * 1000, 6)
+    expected = list(shift3(timesteps / 1000)) + [0.0]
+    np.testing.assert_allclose(calculate_sigmas(sd3, "normal", 6).numpy(), expected, rtol=1e-5)
+    # sgm_uniform: T + 1 points, the last dropped
+    timesteps = np.linspace(1000.0, low * 1000, 7)[:-1]
+    np.testing.assert_allclose(calculate_sigmas(sd3, "sgm_uniform", 6).numpy(), list(shift3(timesteps / 1000)) + [0],
+                               rtol=1e-5)  # fmt: skip
+    # flux: the model timestep is σ; simple strides through the 10,000-entry table
+    t = np.arange(1, 10001) / 10000
+    table = math.exp(1.15) / (math.exp(1.15) + 1 / t - 1)
+    expected = [table[-(1 + int(i * 10000 / 7))] for i in range(7)] + [0.0]
+    np.testing.assert_allclose(calculate_sigmas(flux, "simple", 7).numpy(), expected, rtol=2e-6)
+    timesteps = np.linspace(1.0, float(flux.sigma_min), 5)
+    expected = list(math.exp(1.15) / (math.exp(1.15) + 1 / timesteps - 1)) + [0.0]
+    np.testing.assert_allclose(calculate_sigmas(flux, "normal", 5).numpy(), expected, rtol=1e-5)
+    # linear_quadratic scales by sigma_max = 1
+    assert calculate_sigmas(flux, "linear_quadratic", 4)[0] == 1.0
