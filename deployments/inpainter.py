@@ -57,6 +57,7 @@ from deployments.sampling import (
     crop_process,
     validate,
 )
+from deployments.text_encoder import SharedTextEncoding
 from facedetailer.controlnet import ControlHint
 from facedetailer.cycle_hooks import NoiseInjectionStep, UnsampleStep
 from facedetailer.hooks import DetailerHook, DetailerHooks
@@ -181,9 +182,12 @@ class Inpainter:
         max_queued_crops: int = 256,
         controlnets: Mapping[str, Mapping[str, Any]] | ControlNetSet | None = None,
         load_components: ComponentsLoader = load_sd_components,
+        text_encoder: Callable[[tuple[str, ...]], TextConditioning] | None = None,
     ) -> None:
         """``load_components`` reads an SD ``model`` (and what this module cannot locate): real checkpoints by
-        default; :func:`deployments.model_loading.load_inpainter` passes the loader that also takes ``sim://``."""
+        default; :func:`deployments.model_loading.load_inpainter` passes the loader that also takes ``sim://``.
+        ``text_encoder(chunks)``: the shared text encoder's conditioning of this checkpoint's prompts; an SD3/Flux
+        checkpoint then loads no text encoders of its own (:mod:`deployments.text_encoder`)."""
         self.source = CheckpointSource(
             model=model,
             config=single_file_config,
@@ -200,12 +204,16 @@ class Inpainter:
         self.dtype = pick_dtype(dtype, self.device)
         self.lora_dir = Path(lora_dir) if lora_dir else None
         started = time.perf_counter()
+        shared = SharedTextEncoding(
+            text_encoder, device=self.device, dtype=self.dtype, names=tuple(text_encoders or {}) or None
+        ) if text_encoder is not None else None  # fmt: skip
         self.family: ModelFamily = load_family(
             self.source,
             device=self.device,
             dtype=self.dtype,
             cache_dir=Path(cache_dir) if cache_dir else None,
             load_components=load_components,
+            text_encoding=shared,
         )
         self.components: Any = self.family.components
         self.vae_dtype = self.family.vae_dtype

@@ -71,6 +71,8 @@ class PromptEncoder:
     only caches its results.
     """
 
+    names: tuple[str, ...] = ()  # the text encoders it runs, by ComfyUI's names (clip_l, clip_g, t5xxl)
+
     def encode(self, chunks: tuple[str, ...]) -> TextConditioning:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -36,6 +36,7 @@ __all__ = [
     "FluxFamily",
     "FluxPromptEncoder",
     "fill_concat",
+    "flux_prompt_encoder",
     "pack_latents",
     "pack_mask",
     "position_ids",
@@ -89,6 +90,8 @@ def fill_concat(image_latent: torch.Tensor, mask: torch.Tensor, latent_size: tup
 class FluxPromptEncoder(PromptEncoder):
     """T5 tokens as context, CLIP-L's pooled output (module docstring)."""
 
+    names = ("clip_l", "t5xxl")
+
     def __init__(self, clip_l: ClipEncoder, t5: T5Encoder, *, dtype: torch.dtype) -> None:
         self.clip_l, self.t5, self.dtype = clip_l, t5, dtype
 
@@ -111,6 +114,20 @@ class FluxPromptEncoder(PromptEncoder):
         return context, pooled.float()
 
 
+def flux_prompt_encoder(
+    tokenizers: dict[str, Any], encoders: dict[str, Any], *, device: torch.device, dtype: torch.dtype
+) -> FluxPromptEncoder:
+    """Flux's text encoders (CLIP-L's last layer and pooled output, T5 of at least 256 tokens) as a prompt encoder."""
+    missing = [name for name in ("clip_l", "t5xxl") if name not in encoders]
+    if missing:
+        raise ValueError(f"a Flux checkpoint needs clip_l and t5xxl text encoders; missing {', '.join(missing)}")
+    return FluxPromptEncoder(
+        ClipEncoder(tokenizers["clip_l"], encoders["clip_l"], layer="last", pooled="pooled", device=device),
+        T5Encoder(tokenizers["t5xxl"], encoders["t5xxl"], min_length=T5_MIN_LENGTH, device=device),
+        dtype=dtype,
+    )
+
+
 class FluxFamily(ModelFamily):
     """A Flux.1 checkpoint: dev, schnell or Fill (see the module docstring)."""
 
@@ -125,6 +142,7 @@ class FluxFamily(ModelFamily):
         dtype: torch.dtype,
         vae_dtype: torch.dtype,
         shift: float | None = None,
+        prompt_encoder: PromptEncoder | None = None,
     ) -> None:
         self.components = components
         self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
@@ -146,18 +164,17 @@ class FluxFamily(ModelFamily):
         model_class = {"fill": "FluxInpaint", "dev": "Flux", "schnell": "FluxSchnell"}[self.variant]
         overrides = {"shift": float(shift)} if shift is not None else {}
         self.model_sampling = ModelSampling.for_comfy_model(model_class, **overrides)
-        missing = [name for name in ("clip_l", "t5xxl") if name not in components.text_encoders]
-        if missing:
-            raise ValueError(f"a Flux checkpoint needs clip_l and t5xxl text encoders; missing {', '.join(missing)}")
-        tokenizers, encoders = components.tokenizers, components.text_encoders
-        self.prompt_encoder = FluxPromptEncoder(
-            ClipEncoder(tokenizers["clip_l"], encoders["clip_l"], layer="last", pooled="pooled", device=device),
-            T5Encoder(tokenizers["t5xxl"], encoders["t5xxl"], min_length=T5_MIN_LENGTH, device=device),
-            dtype=dtype,
+        # shared text encoding (deployments.text_encoder) hands the encoder in; else the checkpoint's own
+        self.prompt_encoder = prompt_encoder or flux_prompt_encoder(
+            components.tokenizers, components.text_encoders, device=device, dtype=dtype
         )
+        self.text_encoding = "local" if prompt_encoder is None else "shared"
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "text_encoders": ["clip_l", "t5xxl"], "format": self.format}
+        return {
+            **super().describe(), "text_encoders": ["clip_l", "t5xxl"], "text_encoding": self.text_encoding,
+            "format": self.format,
+        }  # fmt: skip
 
     def inpaint_refusal(self) -> str:
         return f"this checkpoint is Flux.1 {self.variant}, not Flux.1 Fill"

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from deployments.families.base import ModelFamily
+from deployments.families.base import ModelFamily, PromptEncoder
 from deployments.families.detection import (
     FAMILY_PREFIXES,
     Detected,
@@ -47,11 +47,13 @@ __all__ = [
     "FAMILY_NAMES",
     "folder_family",
     "load_family",
+    "load_text_encoders",
     "prepare_modules",
     "public_reference",
 ]
 
 FAMILY_NAMES = ("sd", "sdxl", "sd3", "flux")
+TEXT_ENCODER_NAMES = ("clip_l", "clip_g", "t5xxl")
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ def load_family(
     dtype: torch.dtype,
     cache_dir: Path | None = None,
     load_components: Any = None,
+    text_encoding: Callable[[str], PromptEncoder | None] | None = None,
 ) -> ModelFamily:
     """Load ``source`` with diffusers' and transformers' own model classes and wrap it in its family.
 
@@ -153,13 +156,17 @@ def load_family(
     module cannot locate as a file or folder (a stand-in's, see :mod:`deployments.model_loading`).
     :class:`~deployments.weights.WeightsNotFoundError` / :class:`~deployments.weights.CorruptWeightsError`
     name the file; :class:`~deployments.families.detection.UnsupportedModelError` says what is supported.
+
+    ``text_encoding(family)`` may return the prompt encoder an SD3/Flux checkpoint uses instead of
+    its own text encoders (a shared text encoder deployment, :mod:`deployments.text_encoder`):
+    then those are not loaded at all.
     """
     from deployments.inpainter_loading import load_sd_components as real_sd_components
 
     load_sd_components = load_components or real_sd_components
     if source.diffusion_model is not None:
-        components, detected = _load_split(source, dtype, cache_dir)
-        return _wrap(source, detected.family, components, device, dtype)
+        components, detected, shared = _load_split(source, dtype, cache_dir, text_encoding)
+        return _wrap(source, detected.family, components, device, dtype, shared)
     model = source.model
     assert model is not None
     try:
@@ -174,8 +181,11 @@ def load_family(
             config = _config(source, cache_dir)
             components = load_sd_components(model, single_file_config=config, dtype=dtype, cache_dir=cache_dir)
             return _wrap(source, family, components, device, dtype)
-        components = _load_dit_folder(family, model if path is None else str(path), dtype, cache_dir)
-        return _wrap(source, family, components, device, dtype)
+        shared = text_encoding(family) if text_encoding is not None else None
+        components = _load_dit_folder(
+            family, model if path is None else str(path), dtype, cache_dir, text_encoders=shared is None
+        )
+        return _wrap(source, family, components, device, dtype, shared)
     detected = _detect_file(path)
     family = source.family or detected.family
     if family in ("sd", "sdxl"):
@@ -184,12 +194,21 @@ def load_family(
         )
         components.markers = {name: bool(detected.facts.get(name, False)) for name in ("v_pred", "ztsnr")}
         return _wrap(source, family, components, device, dtype)
-    components = _load_dit_files(family, _single_file_parts(path), source, dtype, cache_dir, format="single_file")
-    return _wrap(source, family, components, device, dtype)
+    shared = text_encoding(family) if text_encoding is not None else None
+    parts = _single_file_parts(path)
+    if shared is not None:
+        parts = {part: state for part, state in parts.items() if part not in TEXT_ENCODER_NAMES}
+    components = _load_dit_files(family, parts, source, dtype, cache_dir, format="single_file")
+    return _wrap(source, family, components, device, dtype, shared)
 
 
 def _wrap(
-    source: CheckpointSource, family: str, components: Any, device: torch.device, dtype: torch.dtype
+    source: CheckpointSource,
+    family: str,
+    components: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    prompt_encoder: PromptEncoder | None = None,
 ) -> ModelFamily:
     """Move the parts to the device in their run dtypes and build the family object."""
     vae_dtype = vae_run_dtype(components.vae, dtype)
@@ -210,10 +229,15 @@ def _wrap(
     if family == "sd3":
         from deployments.families.sd3 import SD3Family
 
-        return SD3Family(components, device=device, dtype=dtype, vae_dtype=vae_dtype, shift=source.shift)
+        return SD3Family(
+            components, device=device, dtype=dtype, vae_dtype=vae_dtype, shift=source.shift,
+            prompt_encoder=prompt_encoder,
+        )  # fmt: skip
     from deployments.families.flux import FluxFamily
 
-    return FluxFamily(components, device=device, dtype=dtype, vae_dtype=vae_dtype, shift=source.shift)
+    return FluxFamily(
+        components, device=device, dtype=dtype, vae_dtype=vae_dtype, shift=source.shift, prompt_encoder=prompt_encoder
+    )
 
 
 # ---------------------------------------------------------------------------- references
@@ -266,12 +290,14 @@ def _component_class(entry: Any) -> Any:
     return getattr(importlib.import_module(library), class_name)
 
 
-def _load_dit_folder(family: str, reference: str, dtype: torch.dtype, cache_dir: Path | None) -> DiTComponents:
+def _load_dit_folder(
+    family: str, reference: str, dtype: torch.dtype, cache_dir: Path | None, *, text_encoders: bool = True
+) -> DiTComponents:
     """A diffusers SD3 / Flux folder: each part with the class ``model_index.json`` names for it."""
     index = _folder_index(reference, cache_dir)
     hub = _hub(cache_dir)
     parts: dict[str, Any] = {}
-    for name in ("transformer", "vae", *FOLDER_TEXT_ENCODERS[family]):
+    for name in ("transformer", "vae", *(FOLDER_TEXT_ENCODERS[family] if text_encoders else ())):
         entry = index.get(name)
         if not entry or entry[0] is None:
             continue
@@ -316,17 +342,25 @@ def _single_file_parts(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return parts
 
 
-def _load_split(source: CheckpointSource, dtype: torch.dtype, cache_dir: Path | None) -> tuple[DiTComponents, Detected]:
+def _load_split(
+    source: CheckpointSource,
+    dtype: torch.dtype,
+    cache_dir: Path | None,
+    text_encoding: Callable[[str], PromptEncoder | None] | None = None,
+) -> tuple[DiTComponents, Detected, PromptEncoder | None]:
     """ComfyUI's split layout: a diffusion model file, text encoder files and a VAE file."""
     assert source.diffusion_model is not None
     files = {"diffusion_model": source.diffusion_model, **dict(source.text_encoders)}
     if source.vae is not None:
         files["vae"] = source.vae
     paths = {part: resolve_weights(reference, cache_dir) for part, reference in files.items()}
-    parts = {part: _read_state(path) for part, path in paths.items()}
-    state = parts["diffusion_model"]
+    state = _read_state(paths["diffusion_model"])
     detected = detect_diffusion_model(list(state), lambda key: tuple(state[key].shape))
     family = source.family or detected.family
+    shared = text_encoding(family) if text_encoding is not None and family in ("sd3", "flux") else None
+    if shared is not None:  # the text encoders run elsewhere: their files are not read here
+        paths = {part: path for part, path in paths.items() if part not in TEXT_ENCODER_NAMES}
+    parts = {part: state if part == "diffusion_model" else _read_state(path) for part, path in paths.items()}
     if family in ("sd", "sdxl"):
         raise UnsupportedModelError(
             f"{source.diffusion_model}: the split layout is supported for SD3 and Flux; give an SD/SDXL UNet as a "
@@ -341,7 +375,7 @@ def _load_split(source: CheckpointSource, dtype: torch.dtype, cache_dir: Path | 
         raise ValueError(f"{source.diffusion_model}: the split layout needs a vae file")
     components = _load_dit_files(family, parts, source, dtype, cache_dir, format="split", detected=detected)
     components.files = {part: public_reference(str(reference)) or "" for part, reference in files.items()}
-    return components, Detected(family, detected.variant, detected.layout, detected.prefix, detected.facts)
+    return components, Detected(family, detected.variant, detected.layout, detected.prefix, detected.facts), shared
 
 
 def _load_dit_files(
@@ -399,6 +433,23 @@ def _load_dit_files(
 
         vae_state = convert_ldm_vae_checkpoint(vae_state, vae_config)
     vae = _instantiate(lambda: vae_class.from_config(vae_config), vae_state, dtype, "VAE")
+    tokenizers, encoders = _text_encoders_from_states(family, parts, config, index, dtype, cache_dir)
+    return DiTComponents(
+        transformer=transformer, vae=vae, tokenizers=tokenizers, text_encoders=encoders, source=source.label,
+        format=format,
+    )  # fmt: skip
+
+
+def _text_encoders_from_states(
+    family: str,
+    parts: Mapping[str, Mapping[str, torch.Tensor]],
+    config: str,
+    index: Mapping[str, Any],
+    dtype: torch.dtype,
+    cache_dir: Path | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tokenizers, encoders) by ComfyUI's names from state dicts, architectures and tokenizers from ``config``."""
+    hub = _hub(cache_dir)
     tokenizers, encoders = {}, {}
     for folder_name, name in FOLDER_TEXT_ENCODERS[family].items():
         encoder_state = parts.get(name)
@@ -411,10 +462,95 @@ def _load_dit_files(
         )
         tokenizer = TOKENIZER_OF[folder_name]
         tokenizers[name] = _component_class(index[tokenizer]).from_pretrained(config, subfolder=tokenizer, **hub)
-    return DiTComponents(
-        transformer=transformer, vae=vae, tokenizers=tokenizers, text_encoders=encoders, source=source.label,
-        format=format,
-    )  # fmt: skip
+    return tokenizers, encoders
+
+
+@dataclass
+class TextEncoderParts:
+    """An SD3/Flux checkpoint's text encoders alone (what a shared text encoder deployment loads)."""
+
+    family: str
+    tokenizers: dict[str, Any]
+    encoders: dict[str, Any]
+    transformer_config: dict[str, Any]  # the widths the prompt encoder pads to (SD3)
+
+
+def load_text_encoders(
+    source: CheckpointSource, *, dtype: torch.dtype, cache_dir: Path | None = None
+) -> TextEncoderParts:
+    """The text encoders of an SD3/Flux checkpoint in any layout, without its diffusion model or VAE.
+
+    The family comes from the configuration or the diffusion model's keys (a header read); only
+    the text encoders' weights are read.
+    """
+    hub = _hub(cache_dir)
+    if source.diffusion_model is not None or (source.model is not None and _is_file(source.model, cache_dir)):
+        if source.diffusion_model is not None:
+            keys, shape, _ = read_header(resolve_weights(source.diffusion_model, cache_dir))
+            files = {name: resolve_weights(reference, cache_dir) for name, reference in source.text_encoders.items()}
+            parts = {name: _read_state(path) for name, path in files.items()}
+        else:
+            path = _locate(str(source.model), cache_dir)
+            assert path is not None
+            keys, shape, _ = read_header(path)
+            parts = _read_prefixed(path, {name: FAMILY_PREFIXES[name] for name in TEXT_ENCODER_NAMES})
+        family = source.family or detect_diffusion_model(keys, shape).family
+        _check_text_family(source, family)
+        config = _config(source, cache_dir)
+        if config is None:
+            raise ValueError(f"{source.label}: a {family} single file or split layout needs single_file_config")
+        index = _folder_index(config, cache_dir)
+        tokenizers, encoders = _text_encoders_from_states(family, parts, config, index, dtype, cache_dir)
+    else:
+        path = _locate(str(source.model), cache_dir)
+        config = str(path) if path is not None else str(source.model)
+        index = _folder_index(config, cache_dir)
+        family = source.family or folder_family(index)
+        _check_text_family(source, family)
+        tokenizers, encoders = {}, {}
+        for folder_name, name in FOLDER_TEXT_ENCODERS[family].items():
+            entry = index.get(folder_name)
+            if not entry or entry[0] is None:
+                continue
+            encoders[name] = _component_class(entry).from_pretrained(
+                config, subfolder=folder_name, torch_dtype=dtype, **hub
+            )
+            tokenizer = TOKENIZER_OF[folder_name]
+            tokenizers[name] = _component_class(index[tokenizer]).from_pretrained(config, subfolder=tokenizer, **hub)
+    transformer_class = _component_class(index["transformer"])
+    transformer_config = dict(transformer_class.load_config(config, subfolder="transformer", **hub))
+    return TextEncoderParts(family, tokenizers, encoders, transformer_config)
+
+
+def _check_text_family(source: CheckpointSource, family: str) -> None:
+    if family not in ("sd3", "flux"):
+        raise UnsupportedModelError(
+            f"{source.label} is {family}: shared text encoding serves SD3 and Flux checkpoints (SD/SDXL keep their "
+            "CLIP encoders, which LoRAs patch, in the inpainter)"
+        )
+
+
+def _is_file(reference: str, cache_dir: Path | None) -> bool:
+    path = _locate(reference, cache_dir)
+    return path is not None and path.is_file()
+
+
+def _read_prefixed(path: Path, prefixes: Mapping[str, tuple[str, ...]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Only the tensors of a safetensors file under each part's prefixes (by part, prefix removed)."""
+    from safetensors import safe_open
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                for part, part_prefixes in prefixes.items():
+                    prefix = next((prefix for prefix in part_prefixes if key.startswith(prefix)), None)
+                    if prefix is not None:
+                        parts.setdefault(part, {})[key[len(prefix) :]] = handle.get_tensor(key)
+                        break
+    except Exception as error:
+        raise CorruptWeightsError(f"{path}: cannot be read as a safetensors file: {error}") from error
+    return parts
 
 
 def _text_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from deployments.families.dit import DiTComponents, RowBatch, pad_to_patch_size,
 from deployments.families.text import ClipEncoder, T5Encoder
 from deployments.sampling import ModelSampling
 
-__all__ = ["SD3_LATENT", "SD3Family", "SD3PromptEncoder"]
+__all__ = ["SD3_LATENT", "SD3Family", "SD3PromptEncoder", "sd3_prompt_encoder"]
 
 SD3_LATENT = LatentFormat(channels=16, scale_factor=1.5305, shift_factor=0.0609)
 T5_MIN_LENGTH = 77
@@ -92,6 +92,41 @@ class SD3PromptEncoder(PromptEncoder):
         return out, pooled
 
 
+def sd3_prompt_encoder(
+    tokenizers: dict[str, Any],
+    encoders: dict[str, Any],
+    transformer_config: Any,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> SD3PromptEncoder:
+    """The checkpoint's CLIP-L / CLIP-G / T5 (any may be missing) for a transformer of ``transformer_config``."""
+
+    def clip(name: str, pooled: str) -> ClipEncoder | None:
+        if name not in encoders:
+            return None
+        return ClipEncoder(tokenizers[name], encoders[name], layer="penultimate", pooled=pooled, device=device)
+
+    clip_l, clip_g = clip("clip_l", "pooled"), clip("clip_g", "projected")
+    t5 = T5Encoder(tokenizers["t5xxl"], encoders["t5xxl"], min_length=T5_MIN_LENGTH, device=device) if (
+        "t5xxl" in encoders
+    ) else None  # fmt: skip
+    # the pooled halves' widths (a missing encoder's half is zeros): CLIP-L's hidden size, CLIP-G's projection
+    pooled_dim = int(transformer_config["pooled_projection_dim"])
+    if "clip_l" in encoders:
+        l_dim = int(encoders["clip_l"].config.hidden_size)
+    elif "clip_g" in encoders:
+        l_dim = pooled_dim - int(encoders["clip_g"].config.projection_dim)
+    else:
+        l_dim = 768
+    encoder = SD3PromptEncoder(
+        clip_l, clip_g, t5, context_dim=int(transformer_config["joint_attention_dim"]),
+        pooled_dims=(l_dim, pooled_dim - l_dim), dtype=dtype, device=device,
+    )  # fmt: skip
+    encoder.names = tuple(sorted(encoders))
+    return encoder
+
+
 class SD3Family(ModelFamily):
     """An SD3/SD3.5 checkpoint (see the module docstring)."""
 
@@ -106,6 +141,7 @@ class SD3Family(ModelFamily):
         dtype: torch.dtype,
         vae_dtype: torch.dtype,
         shift: float | None = None,
+        prompt_encoder: PromptEncoder | None = None,
     ) -> None:
         self.components = components
         self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
@@ -117,34 +153,18 @@ class SD3Family(ModelFamily):
         self.latent_format = SD3_LATENT
         overrides = {"shift": float(shift)} if shift is not None else {}
         self.model_sampling = ModelSampling.for_comfy_model("SD3", **overrides)
-        tokenizers, encoders = components.tokenizers, components.text_encoders
-
-        def clip(name: str, pooled: str) -> ClipEncoder | None:
-            if name not in encoders:
-                return None
-            return ClipEncoder(tokenizers[name], encoders[name], layer="penultimate", pooled=pooled, device=device)
-
-        clip_l, clip_g = clip("clip_l", "pooled"), clip("clip_g", "projected")
-        t5 = T5Encoder(tokenizers["t5xxl"], encoders["t5xxl"], min_length=T5_MIN_LENGTH, device=device) if (
-            "t5xxl" in encoders
-        ) else None  # fmt: skip
-        # the pooled halves' widths (a missing encoder's half is zeros): CLIP-L's hidden size, CLIP-G's projection
-        pooled_dim = int(config.pooled_projection_dim)
-        if "clip_l" in encoders:
-            l_dim = int(encoders["clip_l"].config.hidden_size)
-        elif "clip_g" in encoders:
-            l_dim = pooled_dim - int(encoders["clip_g"].config.projection_dim)
-        else:
-            l_dim = 768
-        g_dim = pooled_dim - l_dim
-        self.prompt_encoder = SD3PromptEncoder(
-            clip_l, clip_g, t5, context_dim=int(config.joint_attention_dim), pooled_dims=(l_dim, g_dim), dtype=dtype,
-            device=device,
-        )  # fmt: skip
-        self.text_encoder_names = sorted(encoders)
+        # shared text encoding (deployments.text_encoder) hands the encoder in; else the checkpoint's own
+        self.prompt_encoder = prompt_encoder or sd3_prompt_encoder(
+            components.tokenizers, components.text_encoders, config, device=device, dtype=dtype
+        )
+        self.text_encoding = "local" if prompt_encoder is None else "shared"
+        self.text_encoder_names = list(self.prompt_encoder.names)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "text_encoders": self.text_encoder_names, "format": self.format}
+        return {
+            **super().describe(), "text_encoders": self.text_encoder_names, "text_encoding": self.text_encoding,
+            "format": self.format,
+        }  # fmt: skip
 
     # ------------------------------------------------------------------ model call
 
