@@ -25,6 +25,7 @@ from deployments.families.loading import describe_checkpoint
 from deployments.inpainter import Inpainter, RefineJob, RefineResult, SamplingSettings
 from deployments.model_loading import load_detector, load_inpainter, load_segmenter
 from deployments.sam import SamPrediction
+from deployments.text_encoder import TextEncoder
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
 
@@ -110,6 +111,27 @@ class SamDeployment(_ServedModel):
         return await self.watchdog.run(self.model.predict, image, list(prompts))
 
 
+class TextEncoderDeployment(_ServedModel):
+    """Serves the SD3/Flux checkpoints' text encoders to every inpainter replica (:mod:`deployments.text_encoder`).
+
+    One copy of each encoder set (T5-XXL is larger than an SD 1.5 UNet) and one prompt cache for
+    all inpainter replicas; a cache hit answers without touching the encoders.
+    """
+
+    def __init__(
+        self, checkpoints: str | Mapping[str, Any], *, stuck_after_s: float = DEFAULT_STUCK_AFTER_S, **options: Any
+    ) -> None:
+        self.model = TextEncoder(checkpoints, **options)
+        self.watchdog = _Watchdog(stuck_after_s)
+
+    async def encode(self, checkpoint: str, chunks: Sequence[str]) -> Any:
+        return await self.watchdog.run(self.model.encode, checkpoint, tuple(chunks))
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's prompt cache counters and encodes (``GET /v1/stats``: the replica that answers)."""
+        return {**self.model.stats(), "replica": _replica_name()}
+
+
 class InpainterDeployment(_ServedModel):
     """Serves the configured checkpoints (:class:`Inpainter` s), each with its engine loop in a background thread.
 
@@ -123,7 +145,9 @@ class InpainterDeployment(_ServedModel):
     answers 503 with Retry-After); a cancelled call (the client left, or the ingress timed out)
     takes its crops out of the engine at the next step. ``max_batch_size`` (active crops per
     checkpoint) and ``max_queued_crops`` are the deployment's ``user_config``: a ``serve deploy``
-    with new values calls :meth:`reconfigure` live.
+    with new values calls :meth:`reconfigure` live. ``text_encoder``: the :class:`TextEncoderDeployment`'s
+    handle, when the application has one: SD3/Flux checkpoints are loaded without text encoders and
+    encode their prompts there.
     """
 
     def __init__(
@@ -135,9 +159,11 @@ class InpainterDeployment(_ServedModel):
         max_batch_size: int = 8,
         max_queued_crops: int = 256,
         stuck_after_s: float = DEFAULT_STUCK_AFTER_S,
+        text_encoder: Any = None,
         **options: Any,
     ) -> None:
         self.checkpoints = checkpoint_specs(model, single_file_config)
+        self.text_encoder = text_encoder
         self.default_checkpoint = next(iter(self.checkpoints))
         self.options = options
         self.bounds = {"max_batch_size": max_batch_size, "max_queued_crops": max_queued_crops}
@@ -184,6 +210,8 @@ class InpainterDeployment(_ServedModel):
         spec = self.checkpoints[name]
         controlnets = self._shared_controlnets or self.options.get("controlnets")
         options = {**self.options, "controlnets": controlnets}
+        if self.text_encoder is not None:
+            options["text_encoder"] = _text_client(self.text_encoder, name)
         inpainter = load_inpainter(**spec, **self.bounds, **options)
         self._shared_controlnets = inpainter.controlnets  # ControlNet weights loaded once per replica
         loaded = LoadedCheckpoint(name, inpainter)
@@ -334,6 +362,15 @@ class InpainterDeployment(_ServedModel):
             "max_models_per_replica": self.max_models_per_replica,
             "engine": snapshot,
         }
+
+
+def _text_client(handle: Any, checkpoint: str, timeout_s: float = 600.0) -> Any:
+    """``chunks → conditioning`` of ``checkpoint`` from the text encoder deployment (called in the engine's thread)."""
+
+    def encode(chunks: tuple[str, ...]) -> Any:
+        return handle.encode.remote(checkpoint, list(chunks)).result(timeout_s=timeout_s)
+
+    return encode
 
 
 def _internal_replica_context() -> Any:

@@ -192,6 +192,24 @@ class InpainterArgs(StrictModel):
         return {DEFAULT_NAME: CheckpointArgs(model=self.model, single_file_config=self.single_file_config)}
 
 
+class TextEncoderArgs(StrictModel):
+    """The shared text encoder of SD3/Flux checkpoints: its own deployment, one copy of T5 for all inpainters.
+
+    With it, the inpainter loads an SD3/Flux checkpoint without its text encoders and asks this
+    deployment for each prompt's conditioning (cached, LRU; hits and misses in ``/v1/stats``).
+    SD 1.x/2.x/XL keep their CLIP encoders in the inpainter (LoRAs patch them).
+    """
+
+    device: str | None = Field(None, description="default: the inpainter's")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="default: the inpainter's (then the conditioning is bit-identical to local encoding)"
+    )
+    cache_max_entries: int = Field(1024, ge=0, description="prompts kept (0: no cache)")
+    cache_max_bytes: int = Field(512 * 1024 * 1024, ge=0, description="bytes of embeddings kept")
+    preload: bool = Field(False, description="load every SD3/Flux checkpoint's encoders at start, not on first use")
+    deployment: DeploymentOptions = DeploymentOptions()
+
+
 class ControlNetArgs(StrictModel):
     """One ControlNet the inpainter serves (loaded on every inpainter replica)."""
 
@@ -242,6 +260,9 @@ class AppArgs(StrictModel):
     sam: SamArgs | None = None
     sam_models: dict[str, SamArgs] | None = Field(None, description="SAM models by name")
     inpainter: InpainterArgs
+    text_encoder: TextEncoderArgs | None = Field(
+        None, description="a shared text encoder deployment for SD3/Flux checkpoints (else each inpainter has its own)"
+    )
     controlnets: dict[str, ControlNetArgs] | None = Field(
         None, description="ControlNets by name; a request picks one with controlnet.name"
     )

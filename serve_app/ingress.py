@@ -184,6 +184,7 @@ class FaceDetailerIngress:
         wildcards_dir: str | None = None,
         controlnets: dict[str, str] | None = None,
         checkpoints: list[str] | None = None,
+        text_encoder: DeploymentHandle | None = None,
     ) -> None:
         # each model kind: one handle, or several by name (serve_app/model_choice.py)
         self.models = ModelChoice.of(detector, segm_detector, sam)
@@ -197,6 +198,7 @@ class FaceDetailerIngress:
         # (an inpainter deployment bound without them takes no model argument: nothing is routed)
         self.checkpoints = NamedModels.of("model", {name: name for name in checkpoints or ["default"]})
         self._route_checkpoints = checkpoints is not None
+        self.text_encoder = text_encoder  # the SD3/Flux text encoders' deployment, if any: its counters in stats
         self._supported: tuple[list[str], list[str]] | None = None
         self.metrics = ServiceMetrics()
         self._inflight = 0
@@ -245,6 +247,7 @@ class FaceDetailerIngress:
                 "segm_detector": await self.stages.segm_detector.info.remote() if self.stages.segm_detector else None,
                 "sam": await self.stages.sam.info.remote() if self.stages.sam else None,
                 "inpainter": inpainter_info,
+                "text_encoder": await self.text_encoder.info.remote() if self.text_encoder else None,
             },
             "detectors": await _named_info(self.models.detectors.models),
             "segm_detectors": await _named_info(self.models.segm_detectors.models),
@@ -279,7 +282,10 @@ class FaceDetailerIngress:
 
     async def stats(self) -> dict[str, Any]:
         """Serving statistics: the inpainter engine's, summed over its replicas (``GET /v1/stats``)."""
-        return {"inpainter": await self.stages.inpainter.stats.remote()}
+        stats = {"inpainter": await self.stages.inpainter.stats.remote()}
+        if self.text_encoder is not None:  # the prompt cache's hits and misses
+            stats["text_encoder"] = await self.text_encoder.stats.remote()
+        return stats
 
     async def _supported_names(self) -> tuple[list[str], list[str]]:
         if self._supported is None:

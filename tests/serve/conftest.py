@@ -83,6 +83,7 @@ def serve_instance(
             ingress=light,
         )
         segm_values["inpainter"]["deployment"] = light
+        segm_values["text_encoder"] = None  # SD checkpoints only: their CLIP encoders stay in the inpainter
         # Its inpainter serves an SD 1.x and an SDXL checkpoint (the tiny SDXL end to end over HTTP).
         segm_values["inpainter"].update(
             model=None, checkpoints={"sd15": tiny_sd["pipeline"], "sdxl": tiny_sd["sdxl_pipeline"]}

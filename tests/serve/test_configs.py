@@ -37,8 +37,8 @@ def test_gpu_config_builds_with_fractional_gpus_and_autoscaling():
     assert application["import_path"] == "serve_app.app:build_app"
     app = build_app(app_args_from_config(config))
     deployments = deployments_of(app)
-    assert set(deployments) == {"FaceDetailerIngress", "Detector", "Sam", "Inpainter"}
-    expected_gpus = {"Detector": 0.1, "Sam": 0.2, "Inpainter": 0.7, "FaceDetailerIngress": 0}
+    assert set(deployments) == {"FaceDetailerIngress", "Detector", "Sam", "Inpainter", "TextEncoder"}
+    expected_gpus = {"Detector": 0.05, "Sam": 0.1, "TextEncoder": 0.2, "Inpainter": 0.65, "FaceDetailerIngress": 0}
     for name, gpus in expected_gpus.items():
         deployment = deployments[name]
         assert deployment.ray_actor_options.get("num_gpus", 0) == pytest.approx(gpus), name
@@ -51,6 +51,17 @@ def test_gpu_config_builds_with_fractional_gpus_and_autoscaling():
     assert deployments["Detector"].init_args[0] == "hf://Bingsu/adetailer/face_yolov8m.pt"
     assert deployments["Sam"].init_kwargs["model_type"] == "vit_b"
     assert deployments["FaceDetailerIngress"].max_ongoing_requests == 64
+    # Flux.1 dev in fp8 from ComfyUI's folders; its text encoders in the TextEncoder deployment, which every
+    # inpainter replica and the ingress (for /v1/stats) reach by handle
+    [checkpoints] = deployments["Inpainter"].init_args
+    flux = checkpoints["flux-dev"]
+    assert flux["diffusion_model"].endswith("models/diffusion_models/flux1-dev-fp8-e4m3fn.safetensors")
+    assert flux["text_encoders"]["t5xxl"].endswith("models/text_encoders/t5xxl_fp8_e4m3fn.safetensors")
+    text_encoder = deployments["TextEncoder"]
+    assert text_encoder.init_args[0] == checkpoints
+    assert text_encoder.init_kwargs["device"] == "cuda" and text_encoder.init_kwargs["dtype"] == "float16"
+    assert deployments["Inpainter"].init_kwargs["text_encoder"] is not None
+    assert deployments["FaceDetailerIngress"].init_kwargs["text_encoder"] is not None
 
 
 def test_local_cpu_config_fits_two_cores_without_gpu():
@@ -61,7 +72,7 @@ def test_local_cpu_config_fits_two_cores_without_gpu():
         assert env[switch] == "1"
     assert env["YOLO_AUTOINSTALL"] == "0" and "YOLO_CONFIG_DIR" in env
     deployments = deployments_of(build_app(app_args_from_config(config)))
-    assert set(deployments) == {"FaceDetailerIngress", "Detector", "Sam", "Inpainter"}
+    assert set(deployments) == {"FaceDetailerIngress", "Detector", "Sam", "Inpainter", "TextEncoder"}
     total_cpus = 0.0
     for name, deployment in deployments.items():
         options = deployment.ray_actor_options
