@@ -129,7 +129,11 @@ class ModelFamily:
         return dict(describe()) if callable(describe) else {}
 
     def describe(self) -> dict[str, Any]:
-        weight = next(iter(self.denoiser.parameters()), None) if hasattr(self.denoiser, "parameters") else None
+        from deployments.families.weight_storage import resident_bytes, storage_dtype
+
+        stored = storage_dtype(self.denoiser)
+        encoders = getattr(getattr(self, "components", None), "text_encoders", None) or []
+        encoders = list(encoders.values()) if isinstance(encoders, dict) else list(encoders)
         return {
             "family": self.name,
             "variant": self.variant,
@@ -138,7 +142,12 @@ class ModelFamily:
             "latent_channels": self.latent_format.channels,
             "latent_scale_factor": self.latent_format.scale_factor,
             "latent_shift_factor": self.latent_format.shift_factor,
-            "weight_dtype": dtype_name(weight.dtype) if weight is not None else dtype_name(self.dtype),
+            "weight_dtype": stored or dtype_name(self.dtype),  # as held in memory: float8 and GGUF stay so
+            "weight_bytes": {  # resident, by part (text encoders: 0 when they run in the shared deployment)
+                "denoiser": resident_bytes([self.denoiser]),
+                "vae": resident_bytes([self.vae]),
+                "text_encoders": resident_bytes(encoders),
+            },
             "guidance": self.has_guidance,
             "inpainting": self.is_inpaint,
             "loras": self.supports_loras,

@@ -64,8 +64,13 @@ ShapeOf = Callable[[str], tuple[int, ...]]
 
 
 def read_header(path: str | Path) -> tuple[list[str], ShapeOf, dict[str, str]]:
-    """A safetensors file's keys, a shape lookup and each key's dtype, without reading tensor data."""
+    """A safetensors (or GGUF) file's keys, a shape lookup and each key's dtype, without reading tensor data."""
     from safetensors import safe_open
+
+    if Path(path).suffix == ".gguf":
+        from deployments.families.weight_storage import gguf_header
+
+        return gguf_header(path)
 
     with safe_open(str(path), framework="pt") as handle:
         keys = list(handle.keys())

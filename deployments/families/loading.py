@@ -38,6 +38,15 @@ from deployments.families.detection import (
 )
 from deployments.families.dit import DiTComponents
 from deployments.families.flux_keys import flux_to_diffusers
+from deployments.families.weight_storage import (
+    gguf_weight_dtype,
+    instantiate_gguf,
+    is_gguf_state,
+    keep_float8,
+    keeps_stored_weights,
+    logical_shape,
+    read_gguf,
+)
 from deployments.weights import CorruptWeightsError, WeightsNotFoundError, is_simulated, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -99,7 +108,8 @@ def prepare_modules(modules: list[tuple[Any, torch.dtype]], device: torch.device
     """Move each module to ``device`` in its dtype, inference mode, no gradients."""
     for module, module_dtype in modules:
         module.to(device)
-        if getattr(module, "dtype", module_dtype) != module_dtype:  # loaded in the run dtype; an upcast VAE differs
+        stored = keeps_stored_weights(module)  # float8 blocks / GGUF: upcast layer by layer when they run
+        if not stored and getattr(module, "dtype", module_dtype) != module_dtype:  # an upcast VAE differs
             module.to(dtype=module_dtype)
         module.eval().requires_grad_(False)
 
@@ -273,6 +283,11 @@ def _folder_index(reference: str, cache_dir: Path | None) -> dict[str, Any]:
 
 
 def _detect_file(path: Path) -> Detected:
+    if path.suffix == ".gguf":
+        raise UnsupportedModelError(
+            f"{path.name}: a GGUF file holds a diffusion model only; give it as diffusion_model (ComfyUI's split "
+            "layout, with text_encoders and vae)"
+        )
     if path.suffix != ".safetensors":  # pickled checkpoints: SD 1.x/2.x/XL only, as before
         return Detected("sd")
     try:
@@ -321,9 +336,10 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        return read_gguf(path) if path.suffix == ".gguf" else load_file(str(path))
     except Exception as error:
-        raise CorruptWeightsError(f"{path}: cannot be read as a safetensors file: {error}") from error
+        kind = "GGUF" if path.suffix == ".gguf" else "safetensors"
+        raise CorruptWeightsError(f"{path}: cannot be read as a {kind} file: {error}") from error
 
 
 def _single_file_parts(path: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -355,7 +371,7 @@ def _load_split(
         files["vae"] = source.vae
     paths = {part: resolve_weights(reference, cache_dir) for part, reference in files.items()}
     state = _read_state(paths["diffusion_model"])
-    detected = detect_diffusion_model(list(state), lambda key: tuple(state[key].shape))
+    detected = detect_diffusion_model(list(state), lambda key: logical_shape(state[key]))
     family = source.family or detected.family
     shared = text_encoding(family) if text_encoding is not None and family in ("sd3", "flux") else None
     if shared is not None:  # the text encoders run elsewhere: their files are not read here
@@ -399,7 +415,7 @@ def _load_dit_files(
     hub = _hub(cache_dir)
     state = parts["diffusion_model"]
     if detected is None:
-        detected = detect_diffusion_model(list(state), lambda key: tuple(state[key].shape))
+        detected = detect_diffusion_model(list(state), lambda key: logical_shape(state[key]))
     transformer_class = _component_class(index["transformer"])
     transformer_config = dict(transformer_class.load_config(config, subfolder="transformer", **hub))
     if family == "flux":
@@ -408,7 +424,7 @@ def _load_dit_files(
             return len({key.split(".")[1] for key in converted if key.startswith(prefix)})
 
         transformer_config.update(
-            in_channels=int(converted["x_embedder.weight"].shape[1]),
+            in_channels=int(logical_shape(converted["x_embedder.weight"])[1]),
             guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in converted,
             num_layers=blocks("transformer_blocks."),
             num_single_layers=blocks("single_transformer_blocks."),
@@ -569,6 +585,11 @@ def _instantiate(build: Any, state: Mapping[str, torch.Tensor], dtype: torch.dty
     The weights are created on the meta device and assigned from ``state`` (no random init of a
     large model); a model with buffers that are not in its state dict is built normally instead.
     """
+    if is_gguf_state(state):  # quantised: diffusers' GGUFLinear layers, dequantised when they run
+        try:
+            return instantiate_gguf(build, state, dtype)
+        except ValueError as error:
+            raise CorruptWeightsError(f"{part}: {error}") from error
     with torch.device("meta"):
         model = build()
     try:
@@ -579,6 +600,8 @@ def _instantiate(build: Any, state: Mapping[str, torch.Tensor], dtype: torch.dty
     if leftovers:  # non-persistent buffers (e.g. CLIP's position ids): build it for real
         model = build()
         model.load_state_dict(state, strict=True)
+    if keep_float8(model, dtype):  # float8 files: the blocks stay float8, upcast block by block when they run
+        return model
     if any(parameter.dtype != dtype for parameter in model.parameters()):  # stored in another dtype (fp16 files)
         model = model.to(dtype)
     return model
@@ -635,7 +658,8 @@ def _describe_source(source: CheckpointSource, cache_dir: Path | None) -> dict[s
     if source.diffusion_model is not None:
         path = resolve_weights(source.diffusion_model, cache_dir)
         keys, shape, dtypes = read_header(path)
-        detected, layout, weight_dtype = detect_diffusion_model(keys, shape), "split", _main_dtype(dtypes)
+        weight_dtype = gguf_weight_dtype(path) if path.suffix == ".gguf" else _main_dtype(dtypes, shape)
+        detected, layout = detect_diffusion_model(keys, shape), "split"
     else:
         path = _locate(source.model, cache_dir)  # type: ignore[arg-type]
         if path is None or path.is_dir():
@@ -652,7 +676,7 @@ def _describe_source(source: CheckpointSource, cache_dir: Path | None) -> dict[s
             facts: dict[str, Any] = {}
             if weights:
                 keys, shape, dtypes = read_header(weights[0])
-                weight_dtype = _main_dtype(dtypes)
+                weight_dtype = _main_dtype(dtypes, shape)
                 if family in ("sd3", "flux"):
                     found = detect_diffusion_model(keys, shape)
                     variant, facts = found.variant, found.facts
@@ -663,7 +687,7 @@ def _describe_source(source: CheckpointSource, cache_dir: Path | None) -> dict[s
                 keys, shape, dtypes = read_header(path)
                 detected = detect_diffusion_model(keys, shape)
                 weight_dtype = _main_dtype({key: dtype for key, dtype in dtypes.items()
-                                            if key.startswith(detected.prefix)})  # fmt: skip
+                                            if key.startswith(detected.prefix)}, shape)  # fmt: skip
             else:
                 detected = Detected("sd")
     family = source.family or detected.family
@@ -706,10 +730,17 @@ SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-def _main_dtype(dtypes: Mapping[str, str]) -> str | None:
-    """The dtype most of a file's tensors are stored in (``float16``, ``bfloat16``, ``float8_e4m3fn``, …)."""
+def _main_dtype(dtypes: Mapping[str, str], shape: Any = None) -> str | None:
+    """The dtype most of a file's weight values are stored in (``float16``, ``bfloat16``, ``float8_e4m3fn``, …).
+
+    Counted in values when ``shape`` (a key's shape) is given, else in tensors: files that store
+    their matrices in float8 keep biases and norms wider.
+    """
     counts: dict[str, int] = {}
-    for dtype in dtypes.values():
+    for key, dtype in dtypes.items():
         name = SAFETENSORS_DTYPES.get(str(dtype).upper(), str(dtype).removeprefix("torch.").lower())
-        counts[name] = counts.get(name, 0) + 1
+        size = 1
+        for extent in shape(key) if shape is not None else ():
+            size *= int(extent)
+        counts[name] = counts.get(name, 0) + size
     return max(counts, key=counts.__getitem__) if counts else None
