@@ -42,14 +42,12 @@ from serve_app.http_adapters.error_handling import (
 from serve_app.http_adapters.errors import RequestError, parse_params, unsafe_name_error
 from serve_app.http_adapters.openapi import (
     DETAIL_REQUEST_BODY,
-    SSE_EVENT_SCHEMA,
-    DetailJson,
-    HealthJson,
-    InfoJson,
-    StatsJson,
-    error_responses,
+    DETAIL_RESPONSES,
+    HEALTH_RESPONSES,
+    INFO_RESPONSES,
+    STATS_RESPONSES,
+    STREAM_RESPONSES,
     install_openapi,
-    json_response,
 )
 from serve_app.http_adapters.request_reading import read_detail_request
 from serve_app.images import ImageInputError, as_uint8_image, decode_base64_image, encode_png
@@ -91,8 +89,6 @@ http_app.include_router(web_router)  # the web page at GET /
 http_app.include_router(workflow_router)  # POST /v1/workflow/import
 install_error_handling(http_app)  # request ids, and one error shape on every route
 install_openapi(http_app)  # the parameter models the documented bodies refer to
-DETAIL_ERRORS = (400, 413, 415, 422, 429, 500, 503, 504)
-INFO_ERRORS = error_responses(500, 503)
 
 
 async def _named_info(handles: dict[str, DeploymentHandle]) -> dict[str, Any]:
@@ -456,11 +452,7 @@ class FaceDetailerIngress:
             raise RequestError.for_message(error.status_code, str(error)) from error
 
     # ---- HTTP API ----------------------------------------------------------------------------
-    @http_app.get(
-        "/healthz",
-        operation_id="healthz",
-        responses={200: {"model": HealthJson}, 503: {"model": HealthJson, "description": "A deployment is unhealthy."}},
-    )
+    @http_app.get("/healthz", operation_id="healthz", responses=HEALTH_RESPONSES)
     async def healthz(self) -> JSONResponse:
         """Ready when every model deployment answers its health probe."""
         checks: dict[str, str] = {}
@@ -478,9 +470,7 @@ class FaceDetailerIngress:
         status = {"status": "ok" if healthy else "unhealthy", "deployments": checks}
         return JSONResponse(status, 200 if healthy else 503)
 
-    @http_app.get(
-        "/v1/stats", operation_id="stats", responses={**json_response(StatsJson, "Engine statistics."), **INFO_ERRORS}
-    )
+    @http_app.get("/v1/stats", operation_id="stats", responses=STATS_RESPONSES)
     async def http_stats(self) -> JSONResponse:
         """UNet batch sizes, queue wait and active crops of the inpainter engine, over all replicas."""
         try:
@@ -488,9 +478,7 @@ class FaceDetailerIngress:
         except MODEL_UNAVAILABLE as error:
             raise RequestError(503, f"the inpainter is unavailable ({type(error).__name__}); retry") from error
 
-    @http_app.get(
-        "/v1/info", operation_id="info", responses={**json_response(InfoJson, "Models, names, limits."), **INFO_ERRORS}
-    )
+    @http_app.get("/v1/info", operation_id="info", responses=INFO_RESPONSES)
     async def http_info(self) -> JSONResponse:
         """Models (configured names and references), samplers, schedulers, limits and parameter defaults."""
         try:
@@ -498,22 +486,7 @@ class FaceDetailerIngress:
         except MODEL_UNAVAILABLE as error:
             raise RequestError(503, f"a model deployment is unavailable ({type(error).__name__}); retry") from error
 
-    @http_app.post(
-        "/v1/detail",
-        operation_id="detail",
-        responses={
-            200: {
-                "description": "The detailed image (PNG), or with ?format=json every output.",
-                "content": {
-                    "image/png": {"schema": {"type": "string", "format": "binary"}},
-                    "application/json": {"schema": {"$ref": "#/components/schemas/DetailJson"}},
-                },
-                "model": DetailJson,
-            },
-            **error_responses(*DETAIL_ERRORS),
-        },
-        openapi_extra=DETAIL_REQUEST_BODY,
-    )
+    @http_app.post("/v1/detail", operation_id="detail", responses=DETAIL_RESPONSES, openapi_extra=DETAIL_REQUEST_BODY)
     async def http_detail(self, request: Request, format: Literal["png", "json"] = "png") -> Response:
         """Detail an uploaded image. Returns the PNG, or with ``?format=json`` every output as JSON."""
         try:
@@ -544,16 +517,7 @@ class FaceDetailerIngress:
         return Response(png, media_type="image/png", headers=headers)
 
     @http_app.post(
-        "/v1/detail/stream",
-        operation_id="detail_stream",
-        responses={
-            200: {
-                "description": "Server-Sent Events: `face` per finished face, then `result` (or `error`).",
-                "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
-            },
-            **error_responses(*DETAIL_ERRORS),
-        },
-        openapi_extra=DETAIL_REQUEST_BODY,
+        "/v1/detail/stream", operation_id="detail_stream", responses=STREAM_RESPONSES, openapi_extra=DETAIL_REQUEST_BODY
     )
     async def http_detail_stream(self, request: Request) -> Response:
         """``/v1/detail``'s inputs; Server-Sent Events: ``face`` per finished face, then ``result``.

@@ -14,8 +14,8 @@ valid FaceDetailer input, but on a shared service it burns a GPU for minutes. Th
   every cycle's ``steps`` (a cycle whose scheduled denoise is 0 samples nothing) plus the steps
   each ``unsampler`` hook runs before a cycle, *attempts* is the largest ``max_retries`` of the
   ``black_patch_retry`` hooks (every retry samples the face again; 1 without one) and the
-  ControlNet factor is 1.5 with an active ControlNet (it runs beside every UNet evaluation at
-  about half a UNet's cost: its copy of the UNet's encoder and middle block). The UNet's cost
+  ControlNet factor is 1.5 with an active ControlNet (it runs beside every UNet evaluation; its
+  copy of the UNet's encoder and middle block costs 0.35–0.45 of a UNet evaluation). The UNet's cost
   grows with the latent area, so a 1024×1024 crop counts 4 units per step; 2nd-order samplers
   (heun, dpm_2) evaluate the UNet twice per step and are not weighted more. Noise injection and
   variation noise draw noise, no model call: they cost no units (the list of hooks is bounded);
@@ -64,7 +64,9 @@ __all__ = [
 
 WORK_UNIT_PIXELS = 512 * 512
 WINDOW_TOKENS = 75  # ComfyUI's CLIP window: start token, 75 tokens, end token
-CONTROLNET_WORK = 0.5  # one ControlNet evaluation ≈ half a UNet evaluation (encoder + middle block copy)
+# One ControlNet evaluation beside a UNet evaluation: 0.35–0.37 of the UNet's FLOPs for SD 1.5, 0.45 for
+# SDXL (benchmarks/controlnet_flops.py); counted as 0.5, rounded up.
+CONTROLNET_WORK = 0.5
 MAX_WORKFLOW_BYTES = 5 * 1024 * 1024  # a ComfyUI workflow (saved UI workflows are tens to hundreds of KB)
 PROMPT_FIELDS = ("positive", "negative", "wildcard")
 

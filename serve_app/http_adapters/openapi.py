@@ -160,6 +160,35 @@ def json_response(
     return {200: {"model": model, "description": description, **({"links": links} if links else {})}}
 
 
+# ---- each route's responses --------------------------------------------------------------------
+
+DETAIL_ERRORS = (400, 413, 415, 422, 429, 500, 503, 504)
+DETAIL_RESPONSES = {
+    200: {
+        "description": "The detailed image (PNG), or with ?format=json every output.",
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {"$ref": COMPONENTS.format(model="DetailJson")}},
+        },
+        "model": DetailJson,
+    },
+    **error_responses(*DETAIL_ERRORS),
+}
+STREAM_RESPONSES = {
+    200: {
+        "description": "Server-Sent Events: `face` per finished face, then `result` (or `error`).",
+        "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
+    },
+    **error_responses(*DETAIL_ERRORS),
+}
+HEALTH_RESPONSES = {
+    200: {"model": HealthJson, "description": "Every model deployment answers its health probe."},
+    503: {"model": HealthJson, "description": "A deployment is unhealthy."},
+}
+INFO_RESPONSES = {**json_response(InfoJson, "Models, names, limits and defaults."), **error_responses(500, 503)}
+STATS_RESPONSES = {**json_response(StatsJson, "The inpainter engine's statistics."), **error_responses(500, 503)}
+
+
 # ---- request bodies (the routes read them themselves) -----------------------------------------
 
 _WORKFLOW_DOC = "a ComfyUI workflow (API or UI saved format) whose FaceDetailer node gives the parameters"
