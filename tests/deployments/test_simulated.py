@@ -465,7 +465,7 @@ def test_crops_whose_prompts_differ_in_length_never_share_a_unet_call():
 
     settings = SamplingSettings(steps=3, denoise=1.0)
     for positives, batch_sizes in ((["a face", "a smile"], {2}), (["a face", "word " * 100], {1})):
-        inpainter = Inpainter("sim://sd15?a=0&b=0", device="cpu")
+        inpainter = load_inpainter("sim://sd15?a=0&b=0", device="cpu")
         inpainter.refine_result(jobs(positives), settings)
         assert set(inpainter.engine.snapshot()["unet_batch_sizes"]) == batch_sizes, positives
 
@@ -477,7 +477,7 @@ def test_the_ingress_counts_the_windows_the_text_encoder_reads():
 
     from deployments.inpainter import count_prompt_windows
 
-    inpainter = Inpainter("sim://sd15?a=0&b=0", device="cpu")
+    inpainter = load_inpainter("sim://sd15?a=0&b=0", device="cpu")
     tokenizers = pickle.loads(pickle.dumps(inpainter.prompt_tokenizers()))
     for chunks in [(), ("a face",), ("word " * 75,), ("word " * 76,), ("a", "b BREAK c"), ("(smile:1.3) " * 40,)]:
         hidden, _ = inpainter._encode_prompt(tuple(chunks) or ("",))
