@@ -141,16 +141,16 @@ def test_fuzz_every_operation(schema, capsys):
     examples = 0
     operations = [result.ok() for result in schema.get_all_operations()]
 
-    def fuzz(operation: object, mode: GenerationMode) -> None:
+    def fuzz(operation: object, strategy: object, mode: GenerationMode, count: int) -> None:
         checks = [*CHECKS, negative_data_rejection] if mode is GenerationMode.NEGATIVE else CHECKS
 
-        @given(case=operation.as_strategy(generation_mode=mode))
+        @given(case=strategy)
         @settings(
-            max_examples=EXAMPLES_PER_OPERATION,
+            max_examples=count,
             derandomize=True,
             deadline=None,
             database=None,
-            phases=[Phase.explicit, Phase.generate],
+            phases=[Phase.generate],
             suppress_health_check=list(HealthCheck),
         )
         def run(case: object) -> None:
@@ -165,9 +165,13 @@ def test_fuzz_every_operation(schema, capsys):
         run()
 
     for operation in operations:
-        fuzz(operation, GenerationMode.POSITIVE)
+        for example in operation.get_strategies_from_examples():  # the schema's documented examples
+            fuzz(operation, example, GenerationMode.POSITIVE, 1)
+        fuzz(operation, operation.as_strategy(generation_mode=GenerationMode.POSITIVE), GenerationMode.POSITIVE,
+             EXAMPLES_PER_OPERATION)  # fmt: skip
         if len(operation.body) or len(operation.query):  # only inputs can be made invalid
-            fuzz(operation, GenerationMode.NEGATIVE)
+            negative = operation.as_strategy(generation_mode=GenerationMode.NEGATIVE)
+            fuzz(operation, negative, GenerationMode.NEGATIVE, EXAMPLES_PER_OPERATION)
     labels = {label for label, _ in seen}
     statuses = Counter()
     for (_, status), count in seen.items():

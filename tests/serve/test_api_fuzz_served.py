@@ -60,11 +60,11 @@ def test_fuzz_the_served_app(served_schema, capsys):
     schema, session = served_schema
     seen: Counter[tuple[str, int]] = Counter()
 
-    def fuzz(operation: object, mode: GenerationMode, phases: list[Phase], examples: int) -> None:
+    def fuzz(operation: object, strategy: object, mode: GenerationMode, examples: int) -> None:
         checks = [*CHECKS, negative_data_rejection] if mode is GenerationMode.NEGATIVE else CHECKS
 
-        @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=examples, derandomize=True, deadline=None, database=None, phases=phases,
+        @given(case=strategy)
+        @settings(max_examples=examples, derandomize=True, deadline=None, database=None, phases=[Phase.generate],
                   suppress_health_check=list(HealthCheck))  # fmt: skip
         def run(case: object) -> None:
             if mode is GenerationMode.NEGATIVE and empties_a_form_field(case):
@@ -78,10 +78,13 @@ def test_fuzz_the_served_app(served_schema, capsys):
 
     operations = [result.ok() for result in schema.get_all_operations()]
     for operation in operations:
-        has_inputs = bool(len(operation.body) or len(operation.query))
-        fuzz(operation, GenerationMode.POSITIVE, [Phase.explicit, Phase.generate], POSITIVE_EXAMPLES)
-        if has_inputs:
-            fuzz(operation, GenerationMode.NEGATIVE, [Phase.generate], NEGATIVE_EXAMPLES)
+        for example in operation.get_strategies_from_examples():
+            fuzz(operation, example, GenerationMode.POSITIVE, 1)
+        positive = operation.as_strategy(generation_mode=GenerationMode.POSITIVE)
+        fuzz(operation, positive, GenerationMode.POSITIVE, POSITIVE_EXAMPLES)
+        if len(operation.body) or len(operation.query):
+            negative = operation.as_strategy(generation_mode=GenerationMode.NEGATIVE)
+            fuzz(operation, negative, GenerationMode.NEGATIVE, NEGATIVE_EXAMPLES)
     with capsys.disabled():
         print(f"\nschemathesis (served): {sum(seen.values())} requests, {dict(sorted(seen.items()))}")
     assert {label for label, _ in seen} == {operation.label for operation in operations}
