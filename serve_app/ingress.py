@@ -366,10 +366,11 @@ class FaceDetailerIngress:
             base = face_conditioning(params.positive, params.negative, FacePrompt(False, False, None, None, False))
             for lora in base.loras:
                 check_name(lora.name, "LoRA")
-            counted = bool(params.positive.strip() or params.negative.strip() or params.wildcard.strip())
+            counted = bool(params.positive.strip() or (params.negative or "").strip() or params.wildcard.strip())
             windows = await self.prompt_tokens.windows(checkpoint or "default", needed=counted)
             check_prompt_tokens("positive", windows(base.positive), self.limits)
-            check_prompt_tokens("negative", windows(base.negative), self.limits)
+            if base.negative is not None:  # negative: null (basic guidance) has no negative text
+                check_prompt_tokens("negative", windows(base.negative), self.limits)
         except ValueError as error:  # a limit, a prompt or hook the service cannot run, an unsafe name
             raise self._client_error(error) from error
         return Preflight(chosen, checkpoint, settings, control, windows)

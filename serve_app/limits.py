@@ -186,7 +186,7 @@ def check_request(params: FaceDetailerParams, limits: Limits) -> None:
                 (field,),
             )
     for name in PROMPT_FIELDS:
-        length = len(getattr(params, name))
+        length = len(getattr(params, name) or "")  # negative: null has no text
         if length > limits.max_prompt_chars:
             raise LimitExceededError(
                 "max_prompt_chars",
@@ -252,7 +252,9 @@ def check_planned_work(
             )
     if prompt_windows is not None:
         for face in faces:
-            positive, negative = prompt_windows(face.positive), prompt_windows(face.negative)
+            positive = prompt_windows(face.positive)
+            # negative: null samples the positive alone (no negative row to repeat to a common length)
+            negative = positive if face.negative is None else prompt_windows(face.negative)
             tokens = face_prompt_tokens(positive, negative)
             if tokens > limits.max_prompt_tokens:
                 raise LimitExceededError(

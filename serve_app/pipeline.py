@@ -302,7 +302,7 @@ class PlannedFace:
     sample_size: tuple[int, int]  # (width, height) of the upscaled crop the inpainter samples
     loras: tuple[str, ...] = ()  # LoRA names the face's prompt asks for
     positive: tuple[str, ...] = ()  # the face's prompt chunks, as its RefineJob gets them (prompt limits)
-    negative: tuple[str, ...] = ()
+    negative: tuple[str, ...] | None = ()  # None: negative: null (basic guidance, no negative row)
 
 
 @dataclass

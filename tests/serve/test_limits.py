@@ -203,6 +203,19 @@ def test_prompt_tokens_are_counted_in_whole_windows_as_the_inpainter_cuts_them()
         check_prompt_tokens("positive", 11, LIMITS.model_copy(update={"max_prompt_tokens": 750}))
 
 
+def test_negative_null_has_no_text_to_count():
+    """Impact's Negative Cond Placeholder (``negative: null``): only the positive is counted."""
+    check_request(FaceDetailerParams(negative=None), Limits(max_prompt_chars=1000))
+    counter = windows_counter()
+    limits = LIMITS.model_copy(update={"max_prompt_tokens": 150, "max_work_units": 10_000})
+    two_windows = ("word " * 100,)
+    check_planned_work(FaceDetailerParams(negative=None), [PlannedFace(0, 0, (64, 64), (), two_windows, None)],
+                       limits, counter)  # fmt: skip
+    with pytest.raises(LimitExceededError, match="450 tokens"):  # a 3-window negative: lcm(2, 3) = 6 windows
+        check_planned_work(FaceDetailerParams(), [PlannedFace(0, 0, (64, 64), (), two_windows, ("w " * 160,))],
+                           limits.model_copy(update={"max_prompt_tokens": 300}), counter)  # fmt: skip
+
+
 def test_each_faces_prompt_after_its_wildcard_is_checked_before_the_inpainter():
     """The wildcard gives one face a long prompt: refused from the plan, nothing refined."""
     stages = FakeStages([face(40, 40, 80, 90), face(200, 100, 260, 170)])
