@@ -23,6 +23,7 @@ PR's two-line change (CPU ancestral seed + 1) applied in memory, so it computes 
 release does. Samplers the checkout does not have are reported as "not in checkout".
 
     python benchmarks/comfy_parity.py --comfyui /tmp/comfyui [--kind sd3] [--schedulers karras] [--json out.json]
+    python benchmarks/comfy_parity.py --comfyui /tmp/comfyui --kind flux_dev --grid pairs   # 4 settings per pair
     python benchmarks/comfy_parity.py --report out1.json out2.json   # merged tables
 
 Run it under /work/wt/heavy: it times both loops.
@@ -60,6 +61,11 @@ SD15_SCALE = 0.18215  # ComfyUI's SD 1.x latent_format.process_in factor
 LATENT = (1, 4, 8, 8)
 SEED = 1234
 MASK_MODES = ("none", "soft", "soft+dd")
+# --grid pairs: every sampler × scheduler pair in four settings that between them reach every
+# branch a kind changes (max denoise and partial denoise noise scaling, the noise mask's
+# noise_scaling, differential diffusion's threshold in the model's timesteps, the cfg 1 shortcut,
+# short and long schedules): (steps, denoise, mask, cfg).
+PAIR_CASES = ((4, 1.0, "none", 6.5), (8, 0.5, "soft+dd", 6.5), (6, 0.3, "soft", 1.0), (20, 1.0, "soft", 1.0))
 
 # kind → (ComfyUI ModelType name, its config's sampling_settings, our ModelSampling).
 KIND_SPECS: dict[str, tuple[str, dict, object]] = {
@@ -271,6 +277,13 @@ def cases(
     return out
 
 
+def pair_cases(samplers: list[str], schedulers: list[str]) -> list[dict]:
+    """:data:`PAIR_CASES` for every sampler × scheduler pair."""
+    return [dict(sampler=sampler, scheduler=scheduler, steps=steps, denoise=denoise, mask=mask, cfg=cfg)
+            for sampler in samplers for scheduler in schedulers
+            for steps, denoise, mask, cfg in PAIR_CASES]  # fmt: skip
+
+
 def relative_difference(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """max |ours − comfy| / max |comfy| over the finite cells; inf unless the non-finite cells agree."""
     finite = torch.isfinite(reference)
@@ -358,6 +371,8 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="*", default=list(SAMPLER_NAMES))
     parser.add_argument("--schedulers", nargs="*", default=list(SCHEDULER_NAMES))
     parser.add_argument("--masks", nargs="*", choices=MASK_MODES, default=list(MASK_MODES))
+    parser.add_argument("--grid", choices=("full", "pairs"), default="full",
+                        help="full: the product of --steps/--denoise/--masks/--cfg; pairs: PAIR_CASES per pair")
     parser.add_argument("--json", type=Path, help="write every case's result here")
     args = parser.parse_args()
     if args.report:
@@ -394,7 +409,11 @@ def main() -> None:
     print(f"ComfyUI checkout: {args.comfyui} (PR #11528 applied in memory: {comfy['pr_11528_patched']})")
     with torch.inference_mode():
         samplers = [s for s in args.samplers if s in comfy_names]
-        for case in cases(args.steps, args.denoise, samplers, args.schedulers, tuple(args.masks), tuple(args.cfg)):
+        grid = (
+            pair_cases(samplers, args.schedulers) if args.grid == "pairs"
+            else cases(args.steps, args.denoise, samplers, args.schedulers, tuple(args.masks), tuple(args.cfg))
+        )  # fmt: skip
+        for case in grid:
             reference, comfy_seconds = comfy_run(comfy, patcher, case, latent_raw, context, mask)
             ours, our_seconds = ours_run(unet, model_sampling, case, latent_raw, context, mask)
             diff = relative_difference(ours, reference)

@@ -70,6 +70,7 @@ __all__ = [
     "RefineResult",
     "SamplingSettings",
     "UnsupportedSamplerError",
+    "count_prompt_windows",
     "plan_cycles",
 ]
 
@@ -263,6 +264,14 @@ class Inpainter:
     def supported_schedulers(self) -> list[str]:
         return list(SCHEDULER_NAMES)
 
+    def prompt_tokenizers(self) -> list[tuple[Any, int]]:
+        """Each text encoder's tokenizer and window length: what :func:`count_prompt_windows` needs.
+
+        The ingress fetches them once per checkpoint to bound a request's prompt tokens before
+        any model work (``limits.max_prompt_tokens``).
+        """
+        return self.family.prompt_tokenizers()
+
     def validate_settings(self, settings: SamplingSettings) -> None:
         """Reject what can't be run faithfully, before any model work.
 
@@ -372,8 +381,12 @@ class Inpainter:
             self.loras.activate(key)
             for crop in members:
                 self._prepare_conditioning(crop)
-                # crops share a model call only with crops of the same LoRA set, latent size and checkpoint
-                crop.group_key = (key, *tuple(crop.latent.shape[-2:]), self.checkpoint_key)
+                # crops share a model call only with crops of the same LoRA set, latent size, checkpoint
+                # and context length: every row of a call attends to the lcm of its rows' context
+                # lengths, so one request's long prompts would multiply everyone's cross-attention
+                context = math.lcm(*(row.text.context.shape[1] for row in (crop.state["positive"],
+                                                                           crop.state["negative"]) if row))
+                crop.group_key = (key, *tuple(crop.latent.shape[-2:]), self.checkpoint_key, context)
                 crop.stages = []
                 for number, spec in enumerate(crop.payload.cycles):
                     crop.stages += hook_stages(self, spec)  # cycle_latent: noise injection, unsampling
@@ -760,3 +773,17 @@ apply_token_weights = text.apply_token_weights
 _special_tokens = text.special_tokens
 _prompt_windows = text.prompt_windows
 _repeat_to_common_length = text.repeat_to_common_length
+
+
+def count_prompt_windows(tokenizers: Sequence[tuple[Any, int]], chunks: Sequence[str]) -> int:
+    """The 75-token windows a prompt's chunks take (``()`` is the empty prompt: one).
+
+    Cut exactly as the families' CLIP encoders cut them (:func:`deployments.families.text.prompt_windows`);
+    the most over the checkpoint's tokenizers (:meth:`ModelFamily.prompt_tokenizers`: SDXL's two
+    cut alike; a T5 sequence counted in windows of the same size).
+    """
+    texts = tuple(chunks) or ("",)
+    return max(
+        sum(len(text.prompt_windows(tokenizer, chunk, length)[0]) for chunk in texts)
+        for tokenizer, length in tokenizers
+    )

@@ -204,6 +204,24 @@ class ModelFamily:
     def encode_prompt(self, chunks: tuple[str, ...]) -> TextConditioning:
         return self.prompt_encoder.encode(chunks)
 
+    def prompt_tokenizers(self) -> list[tuple[Any, int]]:
+        """(tokenizer, window length) of each text encoder, for counting a prompt's 75-token windows.
+
+        CLIP encoders with their own window; a T5 encoder (one sequence, never cut) is counted in
+        CLIP-sized windows, so ``limits.max_prompt_tokens`` bounds its sequence alike.
+        """
+        from deployments.families.text import ClipEncoder, T5Encoder
+        from facedetailer.token_windows import CLIP_MAX_LENGTH
+
+        found: list[tuple[Any, int]] = []
+        for value in vars(self.prompt_encoder).values():
+            for encoder in value if isinstance(value, list | tuple) else (value,):
+                if isinstance(encoder, ClipEncoder):
+                    found.append((encoder.tokenizer, encoder.length))
+                elif isinstance(encoder, T5Encoder):
+                    found.append((encoder.tokenizer, CLIP_MAX_LENGTH))
+        return found
+
     def row_extras(self, padded: tuple[int, int], settings: Any) -> dict[str, Any]:
         """Per-crop values every row of the crop carries besides its text (SDXL size ids, guidance)."""
         return {}

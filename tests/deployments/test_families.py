@@ -255,6 +255,25 @@ def test_flux_text_is_t5_context_and_clip_l_pooled(flux_dev: Inpainter) -> None:
     torch.testing.assert_close(encoded.pooled, pooled, rtol=1e-5, atol=1e-6)
 
 
+def test_prompt_windows_counted_at_the_ingress_match_what_sd3_encodes(sd3: Inpainter) -> None:
+    """``limits.max_prompt_tokens`` counts with the family's tokenizers: CLIP-L/G windows (77 tokens each
+    in SD3's context) and T5's sequence in 75-token windows (pickled, as Ray sends them to the ingress)."""
+    import pickle
+
+    from deployments.inpainter import count_prompt_windows
+
+    tokenizers = pickle.loads(pickle.dumps(sd3.prompt_tokenizers()))
+    assert [length for _, length in tokenizers] == [77, 77, 77]
+    for chunks in [(), ("a face",), ("word " * 75,), ("word " * 76,), ("a", "b BREAK c"), ("(smile:1.3) " * 40,)]:
+        windows = count_prompt_windows(tokenizers, chunks)
+        clip_windows = count_prompt_windows(tokenizers[:2], chunks)
+        t5 = sd3.family.prompt_encoder.t5.tokenizer
+        t5_length = sum(len(t5_tokens(t5, chunk, 77)[0]) for chunk in chunks or [""])
+        assert windows >= clip_windows, chunks
+        context = sd3.family.encode_prompt(tuple(chunks) or ("",)).context.shape[1]
+        assert context == 77 * clip_windows + t5_length, chunks
+
+
 # ------------------------------------------------------------------ basic guidance and refusals
 
 

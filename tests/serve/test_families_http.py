@@ -23,12 +23,14 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 # The request each family is sampled with: Flux at cfg 1 (its way), dev with no negative at all.
 FAMILIES = {
+    "tiny": {"cfg": 6.0},
     "sdxl-vpred": {"cfg": 5.0},
     "sd3": {"cfg": 4.0, "negative": "blurry"},
     "flux-dev": {"cfg": 1.0, "negative": None, "guidance": 3.5},
     "flux-fill": {"cfg": 1.0, "negative": None, "guidance": 30.0, "inpaint_model": True},
 }
 EXPECTED = {
+    "tiny": ("sd", None, "eps", "discrete", "diffusers"),
     "sdxl-vpred": ("sdxl", None, "v_prediction", "discrete", "single_file"),
     "sd3": ("sd3", None, "const", "discrete_flow", "diffusers"),
     "flux-dev": ("flux", "dev", "const", "flux", "split"),
@@ -111,6 +113,12 @@ def test_what_a_family_cannot_honour_is_a_422_naming_what_is_supported(client): 
         ({"model": "flux-dev", "negative": None, "cfg": 3.5}, "set cfg to 1"),
         ({"model": "sd3", "inpaint_model": True}, "Flux: Flux.1 Fill"),
         ({"model": "flux-dev", "cfg": 1.0, "positive": "a face <lora:detail:0.8>"}, "SD 1.x/2.x/XL checkpoints only"),
+        ({"model": "flux-dev", "cfg": 1.0, "inpaint_model": True}, "Flux: Flux.1 Fill"),
+        ({"model": "sd3", "controlnet": {"name": "tile", "strength": 0.5}}, "controlnet is supported on SD 1.x/2.x/XL"),
+        (
+            {"model": "flux-dev", "cfg": 1.0, "negative": None, "sampler_name": "euler_cfg_pp"},
+            "pick a sampler without cfg_pp",
+        ),
     ]
     for params, message in refusals:
         response = post_detail(client, photo, params)
