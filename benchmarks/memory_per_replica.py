@@ -28,7 +28,6 @@ No network; part 2 needs the tiny models (``FACEDETAILER_TINY_MODELS``, built by
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -214,7 +213,7 @@ def full_size(storages: list[str]) -> list[dict[str, Any]]:
 def tiny_loaded() -> list[dict[str, Any]]:
     from deployments.inpainter import Inpainter
     from deployments.testing.tiny_quantized import export_float8, export_gguf
-    from deployments.text_encoder import TextEncoder
+    from deployments.text_encoder import TextEncoder, TextEncoderClient
     from deployments.weights import resolve_weights
 
     def ref(name: str) -> str:
@@ -239,7 +238,7 @@ def tiny_loaded() -> list[dict[str, Any]]:
         }  # fmt: skip
         local = Inpainter(**spec, device="cpu", dtype="float32").info()
         service = TextEncoder({"flux": spec}, device="cpu", dtype="float32")
-        client = functools.partial(service.encode, "flux")
+        client = TextEncoderClient.local(service, "flux")
         shared = Inpainter(**spec, device="cpu", dtype="float32", text_encoder=client)
         service.encode("flux", ("a face",))
         [loaded] = service.info()["loaded"].values()

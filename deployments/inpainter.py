@@ -57,7 +57,7 @@ from deployments.sampling import (
     crop_process,
     validate,
 )
-from deployments.text_encoder import SharedTextEncoding
+from deployments.text_encoder import SharedTextEncoding, TextEncoderClient
 from facedetailer.controlnet import ControlHint
 from facedetailer.cycle_hooks import NoiseInjectionStep, UnsampleStep
 from facedetailer.hooks import DetailerHook, DetailerHooks
@@ -183,12 +183,12 @@ class Inpainter:
         max_queued_crops: int = 256,
         controlnets: Mapping[str, Mapping[str, Any]] | ControlNetSet | None = None,
         load_components: ComponentsLoader = load_sd_components,
-        text_encoder: Callable[[tuple[str, ...]], TextConditioning] | None = None,
+        text_encoder: TextEncoderClient | None = None,
     ) -> None:
         """``load_components`` reads an SD ``model`` (and what this module cannot locate): real checkpoints by
         default; :func:`deployments.model_loading.load_inpainter` passes the loader that also takes ``sim://``.
-        ``text_encoder(chunks)``: the shared text encoder's conditioning of this checkpoint's prompts; an SD3/Flux
-        checkpoint then loads no text encoders of its own (:mod:`deployments.text_encoder`)."""
+        ``text_encoder``: the shared text encoder, for this checkpoint's prompts; an SD3/Flux checkpoint then
+        loads no text encoders of its own (:mod:`deployments.text_encoder`)."""
         self.source = CheckpointSource(
             model=model,
             config=single_file_config,

@@ -25,7 +25,7 @@ from deployments.families.loading import describe_checkpoint
 from deployments.inpainter import Inpainter, RefineJob, RefineResult, SamplingSettings
 from deployments.model_loading import load_detector, load_inpainter, load_segmenter
 from deployments.sam import SamPrediction
-from deployments.text_encoder import TextEncoder
+from deployments.text_encoder import TextEncoder, TextEncoderClient
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
 
@@ -127,6 +127,9 @@ class TextEncoderDeployment(_ServedModel):
     async def encode(self, checkpoint: str, chunks: Sequence[str]) -> Any:
         return await self.watchdog.run(self.model.encode, checkpoint, tuple(chunks))
 
+    async def prompt_tokenizers(self, checkpoint: str) -> list[tuple[Any, int]]:
+        return await self.watchdog.run(self.model.prompt_tokenizers, checkpoint)
+
     def stats(self) -> dict[str, Any]:
         """This replica's prompt cache counters and encodes (``GET /v1/stats``: the replica that answers)."""
         return {**self.model.stats(), "replica": _replica_name()}
@@ -211,7 +214,7 @@ class InpainterDeployment(_ServedModel):
         controlnets = self._shared_controlnets or self.options.get("controlnets")
         options = {**self.options, "controlnets": controlnets}
         if self.text_encoder is not None:
-            options["text_encoder"] = _text_client(self.text_encoder, name)
+            options["text_encoder"] = TextEncoderClient.remote(self.text_encoder, name)
         inpainter = load_inpainter(**spec, **self.bounds, **options)
         self._shared_controlnets = inpainter.controlnets  # ControlNet weights loaded once per replica
         loaded = LoadedCheckpoint(name, inpainter)
@@ -295,7 +298,8 @@ class InpainterDeployment(_ServedModel):
     async def prompt_tokenizers(self, model: str | None = None) -> list[tuple[Any, int]]:
         """The checkpoint's tokenizers and window lengths (the ingress counts prompt tokens with them)."""
         loaded = await self.checkpoint(model)
-        return loaded.inpainter.prompt_tokenizers()
+        # in a thread: a checkpoint whose text encoders are shared asks the TextEncoder deployment (blocking)
+        return await asyncio.to_thread(loaded.inpainter.prompt_tokenizers)
 
     def snapshot(self) -> dict[str, Any]:
         """This replica's engine counters: every checkpoint's engine, unloaded ones included."""
@@ -367,15 +371,6 @@ class InpainterDeployment(_ServedModel):
             "max_models_per_replica": self.max_models_per_replica,
             "engine": snapshot,
         }
-
-
-def _text_client(handle: Any, checkpoint: str, timeout_s: float = 600.0) -> Any:
-    """``chunks → conditioning`` of ``checkpoint`` from the text encoder deployment (called in the engine's thread)."""
-
-    def encode(chunks: tuple[str, ...]) -> Any:
-        return handle.encode.remote(checkpoint, list(chunks)).result(timeout_s=timeout_s)
-
-    return encode
 
 
 def _internal_replica_context() -> Any:

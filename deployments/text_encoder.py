@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from deployments.families.base import PromptEncoder, TextConditioning
+from deployments.families.base import PromptEncoder, TextConditioning, encoder_tokenizers
 from deployments.families.loading import (
     FOLDER_TEXT_ENCODERS,
     CheckpointSource,
@@ -41,7 +41,7 @@ from deployments.families.loading import (
 from deployments.inpainter_loading import pick_device, pick_dtype
 from deployments.prompt_cache import PromptEmbeddingCache
 
-__all__ = ["SHARED_FAMILIES", "SharedTextEncoding", "TextEncoder", "encoder_identity", "source_of"]
+__all__ = ["SHARED_FAMILIES", "SharedTextEncoding", "TextEncoder", "TextEncoderClient", "encoder_identity", "source_of"]
 
 SHARED_FAMILIES = ("sd3", "flux")  # the families whose text encoding this deployment serves
 
@@ -190,6 +190,10 @@ class TextEncoder:
         self.cache.put(key, value)
         return value
 
+    def prompt_tokenizers(self, checkpoint: str) -> list[tuple[Any, int]]:
+        """The checkpoint's tokenizers and window lengths (the ingress counts prompt tokens with them)."""
+        return encoder_tokenizers(self.encoder(checkpoint).encoder)
+
     def stats(self) -> dict[str, Any]:
         """The prompt cache's counters and each loaded encoder set's encodes (this replica)."""
         return {
@@ -231,18 +235,48 @@ class TextEncoder:
                     raise RuntimeError("text encoder weights are not finite")
 
 
-class SharedTextEncoding:
-    """The inpainter's side: for an SD3/Flux checkpoint, a prompt encoder that asks the shared text encoder.
+class TextEncoderClient:
+    """One checkpoint's view of the shared text encoder: its prompts' conditioning and its tokenizers.
 
-    ``client(chunks)`` returns the conditioning of one checkpoint's prompt (a deployment handle
-    call, or :meth:`TextEncoder.encode` bound to the checkpoint in-process); the result is moved to
-    ``device`` and ``dtype``. Called with a family by :func:`~deployments.families.loading.load_family`:
-    None for the families that keep their own encoders.
+    :meth:`remote` calls the :class:`~deployments.serving.TextEncoderDeployment` through its handle
+    (blocking: from the engine's thread or a worker thread, never the replica's event loop);
+    :meth:`local` a :class:`TextEncoder` in the same process (tests, benchmarks).
     """
 
     def __init__(
         self,
-        client: Callable[[tuple[str, ...]], TextConditioning],
+        encode: Callable[[tuple[str, ...]], TextConditioning],
+        tokenizers: Callable[[], list[tuple[Any, int]]],
+    ) -> None:
+        self.encode, self.tokenizers = encode, tokenizers
+
+    @classmethod
+    def local(cls, service: TextEncoder, checkpoint: str) -> TextEncoderClient:
+        return cls(lambda chunks: service.encode(checkpoint, chunks), lambda: service.prompt_tokenizers(checkpoint))
+
+    @classmethod
+    def remote(cls, handle: Any, checkpoint: str, timeout_s: float = 600.0) -> TextEncoderClient:
+        def encode(chunks: tuple[str, ...]) -> TextConditioning:
+            return handle.encode.remote(checkpoint, list(chunks)).result(timeout_s=timeout_s)
+
+        def tokenizers() -> list[tuple[Any, int]]:
+            return handle.prompt_tokenizers.remote(checkpoint).result(timeout_s=timeout_s)
+
+        return cls(encode, tokenizers)
+
+
+class SharedTextEncoding:
+    """The inpainter's side: for an SD3/Flux checkpoint, a prompt encoder that asks the shared text encoder.
+
+    ``client`` answers for one checkpoint (:class:`TextEncoderClient`); the conditioning is moved
+    to ``device`` and ``dtype``. Called with a family by
+    :func:`~deployments.families.loading.load_family`: None for the families that keep their own
+    encoders.
+    """
+
+    def __init__(
+        self,
+        client: TextEncoderClient,
         *,
         device: torch.device,
         dtype: torch.dtype,
@@ -259,17 +293,19 @@ class SharedTextEncoding:
 
 class _RemotePromptEncoder(PromptEncoder):
     def __init__(
-        self,
-        client: Callable[[tuple[str, ...]], TextConditioning],
-        *,
-        device: torch.device,
-        dtype: torch.dtype,
-        names: tuple[str, ...],
+        self, client: TextEncoderClient, *, device: torch.device, dtype: torch.dtype, names: tuple[str, ...]
     ) -> None:
         self.client, self.device, self.dtype, self.names = client, device, dtype, tuple(sorted(names))
+        self._tokenizers: list[tuple[Any, int]] | None = None
+
+    def prompt_tokenizers(self) -> list[tuple[Any, int]]:
+        """The shared encoder's tokenizers, asked once (a blocking call: not from an event loop)."""
+        if self._tokenizers is None:
+            self._tokenizers = list(self.client.tokenizers())
+        return self._tokenizers
 
     def encode(self, chunks: tuple[str, ...]) -> TextConditioning:
-        context, pooled = self.client(tuple(chunks))
+        context, pooled = self.client.encode(tuple(chunks))
         return TextConditioning(
             context.to(self.device, self.dtype), pooled.to(self.device, self.dtype) if pooled is not None else None
         )

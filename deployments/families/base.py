@@ -34,6 +34,7 @@ __all__ = [
     "PromptEncoder",
     "TextConditioning",
     "dtype_name",
+    "encoder_tokenizers",
 ]
 
 
@@ -83,6 +84,21 @@ class FamilyRow:
 
     text: TextConditioning
     extra: dict[str, Any] = field(default_factory=dict)  # per-family: SDXL size ids, Flux guidance
+
+
+def encoder_tokenizers(prompt_encoder: PromptEncoder) -> list[tuple[Any, int]]:
+    """(tokenizer, window length) of each text encoder a prompt encoder runs (see ``prompt_tokenizers``)."""
+    from deployments.families.text import ClipEncoder, T5Encoder
+    from facedetailer.token_windows import CLIP_MAX_LENGTH
+
+    found: list[tuple[Any, int]] = []
+    for value in vars(prompt_encoder).values():
+        for encoder in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(encoder, ClipEncoder):
+                found.append((encoder.tokenizer, encoder.length))
+            elif isinstance(encoder, T5Encoder):
+                found.append((encoder.tokenizer, CLIP_MAX_LENGTH))
+    return found
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -208,19 +224,11 @@ class ModelFamily:
         """(tokenizer, window length) of each text encoder, for counting a prompt's 75-token windows.
 
         CLIP encoders with their own window; a T5 encoder (one sequence, never cut) is counted in
-        CLIP-sized windows, so ``limits.max_prompt_tokens`` bounds its sequence alike.
+        CLIP-sized windows, so ``limits.max_prompt_tokens`` bounds its sequence alike. A prompt
+        encoder that runs elsewhere (the shared text encoder) answers for its tokenizers itself.
         """
-        from deployments.families.text import ClipEncoder, T5Encoder
-        from facedetailer.token_windows import CLIP_MAX_LENGTH
-
-        found: list[tuple[Any, int]] = []
-        for value in vars(self.prompt_encoder).values():
-            for encoder in value if isinstance(value, list | tuple) else (value,):
-                if isinstance(encoder, ClipEncoder):
-                    found.append((encoder.tokenizer, encoder.length))
-                elif isinstance(encoder, T5Encoder):
-                    found.append((encoder.tokenizer, CLIP_MAX_LENGTH))
-        return found
+        own = getattr(self.prompt_encoder, "prompt_tokenizers", None)
+        return list(own()) if callable(own) else encoder_tokenizers(self.prompt_encoder)
 
     def row_extras(self, padded: tuple[int, int], settings: Any) -> dict[str, Any]:
         """Per-crop values every row of the crop carries besides its text (SDXL size ids, guidance)."""

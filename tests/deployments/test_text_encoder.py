@@ -8,8 +8,6 @@ encoder of its own refines exactly what one with its own encoders refines.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 import torch
@@ -17,7 +15,7 @@ import torch
 from deployments.families import TextConditioning
 from deployments.inpainter import Inpainter, RefineJob, SamplingSettings
 from deployments.prompt_cache import PromptEmbeddingCache, conditioning_bytes
-from deployments.text_encoder import TextEncoder, encoder_identity, source_of
+from deployments.text_encoder import TextEncoder, TextEncoderClient, encoder_identity, source_of
 
 pytestmark = [pytest.mark.models, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -121,7 +119,7 @@ def test_an_inpainter_with_shared_text_encoding_loads_no_encoder_and_refines_the
     service, checkpoints, local_flux
 ) -> None:
     spec = checkpoints["flux-split"]
-    client = functools.partial(service.encode, "flux-split")
+    client = TextEncoderClient.local(service, "flux-split")
     shared = Inpainter(**spec, device="cpu", dtype="float32", text_encoder=client)
     assert shared.components.text_encoders == {} and shared.components.tokenizers == {}
     assert shared.info()["text_encoding"] == "shared" and local_flux.info()["text_encoding"] == "local"
@@ -142,7 +140,11 @@ def test_an_inpainter_with_shared_text_encoding_loads_no_encoder_and_refines_the
 def test_sd3_with_shared_text_encoding_refines_the_same(service, checkpoints) -> None:
     local = Inpainter(checkpoints["sd3"], device="cpu", dtype="float32")
     shared = Inpainter(checkpoints["sd3"], device="cpu", dtype="float32",
-                       text_encoder=functools.partial(service.encode, "sd3"))  # fmt: skip
+                       text_encoder=TextEncoderClient.local(service, "sd3"))  # fmt: skip
+    # the ingress counts prompt tokens with the checkpoint's tokenizers: the shared encoder's, the same ones
+    tokenizers = [(type(tokenizer).__name__, length) for tokenizer, length in shared.prompt_tokenizers()]
+    assert tokenizers == [(type(tokenizer).__name__, length) for tokenizer, length in local.prompt_tokenizers()]
+    assert len(tokenizers) == 3
     assert shared.components.text_encoders == {}
     mask = np.ones((40, 40), np.float32)
     image = np.random.default_rng(4).integers(0, 255, (40, 40, 3), dtype=np.uint8)
