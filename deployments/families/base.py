@@ -258,4 +258,9 @@ class ModelFamily:
         return self.vae.decode(self.latent_format.process_out(latents).to(self.vae_dtype)).sample
 
     def parameters_for_health(self) -> torch.Tensor | None:
-        return next(iter(self.denoiser.parameters()), None) if hasattr(self.denoiser, "parameters") else None
+        parameters = self.denoiser.parameters() if hasattr(self.denoiser, "parameters") else ()
+        # the first plain tensor (a GGUF-quantised one is bytes)
+        weight = next((tensor for tensor in parameters if getattr(tensor, "quant_type", None) is None), None)
+        if weight is not None and weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return weight.float()  # isfinite has no float8 kernel
+        return weight

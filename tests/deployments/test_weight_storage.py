@@ -108,6 +108,7 @@ def test_float8_weights_stay_float8_in_the_blocks_and_run_upcast(inpainters) -> 
     assert info["weight_dtype"] == "float8_e4m3fn" and info["dtype"] == "float32"
     assert info["weight_bytes"]["denoiser"] < 0.5 * full.info()["weight_bytes"]["denoiser"]
     transformer_output(stored)  # a call leaves the weights as stored
+    stored.check_health()
     assert transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
 
 
@@ -135,6 +136,7 @@ def test_gguf_transformer_uses_diffusers_gguf_layers_and_is_described(inpainters
     stored = inpainters["gguf:Q8_0"]
     transformer = stored.family.denoiser
     assert isinstance(transformer.transformer_blocks[0].attn.to_q, GGUFLinear)
+    stored.check_health()
     assert stored.family.variant == "dev" and stored.info()["weight_dtype"] == "gguf:Q8_0"
     described = describe_checkpoint(files["gguf:Q8_0"])
     assert (described["family"], described["variant"], described["weight_dtype"]) == ("flux", "dev", "gguf:Q8_0")
