@@ -151,3 +151,11 @@ def test_sd3_with_shared_text_encoding_refines_the_same(service, checkpoints) ->
     job = RefineJob(image=image, noise_mask=mask, positive=("a face",), negative=("blurry",), seed=2)
     settings = SamplingSettings(steps=2, cfg=4.0, denoise=0.5)
     assert np.array_equal(shared.refine([job], settings)[0], local.refine([job], settings)[0])
+
+
+def test_preload_loads_the_sd3_and_flux_encoders_only(checkpoints) -> None:
+    service = TextEncoder(checkpoints, device="cpu", dtype="float32", preload=True)
+    loaded = sorted((entry["family"], entry["checkpoints"]) for entry in service.info()["loaded"].values())
+    # SD 1.x keeps its CLIP in the inpainter: nothing to preload; the two split names share one copy
+    assert loaded == [("flux", ["flux-folder"]), ("flux", ["flux-split", "flux-split-again"]), ("sd3", ["sd3"])]
+    assert service.cache.stats()["misses"] == 0
