@@ -159,3 +159,28 @@ def test_preload_loads_the_sd3_and_flux_encoders_only(checkpoints) -> None:
     # SD 1.x keeps its CLIP in the inpainter: nothing to preload; the two split names share one copy
     assert loaded == [("flux", ["flux-folder"]), ("flux", ["flux-split", "flux-split-again"]), ("sd3", ["sd3"])]
     assert service.cache.stats()["misses"] == 0
+
+
+def test_an_all_in_one_file_gives_its_text_encoders_alone(tiny_flux_dev: dict, service, tmp_path) -> None:
+    """ComfyUI's checkpoint layout: only the text_encoders.<name>.transformer. tensors are read for the deployment."""
+    from safetensors.torch import load_file, save_file
+
+    prefixes = {
+        "split_diffusion_model": "model.diffusion_model.",
+        "split_vae": "vae.",
+        "split_clip_l": "text_encoders.clip_l.transformer.",
+        "split_t5xxl": "text_encoders.t5xxl.transformer.",
+    }
+    state = {prefix + key: value for part, prefix in prefixes.items()
+             for key, value in load_file(tiny_flux_dev[part]).items()}  # fmt: skip
+    path = tmp_path / "flux1-tiny-dev-aio.safetensors"
+    save_file(state, str(path))
+    spec = {"model": str(path), "single_file_config": tiny_flux_dev["pipeline"]}
+    single = TextEncoder({"aio": spec}, device="cpu", dtype="float32")
+    [parts] = [single.encoder("aio").parts]
+    assert (parts.family, sorted(parts.encoders)) == ("flux", ["clip_l", "t5xxl"])
+    for chunks in PROMPTS:  # the same encoder weights as the split files
+        got, expected = single.encode("aio", chunks), service.encode("flux-split", chunks)
+        assert torch.equal(got.context, expected.context) and torch.equal(got.pooled, expected.pooled)
+    shared = Inpainter(**spec, device="cpu", dtype="float32", text_encoder=TextEncoderClient.local(single, "aio"))
+    assert shared.components.text_encoders == {} and shared.family.format == "single_file"
