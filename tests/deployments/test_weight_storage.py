@@ -142,3 +142,13 @@ def test_gguf_transformer_uses_diffusers_gguf_layers_and_is_described(inpainters
     assert (described["family"], described["variant"], described["weight_dtype"]) == ("flux", "dev", "gguf:Q8_0")
     assert describe_checkpoint(files["float8_e4m3fn"])["weight_dtype"] == "float8_e4m3fn"
     assert describe_checkpoint(files["float32"])["weight_dtype"] == "float32"
+
+
+def test_a_gguf_file_as_a_whole_checkpoint_is_refused_naming_the_split_layout(files) -> None:
+    from deployments.families import CheckpointSource, load_family
+    from deployments.families.detection import UnsupportedModelError
+
+    gguf, config = files["gguf:Q8_0"]["diffusion_model"], files["float32"]["single_file_config"]
+    source = CheckpointSource(model=gguf, config=config)
+    with pytest.raises(UnsupportedModelError, match="diffusion_model"):
+        load_family(source, device=torch.device("cpu"), dtype=torch.float32)
