@@ -6,9 +6,10 @@ FastAPI must resolve the route signatures at runtime.)
 """
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from serve_app.config import Limits
 from serve_app.http_adapters.encoding import error_body, error_response, result_to_json
 from serve_app.http_adapters.errors import RequestError, parse_params
 from serve_app.http_adapters.request_reading import DETAIL_REQUEST_BODY, read_detail_request
+from serve_app.http_adapters.video import VideoRoutes, video_router
 from serve_app.images import ImageInputError, as_uint8_image, decode_base64_image, encode_png
 from serve_app.limits import LimitExceededError, check_planned_names, check_planned_work, check_request
 from serve_app.model_choice import ModelChoice, ModelChoiceError, NamedModels
@@ -61,6 +63,7 @@ http_app = FastAPI(
 )
 http_app.include_router(web_router)  # the web page at GET /
 http_app.include_router(workflow_router)  # POST /v1/workflow/import
+http_app.include_router(video_router)  # POST /v1/detail/video(/stream): VideoRoutes' methods
 
 
 async def _named_info(handles: dict[str, DeploymentHandle]) -> dict[str, Any]:
@@ -164,6 +167,31 @@ class HandleStages:
         return await _cancellable(inpainter.refine.remote(list(jobs), settings, self.checkpoint))
 
 
+@contextlib.contextmanager
+def pipeline_errors(limits: Limits) -> Iterator[None]:
+    """What a running request may raise, as the HTTP error it means (4xx for the caller's input)."""
+    try:
+        yield
+    except LimitExceededError as error:
+        raise RequestError(422, str(error), error.details()) from error
+    except UnsafeNameError as error:  # a LoRA or wildcard name that would leave its folder
+        name, reason, kind = (getattr(error, key, None) for key in ("name", "reason", "kind"))
+        message = f"{kind} name {name!r} is refused: {reason}" if reason else str(error)
+        raise RequestError(422, message, [{"message": message, "name": name, "reason": reason}]) from error
+    except PipelineInputError as error:
+        raise RequestError(422, str(error)) from error
+    except EngineBusyError as error:  # the inpainter's queue is full: retry later
+        raise RequestError(503, str(error)) from error
+    except TimeoutError as error:
+        raise RequestError(504, f"request took longer than {limits.request_timeout_s} s") from error
+    except ValueError as error:  # e.g. the inpainter rejecting a sampler/scheduler combination
+        raise RequestError(422, str(error)) from error
+    except MODEL_UNAVAILABLE as error:
+        # a model replica died or is overloaded mid-request: the caller may retry
+        logger.warning("model deployment unavailable: %s", error)
+        raise RequestError(503, f"a model deployment is unavailable ({type(error).__name__}); retry") from error
+
+
 def sampling_settings(params: FaceDetailerParams) -> SamplingSettings:
     """The inpainter's shared settings: the request fields of the same names (steps, cfg, …)."""
     return SamplingSettings.model_validate(params.model_dump(include=set(SamplingSettings.model_fields)))
@@ -171,7 +199,7 @@ def sampling_settings(params: FaceDetailerParams) -> SamplingSettings:
 
 @serve.deployment(name="FaceDetailerIngress")
 @serve.ingress(http_app)
-class FaceDetailerIngress:
+class FaceDetailerIngress(VideoRoutes):
     """Runs FaceDetailer by calling the Detector, Sam and Inpainter deployments."""
 
     def __init__(
@@ -301,6 +329,32 @@ class FaceDetailerIngress:
         on_face: Callable[[SegmentReport], None] | None = None,
         batch_faces: bool = True,
     ) -> DetailResult:
+        stages, settings, control = await self._request_stages(params)
+        with pipeline_errors(self.limits):
+            result = await asyncio.wait_for(
+                detail_batch(
+                    images,
+                    params,
+                    stages,
+                    make_job=RefineJob,
+                    settings=settings,
+                    has_sam=stages.sam is not None,
+                    has_segm=stages.segm_detector is not None,
+                    on_face=on_face,
+                    batch_faces=batch_faces,
+                    check_work=lambda faces: self._check_planned(params, faces),
+                    wildcard_files=self.wildcards,
+                    control=control,
+                ),
+                timeout=self.limits.request_timeout_s,
+            )
+        self.metrics.record(result)
+        return result
+
+    async def _request_stages(
+        self, params: FaceDetailerParams
+    ) -> tuple[HandleStages, SamplingSettings, ControlChoice | None]:
+        """Checks before any model work, then the stages a request's chosen models answer on."""
         try:
             check_request(params, self.limits)
         except LimitExceededError as error:
@@ -324,44 +378,7 @@ class FaceDetailerIngress:
             chosen.segm_detector,
             checkpoint if self._route_checkpoints else None,
         )
-        try:
-            result = await asyncio.wait_for(
-                detail_batch(
-                    images,
-                    params,
-                    stages,
-                    make_job=RefineJob,
-                    settings=settings,
-                    has_sam=stages.sam is not None,
-                    has_segm=stages.segm_detector is not None,
-                    on_face=on_face,
-                    batch_faces=batch_faces,
-                    check_work=lambda faces: self._check_planned(params, faces),
-                    wildcard_files=self.wildcards,
-                    control=control,
-                ),
-                timeout=self.limits.request_timeout_s,
-            )
-        except LimitExceededError as error:
-            raise RequestError(422, str(error), error.details()) from error
-        except UnsafeNameError as error:  # a LoRA or wildcard name that would leave its folder
-            name, reason, kind = (getattr(error, key, None) for key in ("name", "reason", "kind"))
-            message = f"{kind} name {name!r} is refused: {reason}" if reason else str(error)
-            raise RequestError(422, message, [{"message": message, "name": name, "reason": reason}]) from error
-        except PipelineInputError as error:
-            raise RequestError(422, str(error)) from error
-        except EngineBusyError as error:  # the inpainter's queue is full: retry later
-            raise RequestError(503, str(error)) from error
-        except TimeoutError as error:
-            raise RequestError(504, f"request took longer than {self.limits.request_timeout_s} s") from error
-        except ValueError as error:  # e.g. the inpainter rejecting a sampler/scheduler combination
-            raise RequestError(422, str(error)) from error
-        except MODEL_UNAVAILABLE as error:
-            # a model replica died or is overloaded mid-request: the caller may retry
-            logger.warning("model deployment unavailable: %s", error)
-            raise RequestError(503, f"a model deployment is unavailable ({type(error).__name__}); retry") from error
-        self.metrics.record(result)
-        return result
+        return stages, settings, control
 
     def _check_planned(self, params: FaceDetailerParams, faces: list[PlannedFace]) -> None:
         """Before any inpainter work: work limits and the file names the faces ask for."""

@@ -37,6 +37,11 @@ LIMIT_FIELDS: dict[str, tuple[str, ...]] = {
     "max_sample_pixels": ("guide_size", "max_size"),
     "max_faces_per_image": ("bbox_threshold", "drop_size"),
     "max_work_units": ("steps", "cycle", "guide_size", "max_size"),
+    # videos (serve_app/video/limits.py)
+    "max_video_seconds": ("video",),
+    "max_video_frames": ("video",),
+    "max_video_pixels": ("video",),
+    "max_video_work_units": ("steps", "cycle", "guide_size", "max_size", "pick_tracks", "max_tracks"),
 }
 
 
