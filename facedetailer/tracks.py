@@ -32,7 +32,7 @@ class FrameBox:
     """One detection in one frame (after the detector's threshold and ``drop_size``)."""
 
     bbox: Box
-    confidence: float
+    confidence: float = 1.0
     label: str = "face"
 
 
