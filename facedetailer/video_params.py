@@ -37,6 +37,14 @@ class VideoParams(BaseModel):
     track_ids: list[int] | None = Field(None, description="refine only these track ids (see a first run's tracks)")
     max_tracks: int | None = Field(None, ge=1, description="keep at most this many tracks (largest/longest: 1)")
     min_track_frames: int = Field(1, ge=1, description="drop tracks shorter than this (spurious detections)")
+    latent_blend: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="tracks modes: start each crop from (1 − w)·its encoding + w·the same track's final latent in "
+        "the previous frame. Frames are then sampled one after another (no cross-frame batching, no parallel "
+        "segments): see docs/video.md",
+    )
     segment_frames: int = Field(
         16, ge=1, le=100000, description="frames per inpainter call; segments run concurrently on the replicas"
     )

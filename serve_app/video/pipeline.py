@@ -73,6 +73,25 @@ class VideoFace:
 
 
 @dataclass
+class LatentCarry:
+    """``latent_blend``: each track's last final latent, and the sample size it was made at."""
+
+    weight: float
+    latents: dict[int, tuple[tuple[int, int] | None, np.ndarray]] = field(default_factory=dict)
+
+    def job_for(self, job: Any, track_id: int | None, sample_size: tuple[int, int] | None) -> Any:
+        """``job`` asking for its final latent, and starting from the track's previous one if sizes match."""
+        previous = self.latents.get(track_id) if track_id is not None else None
+        if previous is not None and previous[0] == sample_size:
+            return dataclasses.replace(job, init_latent=previous[1], init_latent_weight=self.weight, return_latent=True)
+        return dataclasses.replace(job, return_latent=True)
+
+    def keep(self, track_id: int | None, sample_size: tuple[int, int] | None, latent: np.ndarray | None) -> None:
+        if track_id is not None and latent is not None:
+            self.latents[track_id] = (sample_size, latent)
+
+
+@dataclass
 class TrackSegmentReport:
     """Frames of a track sampled at one crop size and upscale."""
 
@@ -150,11 +169,16 @@ async def detail_video(
     if check_work is not None:
         check_work(_planned_faces(faces, params))
     refine_started = time.perf_counter()
-    segments = [list(range(start, min(start + video.segment_frames, len(frames))))
-                for start in range(0, len(frames), video.segment_frames)]  # fmt: skip
+    carry = None
+    segment_frames = video.segment_frames
+    if video.latent_blend > 0.0 and video.temporal != "frames":
+        # frame k starts from frame k − 1's result: frames one after another, one segment at a time
+        carry, segment_frames, parallel_segments = LatentCarry(video.latent_blend), 1, 1
+    segments = [list(range(start, min(start + segment_frames, len(frames))))
+                for start in range(0, len(frames), segment_frames)]  # fmt: skip
     outputs, reports = await _refine_segments(
         frames, faces, settled, segments, params, stages, make_job, settings, control, parallel_segments,
-        on_frames_done,
+        on_frames_done, carry,
     )  # fmt: skip
     timings["refine"] = time.perf_counter() - refine_started
     _fill_track_reports(tracks, reports)
@@ -300,9 +324,8 @@ async def _plan_tracks(
         for item in track_frames:
             segment = segments[item.segment]
             seg = _track_seg(frames[item.frame], track, item, params)
-            cx, cy = (item.bbox[0] + item.bbox[2]) / 2, (item.bbox[1] + item.bbox[3]) / 2
-            ref_w, ref_h = segment.reference_box
-            upscale_box = (cx - ref_w / 2, cy - ref_h / 2, cx + ref_w / 2, cy + ref_h / 2)
+            # only the box's size counts in the upscale rule: at the origin, every frame's is bit-equal
+            upscale_box = (0.0, 0.0, *segment.reference_box)
             frame_seed = track_frame_seed(seed_of_track, item.frame, shared_noise=shared)
             faces[item.frame].append(
                 VideoFace(
@@ -388,6 +411,7 @@ async def _refine_segments(
     control: ControlChoice | None,
     parallel_segments: int,
     on_frames_done: OnFramesDone | None,
+    carry: LatentCarry | None = None,
 ) -> tuple[list[np.ndarray], list[list[SegmentReport]]]:
     """Refine segment by segment (``parallel_segments`` at once); frames in order in the result."""
     outputs = list(frames)
@@ -396,7 +420,7 @@ async def _refine_segments(
 
     async def run(segment: Sequence[int]) -> None:
         nonlocal done
-        finished = await _refine_segment(frames, faces, segment, params, stages, make_job, settings, control)
+        finished = await _refine_segment(frames, faces, segment, params, stages, make_job, settings, control, carry)
         for frame, (image, frame_reports) in finished.items():
             outputs[frame] = image
             reports[frame] = sorted([*settled[frame], *frame_reports], key=lambda report: report.index)
@@ -417,6 +441,7 @@ async def _refine_segment(
     make_job: Callable[..., Any],
     settings: Any,
     control: ControlChoice | None,
+    carry: LatentCarry | None = None,
 ) -> dict[int, tuple[np.ndarray, list[SegmentReport]]]:
     """One segment's frames: wave w of every frame in ONE inpainter call, then blend, then wave w + 1.
 
@@ -427,8 +452,9 @@ async def _refine_segment(
     current = {frame: frames[frame] for frame in segment}
     reports: dict[int, list[SegmentReport]] = {frame: [] for frame in segment}
     waves = {frame: refinement_waves([face.seg.crop_region for face in faces[frame]]) for frame in segment}
+    latents: dict[int, Any] = {}  # id(job) → its final latent (latent_blend; the jobs live until the end)
     for wave in range(max((len(item) for item in waves.values()), default=0)):
-        ready: list[tuple[int, RefinePlan]] = []
+        ready: list[tuple[int, RefinePlan, VideoFace]] = []
         for frame in segment:
             if wave >= len(waves[frame]):
                 continue
@@ -447,20 +473,26 @@ async def _refine_segment(
                     reports[frame].append(plan)
                 else:
                     plan.report.image_index = frame
-                    ready.append((frame, plan))
+                    if carry is not None:
+                        plan.job = carry.job_for(plan.job, face.track_id, plan.report.upscaled_size)
+                    ready.append((frame, plan, face))
         if not ready:
             continue
 
         async def refine(jobs: list[Any]) -> list[np.ndarray]:
             outcome = await stages.refine(jobs, settings)
+            for job, latent in zip(jobs, getattr(outcome, "latents", None) or [None] * len(jobs), strict=True):
+                latents[id(job)] = latent
             return list(getattr(outcome, "images", outcome))
 
-        plans = [plan for _, plan in ready]
+        plans = [plan for _, plan, _ in ready]
         first = await refine([plan.job for plan in plans])
         refined = await refine_with_retries(plans, first, hooks, refine)
-        for (frame, plan), image in zip(ready, refined, strict=True):
+        for (frame, plan, face), image in zip(ready, refined, strict=True):
             current[frame], _, _ = _blend(current[frame], plan, image, params)
             reports[frame].append(plan.report)
+            if carry is not None:
+                carry.keep(face.track_id, plan.report.upscaled_size, latents.get(id(plan.job)))
     return {frame: (current[frame], reports[frame]) for frame in segment}
 
 

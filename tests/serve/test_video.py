@@ -52,8 +52,8 @@ def runs(stages: LocalStages, clip: bytes):
     """Each mode once (shared_noise also in 5-frame segments), memoised for the module."""
 
     @cache
-    def run(temporal: str, segment_frames: int = 16):
-        video = VideoParams(temporal=temporal, segment_frames=segment_frames)
+    def run(temporal: str, segment_frames: int = 16, latent_blend: float = 0.0):
+        video = VideoParams(temporal=temporal, segment_frames=segment_frames, latent_blend=latent_blend)
         return stages.detail_video(clip, FAST, video, keep_result=True)
 
     return run
@@ -136,6 +136,14 @@ def test_frames_mode_is_facedetailers_batch(stages: LocalStages) -> None:
 def test_shared_noise_flickers_less_than_frame_by_frame(runs) -> None:
     frames, shared = runs("frames"), runs("shared_noise")
     assert shared.flicker < frames.flicker, (shared.flicker, frames.flicker)
+
+
+def test_latent_blend_samples_frame_after_frame_from_the_previous_result(runs) -> None:
+    plain, blended = runs("shared_noise"), runs("shared_noise", 16, 0.5)
+    assert blended.segments == SPEC.frames, "one frame at a time: frame k needs frame k − 1's latent"
+    assert [t.seed for t in blended.tracks] == [t.seed for t in plain.tracks]
+    first = [np.array_equal(a, b) for a, b in zip(plain.result.frames, blended.result.frames, strict=True)]
+    assert first[0] and not any(first[1:]), "frame 0 has no previous latent; every later frame is pulled"
 
 
 def test_video_limits_are_checked_from_the_container(clip: bytes) -> None:
