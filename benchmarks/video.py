@@ -43,7 +43,9 @@ from serve_app.local import LocalStages
 from serve_app.video.codec import decode_video
 from serve_app.video.service import detail_video_file
 
-MODES = ("frames", "tracks", "shared_noise")
+# (label, temporal, latent_blend)
+MODES = (("frames", "frames", 0.0), ("tracks", "tracks", 0.0), ("shared_noise", "shared_noise", 0.0),
+         ("shared_noise+latent_blend=0.5", "shared_noise", 0.5))  # fmt: skip
 SIM_MODEL = "sim://sd15-inpainting"
 
 
@@ -57,9 +59,10 @@ def cpu_modes(clip: bytes, params: FaceDetailerParams, tiny_sd: str, detector: F
     source = decode_video(clip).frames
     results: dict[str, Any] = {}
     runs = {}
-    for mode in MODES:
+    for mode, temporal, blend in MODES:
         started = time.perf_counter()
-        response = stages.detail_video(clip, params, VideoParams(temporal=mode), keep_result=True)
+        video = VideoParams(temporal=temporal, latent_blend=blend)
+        response = stages.detail_video(clip, params, video, keep_result=True)
         seconds = time.perf_counter() - started
         runs[mode] = response
         results[mode] = {
@@ -72,7 +75,7 @@ def cpu_modes(clip: bytes, params: FaceDetailerParams, tiny_sd: str, detector: F
         }
         print(f"cpu {mode}: {results[mode]}", flush=True)
     common = box_masks(source[0].shape[:2], runs["shared_noise"].result.face_boxes)
-    for mode in MODES:
+    for mode, _, _ in MODES:
         results[mode]["flicker"] = round(flicker_ratio(source, runs[mode].result.frames, common), 3)
     return results
 

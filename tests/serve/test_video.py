@@ -82,7 +82,9 @@ def test_two_tracks_over_every_frame_one_seed_each_and_steady_crops(runs) -> Non
             assert {r.upscaled_size for r in members} == {segment.upscaled_size}
             assert len({r.upscale for r in members}) == 1
             starts = np.array([region[:2] for region in regions])
-            assert np.abs(np.diff(starts, axis=0)).max() <= 6, "the crop moves with the face, no jumps"
+            steps = np.diff(starts, axis=0)  # the astronaut moves ≈ 6.4 px a frame, Zidane ≈ 1
+            assert np.abs(steps).max() <= 9, "the crop moves with the face, no jumps"
+            assert np.abs(np.diff(steps, axis=0)).max() <= 4, "…at a steady pace (the boxes are low-passed)"
 
 
 def test_tracks_mode_adds_the_frame_to_the_track_seed(runs) -> None:
