@@ -98,3 +98,42 @@ def test_the_cli_details_a_video_file_over_http(serve_instance, clip: bytes, tmp
         assert container.format.name == "matroska,webm"
         assert len(container.streams.audio) == 1
     assert len(decode_video(target.read_bytes()).frames) == SPEC.frames
+
+
+def engine_stats(client: httpx.Client) -> dict:
+    response = client.get("/v1/stats", timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["inpainter"]
+
+
+def test_a_client_that_leaves_the_stream_cancels_the_video(client: httpx.Client, clip: bytes) -> None:
+    """100 steps × 12 crops would take long; the client leaves after 3 s and the engine empties."""
+    import time
+
+    before = engine_stats(client)
+    long = {**PARAMS, "steps": 100, "segment_frames": SPEC.frames}
+    with pytest.raises(httpx.TimeoutException):
+        with client.stream("POST", "/v1/detail/video/stream", files={"video": ("clip.mp4", clip)},
+                           data={"params": json.dumps(long)}, timeout=httpx.Timeout(3.0)) as response:  # fmt: skip
+            for _ in response.iter_lines():
+                pass
+    deadline = time.monotonic() + 120
+    while True:
+        stats = engine_stats(client)
+        if stats["active_crops"] == 0 and stats["queued_crops"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert stats["active_crops"] == 0 and stats["queued_crops"] == 0
+    assert stats["crops_cancelled"] > before["crops_cancelled"], "the video's crops left the engine"
+    evaluations = stats["unet_crop_evaluations"] - before["unet_crop_evaluations"]
+    assert evaluations < 2 * SPEC.frames * long["steps"], f"the crops ran {evaluations} UNet evaluations"
+
+
+def test_the_handle_api_streams_progress_then_the_response(serve_instance, clip: bytes) -> None:
+    handle = serve_instance["handle"].options(stream=True)
+    events = list(handle.detail_video_with_progress.remote(clip, {**PARAMS, "segment_frames": 3}, None, "mov"))
+    assert [e["frames_done"] for e in events if e["event"] == "progress"] == [3, 6]
+    response = events[-1]["result"]
+    assert response.container == "mov" and response.media_type == "video/quicktime"
+    assert sum(track.selected for track in response.tracks) == 2
+    assert decode_video(response.data).pts == decode_video(clip).pts
