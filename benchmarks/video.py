@@ -32,6 +32,7 @@ import numpy as np
 
 from deployments.detector import FaceDetector
 from deployments.inpainter import Inpainter, RefineJob
+from deployments.model_loading import load_inpainter
 from deployments.testing import assets
 from deployments.testing.video_clip import ClipSpec, clip_frames, encode_clip
 from facedetailer.flicker import box_masks, flicker_ratio
@@ -83,7 +84,7 @@ def cpu_modes(clip: bytes, params: FaceDetailerParams, tiny_sd: str, detector: F
 def sim_batching(clip: bytes, params: FaceDetailerParams, detector: FaceDetector, segment_frames: int) -> dict:
     results = {}
     for frames_per_call in (1, segment_frames):
-        inpainter = Inpainter(SIM_MODEL, device="cpu", max_batch_size=8)
+        inpainter = load_inpainter(SIM_MODEL, device="cpu", max_batch_size=8)
         stages = LocalStages(detector, inpainter)
         video = VideoParams(temporal="shared_noise", segment_frames=frames_per_call)
         response = stages.detail_video(clip, params, video)
