@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,8 +28,11 @@ from facedetailer.params import FaceDetailerParams
 from facedetailer.video_params import VideoParams, split_video_values
 from serve_app.config import Limits
 from serve_app.http_adapters.encoding import error_body
+from serve_app.http_adapters.error_handling import INTERNAL_ERROR, request_error, response_for_exception
 from serve_app.http_adapters.errors import RequestError, json_object, parse_params, validation_error
-from serve_app.http_adapters.request_reading import MAX_WORKFLOW_BYTES
+from serve_app.http_adapters.openapi import VIDEO_REQUEST_BODY, VIDEO_RESPONSES, VIDEO_STREAM_RESPONSES
+from serve_app.http_adapters.request_reading import MULTIPART_OVERHEAD, capped, check_parameters
+from serve_app.limits import MAX_WORKFLOW_BYTES, max_params_chars
 from serve_app.streaming import HEARTBEAT_S, SSE_HEADERS, SSE_HEARTBEAT, SSE_MEDIA_TYPE, sse, with_progress
 from serve_app.video.codec import CONTAINERS, VideoInputError
 from serve_app.video.service import VideoResponse, detail_video_file
@@ -38,43 +41,32 @@ logger = logging.getLogger("ray.serve")
 
 video_router = APIRouter()
 
-VIDEO_REQUEST_BODY: dict[str, Any] = {
-    "requestBody": {
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "video": {"type": "string", "format": "binary", "description": "mp4, mov, mkv, webm, …"},
-                        "params": {
-                            "type": "string",
-                            "description": "JSON object: FaceDetailer parameters and video options (temporal, …)",
-                        },
-                        "workflow": {"type": "string", "description": "a ComfyUI workflow whose FaceDetailer node"
-                                     " gives the parameters"},
-                    },
-                    "required": ["video"],
-                    "additionalProperties": {"type": "string"},
-                }
-            }
-        },
-        "required": True,
-    }
-}
-
-
 async def read_video_request(request: Request, limits: Limits) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
-    """The uploaded file's bytes, FaceDetailer's values and the video options (not yet validated)."""
+    """The uploaded file's bytes, FaceDetailer's values and the video options (not yet validated).
+
+    As ``/v1/detail``'s multipart body (:mod:`.request_reading`): the body's bytes capped as they
+    arrive, every text field within the JSON bounds, a field given twice refused.
+    """
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise RequestError(415, "send multipart/form-data with the file in a field named 'video'")
-    declared = int(request.headers.get("content-length") or 0)
-    budget = limits.max_video_upload_bytes + MAX_WORKFLOW_BYTES + 1024 * 1024
-    if declared > budget:
-        raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {budget} bytes")
+    budget = limits.max_video_upload_bytes + MAX_WORKFLOW_BYTES + MULTIPART_OVERHEAD
     try:
-        form = await request.form(max_files=2, max_fields=100)  # the video + a workflow file
-    except Exception as error:
-        raise RequestError(400, f"malformed multipart body: {error}") from error
+        # the video + a workflow file; a text field may be as long as a workflow, each checked below
+        form = await capped(request, budget).form(max_files=2, max_fields=100, max_part_size=MAX_WORKFLOW_BYTES)
+    except RequestError:
+        raise
+    except Exception as error:  # the parser's message says what is malformed (no server detail in it)
+        raise RequestError(400, f"malformed multipart body: {str(error)[:200]}") from error
+    try:
+        return await _form_contents(form, limits)
+    finally:
+        await form.close()  # the spooled upload
+
+
+async def _form_contents(form: Any, limits: Limits) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+    for key in form:
+        if len(form.getlist(key)) > 1:
+            raise RequestError.for_field(422, key, "given more than once")
     upload = form.get("video")
     if upload is None:
         raise RequestError.for_field(422, "video", "a file field named 'video' is required")
@@ -87,15 +79,19 @@ async def read_video_request(request: Request, limits: Limits) -> tuple[bytes, d
         )
     values: dict[str, Any] = {}
     if "params" in form:
-        values.update(json_object(form["params"], "params"))
+        values.update(json_object(form["params"], "params", max_bytes=max_params_chars(limits)))
     for key, value in form.multi_items():
-        if key == "workflow" and not isinstance(value, str):
+        if key in ("video", "params"):
+            continue
+        if key == "workflow" and not isinstance(value, str):  # a workflow .json file uploaded as a file
             raw = await value.read(MAX_WORKFLOW_BYTES + 1)
             if len(raw) > MAX_WORKFLOW_BYTES:
                 raise RequestError(413, f"workflow: larger than {MAX_WORKFLOW_BYTES} bytes")
             value = raw.decode("utf-8", "replace")
-        if key not in ("video", "params"):
-            values[key] = value
+        elif not isinstance(value, str):
+            raise RequestError.for_field(422, key, "must be a text field, not a file")
+        values[key] = value
+    check_parameters(values, limits)
     face, video = split_video_values(values)
     return data, face, video
 
@@ -172,10 +168,15 @@ def video_headers(response: VideoResponse) -> dict[str, str]:
 
 
 class VideoRoutes:
-    """The video routes and handle methods of the ingress (``FaceDetailerIngress`` inherits them)."""
+    """The video routes and handle methods of the ingress (``FaceDetailerIngress`` inherits them).
+
+    A video is judged as an image request is: the ingress' preflight (limits on the parameters,
+    models, sampler, hooks, prompts) before any model work, the same errors in the one error shape.
+    """
 
     limits: Limits
     wildcards: Any
+    metrics: Any
     _inflight: int
 
     # ---- Python handle API -------------------------------------------------------------------
@@ -186,6 +187,7 @@ class VideoRoutes:
         video: dict[str, Any] | VideoParams | None = None,
         container: str = "mp4",
         on_frames_done: Callable[[int, int], None] | None = None,
+        preflight: Any = None,
     ) -> VideoResponse:
         """Detail a video file's bytes; ``params`` as for ``detail``, ``video`` the video options.
 
@@ -193,6 +195,8 @@ class VideoRoutes:
         """
         from serve_app.ingress import pipeline_errors  # the ingress imports this module
 
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise RequestError.for_field(422, "video", f"must be the video file's bytes, got {type(data).__name__}")
         if isinstance(params, dict):
             params, carried = split_video_values(params)
             if video is None or isinstance(video, dict):
@@ -200,30 +204,34 @@ class VideoRoutes:
         resolved = parse_params(params)
         options = parse_video_params(video)
         check_container(container)
-        stages, settings, control = await self._request_stages(resolved)  # type: ignore[attr-defined]
+        checked = preflight or await self._preflight(resolved)  # type: ignore[attr-defined]
+        stages = self._stages(checked)  # type: ignore[attr-defined]
         with pipeline_errors(self.limits):
             try:
-                return await asyncio.wait_for(
+                response = await asyncio.wait_for(
                     detail_video_file(
-                        data,
+                        bytes(data),
                         resolved,
                         options,
                         stages,
                         self.limits,
                         make_job=RefineJob,
-                        settings=settings,
+                        settings=checked.settings,
                         container=container,  # type: ignore[arg-type]
                         has_sam=stages.sam is not None,
                         has_segm=stages.segm_detector is not None,
-                        control=control,
+                        control=checked.control,
                         on_frames_done=on_frames_done,
                         wildcard_files=self.wildcards,
+                        prompt_windows=checked.prompt_windows,
                     ),
                     timeout=self.limits.request_timeout_s,
                 )
             except VideoInputError as error:  # before the ValueError → 422 rule: 413/415 stay theirs
                 raise RequestError.for_field(error.status_code, "video", str(error).removeprefix("video: ")) \
                     from error
+        self.metrics.record_video(response)
+        return response
 
     async def detail_video_with_progress(
         self,
@@ -242,15 +250,16 @@ class VideoRoutes:
     # ---- HTTP API ----------------------------------------------------------------------------
     @video_router.post(
         "/v1/detail/video",
-        responses={200: {"content": {"video/mp4": {}, "application/json": {}}}},
+        operation_id="detail_video",
+        responses=VIDEO_RESPONSES,
         openapi_extra=VIDEO_REQUEST_BODY,
     )
-    async def http_detail_video(self, request: Request, container: str = "mp4", format: str = "video") -> Response:
+    async def http_detail_video(
+        self, request: Request, container: Literal["mp4", "mov", "mkv"] = "mp4",
+        format: Literal["video", "json"] = "video",
+    ) -> Response:  # fmt: skip
         """Detail an uploaded video. Returns the video file, or with ``?format=json`` everything as JSON."""
         try:
-            if format not in ("video", "json"):
-                raise RequestError.for_field(422, "format", f"must be 'video' or 'json', got {format!r}")
-            check_container(container)
             self._admit()  # type: ignore[attr-defined]
             try:
                 data, values, options = await read_video_request(request, self.limits)
@@ -258,40 +267,50 @@ class VideoRoutes:
             finally:
                 self._inflight -= 1
         except Exception as error:
-            return self._error_response(error, "/v1/detail/video")  # type: ignore[attr-defined]
+            return response_for_exception(error)
         if format == "json":
             return JSONResponse(video_json(response))
         return Response(response.data, media_type=response.media_type, headers=video_headers(response))
 
-    @video_router.post("/v1/detail/video/stream", openapi_extra=VIDEO_REQUEST_BODY)
-    async def http_detail_video_stream(self, request: Request, container: str = "mp4") -> Response:
+    @video_router.post(
+        "/v1/detail/video/stream",
+        operation_id="detail_video_stream",
+        responses=VIDEO_STREAM_RESPONSES,
+        openapi_extra=VIDEO_REQUEST_BODY,
+    )
+    async def http_detail_video_stream(
+        self, request: Request, container: Literal["mp4", "mov", "mkv"] = "mp4"
+    ) -> Response:
         """``/v1/detail/video``'s inputs; Server-Sent Events: ``progress`` as frames finish, then ``result``.
 
-        Input errors found before the work starts are a plain 4xx JSON response; later ones an
-        ``error`` event. Closing the connection cancels the work.
+        Every error knowable before detection (body, parameters and their limits, models, sampler,
+        hooks, prompts) is a plain JSON 4xx before the stream starts; later ones (the video's
+        container, its limits, the work limits) an ``error`` event. Closing the connection cancels
+        the work.
         """
         try:
-            check_container(container)
             self._admit()  # type: ignore[attr-defined]
             try:
                 data, values, options = await read_video_request(request, self.limits)
                 params = parse_params(values)
                 video = parse_video_params(options)
-                await self._validate_sampling(params)  # type: ignore[attr-defined]
+                preflight = await self._preflight(params)  # type: ignore[attr-defined]
             except BaseException:
                 self._inflight -= 1
                 raise
         except Exception as error:
-            return self._error_response(error, "/v1/detail/video/stream")  # type: ignore[attr-defined]
-        events = self._video_event_stream(data, params, video, container)
+            return response_for_exception(error)
+        events = self._video_event_stream(data, params, video, container, preflight)
         return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
     async def _video_event_stream(
-        self, data: bytes, params: FaceDetailerParams, video: VideoParams, container: str
+        self, data: bytes, params: FaceDetailerParams, video: VideoParams, container: str, preflight: Any
     ) -> AsyncIterator[bytes]:
         try:
             async for event in with_progress(
-                lambda on_done: self.detail_video(data, params, video, container, on_frames_done=on_done),
+                lambda on_done: self.detail_video(
+                    data, params, video, container, on_frames_done=on_done, preflight=preflight
+                ),
                 heartbeat_s=HEARTBEAT_S,
                 event_of=FrameProgress(),
             ):
@@ -301,10 +320,11 @@ class VideoRoutes:
                     yield sse("progress", event)
                 else:
                     yield sse("result", video_json(event["result"]))
-        except RequestError as error:
-            yield sse("error", {"status": error.status_code, **error_body(error)})
         except Exception as error:
-            logger.exception("unexpected error in /v1/detail/video/stream")
-            yield sse("error", {"status": 500, "error": f"internal error: {type(error).__name__}: {error}"[:500]})
+            client_error = request_error(error)
+            if client_error is None:
+                logger.exception("request failed in /v1/detail/video/stream")
+                client_error = RequestError(500, INTERNAL_ERROR)
+            yield sse("error", error_body(client_error))
         finally:
             self._inflight -= 1

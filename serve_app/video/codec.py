@@ -80,13 +80,18 @@ class EncodedVideo:
     frames: int
 
 
+def _reason(error: Exception) -> str:
+    """FFmpeg's reason (e.g. "Invalid data found when processing input"), without errno or file name."""
+    return str(getattr(error, "strerror", None) or type(error).__name__)
+
+
 def _open(source: Source) -> Any:
     import av
 
     try:
         return av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source), "r")
     except (av.FFmpegError, OSError, ValueError) as error:
-        raise VideoInputError(f"video: not a readable video file ({error})", status_code=415) from error
+        raise VideoInputError(f"video: not a readable video file ({_reason(error)})", status_code=415) from error
 
 
 def _info(container: Any) -> VideoInfo:
@@ -145,7 +150,7 @@ def decode_video(source: Source, *, max_frames: int | None = None) -> DecodedVid
                 stamp = frame.pts if frame.pts is not None else (pts[-1] + step if pts else 0)
                 pts.append(int(stamp))
         except av.FFmpegError as error:
-            message = f"video: decoding failed at frame {len(frames)} ({error})"
+            message = f"video: decoding failed at frame {len(frames)} ({_reason(error)})"
             raise VideoInputError(message, status_code=415) from error
     if not frames:
         raise VideoInputError("video: the video stream has no frame", status_code=415)

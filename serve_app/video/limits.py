@@ -9,11 +9,11 @@ image limits (``max_sample_pixels``, ``max_faces_per_image``), the whole video a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from facedetailer.params import FaceDetailerParams
 from serve_app.config import Limits
-from serve_app.limits import LimitExceededError, check_planned_work, face_work_units
+from serve_app.limits import LimitExceededError, check_planned_work, face_work_factor, face_work_units, work_fields
 from serve_app.pipeline import PlannedFace
 from serve_app.video.codec import VideoInfo
 
@@ -55,17 +55,26 @@ def check_frame_count(frames: int, limits: Limits) -> None:
         )
 
 
-def check_video_work(params: FaceDetailerParams, faces: Sequence[PlannedFace], limits: Limits) -> None:
-    """Every crop and frame as an image's, then the video's total work units."""
+def check_video_work(
+    params: FaceDetailerParams,
+    faces: Sequence[PlannedFace],
+    limits: Limits,
+    prompt_windows: Callable[[tuple[str, ...]], int] | None = None,
+) -> None:
+    """Every crop and frame as an image's (prompt tokens too, given ``prompt_windows``), then the
+    video's total work units (hooks, retries and ControlNet counted as for images)."""
     per_crop = limits.model_copy(update={"max_work_units": float("inf")})
-    check_planned_work(params, faces, per_crop)  # image_index is the frame: messages say "image k" = frame k
+    # image_index is the frame: messages say "image k" = frame k
+    check_planned_work(params, faces, per_crop, prompt_windows)
     total = sum(face_work_units(params, face.sample_size) for face in faces)
     if total > limits.max_video_work_units:
         raise LimitExceededError(
             "max_video_work_units",
             limits.max_video_work_units,
             round(total, 1),
-            f"the video needs {total:.0f} work units (steps × cycle × crop pixels / 512², summed over {len(faces)} "
-            f"face crops), over limits.max_video_work_units = {limits.max_video_work_units}; lower steps, cycle, "
+            f"the video needs {total:.0f} work units (UNet steps × crop pixels / 512², summed over {len(faces)} "
+            f"face crops: {face_work_factor(params):g} steps per face at 512² with its cycles, hooks, retries and "
+            f"ControlNet), over limits.max_video_work_units = {limits.max_video_work_units}; lower steps, cycle, "
             "guide_size or max_size, or refine fewer tracks (pick_tracks, max_tracks)",
+            (*work_fields(params), "pick_tracks", "max_tracks"),
         )

@@ -16,7 +16,7 @@ from typing import Any
 from facedetailer.params import FaceDetailerParams
 from facedetailer.video_params import VideoParams
 from serve_app.config import Limits
-from serve_app.limits import LimitExceededError
+from serve_app.limits import LimitExceededError, check_planned_names
 from serve_app.pipeline import ControlChoice, PlannedFace, Stages
 from serve_app.video.codec import (
     MEDIA_TYPES,
@@ -69,8 +69,13 @@ async def detail_video_file(
     on_frames_done: OnFramesDone | None = None,
     wildcard_files: Any = None,
     keep_result: bool = False,
+    prompt_windows: Callable[[tuple[str, ...]], int] | None = None,
 ) -> VideoResponse:
-    """Detail ``data`` (a video file's bytes); a limit exceeded is a :class:`LimitExceededError`."""
+    """Detail ``data`` (a video file's bytes); a limit exceeded is a :class:`LimitExceededError`.
+
+    ``prompt_windows`` counts a prompt's CLIP windows (the ingress' preflight): each face's prompt
+    tokens are then checked after detection, as for images.
+    """
     started = time.perf_counter()
     if len(data) > limits.max_video_upload_bytes:
         raise VideoInputError(
@@ -89,7 +94,8 @@ async def detail_video_file(
     decode_s = time.perf_counter() - started
 
     def check_work(faces: list[PlannedFace]) -> None:
-        check_video_work(params, faces, limits)
+        check_video_work(params, faces, limits, prompt_windows)
+        check_planned_names(faces)
 
     result = await detail_video(
         decoded.frames,
