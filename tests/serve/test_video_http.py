@@ -100,6 +100,32 @@ def test_the_cli_details_a_video_file_over_http(serve_instance, clip: bytes, tmp
     assert len(decode_video(target.read_bytes()).frames) == SPEC.frames
 
 
+def test_the_cli_details_a_video_file_through_the_handle_api(serve_instance, clip, tmp_path, monkeypatch, capsys):
+    """Without --url the CLI serves its --config and streams through the handle: here the session's app
+    stands in for the one ``start_serving`` would deploy (deploying a second would double the test's work)."""
+    from serve_app import cli
+
+    started = []
+
+    def serving(config, **options):
+        started.append((config, options))
+        return serve_instance["handle"], 0
+
+    monkeypatch.setattr(cli, "start_serving", serving)
+    source, target = tmp_path / "in.mp4", tmp_path / "out.mov"
+    source.write_bytes(clip)
+    params = [f"--param={name}={json.dumps(value)}" for name, value in PARAMS.items()]
+    cli.main(["video", str(source), str(target), "--config", "my.yaml", "--set", "limits.max_steps=9", *params,
+              "--param", "temporal=tracks", "--param", "pick_tracks=longest"])  # fmt: skip
+    assert [(str(config), options["sets"]) for config, options in started] == [("my.yaml", ["limits.max_steps=9"])]
+    assert target.exists() and not list(tmp_path.glob("*.partial*"))
+    with av.open(str(target)) as container:
+        assert container.format.name.startswith("mov") and len(container.streams.audio) == 1
+    assert decode_video(target.read_bytes()).pts == decode_video(clip).pts
+    report = capsys.readouterr().err  # the video options reached the service: one track of two refined
+    assert f"{SPEC.frames} frames, 1 track(s), {SPEC.frames} faces refined" in report and "audio copied" in report
+
+
 def engine_stats(client: httpx.Client) -> dict:
     response = client.get("/v1/stats", timeout=60)
     assert response.status_code == 200, response.text
