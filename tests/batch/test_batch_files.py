@@ -163,3 +163,46 @@ def test_a_plan_loads_only_the_models_the_parameters_pick(tmp_path: Path):
     assert plan.fingerprint["models"]["inpainter"] == "tiny://sd_alt/pipeline"
     with pytest.raises(BatchConfigError, match="either --params or --workflow"):
         plan_job(CONFIGS / "local-cpu.yaml", (), (), None, tmp_path / "params.json", tmp_path / "w.json", None, "image")
+
+
+def test_resume_skips_recorded_inputs_and_redoes_missing_outputs_and_unrecorded_ones(tmp_path: Path):
+    from serve_app.batch.job import _pending
+
+    for name in ("a", "b", "c", "d", "e"):
+        touch(tmp_path / "in" / f"{name}.jpg")
+    output = resolve(str(tmp_path / "out"))
+    listing = list_inputs(str(tmp_path / "in"))
+    source = {item.key: item.input for item in listing.files}
+    touch(tmp_path / "out" / "a.png")  # recorded, present
+    touch(tmp_path / "out" / "d.png")  # committed, but the run died before its row
+    Manifest(output).append(
+        [
+            row(source["a"], OK),
+            row(source["b"], OK),  # recorded, but its output went missing since
+            row(source["c"], REJECTED, outputs=[]),  # refused: not tried again
+            row(source["e"], ERROR, outputs=[]),  # failed: tried again
+        ],
+        "run1",
+    )
+    todo, done = _pending(listing, Manifest(output), output)
+    assert [item.key for item in todo] == ["b", "d", "e"]
+    assert [item.key for item in done] == ["a", "c"]
+
+
+def test_the_cli_exits_2_before_any_work_when_the_job_cannot_run(tmp_path: Path, capsys):
+    from serve_app.cli import main
+
+    touch(tmp_path / "in" / "a.jpg")
+    for argv, message in (
+        (["--param", "steps=1000"], "steps: 1000 exceeds limits.max_steps"),
+        (["--outputs", "image,video"], "unknown video"),
+        (["--set", "inpainter.max_batch_size=0"], "max_batch_size"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            main(["batch", str(tmp_path / "in"), str(tmp_path / "out"), *argv])
+        assert stopped.value.code == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:  # OUTPUT must not contain INPUT
+        main(["batch", str(tmp_path / "in"), str(tmp_path)])
+    assert stopped.value.code == 2 and "must not be INPUT or contain it" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
