@@ -20,12 +20,13 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from deployments.inpainter import Inpainter, RefineJob, RefineResult, SamplingSettings, result_of
+from deployments.inpainter_engine import CropProgress
 
 logger = logging.getLogger("ray.serve")
 
@@ -64,12 +65,20 @@ class LoadedCheckpoint:
         # An instance attribute, so garbage collection never runs the (blocking) drain.
         self.__del__ = self.retire
 
-    async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings | None) -> RefineResult:
+    async def refine(
+        self,
+        jobs: Sequence[RefineJob],
+        settings: SamplingSettings | None,
+        *,
+        tenant: str = "",
+        weight: float = 1.0,
+        on_progress: Callable[[CropProgress], None] | None = None,
+    ) -> RefineResult:
         with self._lock:  # counted before anything else, so an eviction waits for this request
             self.inflight += 1
         try:
             payloads = self.inpainter.payloads(list(jobs), settings)  # bad crops and settings fail here, alone
-            request = self.engine.submit(payloads)
+            request = self.engine.submit(payloads, tenant=tenant, weight=weight, on_progress=on_progress)
             try:
                 images = await asyncio.wrap_future(request.future)
             except asyncio.CancelledError:

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from deployments.controlnet import ControlNetSet
-from deployments.inpainter_engine import EngineCrop, EngineRequest, InpaintEngine
+from deployments.inpainter_engine import CropProgress, EngineCrop, EngineRequest, InpaintEngine
 from deployments.inpainter_hooks import check_cycle_plan, cycle_noise, hook_stages, hooked_cycle
 from deployments.inpainter_loading import (
+    ComponentsLoader,
     LoraPatcher,
     SDComponents,
     describe,
@@ -171,13 +172,16 @@ class Inpainter:
         max_batch_size: int = 8,
         max_queued_crops: int = 256,
         controlnets: Mapping[str, Mapping[str, Any]] | ControlNetSet | None = None,
+        load_components: ComponentsLoader = load_sd_components,
     ) -> None:
+        """``load_components`` reads ``model``: real checkpoints by default;
+        :func:`deployments.model_loading.load_inpainter` passes the loader that also takes ``sim://``."""
         self.model = model
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.lora_dir = Path(lora_dir) if lora_dir else None
         started = time.perf_counter()
-        self.components: SDComponents = load_sd_components(
+        self.components: SDComponents = load_components(
             model,
             single_file_config=single_file_config,
             dtype=self.dtype,
@@ -219,8 +223,8 @@ class Inpainter:
         """Wait until the device has run all launched work: called before a result is read on the host.
 
         A no-op on torch devices, whose reads (``.cpu()``, ``float(t)``, ``bool(t)``) synchronise
-        by themselves; the ``sim://`` accelerator computes results eagerly and models the device
-        time apart (:class:`deployments.simulated.SimulatedAccelerator`), so it is told here.
+        by themselves; an accelerator that computes results eagerly and models the device time
+        apart (the ``sim://`` stand-ins' ``unet.accelerator``) is told here.
         """
         accelerator = getattr(self.components.unet, "accelerator", None)
         if accelerator is not None:
@@ -285,9 +289,27 @@ class Inpainter:
             payloads.append(CropPayload(job=job, settings=resolved, cycles=plan_cycles(job, resolved)))
         return payloads
 
-    def submit(self, jobs: Sequence[RefineJob], settings: SamplingSettings | None = None) -> EngineRequest:
-        """Queue crops on the engine (its background loop must run, see ``deployments.serving``)."""
-        return self.engine.submit(self.payloads(jobs, settings))
+    def submit(
+        self,
+        jobs: Sequence[RefineJob],
+        settings: SamplingSettings | None = None,
+        *,
+        tenant: str = "",
+        weight: float = 1.0,
+        on_progress: Callable[[CropProgress], None] | None = None,
+    ) -> EngineRequest:
+        """Queue crops on the engine (its background loop must run, see ``deployments.serving``).
+
+        ``tenant``/``weight``: the engine's queue is fair between tenants; ``on_progress`` is told
+        of every sampler step of the crops (in the engine's thread, see :class:`CropProgress`).
+        """
+        return self.engine.submit(self.payloads(jobs, settings), tenant=tenant, weight=weight, on_progress=on_progress)
+
+    def cost(self, payload: CropPayload) -> float:
+        """A crop's work for the engine's fair queue: model rows × steps × area in 512² units."""
+        height, width = payload.job.image.shape[:2]
+        area = height * width / (512 * 512)
+        return area * sum(spec.steps * (1 if spec.cfg == 1.0 else 2) for spec in payload.cycles if spec.denoise > 0)
 
     def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings | None = None) -> list[np.ndarray]:
         """Refine every crop; return uint8 [H', W', 3] images in input order, each at its job's size."""
@@ -574,6 +596,7 @@ class _CycleStage:
 
     def __call__(self, crop: EngineCrop, latent: torch.Tensor) -> Any:
         spec = crop.payload.cycles[self.number]
+        on_step = _step_reporter(crop, self.number) if crop.request.on_progress is not None else None
         if spec.denoise <= 0.0:  # a denoise schedule reached 0: this cycle samples nothing
             return _unchanged(latent)
         if crop.state.get("concat_per_cycle"):  # concat_cond: the sampler's input latent of this cycle
@@ -594,7 +617,30 @@ class _CycleStage:
             slicing="impact",  # FaceDetailer samples through Impact's ksampler_wrapper
             output="denoised",  # …whose separated_sample returns the last callback x0
             synchronize=self.inpainter.synchronize,
+            on_step=on_step,
         )
+
+
+def _step_reporter(crop: EngineCrop, cycle: int) -> Callable[[int, int, torch.Tensor], None]:
+    """The sampler's progress callback for one crop and cycle → its request's ``on_progress``.
+
+    A listener that raises is logged and silenced for the rest of the request: progress must
+    never fail the work it reports on.
+    """
+    request = crop.request
+
+    def report(step: int, steps: int, denoised: torch.Tensor) -> None:
+        listener = request.on_progress
+        if listener is None:
+            return
+        progress = CropProgress(crop.index, cycle, len(crop.payload.cycles), step, steps, denoised)
+        try:
+            listener(progress)
+        except Exception:
+            logger.exception("progress listener failed; no more progress for this request")
+            request.on_progress = None
+
+    return report
 
 
 def _unchanged(latent: torch.Tensor) -> Any:

@@ -5,13 +5,18 @@ also hook stages such as an unsampler), each a generator that yields one :class:
 per model evaluation it needs and returns the latent it ends with (the sampling package's
 ``CropProcess``). The engine does not know any sampler. At every step it
 
-1. drops the crops of cancelled requests, then admits queued crops (FIFO) while fewer than
-   ``max_batch_size`` are active, preparing them in batches (VAE encode, text, masks);
+1. drops the crops of cancelled requests, then admits queued crops while fewer than
+   ``max_batch_size`` are active, preparing them in batches (VAE encode, text, masks); the queue
+   is fair between tenants (API keys): weighted start-time fair queueing by each crop's cost
+   (:mod:`deployments.fair_queue`), first in, first out within a tenant;
 2. groups the pending requests of all active crops by the backend's *group key* (latent size,
    LoRA set, …: whatever must be equal to share one UNet call) and runs each group as ONE UNet
    call with per-sample timesteps, then sends each crop its own outputs;
 3. moves a crop whose stage returned to its next stage, and a crop whose last stage returned to
    the finished list; finished crops are decoded in batches and handed back to their request.
+
+Each sampler step of a crop may be reported to its request's ``on_progress`` (step i of n and the
+step's x0 latent, in the engine's thread), for progress bars and previews.
 
 So crops with different steps, samplers, cfg or denoise share UNet calls, a crop joins at the
 next step after it arrives (a lone crop starts at once: there is no batch wait), a cancelled
@@ -38,9 +43,12 @@ from typing import Any, Protocol
 
 import torch
 
+from deployments.fair_queue import FairQueue
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CropProgress",
     "EngineBackend",
     "EngineBusyError",
     "EngineCrop",
@@ -90,6 +98,18 @@ class EngineCrop:
     done: bool = False
 
 
+@dataclass(frozen=True)
+class CropProgress:
+    """One sampler step of one crop, as ComfyUI's progress callback sees it (step ``step`` of ``steps``)."""
+
+    index: int  # the crop's position in its request
+    cycle: int  # FaceDetailer cycle, from 0
+    cycles: int
+    step: int  # steps done in this cycle's run, from 1
+    steps: int  # steps of this cycle's run
+    latent: Any  # the step's x0 (the sampler's ``denoised``): a preview source; do not keep or modify it
+
+
 @dataclass(eq=False)
 class EngineRequest:
     """A caller's crops, resolved together: the future holds the results in crop order."""
@@ -100,6 +120,11 @@ class EngineRequest:
     cancelled: bool = False
     remaining: int = 0
     finished_at: float | None = None  # monotonic time its last crop's result was ready
+    tenant: str = ""  # who asked (an API key's id): the queue is fair between tenants
+    weight: float = 1.0  # the tenant's share relative to others
+    # Called in the engine's thread for every sampler step of its crops; must be quick and must
+    # not raise (an exception is logged and the reporting stops for this request).
+    on_progress: Callable[[CropProgress], None] | None = None
 
     @property
     def engine_s(self) -> float:
@@ -136,7 +161,8 @@ class EngineBackend(Protocol):
         """The order to run this step's groups in (e.g. the LoRA set already merged first)."""
 
     # Optional: ``synchronize()``, called before the engine reads a device value on the host
-    # (a stage's latent checked for finiteness); see ``Inpainter.synchronize``.
+    # (a stage's latent checked for finiteness); see ``Inpainter.synchronize``. Optional:
+    # ``cost(payload) -> float``, a crop's work for fair queueing (default 1 per crop).
 
 
 @dataclass
@@ -176,7 +202,8 @@ class InpaintEngine:
         self.on_unet_call = on_unet_call
         self.on_queue_wait = on_queue_wait
         self.stats = EngineStats()
-        self._queue: deque[EngineCrop] = deque()
+        self._cost: Callable[[Any], float] = getattr(backend, "cost", None) or (lambda payload: 1.0)
+        self._queue: FairQueue[EngineCrop] = FairQueue()
         self._active: list[EngineCrop] = []
         self._lock = threading.Lock()  # guards the queue, the request flags and the stats
         self._wake = threading.Condition(self._lock)
@@ -202,13 +229,25 @@ class InpaintEngine:
 
     # ------------------------------------------------------------------ submitting
 
-    def submit(self, payloads: Sequence[Any]) -> EngineRequest:
-        """Queue a request's crops (FIFO). Raises :class:`EngineBusyError` when the queue is full.
+    def submit(
+        self,
+        payloads: Sequence[Any],
+        *,
+        tenant: str = "",
+        weight: float = 1.0,
+        on_progress: Callable[[CropProgress], None] | None = None,
+    ) -> EngineRequest:
+        """Queue a request's crops (fair between tenants, FIFO within one). Raises
+        :class:`EngineBusyError` when the queue is full.
 
         A request is refused only when it would push a non-empty queue past ``max_queued_crops``:
         a request larger than the bound is still accepted into an empty queue.
         """
-        request = EngineRequest(submitted_at=time.monotonic())
+        if not weight > 0:
+            raise ValueError(f"weight must be > 0, got {weight!r}")
+        request = EngineRequest(
+            submitted_at=time.monotonic(), tenant=str(tenant), weight=float(weight), on_progress=on_progress
+        )
         request.future.set_running_or_notify_cancel()  # only the engine resolves it: no cancel race
         request.crops = [EngineCrop(request=request, index=i, payload=payload) for i, payload in enumerate(payloads)]
         request.remaining = len(request.crops)
@@ -222,7 +261,8 @@ class InpaintEngine:
             if not request.crops:
                 request.future.set_result([])
                 return request
-            self._queue.extend(request.crops)
+            costs = [float(self._cost(crop.payload)) for crop in request.crops]
+            self._queue.extend(request.crops, costs, tenant=request.tenant, weight=request.weight)
             self.stats.crops_submitted += len(request.crops)
             self._wake.notify_all()
         return request
@@ -308,8 +348,7 @@ class InpaintEngine:
                 crop.request.dropped for crop in self._active
             ):
                 return
-            dropped = [crop for crop in self._queue if crop.request.dropped]
-            self._queue = deque(crop for crop in self._queue if not crop.request.dropped)
+            dropped = self._queue.remove_if(lambda crop: crop.request.dropped)
         dropped += [crop for crop in self._active if crop.request.dropped]
         self._active = [crop for crop in self._active if not crop.request.dropped]
         for crop in dropped:
@@ -325,7 +364,7 @@ class InpaintEngine:
         now = time.monotonic()
         with self._lock:
             while self._queue and len(self._active) + len(admitted) < self.max_batch_size:
-                crop = self._queue.popleft()
+                crop = self._queue.pop()
                 crop.admitted_at = now
                 admitted.append(crop)
                 wait = now - crop.request.submitted_at
@@ -501,8 +540,7 @@ class InpaintEngine:
 
     def _fail_everything(self, error: BaseException) -> None:
         with self._lock:
-            crops = list(self._queue) + list(self._active)
-            self._queue.clear()
+            crops = self._queue.clear() + list(self._active)
         self._active = []
         for crop in crops:
             if not crop.request.future.done():

@@ -81,6 +81,19 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized).astype(np.float32) / np.float32(255.0)
 
 
+def to_comfy_float(image: np.ndarray) -> np.ndarray:
+    """uint8 → float32 in [0, 1] as ComfyUI's LoadImage makes its IMAGE (``x.astype(float32) / 255``)."""
+    return image.astype(np.float32) / np.float32(255.0)
+
+
+def save_image_bytes(image: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] → uint8 as ComfyUI's SaveImage converts it: ``clip(255·x, 0, 255)``, truncated.
+
+    Exact on ComfyUI's own floats: ``save_image_bytes(to_comfy_float(x)) == x`` for every byte.
+    """
+    return np.clip(np.float32(255.0) * image.astype(np.float32, copy=False), 0, 255).astype(np.uint8)
+
+
 def _check_paste(image: np.ndarray, refined: np.ndarray, crop_region: CropRegion) -> None:
     x1, y1, x2, y2 = crop_region
     height, width = image.shape[:2]
@@ -97,8 +110,10 @@ def _check_paste(image: np.ndarray, refined: np.ndarray, crop_region: CropRegion
 def paste(image: np.ndarray, refined: np.ndarray, mask: np.ndarray, crop_region: CropRegion) -> np.ndarray:
     """``(1 − m)·image + m·refined`` inside the crop region, on a copy (reference §7.2).
 
-    Pixels where m == 0 keep their exact original value; uint8 images are blended in float and
-    rounded back. The mask is resized bilinearly if its size differs from the crop.
+    Pixels where m == 0 keep their exact original value. uint8 images are blended as ComfyUI
+    blends its float IMAGE (``tensor_paste`` on x/255 in float32) and brought back to 8 bits as
+    its SaveImage does, ``clip(255·x).astype(uint8)``: truncation (Decision 11). The mask is
+    resized bilinearly if its size differs from the crop.
     """
     _check_paste(image, refined, crop_region)
     x1, y1, x2, y2 = crop_region
@@ -106,10 +121,11 @@ def paste(image: np.ndarray, refined: np.ndarray, mask: np.ndarray, crop_region:
     if image.ndim == 3:
         weight = weight[..., None]
     original = image[y1:y2, x1:x2]
-    work_dtype = np.float64 if image.dtype == np.float64 else np.float32
-    blended = (1 - weight) * original.astype(work_dtype) + weight * refined.astype(work_dtype)
     if image.dtype == np.uint8:
-        blended = np.clip(np.rint(blended), 0, 255)
+        blended = save_image_bytes((1 - weight) * to_comfy_float(original) + weight * to_comfy_float(refined))
+    else:
+        work_dtype = np.float64 if image.dtype == np.float64 else np.float32
+        blended = (1 - weight) * original.astype(work_dtype) + weight * refined.astype(work_dtype)
     result = image.copy()
     result[y1:y2, x1:x2] = np.where(weight == 0, original, blended.astype(image.dtype))
     return result

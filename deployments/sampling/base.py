@@ -154,10 +154,18 @@ class SamplerEnv:
     # itself); the ``sim://`` accelerator, whose results exist before its modelled time has
     # passed, waits there until its device is idle.
     synchronize: Callable[[], None] = no_device_sync
+    # Told of each callback as ComfyUI's progress bar is: (steps reported so far, the run's
+    # steps, that step's x0). None: nobody listens (the default; costs nothing).
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None
+    total_steps: int = 0
+    steps_reported: int = 0
 
     def report(self, denoised: torch.Tensor) -> None:
         """Where the ComfyUI sampler calls its callback: remember the x0 it hands over."""
         self.last_denoised = denoised
+        self.steps_reported += 1
+        if self.on_step is not None:
+            self.on_step(min(self.steps_reported, self.total_steps), self.total_steps, denoised)
 
     def gaussian_noise(self, x: torch.Tensor) -> NoiseSampler:
         return gaussian_noise(x, self.seed)

@@ -156,6 +156,7 @@ def sampling_process(
     sigmas: torch.Tensor | None = None,
     output: Output = "latent",
     synchronize: Callable[[], None] = no_device_sync,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> SamplerProcess:
     """Validate now, and return the generator of one run's :class:`DenoiseCall` s.
 
@@ -167,7 +168,8 @@ def sampling_process(
     validated, ``steps``/``denoise``/``slicing`` are then not used). ``output``: see :data:`Output`;
     an unsampled run (fewer than two sigmas) returns ``latent_image`` either way, as Impact.
     ``synchronize`` is called where the sampler reads a device value on the host
-    (:attr:`SamplerEnv.synchronize`; only the simulated accelerator needs it).
+    (:attr:`SamplerEnv.synchronize`; only the simulated accelerator needs it). ``on_step(i, n,
+    x0)`` is called where ComfyUI's sampler calls its progress callback (:attr:`SamplerEnv.on_step`).
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
@@ -193,7 +195,7 @@ def sampling_process(
         tree_range = (tree_range[0].to(device), tree_range[1].to(device))
     return _run(model_sampling, sampler_name, sigmas.to(device), cfg, seed, latent, prepare_mask(noise_mask, latent),
                 differential, noise.to(device=device, dtype=torch.float32), tree_range, output,
-                synchronize)  # fmt: skip
+                synchronize, on_step)  # fmt: skip
 
 
 def _run(
@@ -209,6 +211,7 @@ def _run(
     tree_range: tuple[torch.Tensor, torch.Tensor] | None = None,
     output: Output = "latent",
     synchronize: Callable[[], None] = no_device_sync,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> SamplerProcess:
     spec = SAMPLERS[sampler_name]
     if len(sigmas) <= 1:
@@ -229,7 +232,14 @@ def _run(
     )
     max_denoise = _is_max_denoise(model_sampling, sigmas)
     x = model_sampling.noise_scaling(sigmas[0], noise, latent, max_denoise)
-    env = SamplerEnv(model_sampling=model_sampling, seed=seed, brownian_range=tree_range, synchronize=synchronize)
+    env = SamplerEnv(
+        model_sampling=model_sampling,
+        seed=seed,
+        brownian_range=tree_range,
+        synchronize=synchronize,
+        on_step=on_step,
+        total_steps=len(sigmas) - 1,
+    )
     samples = yield from spec.function(model, x, sigmas, env)
     if output == "denoised" and env.last_denoised is not None:
         return env.last_denoised  # Impact: process_latent_out(x0) only; no inverse noise scaling
@@ -260,6 +270,7 @@ def crop_process(
     sigmas: torch.Tensor | None = None,
     output: Output = "latent",
     synchronize: Callable[[], None] = no_device_sync,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> CropProcess:
     """The engine's view of one crop's KSampler run: yields :class:`UNetRequest`, returns the latent.
 
@@ -284,6 +295,7 @@ def crop_process(
         sigmas=sigmas,
         output=output,
         synchronize=synchronize,
+        on_step=on_step,
     )
     return _unet_driver(model_sampling, core)
 

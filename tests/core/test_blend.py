@@ -5,7 +5,16 @@ import math
 import numpy as np
 import pytest
 
-from facedetailer.blend import feather_kernel_size, feather_mask, paste, resize_image, resize_mask, rgba_with_alpha
+from facedetailer.blend import (
+    feather_kernel_size,
+    feather_mask,
+    paste,
+    resize_image,
+    resize_mask,
+    rgba_with_alpha,
+    save_image_bytes,
+    to_comfy_float,
+)
 
 
 @pytest.mark.parametrize(
@@ -81,13 +90,36 @@ def test_paste_formula_on_float_images():
     assert not image.any()  # a new image is returned
 
 
-def test_paste_on_uint8_rounds_back():
+def test_paste_on_uint8_blends_comfy_floats_and_truncates_as_save_image():
     image = np.full((6, 6, 3), 100, np.uint8)
-    refined = np.full((2, 3, 3), 201, np.uint8)
+    refined = np.full((2, 3, 3), 202, np.uint8)
     out = paste(image, refined, np.full((2, 3), 0.3, np.float32), (1, 1, 4, 3))
     assert out.dtype == np.uint8
-    assert np.all(out[1:3, 1:4] == 130)  # 0.7·100 + 0.3·201 = 130.3
+    assert np.all(out[1:3, 1:4] == 130)  # 0.7·100 + 0.3·202 = 130.6: SaveImage truncates (rounding gave 131)
     assert np.all(out[3:] == 100)
+
+
+def test_uint8_paste_equals_comfyui_float_paste_then_save_image_on_random_values():
+    """Decision 11: ComfyUI pastes x/255 in float32 (``tensor_paste``) and SaveImage truncates 255·x."""
+    rng = np.random.default_rng(11)
+    image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    refined = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    mask = rng.random((20, 30)).astype(np.float32)
+    mask[:5] = 0.0
+    out = paste(image, refined, mask, (10, 7, 40, 27))
+    to_float = lambda x: x.astype(np.float32) / 255.0  # noqa: E731  (LoadImage)
+    comfy = to_float(image).copy()
+    m = mask[..., None]
+    comfy[7:27, 10:40] = (1 - m) * comfy[7:27, 10:40] + m * to_float(refined)  # tensor_paste
+    expected = np.clip(255.0 * comfy, 0, 255).astype(np.uint8)  # SaveImage
+    assert np.array_equal(out, expected)
+    rounded = np.clip(np.rint(255.0 * comfy), 0, 255).astype(np.uint8)
+    assert (rounded != expected).sum() > 300  # the rule matters on this input (668 of 1800 values)
+
+
+def test_save_image_bytes_round_trips_every_byte():
+    values = np.arange(256, dtype=np.uint8)
+    assert np.array_equal(save_image_bytes(to_comfy_float(values)), values)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
