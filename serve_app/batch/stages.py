@@ -4,7 +4,8 @@ Each model stage is a class-based ``map_batches`` UDF, so Ray Data runs it as an
 (sized and placed from the config's deployment options) and the model loads once per actor:
 
 - :class:`DetectFaces` — :class:`~deployments.detector.FaceDetector` (and the segm detector when
-  ``use_segm``);
+  ``use_segm``); every model is loaded as the Serve deployments load it
+  (:mod:`deployments.model_loading`: real, or a ``sim://`` stand-in);
 - :class:`SegmentFaces` — :class:`~deployments.sam.SamSegmenter`, only when ``use_sam``; it plans
   the faces (:func:`serve_app.pipeline.prepare_image` with the detections already made);
 - :class:`RefineFaces` — :class:`~deployments.inpainter.Inpainter` with its step-level engine
@@ -90,9 +91,9 @@ def read_images(
 
 def load_detector(args: DetectorArgs, default_task: str | None = None) -> Any:
     """The detector as the service's binder builds it (``serve_app.app``)."""
-    from deployments.detector import FaceDetector
+    from deployments.model_loading import load_detector as load
 
-    return FaceDetector(args.model, task=args.task or default_task, imgsz=args.imgsz, device=args.device)
+    return load(args.model, task=args.task or default_task, imgsz=args.imgsz, device=args.device)
 
 
 class DetectFaces:
@@ -176,9 +177,9 @@ class SegmentFaces:
     def __init__(
         self, sam: SamArgs, params: FaceDetailerParams, limits: Limits, wildcards_dir: str | None, has_segm: bool
     ) -> None:
-        from deployments.sam import SamSegmenter
+        from deployments.model_loading import load_segmenter
 
-        self.sam = SamSegmenter(sam.checkpoint, model_type=sam.model_type, device=sam.device)
+        self.sam = load_segmenter(sam.checkpoint, model_type=sam.model_type, device=sam.device)
         self.planner = FacePlanner(params, limits, wildcards_dir, has_segm)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -214,10 +215,10 @@ class RefineFaces:
         import ray
 
         from deployments.checkpoints import LoadedCheckpoint
-        from deployments.inpainter import Inpainter
+        from deployments.model_loading import load_inpainter
         from serve_app.ingress import sampling_settings
 
-        model = Inpainter(
+        model = load_inpainter(
             checkpoint.model,
             single_file_config=checkpoint.single_file_config,
             device=inpainter.device,
