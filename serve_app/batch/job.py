@@ -256,6 +256,9 @@ def plan_job(
     """The checks the ingress makes before any model work, once for the whole job."""
     from deployments.inpainter_hooks import check_cycle_plan
     from deployments.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, validate
+    from facedetailer.prompts import face_conditioning
+    from facedetailer.safe_paths import check_name
+    from facedetailer.wildcards import FacePrompt
     from serve_app.config import Limits
     from serve_app.images import decode_base64_image
     from serve_app.ingress import sampling_settings
@@ -283,6 +286,10 @@ def plan_job(
         settings = sampling_settings(values)
         validate(settings.sampler_name, settings.scheduler, settings.steps, settings.denoise)
         check_cycle_plan(settings)
+        # the prompts' syntax and LoRA names, as the ingress's preflight (their tokens: in the refine actors)
+        base = face_conditioning(values.positive, values.negative, FacePrompt(False, False, None, None, False))
+        for lora in base.loras:
+            check_name(lora.name, "LoRA")
         if values.use_sam and chosen.sam is None:
             raise BatchConfigError("use_sam: the config has no SAM model")
         if values.use_segm and chosen.segm_detector is None:

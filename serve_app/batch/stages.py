@@ -143,17 +143,27 @@ class RecordedStages:
 
 
 class FacePlanner:
-    """Plans an image's faces as the ingress does: masks, wildcard prompts, then the work limits."""
+    """Plans an image's faces as the ingress does: masks, wildcard prompts, then the work limits.
 
-    def __init__(self, params: FaceDetailerParams, limits: Limits, wildcards_dir: str | None, has_segm: bool) -> None:
+    ``prompt_windows`` (the checkpoint's tokenizers, in the refine actor) adds the faces' prompt
+    tokens to the limits checked; the SAM stage plans without it and the refine stage checks again.
+    """
+
+    def __init__(
+        self,
+        params: FaceDetailerParams,
+        limits: Limits,
+        wildcards_dir: str | None,
+        has_segm: bool,
+        prompt_windows: Any = None,
+    ) -> None:
         from serve_app.wildcard_files import WildcardFolder
 
         self.params, self.limits, self.has_segm = params, limits, has_segm
         self.wildcards = WildcardFolder(wildcards_dir) if wildcards_dir else None
+        self.prompt_windows = prompt_windows
 
     async def prepare(self, work: ImageWork, sam: Any = None) -> PreparedImage:
-        from serve_app.limits import check_planned_names, check_planned_work
-
         prepared = await prepare_image(
             work.image,
             0,  # each input is a request of its own: image 0, the request's seed (as POST /v1/detail)
@@ -165,10 +175,16 @@ class FacePlanner:
         )
         for stage in ("detect", "detect_segm"):  # replayed here; measured by the detect stage
             prepared.timings.pop(stage, None)
-        faces = planned_faces(prepared, self.params)
-        check_planned_work(self.params, faces, self.limits)
-        check_planned_names(faces)
+        self.check(prepared)
         return prepared
+
+    def check(self, prepared: PreparedImage) -> None:
+        """The ingress's check of the planned faces: work and prompt limits, LoRA and wildcard names."""
+        from serve_app.limits import check_planned_names, check_planned_work
+
+        faces = planned_faces(prepared, self.params)
+        check_planned_work(self.params, faces, self.limits, self.prompt_windows)
+        check_planned_names(faces)
 
 
 class SegmentFaces:
@@ -217,6 +233,7 @@ class RefineFaces:
         from deployments.checkpoints import LoadedCheckpoint
         from deployments.model_loading import load_inpainter
         from serve_app.ingress import sampling_settings
+        from serve_app.prompt_tokens import PromptWindows
 
         model = load_inpainter(
             checkpoint.model,
@@ -232,7 +249,8 @@ class RefineFaces:
         model.validate_settings(self.settings)
         self.checkpoint = LoadedCheckpoint(checkpoint_name, model)  # starts the engine's thread
         self.params, self.limits, self.control = params, limits, control
-        self.planner = FacePlanner(params, limits, wildcards_dir, has_segm)
+        windows = PromptWindows(model.prompt_tokenizers())  # as the ingress counts them (max_prompt_tokens)
+        self.planner = FacePlanner(params, limits, wildcards_dir, has_segm, windows)
         self.stats = stats
         # a restarted actor keeps its id: the process id keeps the dead one's counters apart
         self.actor_id = f"{ray.get_runtime_context().get_actor_id() or 'local'}-{os.getpid()}"
@@ -251,6 +269,8 @@ class RefineFaces:
             prepared = work.prepared
             if prepared is None:
                 prepared = await self.planner.prepare(work)
+            else:  # planned in the SAM stage: the prompt tokens are counted here
+                self.planner.check(prepared)
             result = await asyncio.wait_for(
                 refine_image(
                     prepared, self.params, self, make_job=RefineJob, settings=self.settings, control=self.control

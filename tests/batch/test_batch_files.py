@@ -148,6 +148,9 @@ def test_outputs_option():
         ({"use_segm": True}, "use_segm: the config has no segm detector"),
         ({"controlnet": {"name": "depth"}}, "controlnet.name: unknown 'depth'"),
         ({"denoise": 2}, "denoise"),
+        ({"positive": "a <lora:../../x:1> face"}, "LoRA name '../../x' is refused"),
+        ({"positive": "embedding:foo, a face"}, "embeddings are not supported"),
+        ({"negative": "x" * 20_000}, "max_prompt_chars"),
     ],
 )
 def test_what_the_ingress_refuses_stops_the_job_before_it_starts(values: dict, message: str):
