@@ -150,7 +150,7 @@ def test_outputs_option():
         ({"denoise": 2}, "denoise"),
         ({"positive": "a <lora:../../x:1> face"}, "LoRA name '../../x' is refused"),
         ({"positive": "embedding:foo, a face"}, "embeddings are not supported"),
-        ({"negative": "x" * 20_000}, "max_prompt_chars"),
+        ({"negative": "x" * 20_001}, "max_prompt_chars"),
     ],
 )
 def test_what_the_ingress_refuses_stops_the_job_before_it_starts(values: dict, message: str):
