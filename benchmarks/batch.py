@@ -284,7 +284,7 @@ def simulated(opts: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     os.environ.update(CLUSTER_ENV)  # Serve packs replicas best-fit, as in tests/cluster
     try:
         for nodes in opts.nodes:
-            count = SIM_IMAGES_PER_NODE * nodes
+            count = opts.sim_images_per_node * nodes
             inputs = workdir / f"sim-in-{nodes}"
             inputs.mkdir()
             images = []
@@ -394,9 +394,9 @@ def render(results: dict[str, Any]) -> str:
             "### Simulated GPUs (`configs/gpu.yaml` + `configs/overlays/simulated-cpu.yaml`)",
             "",
             f"`ray.cluster_utils.Cluster`: a head and 1, 2 or 4 worker nodes with one logical GPU each; "
-            f"{SIM_IMAGES_PER_NODE} textured 256-px images per GPU node, one face each (the simulated "
-            f"detector), `{json.dumps(SIM_PARAMS)}`: one 512×512 crop per image, 20 steps of modelled A100 "
-            "UNet time. The batch job's pools come from the config (detector 0.1 GPU, inpainter 0.7 GPU, "
+            f"{sims[0]['images'] // sims[0]['gpu_nodes']} textured 256-px images per GPU node, one face each "
+            f"(the simulated detector), `{json.dumps(SIM_PARAMS)}`: one 512×512 crop per image, 20 steps of "
+            "modelled A100 UNet time. The batch job's pools come from the config (detector 0.1 GPU, inpainter 0.7 GPU, "
             "autoscaling bounds); the service runs one inpainter replica per GPU node and "
             f"{SIM_CLIENTS_PER_NODE} closed-loop clients per GPU node.",
             "",
@@ -440,6 +440,7 @@ def main() -> None:
     parser.add_argument("--local-images", type=int, default=24)
     parser.add_argument("--local-actors", type=int, nargs="+", default=list(LOCAL_ACTORS))
     parser.add_argument("--nodes", type=int, nargs="+", default=list(SIM_NODES))
+    parser.add_argument("--sim-images-per-node", type=int, default=SIM_IMAGES_PER_NODE)
     parser.add_argument("--resume-inputs", type=int, default=RESUME_INPUTS)
     parser.add_argument("--skip-resume", action="store_true")
     parser.add_argument("--skip-local", action="store_true")
