@@ -411,6 +411,36 @@ def command_demo(args: argparse.Namespace) -> None:
     print(f"outputs written to {outdir.resolve()}/ (detailed.png, mask.png, comparison.png, crops)")
 
 
+def command_batch(args: argparse.Namespace) -> None:
+    """A bulk job on Ray Data (serve_app/batch): exit 0 when every input is done, 1 when some failed, 2 when
+    the job cannot start."""
+    from serve_app.batch import BatchConfigError, run_batch
+
+    try:
+        summary = run_batch(
+            args.input,
+            args.output,
+            config=args.config,
+            overlays=args.overlay,
+            sets=args.set,
+            params=dict(_parse_param(item) for item in args.param),
+            params_file=args.params,
+            workflow=args.workflow,
+            workflow_node=args.workflow_node,
+            resume=args.resume,
+            outputs=args.outputs,
+            address=args.address,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+    except BatchConfigError as error:
+        print(f"facedetailer batch: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+    for line in summary.lines():
+        print(line)
+    raise SystemExit(summary.exit_code)
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="a Serve config file")
     parser.add_argument(
@@ -458,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(video)
     video.add_argument("--port", type=int)
     video.set_defaults(run=command_video)
+    _add_batch_parser(commands)
     demo = commands.add_parser("demo", help="offline demo on a photo shipped by ultralytics")
     _add_config_arguments(demo)
     demo.add_argument("--photo", default="zidane.jpg")
@@ -467,6 +498,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int)
     demo.set_defaults(run=command_demo)
     return parser
+
+
+def _add_batch_parser(commands: Any) -> None:
+    batch = commands.add_parser(
+        "batch",
+        help="detail every image of a folder, glob, list or bucket on Ray Data (resumable; docs/batch.md)",
+        description="INPUT: a folder, a glob, a .txt/.parquet list of paths, or a URI (s3://…); OUTPUT: a folder "
+        "or URI. Writes OUTPUT/manifest.parquet (one row per input). Exit status: 0 every input done, 1 some "
+        "failed (see the manifest), 2 the job cannot start.",
+    )
+    batch.add_argument("input")
+    batch.add_argument("output")
+    batch.add_argument("--params", type=Path, metavar="FILE", help="a JSON object of FaceDetailer parameters")
+    batch.add_argument("--workflow", type=Path, help="a ComfyUI workflow .json: its FaceDetailer node's values")
+    batch.add_argument("--workflow-node", help="the FaceDetailer node id, when the workflow has several")
+    batch.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="one parameter (repeatable)")
+    batch.add_argument(
+        "--resume", action=argparse.BooleanOptionalAction, default=True,
+        help="skip inputs the manifest has (default); --no-resume starts over",
+    )
+    batch.add_argument("--outputs", default="image", help="comma-separated: image, mask, crops, json (default image)")
+    batch.add_argument(
+        "--address", help="Ray cluster (auto, ray://host:10001, host:port); default: RAY_ADDRESS, else a local instance"
+    )
+    batch.add_argument("--batch-size", type=int, default=4, help="images per Ray Data batch in the model stages")
+    batch.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+    _add_config_arguments(batch)
+    batch.set_defaults(run=command_batch)
 
 
 def main(argv: list[str] | None = None) -> None:
