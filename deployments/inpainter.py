@@ -380,7 +380,8 @@ class Inpainter:
                 # crops share a model call only with crops of the same LoRA set, latent size, context length
                 # (every row of a call attends to the lcm of its rows' context lengths, so one request's
                 # long prompts would multiply everyone's cross-attention) and checkpoint
-                context = math.lcm(crop.state["positive"].shape[1], crop.state["negative"].shape[1])
+                rows = [row for row in (crop.state["positive"], crop.state["negative"]) if row is not None]
+                context = math.lcm(*(row.text.context.shape[1] for row in rows))
                 crop.group_key = (key, *tuple(crop.latent.shape[-2:]), context, self.checkpoint_key)
                 crop.stages = []
                 for number, spec in enumerate(crop.payload.cycles):

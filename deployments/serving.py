@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from deployments.checkpoints import DRAIN_TIMEOUT_S, LoadedCheckpoint, checkpoint_specs, sum_snapshots
+from deployments.checkpoints import DRAIN_TIMEOUT_S, LoadedCheckpoint, checkpoint_specs, load_options, sum_snapshots
 from deployments.engine_stats import STATS_ACTOR_NAME, EngineMetrics, StatsReporter, merge_snapshots
 from deployments.families.loading import describe_checkpoint
 from deployments.inpainter import Inpainter, RefineJob, RefineResult, SamplingSettings
@@ -184,7 +184,7 @@ class InpainterDeployment(_ServedModel):
         spec = self.checkpoints[name]
         controlnets = self._shared_controlnets or self.options.get("controlnets")
         options = {**self.options, "controlnets": controlnets}
-        inpainter = load_inpainter(**spec, **self.bounds, **options)
+        inpainter = load_inpainter(**load_options(spec, options), **self.bounds)
         self._shared_controlnets = inpainter.controlnets  # ControlNet weights loaded once per replica
         loaded = LoadedCheckpoint(name, inpainter)
         retire = loaded.retire
@@ -314,7 +314,10 @@ class InpainterDeployment(_ServedModel):
         replica, and in which dtype it runs, are added live.
         """
         if self._descriptions is None:
-            self._descriptions = {name: describe_checkpoint(spec) for name, spec in self.checkpoints.items()}
+            self._descriptions = {
+                name: describe_checkpoint({key: value for key, value in spec.items() if key != "precision"})
+                for name, spec in self.checkpoints.items()
+            }
         described = {}
         for name, description in self._descriptions.items():
             loaded = self.loaded.get(name)
