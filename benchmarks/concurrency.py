@@ -78,15 +78,17 @@ class Served:
                                    limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
         self.inpainter = serve.get_deployment_handle("Inpainter", app_name="facedetailer")
 
-    def detail(self, png: bytes, params: dict[str, Any]) -> float:
+    def detail(self, png: bytes, params: dict[str, Any]) -> tuple[float, dict[str, float]]:
+        """One request: its latency and the server's per-stage timings."""
         started = time.perf_counter()
         response = self.client.post("/v1/detail?format=json", files={"image": ("a.png", png, "image/png")},
                                     data={"params": json.dumps(params)})
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
-        if int(response.json()["faces_refined"]) != 1:
+        body = response.json()
+        if int(body["faces_refined"]) != 1:
             raise RuntimeError("expected one refined face")
-        return time.perf_counter() - started
+        return time.perf_counter() - started, dict(body.get("timings", {}))
 
     def batch_sizes(self) -> Counter:
         info = self.inpainter.info.remote().result(timeout_s=60)
@@ -106,6 +108,7 @@ class Served:
 def run_level(served: Served, png: bytes, params: dict[str, Any], clients: int, requests: int) -> dict[str, Any]:
     """``requests`` requests from ``clients`` closed-loop client threads."""
     latencies: list[float] = []
+    stages: dict[str, list[float]] = {}
     lock = threading.Lock()
     remaining = [requests]
 
@@ -115,9 +118,11 @@ def run_level(served: Served, png: bytes, params: dict[str, Any], clients: int, 
                 if remaining[0] == 0:
                     return
                 remaining[0] -= 1
-            latency = served.detail(png, params)
+            latency, timings = served.detail(png, params)
             with lock:
                 latencies.append(latency)
+                for stage, seconds in timings.items():
+                    stages.setdefault(stage, []).append(float(seconds))
 
     before = served.batch_sizes()
     load = loadavg()[0]
@@ -140,6 +145,7 @@ def run_level(served: Served, png: bytes, params: dict[str, Any], clients: int, 
         "loadavg_1m_before": load,
         "unet_batch_sizes": dict(sorted(batches.items())),
         "mean_unet_batch": round(sum(k * v for k, v in batches.items()) / calls, 2) if calls else None,
+        "stage_p50_s": {stage: round(statistics.median(values), 4) for stage, values in stages.items()},
     }
 
 
@@ -165,6 +171,8 @@ def summarise(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "busy_cores": statistics.median(run["busy_cores"] for run in runs),
             "mean_unet_batch": round(sum(k * v for k, v in batches.items()) / calls, 2) if calls else None,
             "max_unet_batch": max(batches) if batches else None,
+            "stage_p50_s": {stage: round(statistics.median(run["stage_p50_s"].get(stage, 0.0) for run in runs), 4)
+                            for stage in runs[0]["stage_p50_s"]},
         })  # fmt: skip
     return rows
 
@@ -197,7 +205,7 @@ def main() -> None:
     served = Served(options)
     try:
         log(f"serving after {served.startup_s:.1f} s; warming up")
-        served.detail(png, params)
+        log(f"one request's stages: {served.detail(png, params)[1]}")
         run_level(served, png, params, max(levels), max(levels))  # every code path and buffer once
         rounds = []
         for number in range(options.rounds):
@@ -217,7 +225,8 @@ def main() -> None:
     print(f"\n{'clients':>7s} {'req/s':>7s} {'vs seq':>7s} {'(min)':>6s} {'p50 s':>6s} {'cores':>6s} {'batch':>6s}")
     for row in rows:
         print(f"{row['clients']:7d} {row['requests_per_s']:7.3f} {row['speedup']:7.2f} {row['speedup_min']:6.2f} "
-              f"{row['latency_p50_s']:6.2f} {row['busy_cores']:6.2f} {row['mean_unet_batch']!s:>6s}")  # fmt: skip
+              f"{row['latency_p50_s']:6.2f} {row['busy_cores']:6.2f} {row['mean_unet_batch']!s:>6s}  "
+              + " ".join(f"{stage} {seconds:.3f}" for stage, seconds in row["stage_p50_s"].items()))  # fmt: skip
     conditions["loadavg_at_end"] = loadavg()
     if options.json:
         options.json.write_text(json.dumps({"label": options.label, "config": str(options.config),

@@ -79,6 +79,25 @@ class _ServedModel:
 
         return replica_placement()
 
+    def device_memory(self, reset: bool = False) -> dict[str, Any]:
+        """This replica's CUDA memory: peak allocated and reserved bytes since start (or the last reset).
+
+        ``{"device": "cpu"}`` without CUDA (benchmarks/gpu.py reports it per replica).
+        """
+        import torch
+
+        if not torch.cuda.is_available():
+            return {"device": "cpu"}
+        memory = {
+            "device": torch.cuda.get_device_name(),
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+            "allocated_bytes": torch.cuda.memory_allocated(),
+        }
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return memory
+
     async def check_health(self) -> None:
         self.watchdog.check()
         if not self.watchdog.busy:
