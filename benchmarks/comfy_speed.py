@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--ours-extra", default="fp32-cl", help="our further variants (no ComfyUI counterpart)")
+    parser.add_argument("--extra-stages", default="vae_encode,vae_decode", help="stages the further variants run")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--json", type=Path)
     options = parser.parse_args()
@@ -173,6 +174,7 @@ def main() -> None:
     }
     results: dict[str, Any] = {"conditions": conditions, "crop": side, "stages": {}}
     extras = [name for name in options.ours_extra.split(",") if name]
+    extra_stages = options.extra_stages.split(",")
     for precision in options.precisions.split(","):
         contenders = {f"ours-{precision}": ours(unet_sd, vae_sd, precision),
                       f"comfy-{precision}": comfy_side(comfy, unet_sd, vae_sd, precision)}  # fmt: skip
@@ -187,6 +189,8 @@ def main() -> None:
                 for stage in stages:
                     names = list(contenders) if repeat % 2 == 0 else list(contenders)[::-1]
                     for name in names:
+                        if name.removeprefix("ours-") in extras and stage not in extra_stages:
+                            continue
                         started = time.perf_counter()
                         out = contenders[name][stage](*inputs[stage])
                         elapsed = time.perf_counter() - started
@@ -194,6 +198,8 @@ def main() -> None:
                             outputs[(name, stage)] = out
                         else:
                             times.setdefault((name, stage), []).append(elapsed)
+                        print(f"  [{time.strftime('%H:%M:%S')}] round {repeat} {stage} {name} {elapsed:.2f} s",
+                              file=sys.stderr, flush=True)
         for (name, stage), values in times.items():
             reference = outputs[(f"comfy-{precision}", stage)]
             row = results["stages"].setdefault(stage, {})

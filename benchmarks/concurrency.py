@@ -105,6 +105,47 @@ class Served:
             ray.shutdown()
 
 
+def process_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) of this process and every process under it, by process title.
+
+    The private Ray instance's raylet, GCS and workers all descend from this driver; each Serve
+    replica is titled ``ray::ServeReplica:<app>:<deployment>``, so the figures say which part of
+    the graph spends the CPU (other engineers' Ray instances are not descendants).
+    """
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    mine = {os.getpid()}
+    grew = True
+    while grew:
+        before = len(mine)
+        mine |= {pid for pid, parent in parents.items() if parent in mine}
+        grew = len(mine) > before
+    ticks = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    for pid in mine:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        name = "driver (clients)" if pid == os.getpid() else _group(title)
+        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return totals
+
+
+def _group(title: str) -> str:
+    if title.startswith("ray::ServeReplica:"):
+        return title.rsplit(":", 1)[-1]  # the deployment's name
+    if title.startswith("ray::"):
+        return "ray:" + title.removeprefix("ray::").split(".")[0].split(" ")[0]
+    return "ray (gcs, raylet, other)"
+
+
 def run_level(served: Served, png: bytes, params: dict[str, Any], clients: int, requests: int) -> dict[str, Any]:
     """``requests`` requests from ``clients`` closed-loop client threads."""
     latencies: list[float] = []
@@ -125,12 +166,15 @@ def run_level(served: Served, png: bytes, params: dict[str, Any], clients: int, 
                     stages.setdefault(stage, []).append(float(seconds))
 
     before = served.batch_sizes()
+    cpu_before = process_cpu_seconds()
     load = loadavg()[0]
     with CpuMeter() as meter, ThreadPoolExecutor(clients) as pool:
         started = time.perf_counter()
         for future in [pool.submit(client) for _ in range(clients)]:
             future.result()
         wall = time.perf_counter() - started
+    cpu_after = process_cpu_seconds()
+    cpu = {name: (seconds - cpu_before.get(name, 0.0)) / requests for name, seconds in cpu_after.items()}
     batches = served.batch_sizes() - before
     calls = sum(batches.values())
     ordered = sorted(latencies)
@@ -146,6 +190,7 @@ def run_level(served: Served, png: bytes, params: dict[str, Any], clients: int, 
         "unet_batch_sizes": dict(sorted(batches.items())),
         "mean_unet_batch": round(sum(k * v for k, v in batches.items()) / calls, 2) if calls else None,
         "stage_p50_s": {stage: round(statistics.median(values), 4) for stage, values in stages.items()},
+        "cpu_s_per_request": {name: round(value, 4) for name, value in sorted(cpu.items()) if value >= 0.0005},
     }
 
 
@@ -173,6 +218,9 @@ def summarise(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "max_unet_batch": max(batches) if batches else None,
             "stage_p50_s": {stage: round(statistics.median(run["stage_p50_s"].get(stage, 0.0) for run in runs), 4)
                             for stage in runs[0]["stage_p50_s"]},
+            "cpu_s_per_request": {name: round(statistics.median(run["cpu_s_per_request"].get(name, 0.0)
+                                                                for run in runs), 4)
+                                  for name in runs[0]["cpu_s_per_request"]},
         })  # fmt: skip
     return rows
 
@@ -216,7 +264,8 @@ def main() -> None:
                 result = run_level(served, png, params, clients, requests)
                 log(f"round {number + 1}: {clients:2d} clients {result['requests_per_s']:.3f} req/s, "
                     f"p50 {result['latency_p50_s']:.2f} s, batch {result['mean_unet_batch']}, "
-                    f"{result['busy_cores']} cores busy, load {result['loadavg_1m_before']}")  # fmt: skip
+                    f"{result['busy_cores']} cores busy, load {result['loadavg_1m_before']}; CPU s/request "
+                    f"{result['cpu_s_per_request']}")  # fmt: skip
                 results.append(result)
             rounds.append(results)
     finally:
@@ -227,6 +276,8 @@ def main() -> None:
         print(f"{row['clients']:7d} {row['requests_per_s']:7.3f} {row['speedup']:7.2f} {row['speedup_min']:6.2f} "
               f"{row['latency_p50_s']:6.2f} {row['busy_cores']:6.2f} {row['mean_unet_batch']!s:>6s}  "
               + " ".join(f"{stage} {seconds:.3f}" for stage, seconds in row["stage_p50_s"].items()))  # fmt: skip
+        print("        CPU s per request: " + ", ".join(f"{name} {value:.3f}"
+                                                    for name, value in row["cpu_s_per_request"].items()))
     conditions["loadavg_at_end"] = loadavg()
     if options.json:
         options.json.write_text(json.dumps({"label": options.label, "config": str(options.config),
