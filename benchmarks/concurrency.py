@@ -61,12 +61,18 @@ class Served:
         import ray
         from ray import serve
 
-        from serve_app.cli import start_serving
+        from serve_app.cli import load_config, start_serving
 
         os.environ.setdefault("FACEDETAILER_TINY_MODELS", str(DEFAULT_TINY_MODELS))
+        # the application's env_vars (OMP_NUM_THREADS, offline switches) reach the replicas through the
+        # job's runtime_env, as start_serving does when it starts Ray itself
+        [application] = load_config(options.config, options.overlay, options.set)["applications"]
+        env_vars = application.get("runtime_env", {}).get("env_vars", {})
+        self.env_vars = {key: str(value) for key, value in env_vars.items()}
+        self.env_vars["FACEDETAILER_TINY_MODELS"] = os.environ["FACEDETAILER_TINY_MODELS"]
         started = time.perf_counter()
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"FACEDETAILER_TINY_MODELS": os.environ["FACEDETAILER_TINY_MODELS"]}})
+                 runtime_env={"env_vars": self.env_vars})
         port = free_port()
         _, port = call_with_timeout(
             lambda: start_serving(options.config, port=port, join_cluster=False, overlays=options.overlay,
@@ -140,7 +146,7 @@ def process_cpu_seconds() -> dict[str, float]:
 
 def _group(title: str) -> str:
     if title.startswith("ray::ServeReplica:"):
-        return title.rsplit(":", 1)[-1]  # the deployment's name
+        return title.rsplit(":", 1)[-1].split(".")[0]  # the deployment's name (Ray appends the running method)
     if title.startswith("ray::"):
         return "ray:" + title.removeprefix("ray::").split(".")[0].split(" ")[0]
     return "ray (gcs, raylet, other)"
@@ -235,6 +241,7 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=2, help="requests per client at each level")
     parser.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup-clients", type=int, default=4, help="one level of this many requests first")
     parser.add_argument("--param", action="append", default=[], help="extra request parameter key=json")
     parser.add_argument("--timeout-s", type=float, default=900)
     parser.add_argument("--label", default="")
@@ -254,7 +261,8 @@ def main() -> None:
     try:
         log(f"serving after {served.startup_s:.1f} s; warming up")
         log(f"one request's stages: {served.detail(png, params)[1]}")
-        run_level(served, png, params, max(levels), max(levels))  # every code path and buffer once
+        warm = min(max(levels), options.warmup_clients)
+        run_level(served, png, params, warm, warm)  # batched calls and their buffers once
         rounds = []
         for number in range(options.rounds):
             order = levels if number % 2 == 0 else levels[::-1]

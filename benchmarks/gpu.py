@@ -294,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     os.environ.setdefault("FACEDETAILER_TINY_MODELS", str(REPO / ".cache" / "tests" / "tiny-models"))
-    env = {key: os.environ[key] for key in ("FACEDETAILER_TINY_MODELS",)}
+    config = yaml.safe_load(GPU_CONFIG.read_text())
+    config_env = config["applications"][0].get("runtime_env", {}).get("env_vars", {})
+    env = {key: str(value) for key, value in config_env.items()}
+    env["FACEDETAILER_TINY_MODELS"] = os.environ["FACEDETAILER_TINY_MODELS"]
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DIFFUSERS_OFFLINE": "1", "YOLO_OFFLINE": "1",
                 "YOLO_AUTOINSTALL": "0", "YOLO_VERBOSE": "False", "FACEDETAILER_OFFLINE": "1"})  # fmt: skip
     ray.init(address="local", include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
