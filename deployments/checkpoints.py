@@ -36,7 +36,24 @@ DRAIN_TIMEOUT_S = 900.0
 
 CHECKPOINT_OPTIONS = (
     "model", "single_file_config", "diffusion_model", "text_encoders", "vae", "family", "prediction", "zsnr", "shift",
+    "precision",
 )  # fmt: skip
+# a checkpoint's opt-in ``precision`` → the inpainter's dtype (it overrides the deployment's ``dtype``)
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def load_options(spec: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`~deployments.inpainter.Inpainter` keyword arguments of one checkpoint: its spec over ``options``.
+
+    ``precision`` (fp32, bf16, fp16) becomes the run ``dtype`` of that checkpoint alone.
+    """
+    merged = {**options, **{key: value for key, value in spec.items() if key != "precision"}}
+    precision = spec.get("precision")
+    if precision is not None:
+        if precision not in PRECISION_DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(PRECISION_DTYPES)}, got {precision!r}")
+        merged["dtype"] = PRECISION_DTYPES[precision]
+    return merged
 
 
 def checkpoint_specs(

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from deployments.checkpoints import DRAIN_TIMEOUT_S, LoadedCheckpoint, checkpoint_specs, sum_snapshots
+from deployments.checkpoints import DRAIN_TIMEOUT_S, LoadedCheckpoint, checkpoint_specs, load_options, sum_snapshots
 from deployments.engine_stats import STATS_ACTOR_NAME, EngineMetrics, StatsReporter, merge_snapshots
 from deployments.families.loading import describe_checkpoint
 from deployments.inpainter import Inpainter, RefineJob, RefineResult, SamplingSettings
@@ -79,6 +79,25 @@ class _ServedModel:
         from deployments.placement import replica_placement
 
         return replica_placement()
+
+    def device_memory(self, reset: bool = False) -> dict[str, Any]:
+        """This replica's CUDA memory: peak allocated and reserved bytes since start (or the last reset).
+
+        ``{"device": "cpu"}`` without CUDA (benchmarks/gpu.py reports it per replica).
+        """
+        import torch
+
+        if not torch.cuda.is_available():
+            return {"device": "cpu"}
+        memory = {
+            "device": torch.cuda.get_device_name(),
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+            "allocated_bytes": torch.cuda.memory_allocated(),
+        }
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return memory
 
     async def check_health(self) -> None:
         self.watchdog.check()
@@ -215,7 +234,7 @@ class InpainterDeployment(_ServedModel):
         options = {**self.options, "controlnets": controlnets}
         if self.text_encoder is not None:
             options["text_encoder"] = TextEncoderClient.remote(self.text_encoder, name)
-        inpainter = load_inpainter(**spec, **self.bounds, **options)
+        inpainter = load_inpainter(**load_options(spec, options), **self.bounds)
         self._shared_controlnets = inpainter.controlnets  # ControlNet weights loaded once per replica
         loaded = LoadedCheckpoint(name, inpainter)
         retire = loaded.retire
@@ -346,7 +365,10 @@ class InpainterDeployment(_ServedModel):
         replica, and in which dtype it runs, are added live.
         """
         if self._descriptions is None:
-            self._descriptions = {name: describe_checkpoint(spec) for name, spec in self.checkpoints.items()}
+            self._descriptions = {
+                name: describe_checkpoint({key: value for key, value in spec.items() if key != "precision"})
+                for name, spec in self.checkpoints.items()
+            }
         described = {}
         for name, description in self._descriptions.items():
             loaded = self.loaded.get(name)

@@ -120,6 +120,11 @@ class CheckpointArgs(StrictModel):
     )
     zsnr: bool | None = Field(None, description="SD/SDXL: zero terminal SNR (rescaled sigma table)")
     shift: float | None = Field(None, gt=0, le=100, description="SD3/Flux: the model sampling's shift")
+    precision: Literal["fp32", "bf16", "fp16"] | None = Field(
+        None,
+        description="opt-in run precision of this checkpoint's models (overrides inpainter.dtype): bf16 uses the "
+        "CPU's bfloat16 units, fp16 is for GPUs; changes pixels (docs/performance.md). Default: inpainter.dtype",
+    )
 
     @model_validator(mode="after")
     def _one_layout(self) -> CheckpointArgs:

@@ -165,6 +165,7 @@ def test_checkpoint_layouts_and_overrides_are_checked():
     split = CheckpointArgs(diffusion_model="unet/flux1-dev.safetensors", text_encoders={"t5xxl": "t5.safetensors"},
                            vae="ae.safetensors", family="flux", shift=1.5)  # fmt: skip
     assert split.model is None and split.text_encoders == {"t5xxl": "t5.safetensors"}
+    assert CheckpointArgs(model="a.safetensors", precision="bf16").precision == "bf16"
     refused = [
         ({"model": "a.safetensors", "diffusion_model": "b.safetensors"}, "model .* or diffusion_model"),
         ({}, "model .* or diffusion_model"),
@@ -173,6 +174,7 @@ def test_checkpoint_layouts_and_overrides_are_checked():
         ({"model": "sd", "family": "sdxl", "shift": 3.0}, "SD3/Flux setting"),
         ({"diffusion_model": "x", "text_encoders": {"clip_h": "y"}}, "clip_h"),
         ({"model": "x", "family": "pixart"}, "family"),
+        ({"model": "x", "precision": "int8"}, "precision"),
     ]
     for values, message in refused:
         with pytest.raises(ValidationError, match=message):
