@@ -225,7 +225,11 @@ def _detail_through_handle(args: argparse.Namespace, params: Any) -> None:
             if event["event"] == "face":
                 faces.update(1)
                 faces.set_postfix_str(event["status"])
-            else:
+            elif event["event"] == "progress":
+                eta = event["request_eta_s"]
+                faces.set_postfix_str(f"face {event['index']}: step {event['done']}/{event['total']}"
+                                      + (f", ~{eta:.0f} s left" if eta is not None else ""))  # fmt: skip
+            elif event["event"] == "result":
                 result = event["result"]
         faces.close()
         assert result is not None

@@ -8,12 +8,13 @@ FastAPI must resolve the route signatures at runtime.)
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import metrics
@@ -23,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.inpainter import RefineJob, RefineResult, SamplingSettings
 from deployments.inpainter_engine import EngineBusyError
 from deployments.inpainter_hooks import check_cycle_plan
+from deployments.step_progress import StepEvent
 from facedetailer.params import FaceDetailerParams
 from facedetailer.safe_paths import UnsafeNameError
 from facedetailer.sam_prompts import SamPrompt
@@ -30,10 +32,16 @@ from facedetailer.segs import Detection
 from facedetailer.widgets import widget_specs
 from serve_app.config import Limits
 from serve_app.http_adapters.encoding import error_body, error_response, result_to_json
-from serve_app.http_adapters.errors import RequestError, parse_params
+from serve_app.http_adapters.errors import RequestError, parse_params, validation_error
 from serve_app.http_adapters.request_reading import DETAIL_REQUEST_BODY, read_detail_request
 from serve_app.images import ImageInputError, as_uint8_image, decode_base64_image, encode_png
-from serve_app.limits import LimitExceededError, check_planned_names, check_planned_work, check_request
+from serve_app.limits import (
+    LimitExceededError,
+    check_planned_names,
+    check_planned_work,
+    check_request,
+    limited_widgets,
+)
 from serve_app.model_choice import ModelChoice, ModelChoiceError, NamedModels
 from serve_app.pipeline import (
     ControlChoice,
@@ -41,10 +49,12 @@ from serve_app.pipeline import (
     PipelineInputError,
     PlannedFace,
     SegmentReport,
+    StepListener,
     detail_batch,
     resolve_control,
 )
-from serve_app.streaming import HEARTBEAT_S, SSE_HEADERS, SSE_HEARTBEAT, SSE_MEDIA_TYPE, sse, with_progress
+from serve_app.progress import RequestProgress, StreamOptions
+from serve_app.streaming import HEARTBEAT_S, SSE_HEADERS, SSE_HEARTBEAT, SSE_MEDIA_TYPE, progress_events, sse
 from serve_app.web import web_router
 from serve_app.wildcard_files import WildcardFolder
 from serve_app.workflow_api import workflow_router
@@ -131,6 +141,22 @@ async def _cancellable(response: Any) -> Any:
         raise
 
 
+async def _cancellable_stream(stream: Any, on_item: Callable[[Any], None]) -> None:
+    """Read a streaming handle call to its end; if the caller is cancelled, cancel the call too."""
+    try:
+        async for item in stream:
+            on_item(item)
+    except asyncio.CancelledError:
+        stream.cancel()
+        raise
+    except RequestCancelledError:  # local testing mode, as in _cancellable
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            stream.cancel()
+            raise asyncio.CancelledError from None
+        raise
+
+
 class HandleStages:
     """The pipeline's stages, each a call to a model deployment."""
 
@@ -141,9 +167,11 @@ class HandleStages:
         sam: DeploymentHandle | None,
         segm_detector: DeploymentHandle | None,
         checkpoint: str | None = None,
+        preview_every: int = 0,
     ) -> None:
         self.detector, self.inpainter, self.sam, self.segm_detector = detector, inpainter, sam, segm_detector
         self.checkpoint = checkpoint
+        self.preview_every = preview_every  # step previews, when a caller follows the steps
 
     async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]:
         return await _cancellable(self.detector.detect.remote(image, threshold))
@@ -156,12 +184,44 @@ class HandleStages:
         assert self.sam is not None
         return await _cancellable(self.sam.predict.remote(image, list(prompts)))
 
-    async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings) -> RefineResult:
-        if self.checkpoint is None:
-            return await _cancellable(self.inpainter.refine.remote(list(jobs), settings))
+    async def refine(
+        self,
+        jobs: Sequence[RefineJob],
+        settings: SamplingSettings,
+        on_progress: Callable[[StepEvent], None] | None = None,
+    ) -> RefineResult:
         # model multiplexing: routed to a replica that has the checkpoint loaded, if any
-        inpainter = self.inpainter.options(multiplexed_model_id=self.checkpoint)
-        return await _cancellable(inpainter.refine.remote(list(jobs), settings, self.checkpoint))
+        inpainter = self.inpainter
+        where: tuple[str, ...] = ()
+        if self.checkpoint is not None:
+            inpainter, where = inpainter.options(multiplexed_model_id=self.checkpoint), (self.checkpoint,)
+        if on_progress is None:  # the plain call: nobody follows the steps, nothing is reported
+            return await _cancellable(inpainter.refine.remote(list(jobs), settings, *where))
+        # a streaming call: the replica sends the crops' steps as they happen, then the result
+        stream = inpainter.options(stream=True).refine_stream.remote(
+            list(jobs), settings, *where, preview_every=self.preview_every
+        )
+        results: list[RefineResult] = []
+
+        def on_item(item: list[StepEvent] | RefineResult) -> None:
+            if isinstance(item, list):
+                for event in item:
+                    on_progress(event)
+            else:
+                results.append(item)
+
+        await _cancellable_stream(stream, on_item)
+        if not results:
+            raise RuntimeError("the inpainter's step stream ended without a result")
+        return results[-1]
+
+
+def stream_options(values: dict[str, Any]) -> StreamOptions:
+    """A stream request's own fields (``progress``, ``preview_every``), taken out of its values."""
+    try:
+        return StreamOptions.model_validate(StreamOptions.pop_from(values))
+    except ValidationError as error:
+        raise validation_error(error) from error
 
 
 def sampling_settings(params: FaceDetailerParams) -> SamplingSettings:
@@ -208,10 +268,13 @@ class FaceDetailerIngress:
         params: dict[str, Any] | FaceDetailerParams | None = None,
         on_face: Callable[[SegmentReport], None] | None = None,
         batch_faces: bool = True,
+        progress: StepListener | None = None,
     ) -> DetailResult:
         """Detail one image [H, W, 3] or a batch ([B, H, W, 3] or a list); image k uses seed + k.
 
         ``batch_faces=False`` refines one face per inpainter call (the reference's way; for comparison).
+        ``progress`` follows the sampler's steps (``detail_with_progress``); without it the
+        inpainter reports nothing.
         """
         batch = [images] if isinstance(images, np.ndarray) and images.ndim == 3 else list(images)
         if not batch:
@@ -226,14 +289,33 @@ class FaceDetailerIngress:
             if array.shape[0] * array.shape[1] > self.limits.max_image_pixels:
                 raise RequestError(413, f"images[{k}]: exceeds the limit of {self.limits.max_image_pixels} pixels")
         resolved = parse_params(params)
-        return await self._run(arrays, resolved, on_face, batch_faces)
+        return await self._run(arrays, resolved, on_face, batch_faces, progress)
 
     async def detail_with_progress(
-        self, images: np.ndarray | Sequence[np.ndarray], params: dict[str, Any] | None = None
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        params: dict[str, Any] | None = None,
+        *,
+        progress: bool = True,
+        preview_every: int = 0,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Streaming variant for progress bars: a ``face`` event per face, then the ``result``."""
-        async for event in with_progress(lambda on_face: self.detail(images, params, on_face=on_face)):
+        """Streaming variant for progress bars (``handle.options(stream=True)``): the events of
+        ``/v1/detail/stream`` (``plan``, ``progress`` per sampler step with a latent preview every
+        ``preview_every`` steps, ``face`` per finished face; see :mod:`serve_app.progress`), then
+        ``{"event": "result", "result": DetailResult}``. ``progress=False``: face events only.
+        """
+        try:
+            options = StreamOptions(progress=progress, preview_every=preview_every)
+        except ValidationError as error:
+            raise validation_error(error) from error
+        async for event in progress_events(lambda listener: self._followed(images, params, listener, options), options):
             yield event
+
+    def _followed(
+        self, images: Any, params: Any, listener: RequestProgress, options: StreamOptions
+    ) -> Awaitable[DetailResult]:
+        """``detail`` reporting to ``listener``: faces always, sampler steps when ``options.progress``."""
+        return self.detail(images, params, on_face=listener.face, progress=listener if options.progress else None)
 
     async def info(self) -> dict[str, Any]:
         samplers, schedulers = await self._supported_names()
@@ -256,15 +338,18 @@ class FaceDetailerIngress:
             "limits": self.limits.model_dump(),
             "wildcards": sorted(self.wildcards) if self.wildcards is not None else [],
             "defaults": FaceDetailerParams().model_dump(),
-            "parameters": widget_specs(
-                samplers,
-                schedulers,
-                model_names={
-                    "bbox_detector": self.models.detectors.names,
-                    "segm_detector": self.models.segm_detectors.names,
-                    "sam_model": self.models.sam_models.names,
-                    "model": self.checkpoints.names,
-                },
+            "parameters": limited_widgets(
+                widget_specs(
+                    samplers,
+                    schedulers,
+                    model_names={
+                        "bbox_detector": self.models.detectors.names,
+                        "segm_detector": self.models.segm_detectors.names,
+                        "sam_model": self.models.sam_models.names,
+                        "model": self.checkpoints.names,
+                    },
+                ),
+                self.limits,
             ),
         }
 
@@ -300,6 +385,7 @@ class FaceDetailerIngress:
         params: FaceDetailerParams,
         on_face: Callable[[SegmentReport], None] | None = None,
         batch_faces: bool = True,
+        progress: StepListener | None = None,
     ) -> DetailResult:
         try:
             check_request(params, self.limits)
@@ -323,6 +409,7 @@ class FaceDetailerIngress:
             chosen.sam,
             chosen.segm_detector,
             checkpoint if self._route_checkpoints else None,
+            preview_every=getattr(progress, "preview_every", 0),
         )
         try:
             result = await asyncio.wait_for(
@@ -339,6 +426,7 @@ class FaceDetailerIngress:
                     check_work=lambda faces: self._check_planned(params, faces),
                     wildcard_files=self.wildcards,
                     control=control,
+                    progress=progress,
                 ),
                 timeout=self.limits.request_timeout_s,
             )
@@ -458,6 +546,7 @@ class FaceDetailerIngress:
             try:
                 images, values = await read_detail_request(request, self.limits)
                 decode_s = time.perf_counter() - started
+                options = stream_options(values)  # the stream's own fields, out of the values
                 params = parse_params(values)
                 await self._validate_sampling(params)
             except BaseException:
@@ -465,20 +554,25 @@ class FaceDetailerIngress:
                 raise
         except Exception as error:
             return self._error_response(error, "/v1/detail/stream")
-        events = self._event_stream(images, params, started, decode_s)
+        events = self._event_stream(images, params, options, started, decode_s)
         return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
     async def _event_stream(
-        self, images: list[np.ndarray], params: FaceDetailerParams, started: float, decode_s: float
+        self,
+        images: list[np.ndarray],
+        params: FaceDetailerParams,
+        options: StreamOptions,
+        started: float,
+        decode_s: float,
     ) -> AsyncIterator[bytes]:
         try:
-            async for event in with_progress(
-                lambda on_face: self.detail(images, params, on_face=on_face), heartbeat_s=HEARTBEAT_S
+            async for event in progress_events(
+                lambda listener: self._followed(images, params, listener, options), options, heartbeat_s=HEARTBEAT_S
             ):
                 if event["event"] == "heartbeat":
                     yield SSE_HEARTBEAT
-                elif event["event"] == "face":
-                    yield sse("face", event)
+                elif event["event"] != "result":  # plan, progress, face
+                    yield sse(event["event"], event)
                 else:
                     encode_start = time.perf_counter()
                     body = result_to_json(event["result"])
