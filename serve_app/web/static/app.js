@@ -115,10 +115,16 @@ function showServiceError(body, status, retryAfter = null) {
 
 // ---- running -------------------------------------------------------------------------------------
 
+const SINGLE_COLUMN = "(max-width: 900px)";  // style.css: below this the panels stack
+
+// After Run: the progress and results where the eye is. Two columns keep the output panel in view
+// (it is sticky); stacked, the page scrolls to it. Focus goes there for screen readers.
 function bringOutputIntoView() {
   const panel = $("#output-panel");
   const box = panel.getBoundingClientRect();
-  if (box.top < 0 || box.top > window.innerHeight * 0.5) panel.scrollIntoView({ block: "start" });
+  if (window.matchMedia(SINGLE_COLUMN).matches || box.top < 0 || box.top > window.innerHeight * 0.5) {
+    panel.scrollIntoView({ block: "start" });
+  }
   $("#output-heading").focus({ preventScroll: true });
 }
 
@@ -206,7 +212,7 @@ function renderResult(result) {
   renderTimings(result.timings);
   renderDownloads(result, state.files.map((file) => file.name));
   $("#results").hidden = false;
-  if (window.matchMedia("(max-width: 900px)").matches) $("#viewer").scrollIntoView({ block: "start" });
+  if (window.matchMedia(SINGLE_COLUMN).matches) $("#viewer").scrollIntoView({ block: "start" });
 }
 
 // ---- ComfyUI workflow ----------------------------------------------------------------------------
@@ -234,6 +240,7 @@ async function loadWorkflow() {
   }
   const body = parseJson(await response.text());
   for (const [name, value] of Object.entries(body.params)) state.form.set(name, value);
+  state.form.revealAdvanced(Object.keys(body.params));
   const models = Object.entries(body.models).map(([name, source]) => `${name}: ${source.class_type}${source.value ? ` (${source.value})` : ""}`);
   $("#workflow-status").textContent = `filled from node ${body.node_id}${body.node_title ? ` "${body.node_title}"` : ""} (${body.format} format).`
     + (models.length ? ` Models in the workflow, replaced by the service's own: ${models.join("; ")}.` : "");

@@ -125,9 +125,26 @@ export class ParameterForm {
     return { values, invalid };
   }
 
+  // Open the advanced fold when any of these fields holds a value other than its default there.
+  revealAdvanced(names) {
+    const fold = $("#advanced-fold");
+    const changed = names.some((name) => {
+      const spec = this.specs.find((item) => item.name === name);
+      return spec?.advanced && this.controls.get(name)?.get() !== defaultText(spec);
+    });
+    if (fold && changed) fold.open = true;
+  }
+
   value(name) {
     return this.controls.get(name)?.get();
   }
+}
+
+// What a control holding the spec's default sends (undefined: nothing).
+function defaultText(spec) {
+  if (spec.type === "BOOLEAN") return String(Boolean(spec.default));
+  if (spec.type === "JSON") return spec.default == null ? undefined : JSON.stringify(spec.default);
+  return spec.default == null ? undefined : String(spec.default);
 }
 
 // Where a service error's field goes: "steps", a hook's "detailer_hooks.0.unsampler.steps" (the
