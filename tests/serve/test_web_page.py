@@ -318,7 +318,11 @@ def test_no_horizontal_scroll_and_results_in_view_on_phone_and_desktop(page, tmp
         " return box.height > 0 && box.top >= 0 && box.top < innerHeight; }"
     )
     if SCREENSHOTS:  # mid-run: a step preview over a face (the desktop's output panel stays in view)
-        page.wait_for_function("document.querySelectorAll('.face-preview').length > 0", timeout=RESULT_TIMEOUT_MS)
+        page.wait_for_function(
+            "document.querySelector('.face-preview')"
+            " && Number(document.querySelector('.face-bar').getAttribute('aria-valuenow')) >= 50",
+            timeout=RESULT_TIMEOUT_MS,
+        )
         if name == "desktop":
             page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(Path(SCREENSHOTS) / f"web-{name}-running.png"))

@@ -38,7 +38,7 @@ function chooseFiles(fileList) {
   $("#input-previews").replaceChildren(...state.urls.map((url, index) => element("img", {
     src: url, alt: `input image ${index + 1}: ${files[index].name}`, className: "input-preview",
   })));
-  $("#image-count").textContent = files.length > 1 ? `${files.length} images (a batch: image k uses seed + k)` : files[0].name;
+  $("#image-count").textContent = files.length > 1 ? `${files.length} images (a batch: image k uses seed + k)` : "";
   state.viewer.setInputs(state.urls);
   $("#output-empty").hidden = true;
   $("#results").hidden = true;
