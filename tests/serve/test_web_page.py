@@ -84,11 +84,12 @@ def page(browser, serve_instance):
     page.set_default_timeout(30_000)
     page.set_viewport_size(DESKTOP)
     problems: list[str] = []
+    page.allowed_statuses = {422}  # a test that expects other refusals adds them
     page.on("pageerror", lambda error: problems.append(str(error)))
     page.on(
         "response",
         lambda response: problems.append(f"{response.status} {response.url}")
-        if response.status >= 400 and response.status != 422
+        if response.status >= 400 and response.status not in page.allowed_statuses
         else None,
     )
     page.goto(serve_instance["url"] + "/")
@@ -419,3 +420,56 @@ def test_an_exif_rotated_photo_is_upright_after(page, tmp_path):
         x1, y1, x2, y2 = segment["crop_region"]
         outside[y1:y2, x1:x2] = False
     assert np.array_equal(after[outside], upright[outside])
+
+
+def test_a_batch_shows_every_image_with_its_faces(page, tmp_path):
+    face = np.asarray(Image.fromarray(assets.astronaut()).resize((256, 256), Image.Resampling.LANCZOS))
+    empty = np.full((200, 300, 3), 90, np.uint8)  # no face
+    paths = [save(face, tmp_path / "one.png"), save(empty, tmp_path / "two.png")]
+    page.set_input_files("#image-input", [str(path) for path in paths])
+    assert page.locator("#image-tabs [role=tab]").count() == 2
+    small_run(page, steps=2)
+    page.click("#run")
+    page.wait_for_selector("#results:not([hidden])", timeout=RESULT_TIMEOUT_MS)
+    headers = page.locator("#faces thead th").all_inner_texts()
+    assert headers[0] == "image", headers
+    rows = page.locator("#faces tbody tr").evaluate_all("rows => rows.map(row => row.innerText)")
+    assert len(rows) == 2 and "refined" in rows[0] and "no face found" in rows[1], rows
+    assert data_url_image(page.get_attribute("#after-image", "src")).shape == face.shape
+    page.click("#image-tab-1")
+    assert page.get_attribute("#image-tab-1", "aria-selected") == "true"
+    assert np.array_equal(data_url_image(page.get_attribute("#after-image", "src")), empty)
+    downloads = page.locator("#downloads a").evaluate_all("links => links.map(a => a.download)")
+    assert {"one.image-0.png", "two.image-1.png", "one.mask-0.png", "two.mask-1.png"} <= set(downloads), downloads
+
+
+def test_the_api_key_goes_with_every_call_and_a_refusal_is_explained(page, tmp_path):
+    sent: list[str | None] = []
+    page.on("request", lambda request: "/v1/" in request.url and sent.append(request.headers.get("authorization")))
+    page.allowed_statuses.update({401, 429})  # answered below by page.route, not by the service
+    try:
+        page.click("#access > summary")
+        page.fill("#api-key", "test-key-123")
+        page.click("#api-key-form button[type=submit]")
+        page.reload()
+        page.wait_for_selector("#field-steps")
+        assert page.input_value("#api-key") == "test-key-123", "kept in the browser"
+        assert sent and sent[-1] == "Bearer test-key-123"
+        # a service that refuses the key: the page says so, and opens the key's field
+        page.route("**/v1/info", lambda route: route.fulfill(status=401, json={"error": "unknown API key"}))
+        page.reload()
+        page.wait_for_function("document.querySelector('#service-status').textContent.includes('401')")
+        assert "API key" in page.inner_text("#service-status")
+        assert page.evaluate("document.querySelector('#access').open")
+        page.unroute("**/v1/info")
+        # too many requests: the wait the service asks for
+        page.route("**/v1/detail/stream", lambda route: route.fulfill(
+            status=429, headers={"Retry-After": "7"}, json={"error": "rate limit of this key reached"}))
+        page.reload()
+        page.wait_for_selector("#field-steps")
+        page.set_input_files("#image-input", str(save(assets.astronaut(), tmp_path / "face.png")))
+        page.click("#run")
+        page.wait_for_function("document.querySelector('#run-error').textContent.includes('429')")
+        assert "7 s" in page.inner_text("#run-error")
+    finally:
+        page.evaluate("localStorage.clear()")
