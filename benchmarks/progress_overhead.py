@@ -2,7 +2,8 @@
 """What following a request's progress costs: the same request with and without step events.
 
 The served graph of ``configs/local-cpu.yaml`` (real face detector, tiny inpainter) on zidane.jpg
-(2 faces), the kinds of request interleaved, ``--requests`` of each after warm-up:
+(2 faces), the kinds of request interleaved (their order rotating from round to round),
+``--requests`` of each after warm-up:
 
 - ``plain``: ``POST /v1/detail?format=json`` — no listener: the inpainter is called as before
   (a unary ``refine``) and its engine builds no progress report at all;
@@ -131,8 +132,9 @@ def main() -> None:
                     request(http, "stream_steps" if kind == "stream_faces" and faces_only else kind, photo, params)
             samples: dict[str, dict[str, list[float]]] = {kind: {"client_s": [], "service_s": [], "events": []}
                                                           for kind in kinds}  # fmt: skip
-            for _ in range(opts.requests):
-                for kind in kinds:
+            for round_index in range(opts.requests):
+                shift = round_index % len(kinds)  # each kind takes each place in the round in turn
+                for kind in kinds[shift:] + kinds[:shift]:
                     # a checkout without stream options: its plain stream is the faces-only stream
                     sent = "stream_steps" if kind == "stream_faces" and faces_only else kind
                     client_s, service_s, events = request(http, sent, photo, params)

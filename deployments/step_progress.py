@@ -28,7 +28,9 @@ from deployments.latent_preview import latent_format_of, latent_preview, preview
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StepEvent", "StepFeed", "coalesce", "refine_steps"]
+__all__ = ["MIN_INTERVAL_S", "StepEvent", "StepFeed", "coalesce", "refine_steps"]
+
+MIN_INTERVAL_S = 0.1  # at most ~10 messages a second per call, whatever the step rate
 
 
 @dataclass(frozen=True)
@@ -131,12 +133,15 @@ class StepFeed:
 
 
 async def refine_steps(
-    refine: Callable[[StepFeed], Awaitable[Any]], feed: StepFeed
+    refine: Callable[[StepFeed], Awaitable[Any]], feed: StepFeed, min_interval_s: float = MIN_INTERVAL_S
 ) -> AsyncIterator[list[StepEvent] | Any]:
     """Run ``refine(feed)``; yield lists of step events while it runs, then its result.
 
-    The call's error is raised after the steps it reported; closing the iterator (the caller
-    cancelled the stream) cancels the call, which takes its crops out of the engine.
+    A batch is sent at most every ``min_interval_s``: the steps that come meanwhile join it,
+    coalesced (each crop's latest step, every preview), so fast steps cost few messages; the
+    result is never held back. The call's error is raised after the steps it reported; closing
+    the iterator (the caller cancelled the stream) cancels the call, which takes its crops out
+    of the engine.
     """
     task = asyncio.ensure_future(refine(feed))
     getter: asyncio.Future | None = None
@@ -145,7 +150,11 @@ async def refine_steps(
             getter = asyncio.ensure_future(feed.next_batch())
             done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
             if getter in done:
-                yield getter.result()
+                batch = getter.result()
+                if min_interval_s > 0 and not task.done():
+                    await asyncio.wait({task}, timeout=min_interval_s)  # ends early when the call does
+                    batch = coalesce(batch + feed.drain())
+                yield batch
                 continue
             getter.cancel()
             break

@@ -141,7 +141,7 @@ def test_refine_steps_yields_batches_then_the_result_and_closing_cancels_the_cal
                 await asyncio.sleep(0.01)
             return "RESULT"
 
-        items = [item async for item in refine_steps(refine, StepFeed(loop))]
+        items = [item async for item in refine_steps(refine, StepFeed(loop), min_interval_s=0)]
 
         async def endless(feed: StepFeed) -> None:
             feed(CropProgress(0, 0, 1, 1, 9, None))
@@ -151,7 +151,7 @@ def test_refine_steps_yields_batches_then_the_result_and_closing_cancels_the_cal
                 cancelled.set()
                 raise
 
-        stream = refine_steps(endless, StepFeed(loop))
+        stream = refine_steps(endless, StepFeed(loop), min_interval_s=0)
         first = await stream.__anext__()
         await stream.aclose()  # the caller cancelled the stream
         await asyncio.wait_for(cancelled.wait(), 2)
@@ -160,3 +160,26 @@ def test_refine_steps_yields_batches_then_the_result_and_closing_cancels_the_cal
     items, cancelled = asyncio.run(scenario())
     assert [[event.step for event in batch] for batch in items[:-2]] == [[1], [2]]
     assert items[-2] == "RESULT" and [event.step for event in items[-1]] == [1] and cancelled
+
+
+def test_fast_steps_are_sent_in_few_batches_and_the_result_is_not_held_back():
+    async def scenario() -> tuple[list, float]:
+        loop = asyncio.get_running_loop()
+
+        async def refine(feed: StepFeed) -> str:
+            for step in range(1, 41):  # 40 steps of two crops in ~0.4 s
+                for index in (0, 1):
+                    feed(CropProgress(index, 0, 1, step, 40, None))
+                await asyncio.sleep(0.01)
+            return "RESULT"
+
+        started = loop.time()
+        items = [item async for item in refine_steps(refine, StepFeed(loop), min_interval_s=0.1)]
+        return items, loop.time() - started
+
+    items, seconds = asyncio.run(scenario())
+    batches = items[:-1]
+    assert items[-1] == "RESULT" and seconds < 0.4 + 0.1 + 0.2
+    assert len(batches) <= 8, f"{len(batches)} batches for 40 steps over ~0.4 s"
+    assert all(len(batch) <= 2 for batch in batches), "each crop's latest step only"
+    assert [event.step for event in batches[-1]] == [40, 40], "the last step is always sent"
