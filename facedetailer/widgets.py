@@ -152,7 +152,8 @@ DESCRIPTIONS: dict[str, str] = {
     "bbox_detector": "which of the service's bbox detectors (empty: its first)",
     "segm_detector": "which of the service's segm detectors (switches use_segm on)",
     "sam_model": "which of the service's SAM models (switches use_sam on)",
-    "detailer_hooks": "the node's detailer_hook: typed hooks applied in list order (JSON text over HTTP)",
+    "detailer_hooks": "the node's detailer_hook: typed hooks applied in list order (JSON text over HTTP; "
+    "see docs/detailer-hooks.md)",
     "model": "which of the service's checkpoints (empty: its first)",
     "controlnet": "ControlNetApplyAdvanced per face with one of the service's ControlNets "
     "(JSON over HTTP: {name, strength, start_percent, end_percent})",
