@@ -11,7 +11,8 @@ Chromium missing is a failure, not a skip: ``make test`` / ``.ci/run`` install i
 
 ``FACEDETAILER_SCREENSHOTS=docs/images`` saves the README's screenshots there: desktop 1280×900
 and phone 390×844, before, during (live previews) and after a run on zidane.jpg
-(``web-{desktop,phone}-{before,running,after}.png``; ``web-page.png`` is the desktop one after).
+(``web-page.png`` is the desktop one after, the others ``web-{desktop,phone}-{before,running}.jpg``
+and ``web-phone-after.jpg``).
 """
 
 from __future__ import annotations
@@ -303,7 +304,7 @@ def test_no_horizontal_scroll_and_results_in_view_on_phone_and_desktop(page, tmp
     page.wait_for_selector("#field-steps")
     assert document_width(page) <= viewport["width"], "no horizontal scroll before a run"
     if SCREENSHOTS:
-        page.screenshot(path=str(Path(SCREENSHOTS) / f"web-{name}-before.png"))
+        page.screenshot(path=str(Path(SCREENSHOTS) / f"web-{name}-before.jpg"), quality=85)
     photo = tmp_path / "zidane.jpg"
     Image.fromarray(assets.zidane()).save(photo, quality=92)
     page.set_input_files("#image-input", str(photo))
@@ -326,7 +327,7 @@ def test_no_horizontal_scroll_and_results_in_view_on_phone_and_desktop(page, tmp
         )
         if name == "desktop":
             page.evaluate("window.scrollTo(0, 0)")
-        page.screenshot(path=str(Path(SCREENSHOTS) / f"web-{name}-running.png"))
+        page.screenshot(path=str(Path(SCREENSHOTS) / f"web-{name}-running.jpg"), quality=85)
     page.wait_for_selector("#results:not([hidden])", timeout=RESULT_TIMEOUT_MS)
     assert page.locator("#faces tbody tr.face-row").count() == 2
     assert in_viewport(page, "#viewer"), "the result is in view after Run from a scrolled form"
@@ -335,9 +336,10 @@ def test_no_horizontal_scroll_and_results_in_view_on_phone_and_desktop(page, tmp
         page.locator("#compare-slider").fill("45")
         if name == "desktop":
             page.evaluate("window.scrollTo(0, 0)")
-        page.screenshot(path=str(Path(SCREENSHOTS) / f"web-{name}-after.png"))
         if name == "desktop":  # the README's picture
             page.screenshot(path=str(Path(SCREENSHOTS) / "web-page.png"))
+        else:
+            page.screenshot(path=str(Path(SCREENSHOTS) / f"web-{name}-after.jpg"), quality=85)
 
 
 def test_the_page_works_from_the_keyboard(page, tmp_path):
