@@ -285,6 +285,7 @@ def test_cancel_ends_the_stream_and_the_work(page, service, tmp_path):
     page.click("#cancel")
     page.wait_for_function("document.querySelector('#progress-text').textContent.startsWith('cancelled')")
     assert page.is_enabled("#run") and page.is_hidden("#results")
+    assert page.locator(".face-preview").count() == 0, "no half-run preview left over the photo"
     deadline = time.monotonic() + 60
     stats = engine_stats(service)
     moved = lambda stats: stats["crops_cancelled"] != before["crops_cancelled"] and not stats["active_crops"]  # noqa: E731

@@ -176,11 +176,13 @@ async function run() {
         progress.finish(`done: ${data.faces_refined} of ${data.faces_detected} face${data.faces_detected === 1 ? "" : "s"} refined`);
         renderResult(data);
       } else if (event === "error") {
+        state.viewer.clearResults();
         progress.failed("failed");
         showServiceError(data, data.status);
       }
     }
   } catch (error) {
+    state.viewer.clearResults();  // no half-run previews left over the photo
     if (controller.signal.aborted) {
       progress.cancelled();
     } else {
