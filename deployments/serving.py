@@ -290,6 +290,11 @@ class InpainterDeployment(_ServedModel):
         async for item in refine_steps(run, feed):
             yield item
 
+    async def prompt_tokenizers(self, model: str | None = None) -> list[tuple[Any, int]]:
+        """The checkpoint's tokenizers and window lengths (the ingress counts prompt tokens with them)."""
+        loaded = await self.checkpoint(model)
+        return loaded.inpainter.prompt_tokenizers()
+
     def snapshot(self) -> dict[str, Any]:
         """This replica's engine counters: every checkpoint's engine, unloaded ones included."""
         live = [loaded.engine.snapshot() for loaded in list(self.loaded.values())]

@@ -107,7 +107,10 @@ def report(index: int, region=(0, 0, 64, 64)) -> SegmentReport:
 def test_progress_events_count_steps_over_cycles_and_estimate_what_remains():
     events, clock = [], Clock()
     progress = RequestProgress(events.append, StreamOptions(), clock)
-    faces = [PlannedFace(0, 0, (64, 64), (), (0, 0, 64, 64)), PlannedFace(0, 1, (64, 64), (), (64, 0, 128, 64))]
+    faces = [
+        PlannedFace(0, 0, (64, 64), crop_region=(0, 0, 64, 64)),
+        PlannedFace(0, 1, (64, 64), crop_region=(64, 0, 128, 64)),
+    ]
     progress.planned(faces)
     assert events[0] == {
         "event": "plan",
