@@ -403,9 +403,6 @@ def test_an_exif_rotated_photo_is_upright_before(page, tmp_path):
     assert np.abs(pixels - upright).mean() < 3, "the before side shows the photo upright"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="needs branch `bounds`: the service decodes photos upright from their EXIF orientation"
-)
 def test_an_exif_rotated_photo_is_upright_after(page, tmp_path):
     path = tmp_path / "rotated.jpg"
     upright = exif_rotated_jpeg(path)
