@@ -6,9 +6,10 @@ FastAPI must resolve the route signatures at runtime.)
 """
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,6 +53,7 @@ from serve_app.http_adapters.openapi import (
     install_openapi,
 )
 from serve_app.http_adapters.request_reading import read_detail_request
+from serve_app.http_adapters.video import VideoRoutes, video_router
 from serve_app.images import ImageInputError, as_uint8_image, decode_base64_image, encode_png
 from serve_app.limits import (
     LimitExceededError,
@@ -92,6 +94,7 @@ http_app = FastAPI(
 )
 http_app.include_router(web_router)  # the web page at GET /
 http_app.include_router(workflow_router)  # POST /v1/workflow/import
+http_app.include_router(video_router)  # POST /v1/detail/video(/stream): VideoRoutes' methods
 install_error_handling(http_app)  # request ids, and one error shape on every route
 install_openapi(http_app)  # the parameter models the documented bodies refer to
 
@@ -123,6 +126,8 @@ class ServiceMetrics:
             "facedetailer_faces_refined", description="Faces refined by the inpainter and pasted back."
         )
         self.images = metrics.Counter("facedetailer_images", description="Images detailed.")
+        self.videos = metrics.Counter("facedetailer_videos", description="Videos detailed.")
+        self.video_frames = metrics.Counter("facedetailer_video_frames", description="Frames of the videos detailed.")
         self.stage_latency = metrics.Histogram(
             "facedetailer_stage_latency_s",
             description="Seconds spent per pipeline stage per request (detect, sam, inpaint, blend, ...).",
@@ -140,6 +145,16 @@ class ServiceMetrics:
         self.images.inc(len(result.per_image))
         for stage, seconds in result.timings.items():
             self.stage_latency.observe(seconds, tags={"stage": stage})
+
+    def record_video(self, response: Any) -> None:
+        """A detailed video (``serve_app.video.service.VideoResponse``): its faces count with the
+        images', its stages as ``video_<stage>``."""
+        if response.faces_refined:
+            self.faces_refined.inc(response.faces_refined)
+        self.videos.inc()
+        self.video_frames.inc(response.frames)
+        for stage, seconds in response.timings.items():
+            self.stage_latency.observe(seconds, tags={"stage": f"video_{stage}"})
 
 
 async def _cancellable(response: Any) -> Any:
@@ -247,6 +262,29 @@ def stream_options(values: dict[str, Any]) -> StreamOptions:
         raise validation_error(error) from error
 
 
+@contextlib.contextmanager
+def pipeline_errors(limits: Limits) -> Iterator[None]:
+    """What a running request may raise, as the HTTP error it means (4xx for the caller's input)."""
+    try:
+        yield
+    except LimitExceededError as error:
+        raise RequestError(422, str(error), error.details()) from error
+    except UnsafeNameError as error:  # a LoRA or wildcard name that would leave its folder
+        raise unsafe_name_error(error) from error
+    except PipelineInputError as error:
+        raise RequestError.for_message(422, str(error)) from error
+    except EngineBusyError as error:  # the inpainter's queue is full: retry later
+        raise RequestError(503, str(error)) from error
+    except TimeoutError as error:
+        raise RequestError(504, f"request took longer than {limits.request_timeout_s} s") from error
+    except ValueError as error:  # e.g. the inpainter rejecting a sampler/scheduler combination
+        raise RequestError.for_message(422, str(error)) from error
+    except MODEL_UNAVAILABLE as error:
+        # a model replica died or is overloaded mid-request: the caller may retry
+        logger.warning("model deployment unavailable: %s", error)
+        raise RequestError(503, f"a model deployment is unavailable ({type(error).__name__}); retry") from error
+
+
 def sampling_settings(params: FaceDetailerParams) -> SamplingSettings:
     """The inpainter's shared settings: the request fields of the same names (steps, cfg, …)."""
     return SamplingSettings.model_validate(params.model_dump(include=set(SamplingSettings.model_fields)))
@@ -265,7 +303,7 @@ class Preflight:
 
 @serve.deployment(name="FaceDetailerIngress")
 @serve.ingress(http_app)
-class FaceDetailerIngress:
+class FaceDetailerIngress(VideoRoutes):
     """Runs FaceDetailer by calling the Detector, Sam and Inpainter deployments."""
 
     def __init__(
@@ -467,16 +505,8 @@ class FaceDetailerIngress:
         preflight: Preflight | None = None,
     ) -> DetailResult:
         checked = preflight or await self._preflight(params)
-        chosen = checked.models
-        stages = HandleStages(
-            chosen.detector,
-            self.stages.inpainter,
-            chosen.sam,
-            chosen.segm_detector,
-            checked.checkpoint if self._route_checkpoints else None,
-            preview_every=getattr(progress, "preview_every", 0),
-        )
-        try:
+        stages = self._stages(checked, preview_every=getattr(progress, "preview_every", 0))
+        with pipeline_errors(self.limits):
             result = await asyncio.wait_for(
                 detail_batch(
                     images,
@@ -495,24 +525,22 @@ class FaceDetailerIngress:
                 ),
                 timeout=self.limits.request_timeout_s,
             )
-        except LimitExceededError as error:
-            raise RequestError(422, str(error), error.details()) from error
-        except UnsafeNameError as error:  # a LoRA or wildcard name that would leave its folder
-            raise unsafe_name_error(error) from error
-        except PipelineInputError as error:
-            raise RequestError.for_message(422, str(error)) from error
-        except EngineBusyError as error:  # the inpainter's queue is full: retry later
-            raise RequestError(503, str(error)) from error
-        except TimeoutError as error:
-            raise RequestError(504, f"request took longer than {self.limits.request_timeout_s} s") from error
-        except ValueError as error:  # e.g. the inpainter rejecting a sampler/scheduler combination
-            raise RequestError.for_message(422, str(error)) from error
-        except MODEL_UNAVAILABLE as error:
-            # a model replica died or is overloaded mid-request: the caller may retry
-            logger.warning("model deployment unavailable: %s", error)
-            raise RequestError(503, f"a model deployment is unavailable ({type(error).__name__}); retry") from error
         self.metrics.record(result)
         return result
+
+    def _stages(self, checked: Preflight, preview_every: int = 0) -> HandleStages:
+        """The stages a request's chosen models answer on (its checkpoint routed when there are several);
+        ``preview_every``: step previews when a caller follows the sampler's steps."""
+        chosen = checked.models
+        stages = HandleStages(
+            chosen.detector,
+            self.stages.inpainter,
+            chosen.sam,
+            chosen.segm_detector,
+            checked.checkpoint if self._route_checkpoints else None,
+            preview_every=preview_every,
+        )
+        return stages
 
     def _check_planned(
         self, params: FaceDetailerParams, faces: list[PlannedFace], prompt_windows: PromptWindows

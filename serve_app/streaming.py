@@ -23,15 +23,21 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def with_progress(
-    run: Callable[[Emit], Awaitable[DetailResult]], heartbeat_s: float | None = None
+    run: Callable[[Emit], Awaitable[Any]] | Callable[[Callable[..., None]], Awaitable[Any]],
+    heartbeat_s: float | None = None,
+    event_of: Callable[..., dict[str, Any]] | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     """Run ``run(emit)`` and yield the events it emits as they happen, then ``{"event": "result"}``.
 
     With ``heartbeat_s``, a ``{"event": "heartbeat"}`` is yielded after that long without one.
     The run's error is raised after the faces it finished; closing the iterator cancels the run.
+    ``event_of`` turns the callback's arguments into an event (a video's frames done in
+    ``serve_app/http_adapters/video.py``); without it ``run`` emits the events themselves.
     """
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    task = asyncio.ensure_future(run(events.put_nowait))
+    convert = event_of
+    emit = events.put_nowait if convert is None else lambda *args: events.put_nowait(convert(*args))
+    task = asyncio.ensure_future(run(emit))
     getter: asyncio.Future | None = None
     try:
         while True:
