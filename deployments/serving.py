@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from deployments.families.loading import describe_checkpoint
 from deployments.inpainter import Inpainter, RefineJob, RefineResult, SamplingSettings
 from deployments.model_loading import load_detector, load_inpainter, load_segmenter
 from deployments.sam import SamPrediction
+from deployments.step_progress import StepEvent, StepFeed, refine_steps
 from deployments.text_encoder import TextEncoder, TextEncoderClient
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
@@ -313,6 +314,31 @@ class InpainterDeployment(_ServedModel):
         """
         loaded = await self.checkpoint(model)
         return await loaded.refine(jobs, settings, tenant=tenant, weight=weight)
+
+    async def refine_stream(
+        self,
+        jobs: Sequence[RefineJob],
+        settings: SamplingSettings | None = None,
+        model: str | None = None,
+        *,
+        preview_every: int = 0,
+        tenant: str = "",
+        weight: float = 1.0,
+    ) -> AsyncIterator[list[StepEvent] | RefineResult]:
+        """:meth:`refine` as a stream (``handle.options(stream=True)``): lists of sampler steps, then the result.
+
+        Each :class:`~deployments.step_progress.StepEvent` is a step of one crop (its index in
+        ``jobs``), with a latent preview every ``preview_every`` steps (0: none). Cancelling the
+        stream takes the crops out of the engine, as cancelling :meth:`refine` does.
+        """
+        loaded = await self.checkpoint(model)
+        feed = StepFeed.for_jobs(loaded.inpainter, jobs, preview_every)
+
+        def run(on_progress: StepFeed) -> Any:
+            return loaded.refine(jobs, settings, tenant=tenant, weight=weight, on_progress=on_progress)
+
+        async for item in refine_steps(run, feed):
+            yield item
 
     async def prompt_tokenizers(self, model: str | None = None) -> list[tuple[Any, int]]:
         """The checkpoint's tokenizers and window lengths (the ingress counts prompt tokens with them)."""

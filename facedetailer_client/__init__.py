@@ -12,7 +12,16 @@ Depends on httpx only (numpy and Pillow are used when given arrays or asked to d
 """
 
 from facedetailer_client.client import DEFAULT_TIMEOUT, DEFAULT_URL, AsyncFaceDetailerClient, FaceDetailerClient
-from facedetailer_client.models import DetailResult, FaceEvent, RetryBudgetExceeded, Segment, ServiceError
+from facedetailer_client.models import (
+    DetailResult,
+    FaceEvent,
+    PlanEvent,
+    PlannedFace,
+    RetryBudgetExceeded,
+    Segment,
+    ServiceError,
+    StepProgress,
+)
 from facedetailer_client.retry import RetryPolicy, parse_retry_after
 
 __all__ = [
@@ -22,9 +31,12 @@ __all__ = [
     "DetailResult",
     "FaceDetailerClient",
     "FaceEvent",
+    "PlanEvent",
+    "PlannedFace",
     "RetryBudgetExceeded",
     "RetryPolicy",
     "Segment",
     "ServiceError",
+    "StepProgress",
     "parse_retry_after",
 ]

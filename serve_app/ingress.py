@@ -9,13 +9,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import metrics
@@ -25,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.inpainter import RefineJob, RefineResult, SamplingSettings
 from deployments.inpainter_engine import EngineBusyError
 from deployments.inpainter_hooks import check_cycle_plan
+from deployments.step_progress import StepEvent
 from facedetailer.params import FaceDetailerParams
 from facedetailer.prompts import face_conditioning
 from facedetailer.safe_paths import UnsafeNameError, check_name
@@ -40,7 +42,7 @@ from serve_app.http_adapters.error_handling import (
     request_error,
     response_for_exception,
 )
-from serve_app.http_adapters.errors import RequestError, parse_params, unsafe_name_error
+from serve_app.http_adapters.errors import RequestError, parse_params, unsafe_name_error, validation_error
 from serve_app.http_adapters.openapi import (
     DETAIL_REQUEST_BODY,
     DETAIL_RESPONSES,
@@ -59,6 +61,7 @@ from serve_app.limits import (
     check_planned_work,
     check_prompt_tokens,
     check_request,
+    limited_widgets,
 )
 from serve_app.model_choice import ModelChoice, ModelChoiceError, NamedModels, SelectedModels
 from serve_app.pipeline import (
@@ -67,12 +70,14 @@ from serve_app.pipeline import (
     PipelineInputError,
     PlannedFace,
     SegmentReport,
+    StepListener,
     check_hooks,
     detail_batch,
     resolve_control,
 )
+from serve_app.progress import RequestProgress, StreamOptions
 from serve_app.prompt_tokens import PromptTokenCounter, PromptWindows
-from serve_app.streaming import HEARTBEAT_S, SSE_HEADERS, SSE_HEARTBEAT, SSE_MEDIA_TYPE, sse, with_progress
+from serve_app.streaming import HEARTBEAT_S, SSE_HEADERS, SSE_HEARTBEAT, SSE_MEDIA_TYPE, progress_events, sse
 from serve_app.web import web_router
 from serve_app.wildcard_files import WildcardFolder
 from serve_app.workflow_api import workflow_router
@@ -174,6 +179,22 @@ async def _cancellable(response: Any) -> Any:
         raise
 
 
+async def _cancellable_stream(stream: Any, on_item: Callable[[Any], None]) -> None:
+    """Read a streaming handle call to its end; if the caller is cancelled, cancel the call too."""
+    try:
+        async for item in stream:
+            on_item(item)
+    except asyncio.CancelledError:
+        stream.cancel()
+        raise
+    except RequestCancelledError:  # local testing mode, as in _cancellable
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            stream.cancel()
+            raise asyncio.CancelledError from None
+        raise
+
+
 class HandleStages:
     """The pipeline's stages, each a call to a model deployment."""
 
@@ -184,9 +205,11 @@ class HandleStages:
         sam: DeploymentHandle | None,
         segm_detector: DeploymentHandle | None,
         checkpoint: str | None = None,
+        preview_every: int = 0,
     ) -> None:
         self.detector, self.inpainter, self.sam, self.segm_detector = detector, inpainter, sam, segm_detector
         self.checkpoint = checkpoint
+        self.preview_every = preview_every  # step previews, when a caller follows the steps
 
     async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]:
         return await _cancellable(self.detector.detect.remote(image, threshold))
@@ -199,12 +222,44 @@ class HandleStages:
         assert self.sam is not None
         return await _cancellable(self.sam.predict.remote(image, list(prompts)))
 
-    async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings) -> RefineResult:
-        if self.checkpoint is None:
-            return await _cancellable(self.inpainter.refine.remote(list(jobs), settings))
+    async def refine(
+        self,
+        jobs: Sequence[RefineJob],
+        settings: SamplingSettings,
+        on_progress: Callable[[StepEvent], None] | None = None,
+    ) -> RefineResult:
         # model multiplexing: routed to a replica that has the checkpoint loaded, if any
-        inpainter = self.inpainter.options(multiplexed_model_id=self.checkpoint)
-        return await _cancellable(inpainter.refine.remote(list(jobs), settings, self.checkpoint))
+        inpainter = self.inpainter
+        where: tuple[str, ...] = ()
+        if self.checkpoint is not None:
+            inpainter, where = inpainter.options(multiplexed_model_id=self.checkpoint), (self.checkpoint,)
+        if on_progress is None:  # the plain call: nobody follows the steps, nothing is reported
+            return await _cancellable(inpainter.refine.remote(list(jobs), settings, *where))
+        # a streaming call: the replica sends the crops' steps as they happen, then the result
+        stream = inpainter.options(stream=True).refine_stream.remote(
+            list(jobs), settings, *where, preview_every=self.preview_every
+        )
+        results: list[RefineResult] = []
+
+        def on_item(item: list[StepEvent] | RefineResult) -> None:
+            if isinstance(item, list):
+                for event in item:
+                    on_progress(event)
+            else:
+                results.append(item)
+
+        await _cancellable_stream(stream, on_item)
+        if not results:
+            raise RuntimeError("the inpainter's step stream ended without a result")
+        return results[-1]
+
+
+def stream_options(values: dict[str, Any]) -> StreamOptions:
+    """A stream request's own fields (``progress``, ``preview_every``), taken out of its values."""
+    try:
+        return StreamOptions.model_validate(StreamOptions.pop_from(values))
+    except ValidationError as error:
+        raise validation_error(error) from error
 
 
 @contextlib.contextmanager
@@ -288,10 +343,13 @@ class FaceDetailerIngress(VideoRoutes):
         params: dict[str, Any] | FaceDetailerParams | None = None,
         on_face: Callable[[SegmentReport], None] | None = None,
         batch_faces: bool = True,
+        progress: StepListener | None = None,
     ) -> DetailResult:
         """Detail one image [H, W, 3] or a batch ([B, H, W, 3] or a list); image k uses seed + k.
 
         ``batch_faces=False`` refines one face per inpainter call (the reference's way; for comparison).
+        ``progress`` follows the sampler's steps (``detail_with_progress``); without it the
+        inpainter reports nothing.
         """
         batch = [images] if isinstance(images, np.ndarray) and images.ndim == 3 else list(images)
         if not batch:
@@ -306,14 +364,33 @@ class FaceDetailerIngress(VideoRoutes):
             if array.shape[0] * array.shape[1] > self.limits.max_image_pixels:
                 raise RequestError(413, f"images[{k}]: exceeds the limit of {self.limits.max_image_pixels} pixels")
         resolved = parse_params(params)
-        return await self._run(arrays, resolved, on_face, batch_faces)
+        return await self._run(arrays, resolved, on_face, batch_faces, progress)
 
     async def detail_with_progress(
-        self, images: np.ndarray | Sequence[np.ndarray], params: dict[str, Any] | None = None
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        params: dict[str, Any] | None = None,
+        *,
+        progress: bool = True,
+        preview_every: int = 0,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Streaming variant for progress bars: a ``face`` event per face, then the ``result``."""
-        async for event in with_progress(lambda on_face: self.detail(images, params, on_face=on_face)):
+        """Streaming variant for progress bars (``handle.options(stream=True)``): the events of
+        ``/v1/detail/stream`` (``plan``, ``progress`` per sampler step with a latent preview every
+        ``preview_every`` steps, ``face`` per finished face; see :mod:`serve_app.progress`), then
+        ``{"event": "result", "result": DetailResult}``. ``progress=False``: face events only.
+        """
+        try:
+            options = StreamOptions(progress=progress, preview_every=preview_every)
+        except ValidationError as error:
+            raise validation_error(error) from error
+        async for event in progress_events(lambda listener: self._followed(images, params, listener, options), options):
             yield event
+
+    def _followed(
+        self, images: Any, params: Any, listener: RequestProgress, options: StreamOptions
+    ) -> Awaitable[DetailResult]:
+        """``detail`` reporting to ``listener``: faces always, sampler steps when ``options.progress``."""
+        return self.detail(images, params, on_face=listener.face, progress=listener if options.progress else None)
 
     async def info(self) -> dict[str, Any]:
         samplers, schedulers = await self._supported_names()
@@ -337,15 +414,18 @@ class FaceDetailerIngress(VideoRoutes):
             "limits": self.limits.model_dump(),
             "wildcards": sorted(self.wildcards) if self.wildcards is not None else [],
             "defaults": FaceDetailerParams().model_dump(),
-            "parameters": widget_specs(
-                samplers,
-                schedulers,
-                model_names={
-                    "bbox_detector": self.models.detectors.names,
-                    "segm_detector": self.models.segm_detectors.names,
-                    "sam_model": self.models.sam_models.names,
-                    "model": self.checkpoints.names,
-                },
+            "parameters": limited_widgets(
+                widget_specs(
+                    samplers,
+                    schedulers,
+                    model_names={
+                        "bbox_detector": self.models.detectors.names,
+                        "segm_detector": self.models.segm_detectors.names,
+                        "sam_model": self.models.sam_models.names,
+                        "model": self.checkpoints.names,
+                    },
+                ),
+                self.limits,
             ),
         }
 
@@ -437,10 +517,11 @@ class FaceDetailerIngress(VideoRoutes):
         params: FaceDetailerParams,
         on_face: Callable[[SegmentReport], None] | None = None,
         batch_faces: bool = True,
+        progress: StepListener | None = None,
         preflight: Preflight | None = None,
     ) -> DetailResult:
         checked = preflight or await self._preflight(params)
-        stages = self._stages(checked)
+        stages = self._stages(checked, preview_every=getattr(progress, "preview_every", 0))
         with pipeline_errors(self.limits):
             result = await asyncio.wait_for(
                 detail_batch(
@@ -456,14 +537,16 @@ class FaceDetailerIngress(VideoRoutes):
                     check_work=lambda faces: self._check_planned(params, faces, checked.prompt_windows),
                     wildcard_files=self.wildcards,
                     control=checked.control,
+                    progress=progress,
                 ),
                 timeout=self.limits.request_timeout_s,
             )
         self.metrics.record(result)
         return result
 
-    def _stages(self, checked: Preflight) -> HandleStages:
-        """The stages a request's chosen models answer on (its checkpoint routed when there are several)."""
+    def _stages(self, checked: Preflight, preview_every: int = 0) -> HandleStages:
+        """The stages a request's chosen models answer on (its checkpoint routed when there are several);
+        ``preview_every``: step previews when a caller follows the sampler's steps."""
         chosen = checked.models
         stages = HandleStages(
             chosen.detector,
@@ -471,6 +554,7 @@ class FaceDetailerIngress(VideoRoutes):
             chosen.sam,
             chosen.segm_detector,
             checked.checkpoint if self._route_checkpoints else None,
+            preview_every=preview_every,
         )
         return stages
 
@@ -576,6 +660,7 @@ class FaceDetailerIngress(VideoRoutes):
             try:
                 images, values = await read_detail_request(request, self.limits)
                 decode_s = time.perf_counter() - started
+                options = stream_options(values)  # the stream's own fields, out of the values
                 params = parse_params(values)
                 preflight = await self._preflight(params)
             except BaseException:
@@ -583,7 +668,7 @@ class FaceDetailerIngress(VideoRoutes):
                 raise
         except Exception as error:
             return response_for_exception(error)
-        events = self._event_stream(images, params, preflight, started, decode_s)
+        events = self._event_stream(images, params, preflight, options, started, decode_s)
         return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
     async def _event_stream(
@@ -591,18 +676,26 @@ class FaceDetailerIngress(VideoRoutes):
         images: list[np.ndarray],
         params: FaceDetailerParams,
         preflight: Preflight,
+        options: StreamOptions,
         started: float,
         decode_s: float,
     ) -> AsyncIterator[bytes]:
         try:
-            async for event in with_progress(
-                lambda on_face: self._run(images, params, on_face=on_face, preflight=preflight),
+            async for event in progress_events(
+                lambda listener: self._run(
+                    images,
+                    params,
+                    on_face=listener.face,
+                    progress=listener if options.progress else None,
+                    preflight=preflight,
+                ),
+                options,
                 heartbeat_s=HEARTBEAT_S,
             ):
                 if event["event"] == "heartbeat":
                     yield SSE_HEARTBEAT
-                elif event["event"] == "face":
-                    yield sse("face", event)
+                elif event["event"] != "result":  # plan, progress, face
+                    yield sse(event["event"], event)
                 else:
                     encode_start = time.perf_counter()
                     body = result_to_json(event["result"])

@@ -271,3 +271,19 @@ def test_http_refuses_over_limit_requests_with_422_and_lists_limits(client):
     for detail in body["details"]:
         assert detail["limit"] == "limits.max_sample_pixels" and detail["message"] == body["error"]
         assert detail["requested"] > limits["max_sample_pixels"] == detail["limit_value"]
+
+
+def test_the_forms_widgets_carry_the_services_limits():
+    from facedetailer.widgets import widget_specs
+    from serve_app.limits import limited_widgets
+
+    limits = Limits(max_steps=100, max_sample_pixels=1024 * 1024, max_work_units=1600)
+    by_name = {spec["name"]: spec for spec in limited_widgets(widget_specs(), limits)}
+    assert (by_name["steps"]["max"], by_name["steps"]["node_max"], by_name["steps"]["limit"]) == (
+        100, 10000, "limits.max_steps"
+    )
+    assert "1048576" in by_name["max_size"]["hint"] and "1024" in by_name["max_size"]["hint"]
+    assert "limits.max_work_units" in by_name["cycle"]["hint"]
+    assert by_name["guide_size"]["max"] == 16384, "not refused by value: a hint, not a bound"
+    roomy = {spec["name"]: spec for spec in limited_widgets(widget_specs(), Limits(max_steps=20000))}
+    assert roomy["steps"]["max"] == 10000 and "node_max" not in roomy["steps"]
