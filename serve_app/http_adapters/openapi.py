@@ -161,7 +161,10 @@ class InfoJson(BaseModel):
     limits: dict[str, Any]
     defaults: dict[str, Any]
     parameters: list[dict[str, Any]]
-    checkpoints: list[str]
+    checkpoints: dict[str, dict[str, Any]] = Field(
+        description="the checkpoints by name (the first is the default), each with its family, prediction, "
+        "model sampling settings and weight dtype (docs/models.md)"
+    )
     controlnets: dict[str, Any]
     wildcards: list[str]
 
@@ -185,7 +188,8 @@ class WorkflowImportJson(BaseModel):
 SSE_EVENT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "event": {"type": "string", "enum": ["face", "result", "error"]},
+        # plan and progress only when the request asks to follow the steps (docs/progress.md)
+        "event": {"type": "string", "enum": ["plan", "progress", "face", "result", "error"]},
         "data": {"type": "string", "contentMediaType": "application/json"},
     },
     "required": ["event", "data"],
