@@ -56,8 +56,12 @@ def hash_key(key: str) -> str:
 
 def key_entry(key_id: str, key: str, scopes: Sequence[str], **fields: Any) -> dict[str, Any]:
     """The key file / config entry of a key (validated), e.g. for ``facedetailer keys new``."""
-    entry = ApiKeyArgs.model_validate({"id": key_id, "hash": hash_key(key), "scopes": list(scopes), **fields})
-    return entry.model_dump(exclude_defaults=True) | {"scopes": list(entry.scopes)}
+    return entry_of(ApiKeyArgs.model_validate({"id": key_id, "hash": hash_key(key), "scopes": list(scopes), **fields}))
+
+
+def entry_of(key: ApiKeyArgs) -> dict[str, Any]:
+    """A key as its file entry: id, hash and scopes, and only the quotas and weight that are set."""
+    return key.model_dump(exclude_defaults=True) | {"scopes": list(key.scopes)}
 
 
 def parse_key_file(text: str, source: str) -> list[ApiKeyArgs]:
@@ -74,9 +78,12 @@ def parse_key_file(text: str, source: str) -> list[ApiKeyArgs]:
         raise KeyFileError(f"{source}: expected a list of keys or a mapping with a 'keys' list")
     try:
         keys = _KEY_LIST.validate_python(document)
-        check_unique_keys(keys, source)
-    except (ValidationError, ValueError) as error:
+    except ValidationError as error:
         raise KeyFileError(f"{source}: {error}") from error
+    try:
+        check_unique_keys(keys, source)
+    except ValueError as error:
+        raise KeyFileError(str(error)) from error
     return keys
 
 

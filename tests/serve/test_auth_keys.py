@@ -162,3 +162,28 @@ def test_the_gate_counts_requests_per_minute_on_its_own_ledger_without_ray():
         return statuses
 
     assert asyncio.run(three()) == [None, None, 429]
+
+
+def test_cli_makes_keys_into_a_key_file_the_service_reads_and_removes_them(tmp_path, capsys, monkeypatch):
+    from serve_app.cli import main
+
+    path = tmp_path / "keys.yaml"
+    main(["keys", "new", "--id", "load-a", "--scopes", "detail", "--concurrent-crops", "8", "--file", str(path)])
+    key_a = capsys.readouterr().out.strip()
+    main(["keys", "new", "--id", "ops", "--scopes", "detail", "admin", "--weight", "2", "--file", str(path)])
+    key_ops = capsys.readouterr().out.strip()
+    assert key_a.startswith("fdk_") and key_a != key_ops
+    assert key_a not in path.read_text() and (path.stat().st_mode & 0o777) == 0o600
+    store = KeyStore(keys_file=path)
+    assert store.find(key_a).quotas.concurrent_crops == 8 and store.find(key_ops).weight == 2.0
+    with pytest.raises(SystemExit, match="appears twice"):
+        main(["keys", "new", "--id", "ops", "--scopes", "detail", "--file", str(path)])
+    main(["keys", "remove", "--id", "load-a", "--file", str(path)])
+    assert store.refresh(force=True) and store.find(key_a) is None and store.find(key_ops).id == "ops"
+    with pytest.raises(SystemExit, match="no key 'load-a'"):
+        main(["keys", "remove", "--id", "load-a", "--file", str(path)])
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("demo-detail-key\n"))
+    main(["keys", "new", "--id", "demo", "--scopes", "detail", "--requests-per-minute", "2", "--key-from-stdin"])
+    [printed] = yaml.safe_load(capsys.readouterr().out)
+    assert printed == {"id": "demo", "hash": hash_key("demo-detail-key"), "scopes": ["detail"],
+                       "quotas": {"requests_per_minute": 2}}  # fmt: skip
