@@ -28,7 +28,7 @@ from facedetailer.safe_paths import UnsafeNameError
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
 from facedetailer.widgets import widget_specs
-from serve_app.auth import ADMIN, BUSY_RESPONSES, DETAIL, AuthGate, Caller, QuotaLease, identify, install_auth
+from serve_app.auth import ADMIN, BUSY_RESPONSES, DETAIL, AuthGate, Caller, QuotaLease, install_auth
 from serve_app.config import Limits
 from serve_app.http_adapters.encoding import error_body, error_response, result_to_json
 from serve_app.http_adapters.errors import RequestError, parse_params
@@ -448,7 +448,7 @@ class FaceDetailerIngress:
         """
         info = await self.info()
         if self.auth is not None:
-            caller = identify(request)
+            caller = self.auth.identify(request.headers.get("authorization"))
             info["auth"] = {"required": True, "scheme": "Bearer", "key": caller.public() if caller else None}
         return JSONResponse(info)
 

@@ -12,7 +12,7 @@ Without ``auth`` in the config nothing here runs: every route is open, as before
 """
 
 from serve_app.auth.gate import AuthError, AuthGate, Caller, QuotaLease, ledger_actor_config
-from serve_app.auth.http import ADMIN, BUSY_RESPONSES, DETAIL, DETAIL_UNMETERED, identify, install_auth
+from serve_app.auth.http import ADMIN, BUSY_RESPONSES, DETAIL, DETAIL_UNMETERED, install_auth
 
 __all__ = [
     "ADMIN",
@@ -23,7 +23,6 @@ __all__ = [
     "AuthGate",
     "Caller",
     "QuotaLease",
-    "identify",
     "install_auth",
     "ledger_actor_config",
 ]

@@ -96,12 +96,6 @@ DETAIL_UNMETERED = require_scope("detail")  # /v1/workflow/import
 ADMIN = require_scope("admin")  # /v1/stats
 
 
-def identify(request: Request) -> Caller | None:
-    """The caller of a valid key on a public route (None without one, or with auth off)."""
-    gate = current_gate()
-    return gate.identify(request.headers.get("authorization")) if gate is not None else None
-
-
 async def _handle_request_error(request: Request, error: Exception) -> JSONResponse:
     """A :class:`RequestError` raised by a dependency (the gate's): the service's error shape and headers."""
     assert isinstance(error, RequestError)
