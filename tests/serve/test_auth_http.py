@@ -85,8 +85,16 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> floa
 
 
 def in_background(function: Callable[[], httpx.Response]) -> tuple[threading.Thread, list]:
+    """Run a request in a thread; its answer (or the exception it raised) lands in the list."""
     box: list = []
-    thread = threading.Thread(target=lambda: box.append(function()), daemon=True)
+
+    def run() -> None:
+        try:
+            box.append(function())
+        except Exception as error:  # e.g. the client's own timeout
+            box.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, box
 
@@ -170,22 +178,44 @@ def test_work_units_per_hour_429_and_a_request_larger_than_the_quota_is_a_422(ht
 
 
 def test_crops_are_given_back_on_a_503_with_the_units_refunded(http, auth):
-    """A full inpainter queue (one crop at a time, four waiting) is a 503: nothing is kept."""
+    """A full inpainter queue (one crop at a time, three waiting) is a 503: the key keeps nothing."""
+    before = usage(http, auth, "crops")
     filler, box = in_background(lambda: detail(http, bearer(auth, "open"), four_faces(), {"steps": 15}))
-    wait_for(lambda: detail(http, bearer(auth, "crops"), four_faces()).status_code == 503, 30, "a full queue")
-    assert usage(http, auth, "crops") == {"requests_last_minute": 0, "crops_in_flight": 0, "work_units_last_hour": 0}
+    answers: list[httpx.Response] = []
+
+    def refused() -> bool:  # a probe sent before the filler's crops are queued gets in (and is charged)
+        answers.append(detail(http, bearer(auth, "crops"), four_faces()))
+        return answers[-1].status_code == 503
+
+    wait_for(refused, 30, "a full queue")
+    after = usage(http, auth, "crops")
+    charged = 2.0 * sum(answer.status_code == 200 for answer in answers)  # any that got in before the queue filled
+    assert after["crops_in_flight"] == 0
+    assert after["work_units_last_hour"] == pytest.approx(before["work_units_last_hour"] + charged)
     filler.join(60)
     assert box[0].status_code == 200
 
 
 def test_crops_are_given_back_after_a_timeout_and_when_the_client_leaves(http, auth):
     headers = bearer(auth, "crops")
-    # the client leaves after 1 s of a ~5 s request (100 steps × 50 ms)
-    with pytest.raises(httpx.ReadTimeout):
-        detail(http, headers, params={"steps": 100}, timeout=1.0)
-    wait_for(lambda: usage(http, auth, "crops")["crops_in_flight"] == 1, 5, "the lease of the request that left")
+    # the client leaves after 2 s of a request that would run 6 s (4 crops × 30 steps × 50 ms)
+    leaving, box = in_background(lambda: detail(http, headers, four_faces(), {"steps": 30}, timeout=2.0))
+    wait_for(lambda: usage(http, auth, "crops")["crops_in_flight"] == 4, 10, "the lease of the request")
+    leaving.join(30)
+    assert isinstance(box[0], httpx.ReadTimeout)
     released_after = wait_for(lambda: usage(http, auth, "crops")["crops_in_flight"] == 0, 10, "released")
     assert released_after < 3, "released when the client left, not when the request would have ended"
+
+    def stream_then_leave() -> int:  # the same on the stream: the client closes it while the crops run
+        files = {"image": ("i.png", four_faces(), "image/png")}
+        data = {"params": json.dumps({**QUICK, "steps": 30})}
+        with http.stream("POST", "/v1/detail/stream", files=files, data=data, headers=headers) as stream:
+            wait_for(lambda: usage(http, auth, "crops")["crops_in_flight"] == 4, 10, "the stream's lease")
+            return stream.status_code
+
+    assert stream_then_leave() == 200
+    released_after = wait_for(lambda: usage(http, auth, "crops")["crops_in_flight"] == 0, 10, "released")
+    assert released_after < 3, "released when the stream's client left"
     # limits.request_timeout_s = 6: a 7 s request is a 504, and its crops come back
     answer = detail(http, headers, params={"steps": 140})
     assert answer.status_code == 504, answer.text
