@@ -8,10 +8,10 @@ import router) are protected the same way as the ingress' methods.
 
 The OpenAPI schema says what the replica does: with auth on, a bearer security scheme, each
 protected operation's scope (OpenAPI 3.1 lists it as the requirement's role) and its 401/403
-answers; with auth off, none of it.
+answers; with auth off, none of it. (No ``from __future__ import annotations`` here: the
+dependency is a closure that Ray pickles by value, and FastAPI must find ``Request`` in its
+annotations, not a string naming it.)
 """
-
-from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
