@@ -189,6 +189,72 @@ class Limits(StrictModel):
     )
 
 
+API_SCOPES = ("detail", "admin")
+Scope = Literal["detail", "admin"]
+KEY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+KEY_HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
+
+
+class KeyQuotas(StrictModel):
+    """One API key's quotas (``null``: unlimited); over one the service answers 429 with Retry-After."""
+
+    requests_per_minute: int | None = Field(
+        None, ge=1, description="detail requests (/v1/detail, /v1/detail/stream) started in any 60 s window"
+    )
+    concurrent_crops: int | None = Field(
+        None, ge=1, description="crops the key's running requests may hold at once (a request holds its planned faces)"
+    )
+    work_units_per_hour: float | None = Field(
+        None, gt=0, description="work units (limits.max_work_units' count) of the requests planned in any 3600 s window"
+    )
+
+
+class ApiKeyArgs(StrictModel):
+    """One API key: its id (never secret), the SHA-256 of its value, what it may do and how much."""
+
+    id: str = Field(pattern=KEY_ID_PATTERN, description="names the key in logs, /v1/stats and the fair queue")
+    hash: str = Field(pattern=KEY_HASH_PATTERN, description="sha256:<64 hex> of the key (`facedetailer keys new`)")
+    scopes: list[Scope] = Field(min_length=1, description="detail: the detail routes; admin: /v1/stats")
+    quotas: KeyQuotas = KeyQuotas()
+    weight: float = Field(1.0, gt=0, le=1000, description="the key's share of the inpainter relative to other keys")
+
+
+class AuthArgs(StrictModel):
+    """API keys (``docs/auth.md``): sent as ``Authorization: Bearer <key>``, stored hashed.
+
+    Keys come from ``keys`` (inline, hashes only) and/or ``keys_file`` (YAML or JSON: a list of
+    keys, or ``{keys: [...]}``; e.g. a mounted Kubernetes secret). The file is re-read when its
+    content changes (checked every ``reload_interval_s``), so keys rotate without a restart.
+    """
+
+    keys: list[ApiKeyArgs] = Field(default_factory=list, description="keys written in the config (hashes only)")
+    keys_file: str | None = Field(None, description="a YAML/JSON file of keys, re-read when it changes")
+    reload_interval_s: float = Field(2.0, gt=0, le=300, description="how often keys_file is checked for changes")
+    fair_queueing: bool = Field(
+        True, description="share the inpainter between keys by weight (false: one first-come queue for all)"
+    )
+
+    @model_validator(mode="after")
+    def _some_keys(self) -> AuthArgs:
+        if not self.keys and self.keys_file is None:
+            raise ValueError("auth: set keys (inline) or keys_file (a mounted secret), or remove auth")
+        check_unique_keys(self.keys, "auth.keys")
+        return self
+
+
+def check_unique_keys(keys: list[ApiKeyArgs], where: str) -> None:
+    """Two keys with one id, or one secret under two ids, is a configuration error."""
+    seen_ids: set[str] = set()
+    seen_hashes: set[str] = set()
+    for key in keys:
+        if key.id in seen_ids:
+            raise ValueError(f"{where}: key id {key.id!r} appears twice")
+        if key.hash in seen_hashes:
+            raise ValueError(f"{where}: key {key.id!r} has the same hash as another key")
+        seen_ids.add(key.id)
+        seen_hashes.add(key.hash)
+
+
 class AppArgs(StrictModel):
     """Everything :func:`serve_app.app.build_app` needs.
 
@@ -213,6 +279,7 @@ class AppArgs(StrictModel):
     wildcards_dir: str | None = Field(
         None, description="folder of wildcard .txt files for __name__ (names stay inside it)"
     )
+    auth: AuthArgs | None = Field(None, description="API keys, scopes and quotas (docs/auth.md); absent: open")
 
     @field_validator("detectors", "segm_detectors", mode="before")
     @classmethod

@@ -8,11 +8,11 @@ FastAPI must resolve the route signatures at runtime.)
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -28,12 +28,19 @@ from facedetailer.safe_paths import UnsafeNameError
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
 from facedetailer.widgets import widget_specs
+from serve_app.auth import ADMIN, BUSY_RESPONSES, DETAIL, AuthGate, Caller, QuotaLease, install_auth
 from serve_app.config import Limits
 from serve_app.http_adapters.encoding import error_body, error_response, result_to_json
 from serve_app.http_adapters.errors import RequestError, parse_params
 from serve_app.http_adapters.request_reading import DETAIL_REQUEST_BODY, read_detail_request
 from serve_app.images import ImageInputError, as_uint8_image, decode_base64_image, encode_png
-from serve_app.limits import LimitExceededError, check_planned_names, check_planned_work, check_request
+from serve_app.limits import (
+    LimitExceededError,
+    check_planned_names,
+    check_planned_work,
+    check_request,
+    planned_work_units,
+)
 from serve_app.model_choice import ModelChoice, ModelChoiceError, NamedModels
 from serve_app.pipeline import (
     ControlChoice,
@@ -61,6 +68,7 @@ http_app = FastAPI(
 )
 http_app.include_router(web_router)  # the web page at GET /
 http_app.include_router(workflow_router)  # POST /v1/workflow/import
+install_auth(http_app)  # API keys when the config has `auth` (serve_app/auth/)
 
 
 async def _named_info(handles: dict[str, DeploymentHandle]) -> dict[str, Any]:
@@ -141,9 +149,12 @@ class HandleStages:
         sam: DeploymentHandle | None,
         segm_detector: DeploymentHandle | None,
         checkpoint: str | None = None,
+        tenant: tuple[str, float] = ("", 1.0),
     ) -> None:
         self.detector, self.inpainter, self.sam, self.segm_detector = detector, inpainter, sam, segm_detector
         self.checkpoint = checkpoint
+        # the inpainter's fair queue: an API key's id and weight (passed only when there is a key)
+        self.share = {"tenant": tenant[0], "weight": tenant[1]} if tenant[0] else {}
 
     async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]:
         return await _cancellable(self.detector.detect.remote(image, threshold))
@@ -158,10 +169,10 @@ class HandleStages:
 
     async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings) -> RefineResult:
         if self.checkpoint is None:
-            return await _cancellable(self.inpainter.refine.remote(list(jobs), settings))
+            return await _cancellable(self.inpainter.refine.remote(list(jobs), settings, **self.share))
         # model multiplexing: routed to a replica that has the checkpoint loaded, if any
         inpainter = self.inpainter.options(multiplexed_model_id=self.checkpoint)
-        return await _cancellable(inpainter.refine.remote(list(jobs), settings, self.checkpoint))
+        return await _cancellable(inpainter.refine.remote(list(jobs), settings, self.checkpoint, **self.share))
 
 
 def sampling_settings(params: FaceDetailerParams) -> SamplingSettings:
@@ -184,6 +195,7 @@ class FaceDetailerIngress:
         wildcards_dir: str | None = None,
         controlnets: dict[str, str] | None = None,
         checkpoints: list[str] | None = None,
+        auth: dict[str, Any] | None = None,
     ) -> None:
         # each model kind: one handle, or several by name (serve_app/model_choice.py)
         self.models = ModelChoice.of(detector, segm_detector, sam)
@@ -200,6 +212,8 @@ class FaceDetailerIngress:
         self._supported: tuple[list[str], list[str]] | None = None
         self.metrics = ServiceMetrics()
         self._inflight = 0
+        # API keys, scopes, quotas (None: open, as without `auth`); read by serve_app/auth/http.py
+        self.auth = AuthGate.of(auth, self.limits.request_timeout_s)
 
     # ---- Python handle API -------------------------------------------------------------------
     async def detail(
@@ -208,10 +222,12 @@ class FaceDetailerIngress:
         params: dict[str, Any] | FaceDetailerParams | None = None,
         on_face: Callable[[SegmentReport], None] | None = None,
         batch_faces: bool = True,
+        caller: Caller | None = None,
     ) -> DetailResult:
         """Detail one image [H, W, 3] or a batch ([B, H, W, 3] or a list); image k uses seed + k.
 
         ``batch_faces=False`` refines one face per inpainter call (the reference's way; for comparison).
+        ``caller``: the HTTP request's API key (its quotas and fair share; handle callers have none).
         """
         batch = [images] if isinstance(images, np.ndarray) and images.ndim == 3 else list(images)
         if not batch:
@@ -226,7 +242,7 @@ class FaceDetailerIngress:
             if array.shape[0] * array.shape[1] > self.limits.max_image_pixels:
                 raise RequestError(413, f"images[{k}]: exceeds the limit of {self.limits.max_image_pixels} pixels")
         resolved = parse_params(params)
-        return await self._run(arrays, resolved, on_face, batch_faces)
+        return await self._run(arrays, resolved, on_face, batch_faces, caller)
 
     async def detail_with_progress(
         self, images: np.ndarray | Sequence[np.ndarray], params: dict[str, Any] | None = None
@@ -269,8 +285,12 @@ class FaceDetailerIngress:
         }
 
     async def stats(self) -> dict[str, Any]:
-        """Serving statistics: the inpainter engine's, summed over its replicas (``GET /v1/stats``)."""
-        return {"inpainter": await self.stages.inpainter.stats.remote()}
+        """Serving statistics: the inpainter engine's, summed over its replicas (``GET /v1/stats``),
+        and with API keys each key's quota usage."""
+        stats = {"inpainter": await self.stages.inpainter.stats.remote()}
+        if self.auth is not None:
+            stats["auth"] = await self.auth.usage()
+        return stats
 
     async def _supported_names(self) -> tuple[list[str], list[str]]:
         if self._supported is None:
@@ -300,6 +320,7 @@ class FaceDetailerIngress:
         params: FaceDetailerParams,
         on_face: Callable[[SegmentReport], None] | None = None,
         batch_faces: bool = True,
+        caller: Caller | None = None,
     ) -> DetailResult:
         try:
             check_request(params, self.limits)
@@ -323,7 +344,9 @@ class FaceDetailerIngress:
             chosen.sam,
             chosen.segm_detector,
             checkpoint if self._route_checkpoints else None,
+            self.auth.tenant(caller) if self.auth is not None else ("", 1.0),
         )
+        lease = self.auth.lease(caller) if self.auth is not None else None
         try:
             result = await asyncio.wait_for(
                 detail_batch(
@@ -336,7 +359,7 @@ class FaceDetailerIngress:
                     has_segm=stages.segm_detector is not None,
                     on_face=on_face,
                     batch_faces=batch_faces,
-                    check_work=lambda faces: self._check_planned(params, faces),
+                    check_work=lambda faces: self._check_planned(params, faces, lease),
                     wildcard_files=self.wildcards,
                     control=control,
                 ),
@@ -351,6 +374,8 @@ class FaceDetailerIngress:
         except PipelineInputError as error:
             raise RequestError(422, str(error)) from error
         except EngineBusyError as error:  # the inpainter's queue is full: retry later
+            if lease is not None:
+                lease.refund = True  # no work done for this request: its units go back to the key
             raise RequestError(503, str(error)) from error
         except TimeoutError as error:
             raise RequestError(504, f"request took longer than {self.limits.request_timeout_s} s") from error
@@ -359,14 +384,24 @@ class FaceDetailerIngress:
         except MODEL_UNAVAILABLE as error:
             # a model replica died or is overloaded mid-request: the caller may retry
             logger.warning("model deployment unavailable: %s", error)
+            if lease is not None:
+                lease.refund = True
             raise RequestError(503, f"a model deployment is unavailable ({type(error).__name__}); retry") from error
+        finally:
+            if lease is not None:
+                lease.release()  # every exit: success, error, timeout, the client gone (cancellation)
         self.metrics.record(result)
         return result
 
-    def _check_planned(self, params: FaceDetailerParams, faces: list[PlannedFace]) -> None:
-        """Before any inpainter work: work limits and the file names the faces ask for."""
+    def _check_planned(
+        self, params: FaceDetailerParams, faces: list[PlannedFace], lease: QuotaLease | None = None
+    ) -> Awaitable[None] | None:
+        """Before any inpainter work: work limits, the file names the faces ask for, the key's quotas."""
         check_planned_work(params, faces, self.limits)
         check_planned_names(faces)
+        if lease is None:
+            return None
+        return lease.reserve(crops=len(faces), work_units=planned_work_units(params, faces))
 
     def _control(self, params: FaceDetailerParams) -> ControlChoice | None:
         """The request's ControlNet checked against the configured ones; its control image decoded."""
@@ -400,21 +435,31 @@ class FaceDetailerIngress:
         return JSONResponse(status, 200 if healthy else 503)
 
     @http_app.get("/v1/stats")
-    async def http_stats(self) -> JSONResponse:
-        """UNet batch sizes, queue wait and active crops of the inpainter engine, over all replicas."""
+    async def http_stats(self, caller: Caller | None = Depends(ADMIN)) -> JSONResponse:
+        """UNet batch sizes, queue wait and active crops of the inpainter engine, over all replicas;
+        with API keys, each key's quota usage (the ``admin`` scope)."""
         return JSONResponse(await self.stats())
 
     @http_app.get("/v1/info")
-    async def http_info(self) -> JSONResponse:
-        """Models loaded, samplers and schedulers supported, limits and parameter defaults."""
-        return JSONResponse(await self.info())
+    async def http_info(self, request: Request) -> JSONResponse:
+        """Models loaded, samplers and schedulers supported, limits and parameter defaults.
+
+        Public. ``auth`` says whether keys are required and, for a valid key sent, the key's scopes and quotas.
+        """
+        info = await self.info()
+        if self.auth is not None:
+            caller = self.auth.identify(request.headers.get("authorization"))
+            info["auth"] = {"required": True, "scheme": "Bearer", "key": caller.public() if caller else None}
+        return JSONResponse(info)
 
     @http_app.post(
         "/v1/detail",
-        responses={200: {"content": {"image/png": {}, "application/json": {}}}},
+        responses={200: {"content": {"image/png": {}, "application/json": {}}}, **BUSY_RESPONSES},
         openapi_extra=DETAIL_REQUEST_BODY,
     )
-    async def http_detail(self, request: Request, format: str = "png") -> Response:
+    async def http_detail(
+        self, request: Request, format: str = "png", caller: Caller | None = Depends(DETAIL)
+    ) -> Response:
         """Detail an uploaded image. Returns the PNG, or with ``?format=json`` every output as JSON."""
         try:
             if format not in ("png", "json"):
@@ -424,7 +469,7 @@ class FaceDetailerIngress:
             try:
                 images, values = await read_detail_request(request, self.limits)
                 decoded = time.perf_counter()
-                result = await self.detail(images, values)
+                result = await self.detail(images, values, caller=caller)
             finally:
                 self._inflight -= 1
         except Exception as error:
@@ -445,8 +490,8 @@ class FaceDetailerIngress:
         }
         return Response(png, media_type="image/png", headers=headers)
 
-    @http_app.post("/v1/detail/stream", openapi_extra=DETAIL_REQUEST_BODY)
-    async def http_detail_stream(self, request: Request) -> Response:
+    @http_app.post("/v1/detail/stream", responses=BUSY_RESPONSES, openapi_extra=DETAIL_REQUEST_BODY)
+    async def http_detail_stream(self, request: Request, caller: Caller | None = Depends(DETAIL)) -> Response:
         """``/v1/detail``'s inputs; Server-Sent Events: ``face`` per finished face, then ``result``.
 
         ``result`` carries what ``?format=json`` returns. Input errors are a plain 4xx JSON
@@ -465,15 +510,20 @@ class FaceDetailerIngress:
                 raise
         except Exception as error:
             return self._error_response(error, "/v1/detail/stream")
-        events = self._event_stream(images, params, started, decode_s)
+        events = self._event_stream(images, params, started, decode_s, caller)
         return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
     async def _event_stream(
-        self, images: list[np.ndarray], params: FaceDetailerParams, started: float, decode_s: float
+        self,
+        images: list[np.ndarray],
+        params: FaceDetailerParams,
+        started: float,
+        decode_s: float,
+        caller: Caller | None = None,
     ) -> AsyncIterator[bytes]:
         try:
             async for event in with_progress(
-                lambda on_face: self.detail(images, params, on_face=on_face), heartbeat_s=HEARTBEAT_S
+                lambda on_face: self.detail(images, params, on_face=on_face, caller=caller), heartbeat_s=HEARTBEAT_S
             ):
                 if event["event"] == "heartbeat":
                     yield SSE_HEARTBEAT

@@ -65,6 +65,11 @@ def face_work_units(params: FaceDetailerParams, sample_size: tuple[int, int]) ->
     return params.steps * params.cycle * width * height / WORK_UNIT_PIXELS
 
 
+def planned_work_units(params: FaceDetailerParams, faces: Sequence[PlannedFace]) -> float:
+    """The request's work units over every planned face (``max_work_units`` and the keys' hourly quotas)."""
+    return sum(face_work_units(params, face.sample_size) for face in faces)
+
+
 def check_request(params: FaceDetailerParams, limits: Limits) -> None:
     """What the parameters alone exceed (before any model work)."""
     if params.steps > limits.max_steps:
@@ -101,7 +106,7 @@ def check_planned_work(params: FaceDetailerParams, faces: Sequence[PlannedFace],
                 f"image {image_index}: {count} faces to refine, over limits.max_faces_per_image = "
                 f"{limits.max_faces_per_image}; raise bbox_threshold or drop_size, or [SKIP] faces in the wildcard",
             )
-    total = sum(face_work_units(params, face.sample_size) for face in faces)
+    total = planned_work_units(params, faces)
     if total > limits.max_work_units:
         raise LimitExceededError(
             "max_work_units",

@@ -515,7 +515,7 @@ async def detail_batch(
     has_segm: bool = False,
     batch_faces: bool = True,
     on_face: Callable[[SegmentReport], None] | None = None,
-    check_work: Callable[[list[PlannedFace]], None] | None = None,
+    check_work: Callable[[list[PlannedFace]], Awaitable[None] | None] | None = None,
     wildcard_files: Mapping[str, Sequence[str]] | None = None,
     control: ControlChoice | None = None,
 ) -> DetailResult:
@@ -523,7 +523,7 @@ async def detail_batch(
 
     Every image is prepared (detection, masks, wildcard plan) before any face is refined, so
     ``check_work`` sees every face the request would sample, with its size, and can refuse the
-    request (by raising) before the inpainter does any work.
+    request (by raising, also from the awaitable it may return) before the inpainter does any work.
     """
     check_hooks(params)
     start = time.perf_counter()
@@ -541,7 +541,9 @@ async def detail_batch(
         for index, image in enumerate(images)
     ]
     if check_work is not None:
-        check_work([face for item in prepared for face in planned_faces(item, params)])
+        checked = check_work([face for item in prepared for face in planned_faces(item, params)])
+        if checked is not None:
+            await checked  # e.g. the caller's quota, asked of a shared ledger
     per_image = [
         await refine_image(
             item,

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from facedetailer.params import FaceDetailerParams
 from facedetailer.workflow import WorkflowError, import_workflow
+from serve_app.auth import DETAIL_UNMETERED
 from serve_app.http_adapters.encoding import error_response
 from serve_app.http_adapters.errors import RequestError, json_object, validation_error, workflow_error
 from serve_app.http_adapters.request_reading import MAX_WORKFLOW_BYTES
@@ -21,7 +22,7 @@ from serve_app.http_adapters.request_reading import MAX_WORKFLOW_BYTES
 workflow_router = APIRouter()
 
 
-@workflow_router.post("/v1/workflow/import")
+@workflow_router.post("/v1/workflow/import", dependencies=[Depends(DETAIL_UNMETERED)])  # the detail scope
 async def workflow_import(request: Request) -> JSONResponse:
     """The parameters a ComfyUI workflow's FaceDetailer node gives (JSON ``{"workflow", "workflow_node"}``)."""
     try:

@@ -21,7 +21,8 @@ def error_body(error: RequestError) -> dict[str, Any]:
 
 
 def error_response(error: RequestError) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status_code in (429, 503) else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status_code in (429, 503) else {}
+    headers.update(error.headers)  # e.g. a quota's own Retry-After, WWW-Authenticate
     return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
 
 

@@ -12,13 +12,19 @@ from facedetailer.workflow import WorkflowError, import_workflow
 
 
 class RequestError(Exception):
-    """A client error with its HTTP status and a message that says what is wrong."""
+    """A client error with its HTTP status and a message that says what is wrong.
 
-    def __init__(self, status_code: int, message: str, details: Any = None) -> None:
+    ``headers`` go on the response (``WWW-Authenticate``, a computed ``Retry-After``).
+    """
+
+    def __init__(
+        self, status_code: int, message: str, details: Any = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.message = message
         self.details = details
+        self.headers = dict(headers or {})
 
     @classmethod
     def for_field(cls, status_code: int, field: str, message: str) -> RequestError:
@@ -27,7 +33,7 @@ class RequestError(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Keep every field when Ray sends the error back to a handle caller."""
-        return (type(self), (self.status_code, self.message, self.details))
+        return (type(self), (self.status_code, self.message, self.details, self.headers))
 
 
 def validation_error(error: ValidationError) -> RequestError:

@@ -89,3 +89,51 @@ def serve_instance(
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+AUTH_APP_NAME = "facedetailer-auth"
+AUTH_ROUTE = "/auth"
+# The keys of the auth app (tests/serve/test_auth_http.py): {id: (scopes, quotas)}.
+AUTH_KEYS: dict[str, tuple[list[str], dict[str, Any]]] = {
+    "open": (["detail"], {}),
+    "admin": (["detail", "admin"], {}),
+    "rpm": (["detail"], {"requests_per_minute": 2}),
+    "crops": (["detail"], {"concurrent_crops": 4}),
+    "units": (["detail"], {"work_units_per_hour": 3}),
+    "rotate": (["detail"], {}),
+}
+
+
+@pytest.fixture(scope="session")
+def auth_instance(serve_instance: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A third, light app with API keys on, at ``/auth`` in the session's Ray: ``sim://`` models
+    (docs/simulated.md: no weights, each UNet call sleeps 50 ms), two ingress replicas sharing the
+    quota ledger, keys in a key file (re-read every 0.5 s) whose plain values the fixture returns."""
+    import yaml
+    from ray import serve
+
+    from serve_app.app import build_app
+    from serve_app.auth.keys import key_entry, new_key
+
+    keys = {key_id: new_key() for key_id in AUTH_KEYS}
+    keys_file = tmp_path_factory.mktemp("auth") / "keys.yaml"
+    entries = [key_entry(key_id, keys[key_id], scopes, quotas=quotas) for key_id, (scopes, quotas) in AUTH_KEYS.items()]
+    keys_file.write_text(yaml.safe_dump({"keys": entries}))
+    light = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.05, "num_gpus": 0}}
+    args = {
+        "detector": {"model": "sim://detector?faces=4", "device": "cpu", "deployment": light},
+        "inpainter": {
+            "model": "sim://sd15-inpainting?a=0.05&b=0",
+            "device": "cpu",
+            "dtype": "float32",
+            # one crop at a time and a short queue: long requests and a full queue (503) are cheap to make
+            "max_batch_size": 1,
+            "max_queued_crops": 4,
+            "deployment": {**light, "max_ongoing_requests": 16},
+        },
+        "ingress": {**light, "num_replicas": 2},
+        "limits": {"request_timeout_s": 6},
+        "auth": {"keys_file": str(keys_file), "reload_interval_s": 0.5},
+    }
+    serve.run(build_app(args), name=AUTH_APP_NAME, route_prefix=AUTH_ROUTE)
+    return {"url": serve_instance["url"] + AUTH_ROUTE, "keys": keys, "keys_file": keys_file}
