@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from serve_app.model_choice import DEFAULT_NAME, NAME_PATTERN
 
+# A stopping replica's drain: the request deadline plus this (uploads read, results encoded around it).
+DRAIN_MARGIN_S = 30.0
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -55,7 +58,17 @@ class DeploymentOptions(StrictModel):
     max_queued_requests: int = Field(-1, ge=-1, description="-1 = unbounded")
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
-    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    graceful_shutdown_timeout_s: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "how long a stopping replica (downscale, redeploy) may finish the requests it accepted before "
+            "it is killed; default: limits.request_timeout_s + 30 (no request outlives its deadline)"
+        ),
+    )
+    graceful_shutdown_wait_loop_s: float = Field(
+        2.0, gt=0, description="how often a stopping replica checks whether its requests have finished"
+    )
     user_config: dict[str, Any] | None = Field(None, description="live-updatable settings (reconfigure)")
 
     @model_validator(mode="after")
@@ -178,6 +191,15 @@ class Limits(StrictModel):
     request_timeout_s: float = Field(600.0, gt=0)
     max_inflight_requests: int = Field(
         64, ge=1, description="per ingress replica; beyond it /v1/detail answers 429 with Retry-After"
+    )
+    replica_loss_retries: int = Field(
+        3,
+        ge=0,
+        le=20,
+        description=(
+            "a model call whose replica dies is sent again (within request_timeout_s), up to this many "
+            "replica deaths per call; then 503"
+        ),
     )
     max_steps: int = Field(150, ge=1, description="the request's sampling steps")
     max_sample_pixels: int = Field(
@@ -315,6 +337,20 @@ class AppArgs(StrictModel):
         if self.detector is None and self.detectors is None:
             raise ValueError("a bbox detector is required: set detector (one model) or detectors (by name)")
         return self
+
+    @model_validator(mode="after")
+    def _drain_within_the_request_deadline(self) -> AppArgs:
+        """A stopping replica may finish whatever it accepted: unset shutdown timeouts follow the request deadline."""
+        for options in self.deployment_options():
+            if options.graceful_shutdown_timeout_s is None:
+                options.graceful_shutdown_timeout_s = self.limits.request_timeout_s + DRAIN_MARGIN_S
+        return self
+
+    def deployment_options(self) -> list[DeploymentOptions]:
+        """The scheduling options of every deployment the application runs."""
+        models = [*self.named_detectors().values(), *self.named_segm_detectors().values()]
+        models += [*self.named_sam_models().values(), self.inpainter]
+        return [model.deployment for model in models] + [self.ingress]
 
     def named_detectors(self) -> dict[str, DetectorArgs]:
         if self.detectors is not None:

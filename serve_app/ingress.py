@@ -41,6 +41,7 @@ from serve_app.limits import (
     check_request,
     planned_work_units,
 )
+from serve_app.model_calls import ModelCalls, ReplicaLostError
 from serve_app.model_choice import ModelChoice, ModelChoiceError, NamedModels
 from serve_app.pipeline import (
     ControlChoice,
@@ -71,12 +72,22 @@ http_app.include_router(workflow_router)  # POST /v1/workflow/import
 install_auth(http_app)  # API keys when the config has `auth` (serve_app/auth/)
 
 
-async def _named_info(handles: dict[str, DeploymentHandle]) -> dict[str, Any]:
+async def _named_info(handles: dict[str, DeploymentHandle], calls: ModelCalls) -> dict[str, Any]:
     """``{name: info}`` of every configured model of one kind (the request names them)."""
-    return {name: await handle.info.remote() for name, handle in handles.items()}
+    return {name: await _ask(calls, name, handle, "info") for name, handle in handles.items()}
 
 
+async def _ask(calls: ModelCalls, name: str, handle: DeploymentHandle | None, method: str) -> Any:
+    """``handle.<method>()`` with no arguments (None without a handle), retried if its replica dies."""
+    if handle is None:
+        return None
+    return await calls.call(name, getattr(handle, method))
+
+
+# A model call that cannot be served now: its replica lost beyond the retries (serve_app/model_calls.py),
+# the deployment failed or overloaded. The caller may retry (503 with Retry-After).
 MODEL_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    ReplicaLostError,
     RayActorError,
     ActorUnavailableError,
     BackPressureError,
@@ -105,6 +116,15 @@ class ServiceMetrics:
             tag_keys=("stage",),
         )
 
+        self.model_call_retries = metrics.Counter(
+            "facedetailer_model_call_retries",
+            description="Model calls sent again because their replica died (serve_app/model_calls.py).",
+            tag_keys=("model",),
+        )
+
+    def count_retry(self, deployment: str) -> None:
+        self.model_call_retries.inc(tags={"model": deployment})
+
     def record(self, result: DetailResult) -> None:
         detected = sum(len(item.segments) for item in result.per_image)
         refined = sum(len(item.cropped_refined) for item in result.per_image)
@@ -117,30 +137,8 @@ class ServiceMetrics:
             self.stage_latency.observe(seconds, tags={"stage": stage})
 
 
-async def _cancellable(response: Any) -> Any:
-    """Await a handle call; if the caller is cancelled (client gone, timeout), cancel the call too.
-
-    Ray Serve does not cancel a deployment call when the coroutine awaiting it is cancelled, so
-    without this a model replica would keep working for a request nobody waits for: queued
-    detector/SAM calls are dropped and the inpainter's crops leave its engine at the next step.
-    """
-    try:
-        return await response
-    except asyncio.CancelledError:
-        response.cancel()
-        raise
-    except RequestCancelledError:
-        # Serve's local testing mode reports the caller's own cancellation as the call's
-        # RequestCancelledError: still the caller's cancellation (a timeout must stay a 504).
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            response.cancel()
-            raise asyncio.CancelledError from None
-        raise
-
-
 class HandleStages:
-    """The pipeline's stages, each a call to a model deployment."""
+    """The pipeline's stages, each a call to a model deployment, retried on a live replica if its replica dies."""
 
     def __init__(
         self,
@@ -150,29 +148,31 @@ class HandleStages:
         segm_detector: DeploymentHandle | None,
         checkpoint: str | None = None,
         tenant: tuple[str, float] = ("", 1.0),
+        calls: ModelCalls | None = None,
     ) -> None:
         self.detector, self.inpainter, self.sam, self.segm_detector = detector, inpainter, sam, segm_detector
         self.checkpoint = checkpoint
+        self.calls = calls or ModelCalls()
         # the inpainter's fair queue: an API key's id and weight (passed only when there is a key)
         self.share = {"tenant": tenant[0], "weight": tenant[1]} if tenant[0] else {}
 
     async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]:
-        return await _cancellable(self.detector.detect.remote(image, threshold))
+        return await self.calls.call("detector", self.detector.detect, image, threshold)
 
     async def detect_segm(self, image: np.ndarray, threshold: float) -> list[Detection]:
         assert self.segm_detector is not None
-        return await _cancellable(self.segm_detector.detect.remote(image, threshold))
+        return await self.calls.call("segm detector", self.segm_detector.detect, image, threshold)
 
     async def segment(self, image: np.ndarray, prompts: Sequence[SamPrompt]) -> list[Any]:
         assert self.sam is not None
-        return await _cancellable(self.sam.predict.remote(image, list(prompts)))
+        return await self.calls.call("SAM", self.sam.predict, image, list(prompts))
 
     async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings) -> RefineResult:
         if self.checkpoint is None:
-            return await _cancellable(self.inpainter.refine.remote(list(jobs), settings, **self.share))
+            return await self.calls.call("inpainter", self.inpainter.refine, list(jobs), settings, **self.share)
         # model multiplexing: routed to a replica that has the checkpoint loaded, if any
         inpainter = self.inpainter.options(multiplexed_model_id=self.checkpoint)
-        return await _cancellable(inpainter.refine.remote(list(jobs), settings, self.checkpoint, **self.share))
+        return await self.calls.call("inpainter", inpainter.refine, list(jobs), settings, self.checkpoint, **self.share)
 
 
 def sampling_settings(params: FaceDetailerParams) -> SamplingSettings:
@@ -253,18 +253,18 @@ class FaceDetailerIngress:
 
     async def info(self) -> dict[str, Any]:
         samplers, schedulers = await self._supported_names()
-        detector_info = await self.stages.detector.info.remote()
-        inpainter_info = await self.stages.inpainter.info.remote()
+        calls = self._model_calls()
+        inpainter_info = await _ask(calls, "inpainter", self.stages.inpainter, "info")
         return {
             "models": {
-                "detector": detector_info,
-                "segm_detector": await self.stages.segm_detector.info.remote() if self.stages.segm_detector else None,
-                "sam": await self.stages.sam.info.remote() if self.stages.sam else None,
+                "detector": await _ask(calls, "detector", self.stages.detector, "info"),
+                "segm_detector": await _ask(calls, "segm detector", self.stages.segm_detector, "info"),
+                "sam": await _ask(calls, "SAM", self.stages.sam, "info"),
                 "inpainter": inpainter_info,
             },
-            "detectors": await _named_info(self.models.detectors.models),
-            "segm_detectors": await _named_info(self.models.segm_detectors.models),
-            "sam_models": await _named_info(self.models.sam_models.models),
+            "detectors": await _named_info(self.models.detectors.models, calls),
+            "segm_detectors": await _named_info(self.models.segm_detectors.models, calls),
+            "sam_models": await _named_info(self.models.sam_models.models, calls),
             "controlnets": inpainter_info.get("controlnets", {}),
             "checkpoints": self.checkpoints.names,
             "samplers": samplers,
@@ -287,15 +287,16 @@ class FaceDetailerIngress:
     async def stats(self) -> dict[str, Any]:
         """Serving statistics: the inpainter engine's, summed over its replicas (``GET /v1/stats``),
         and with API keys each key's quota usage."""
-        stats = {"inpainter": await self.stages.inpainter.stats.remote()}
+        stats = {"inpainter": await _ask(self._model_calls(), "inpainter", self.stages.inpainter, "stats")}
         if self.auth is not None:
             stats["auth"] = await self.auth.usage()
         return stats
 
     async def _supported_names(self) -> tuple[list[str], list[str]]:
         if self._supported is None:
-            samplers = await self.stages.inpainter.supported_samplers.remote()
-            schedulers = await self.stages.inpainter.supported_schedulers.remote()
+            calls = self._model_calls()
+            samplers = await _ask(calls, "inpainter", self.stages.inpainter, "supported_samplers")
+            schedulers = await _ask(calls, "inpainter", self.stages.inpainter, "supported_schedulers")
             self._supported = (samplers, schedulers)
         return self._supported
 
@@ -345,6 +346,7 @@ class FaceDetailerIngress:
             chosen.segm_detector,
             checkpoint if self._route_checkpoints else None,
             self.auth.tenant(caller) if self.auth is not None else ("", 1.0),
+            self._model_calls(),
         )
         lease = self.auth.lease(caller) if self.auth is not None else None
         try:
@@ -378,6 +380,11 @@ class FaceDetailerIngress:
                 lease.refund = True  # no work done for this request: its units go back to the key
             raise RequestError(503, str(error)) from error
         except TimeoutError as error:
+            # a replica died and none took its call in time, or none runs: not the request's fault
+            gone = stages.calls.lost() or await stages.calls.unserved()
+            if gone:
+                message = f"no live {', '.join(gone)} replica within the request's {self.limits.request_timeout_s} s"
+                raise RequestError(503, message + "; retry") from error
             raise RequestError(504, f"request took longer than {self.limits.request_timeout_s} s") from error
         except ValueError as error:  # e.g. the inpainter rejecting a sampler/scheduler combination
             raise RequestError(422, str(error)) from error
@@ -392,6 +399,12 @@ class FaceDetailerIngress:
                 lease.release()  # every exit: success, error, timeout, the client gone (cancellation)
         self.metrics.record(result)
         return result
+
+    def _model_calls(self) -> ModelCalls:
+        """A request's model calls: retried on a live replica when theirs dies, within its deadline."""
+        return ModelCalls.within(
+            self.limits.request_timeout_s, self.limits.replica_loss_retries, on_retry=self.metrics.count_retry
+        )
 
     def _check_planned(
         self, params: FaceDetailerParams, faces: list[PlannedFace], lease: QuotaLease | None = None
