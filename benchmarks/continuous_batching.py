@@ -361,14 +361,14 @@ def run_lone(opts: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from deployments import simulated
-    from deployments.inpainter import Inpainter
+    from deployments.model_loading import load_inpainter
 
     torch.set_num_threads(opts.threads)
     cost = {"a": simulated.UNET_A_S, "b": simulated.UNET_B_S, "area": (opts.size // 8) ** 2 / 4096,
             "vae_encode": opts.vae_encode, "vae_decode": opts.vae_decode}  # fmt: skip
     reference = f"sim://sd15?a={cost['a']}&b={cost['b']}&vae_encode={opts.vae_encode}&vae_decode={opts.vae_decode}"
     reference += "&sync=1" if opts.sim_sync else ""
-    inpainter = Inpainter(reference, device="cpu")
+    inpainter = load_inpainter(reference, device="cpu")
     accelerator = inpainter.components.unet.accelerator
     stream = workload(99, opts.size)
     records = []
@@ -463,8 +463,7 @@ def _in_process_runner(config: Path, tiny_models: Path) -> Any:
     import torch
     from PIL import Image
 
-    from deployments.detector import FaceDetector
-    from deployments.inpainter import Inpainter
+    from deployments.model_loading import load_detector, load_inpainter
     from deployments.testing import assets
     from deployments.testing.build_tiny_models import build_component
     from facedetailer.params import FaceDetailerParams
@@ -481,13 +480,13 @@ def _in_process_runner(config: Path, tiny_models: Path) -> Any:
     checkpoint = next(iter(args.inpainter.named_checkpoints().values()))
     paint = args.inpainter
     torch.set_num_threads(threads)
-    inpainter = Inpainter(  # the served replica's first checkpoint, with the same options
+    inpainter = load_inpainter(  # the served replica's first checkpoint, with the same options
         checkpoint.model, single_file_config=checkpoint.single_file_config, device=paint.device, dtype=paint.dtype,
         max_batch_size=paint.max_batch_size, max_queued_crops=paint.max_queued_crops,
         controlnets={name: spec.model_dump() for name, spec in (args.controlnets or {}).items()},
     )  # fmt: skip
     stages = LocalStages(
-        detector=FaceDetector(detector.model, task="detect", imgsz=detector.imgsz, device=detector.device),
+        detector=load_detector(detector.model, task="detect", imgsz=detector.imgsz, device=detector.device),
         inpainter=inpainter,
     )
     image = np.ascontiguousarray(np.asarray(Image.fromarray(assets.astronaut())))

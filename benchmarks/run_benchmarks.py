@@ -315,19 +315,17 @@ class Bench:
     def load_in_process(self) -> None:
         import torch
 
-        from deployments.detector import FaceDetector
-        from deployments.inpainter import Inpainter
-        from deployments.sam import SamSegmenter
+        from deployments.model_loading import load_detector, load_inpainter, load_segmenter
         from serve_app.local import LocalStages
 
         args = self.app_args()
         started = time.perf_counter()
-        detector = FaceDetector(
+        detector = load_detector(
             args.detector.model, task=args.detector.task, imgsz=args.detector.imgsz, device=args.detector.device
         )
-        sam = SamSegmenter(args.sam.checkpoint, model_type=args.sam.model_type, device=args.sam.device)
+        sam = load_segmenter(args.sam.checkpoint, model_type=args.sam.model_type, device=args.sam.device)
         paint = args.inpainter
-        inpainter = Inpainter(
+        inpainter = load_inpainter(
             paint.model, single_file_config=paint.single_file_config, device=paint.device, dtype=paint.dtype,
             lora_dir=paint.lora_dir, max_batch_size=paint.max_batch_size,
         )

@@ -152,21 +152,21 @@ class Runner:
     def __init__(self, opts: argparse.Namespace) -> None:
         import torch
 
-        from deployments.detector import FaceDetector
-        from deployments.inpainter import Inpainter
-        from deployments.sam import SamSegmenter
+        from deployments.model_loading import load_detector, load_inpainter, load_segmenter
         from serve_app.app import app_args_from_config
 
         config = yaml.safe_load(Path(opts.config).read_text())
         args = app_args_from_config(config)
         self.threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
-        self.detector = FaceDetector(
+        self.detector = load_detector(
             args.detector.model, task=args.detector.task, imgsz=args.detector.imgsz, device=args.detector.device
         )
-        self.sam = SamSegmenter(args.sam.checkpoint, model_type=args.sam.model_type, device=args.sam.device)
+        self.sam = load_segmenter(args.sam.checkpoint, model_type=args.sam.model_type, device=args.sam.device)
         paint = args.inpainter
         self.tiny = MemoInpainter(
-            Inpainter(paint.model, single_file_config=paint.single_file_config, device=paint.device, dtype=paint.dtype)
+            load_inpainter(
+                paint.model, single_file_config=paint.single_file_config, device=paint.device, dtype=paint.dtype
+            )
         )
         self.base_params: dict[str, Any] = {"seed": opts.seed, "steps": opts.steps}
         torch.set_num_threads(self.threads)
@@ -498,7 +498,7 @@ def draw_pictures(results: dict[str, Any], context: dict[str, Any], image_dir: P
             tile(pictures[after], box, f"{what}: mean_std + multiband"),
         ]
 
-    if "zidane" in photos and "astronaut" in photos:  # README: the demo's noise faces, and a real cast
+    if "zidane" in photos and "astronaut" in photos:  # docs/parameters.md: the demo's noise faces, and a real cast
         rows = [
             before_after("tiny-sd", None, "zidane", "tiny SD"),
             before_after(cast_kind, strongest, "astronaut", f"cast {strongest:g}"),

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from deployments.runtime_env import configure_ultralytics_offline
-from deployments.weights import CorruptWeightsError, WeightsNotFoundError, is_simulated, resolve_weights
+from deployments.weights import CorruptWeightsError, WeightsNotFoundError, resolve_weights
 from facedetailer.segs import Detection
 
 Task = Literal["detect", "segment"]
@@ -105,14 +105,6 @@ def _fp16_args() -> dict[str, Any]:
 
 class FaceDetector:
     """A YOLO face detector: ``detect(image, threshold) -> list[Detection]``."""
-
-    def __new__(cls, model: str, **options: Any) -> FaceDetector:
-        """A ``sim://detector`` reference gets the simulated detector (deployments/simulated.py)."""
-        if cls is FaceDetector and is_simulated(model):
-            from deployments.simulated import SimulatedDetector
-
-            return super().__new__(SimulatedDetector)
-        return super().__new__(cls)
 
     def __init__(
         self,

@@ -37,6 +37,7 @@ from deployments.controlnet import ControlNetSet
 from deployments.inpainter_engine import CropProgress, EngineCrop, EngineRequest, InpaintEngine
 from deployments.inpainter_hooks import check_cycle_plan, cycle_noise, hook_stages, hooked_cycle
 from deployments.inpainter_loading import (
+    ComponentsLoader,
     LoraPatcher,
     SDComponents,
     describe,
@@ -171,13 +172,16 @@ class Inpainter:
         max_batch_size: int = 8,
         max_queued_crops: int = 256,
         controlnets: Mapping[str, Mapping[str, Any]] | ControlNetSet | None = None,
+        load_components: ComponentsLoader = load_sd_components,
     ) -> None:
+        """``load_components`` reads ``model``: real checkpoints by default;
+        :func:`deployments.model_loading.load_inpainter` passes the loader that also takes ``sim://``."""
         self.model = model
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.lora_dir = Path(lora_dir) if lora_dir else None
         started = time.perf_counter()
-        self.components: SDComponents = load_sd_components(
+        self.components: SDComponents = load_components(
             model,
             single_file_config=single_file_config,
             dtype=self.dtype,
@@ -219,8 +223,8 @@ class Inpainter:
         """Wait until the device has run all launched work: called before a result is read on the host.
 
         A no-op on torch devices, whose reads (``.cpu()``, ``float(t)``, ``bool(t)``) synchronise
-        by themselves; the ``sim://`` accelerator computes results eagerly and models the device
-        time apart (:class:`deployments.simulated.SimulatedAccelerator`), so it is told here.
+        by themselves; an accelerator that computes results eagerly and models the device time
+        apart (the ``sim://`` stand-ins' ``unet.accelerator``) is told here.
         """
         accelerator = getattr(self.components.unet, "accelerator", None)
         if accelerator is not None:

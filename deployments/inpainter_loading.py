@@ -9,8 +9,9 @@ Accepted ``model`` references:
   diffusers folder (or cached repo id) of the same architecture;
 - anything :func:`deployments.weights.resolve_weights` resolves (``tiny://``, ``pkg://``, URLs,
   ``owner/repo/file.safetensors`` hub files);
-- ``sim://sd15[-inpainting]?…``: simulated components for capacity planning and load tests
-  (:mod:`deployments.simulated`).
+
+``sim://`` stand-ins are not loaded here: :func:`deployments.model_loading.load_sd_components`
+chooses between this module and :mod:`deployments.simulated`, which builds on it.
 
 Only the components are kept (UNet, VAE, text encoders, tokenizers, scheduler config): the
 inpainter runs its own sampling loop, and no safety checker is loaded.
@@ -23,15 +24,15 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from deployments.weights import CorruptWeightsError, WeightsNotFoundError, is_simulated, resolve_weights
+from deployments.weights import CorruptWeightsError, WeightsNotFoundError, resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +56,21 @@ class SDComponents:
     source: str
     format: str  # "diffusers", "single_file" or "simulated"
     is_sdxl: bool = False
+    # More for ``describe`` (called at each info(), so live figures stay live), e.g. a stand-in's cost model.
+    extra_info: Callable[[], dict[str, Any]] | None = None
 
     @property
     def is_inpaint(self) -> bool:
         """A 9-channel UNet: latent + mask + masked-image latent (InpaintModelConditioning)."""
         return int(self.unet.config.in_channels) == 9
+
+
+class ComponentsLoader(Protocol):
+    """How :class:`deployments.inpainter.Inpainter` reads its checkpoint (:func:`load_sd_components`'s signature)."""
+
+    def __call__(
+        self, model: str, *, single_file_config: str | None, dtype: torch.dtype, cache_dir: Path | None
+    ) -> SDComponents: ...
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -202,10 +213,6 @@ def load_sd_components(
     cache_dir: Path | None = None,
 ) -> SDComponents:
     """Load ``model``; :class:`WeightsNotFoundError` / :class:`CorruptWeightsError` name the reference."""
-    if is_simulated(model):
-        from deployments.simulated import load_simulated_components
-
-        return load_simulated_components(model, dtype=dtype)
     path = _locate(model, cache_dir)
     config = single_file_config
     if config is not None:
@@ -230,11 +237,6 @@ def load_sd_components(
 def describe(components: SDComponents) -> dict[str, Any]:
     """A JSON-able summary for ``info()``."""
     unet = components.unet.config
-    simulated: dict[str, Any] = {}
-    if components.format == "simulated":
-        from deployments.simulated import describe_simulated
-
-        simulated = {"simulated": describe_simulated(components)}
     return {
         "source": components.source,
         "format": components.format,
@@ -245,7 +247,7 @@ def describe(components: SDComponents) -> dict[str, Any]:
         "vae_scale_factor": 2 ** (len(components.vae.config.block_out_channels) - 1),
         "prediction_type": components.scheduler_config.get("prediction_type", "epsilon"),
         "scheduler_config": json.loads(json.dumps(components.scheduler_config, default=str)),
-        **simulated,
+        **(components.extra_info() if components.extra_info is not None else {}),
     }
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from deployments.detector import default_device, to_uint8_rgb
-from deployments.weights import CorruptWeightsError, WeightsNotFoundError, is_simulated, resolve_weights
+from deployments.weights import CorruptWeightsError, WeightsNotFoundError, resolve_weights
 from facedetailer.sam_prompts import SamPrompt
 
 SAM_PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -241,14 +241,6 @@ def load_sam_model(path: Path, model_type: str) -> nn.Module:
 
 class SamSegmenter:
     """SAM behind FaceDetailer's prompts: one image embedding per ``predict`` call."""
-
-    def __new__(cls, checkpoint: str, **options: Any) -> SamSegmenter:
-        """A ``sim://sam`` reference gets the simulated SAM (deployments/simulated.py)."""
-        if cls is SamSegmenter and is_simulated(checkpoint):
-            from deployments.simulated import SimulatedSegmenter
-
-            return super().__new__(SimulatedSegmenter)
-        return super().__new__(cls)
 
     def __init__(
         self,

@@ -1,10 +1,11 @@
 """Ray Serve deployment classes around the plain model classes.
 
-The plain classes (:class:`FaceDetector`, :class:`SamSegmenter`, :class:`Inpainter`) stay usable
-in-process; these wrappers add what serving needs: model calls off the replica's event loop (so
-health probes keep running during a long inference), the inpainter's step-level batching engine
-in a background thread (live-tunable through ``user_config``, statistics summed over replicas),
-and health checks that also catch a model that stopped answering.
+The plain classes (:class:`FaceDetector`, :class:`SamSegmenter`, :class:`Inpainter`, or their
+``sim://`` stand-ins, chosen by :mod:`deployments.model_loading`) stay usable in-process; these
+wrappers add what serving needs: model calls off the replica's event loop (so health probes keep
+running during a long inference), the inpainter's step-level batching engine in a background
+thread (live-tunable through ``user_config``, statistics summed over replicas), and health checks
+that also catch a model that stopped answering.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import numpy as np
 from ray import serve
 
 from deployments.checkpoints import DRAIN_TIMEOUT_S, LoadedCheckpoint, checkpoint_specs, sum_snapshots
-from deployments.detector import FaceDetector
 from deployments.engine_stats import STATS_ACTOR_NAME, EngineMetrics, StatsReporter, merge_snapshots
 from deployments.inpainter import Inpainter, RefineJob, RefineResult, SamplingSettings
-from deployments.sam import SamPrediction, SamSegmenter
+from deployments.model_loading import load_detector, load_inpainter, load_segmenter
+from deployments.sam import SamPrediction
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
 
@@ -84,10 +85,10 @@ class _ServedModel:
 
 
 class DetectorDeployment(_ServedModel):
-    """Serves one :class:`FaceDetector`."""
+    """Serves one :class:`~deployments.detector.FaceDetector` (or its ``sim://`` stand-in)."""
 
     def __init__(self, model: str, *, stuck_after_s: float = DEFAULT_STUCK_AFTER_S, **options: Any) -> None:
-        self.model = FaceDetector(model, **options)
+        self.model = load_detector(model, **options)
         self.watchdog = _Watchdog(stuck_after_s)
 
     async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]:
@@ -95,10 +96,13 @@ class DetectorDeployment(_ServedModel):
 
 
 class SamDeployment(_ServedModel):
-    """Serves one :class:`SamSegmenter`: one image embedding per call, every prompt answered."""
+    """Serves one :class:`~deployments.sam.SamSegmenter` (or its ``sim://`` stand-in).
+
+    One image embedding per call, every prompt answered.
+    """
 
     def __init__(self, checkpoint: str, *, stuck_after_s: float = DEFAULT_STUCK_AFTER_S, **options: Any) -> None:
-        self.model = SamSegmenter(checkpoint, **options)
+        self.model = load_segmenter(checkpoint, **options)
         self.watchdog = _Watchdog(stuck_after_s)
 
     async def predict(self, image: np.ndarray, prompts: Sequence[SamPrompt]) -> list[SamPrediction]:
@@ -178,7 +182,9 @@ class InpainterDeployment(_ServedModel):
         spec = self.checkpoints[name]
         controlnets = self._shared_controlnets or self.options.get("controlnets")
         options = {**self.options, "controlnets": controlnets}
-        inpainter = Inpainter(spec["model"], single_file_config=spec["single_file_config"], **self.bounds, **options)
+        inpainter = load_inpainter(
+            spec["model"], single_file_config=spec["single_file_config"], **self.bounds, **options
+        )
         self._shared_controlnets = inpainter.controlnets  # ControlNet weights loaded once per replica
         loaded = LoadedCheckpoint(name, inpainter)
         retire = loaded.retire

@@ -40,6 +40,10 @@ What the stand-ins compute:
   prompt's colour (with CFG: ``negative + cfg·(positive − negative)``) inside the noise mask and
   keeps the 8×8-blocky input outside it.
 
+Load them through :mod:`deployments.model_loading` (``load_detector``, ``load_segmenter``,
+``load_inpainter``), which picks this module for a ``sim://`` reference: the real model modules do
+not import this one.
+
 Each loaded model owns one :class:`SimulatedAccelerator`: its calls run one at a time, as on one
 GPU. Contention between different models sharing one physical GPU is not modelled.
 """
@@ -605,7 +609,7 @@ def load_simulated_components(reference: str, dtype: torch.dtype = torch.float32
     parts = [unet, SimulatedVAE(options, accelerator), SimulatedTextEncoder(options, accelerator)]
     for module in parts:
         module.to(dtype=dtype)
-    return SDComponents(
+    components = SDComponents(
         unet=unet,
         vae=parts[1],
         text_encoders=[parts[2]],
@@ -614,6 +618,8 @@ def load_simulated_components(reference: str, dtype: torch.dtype = torch.float32
         source=reference,
         format="simulated",
     )
+    components.extra_info = lambda: {"simulated": describe_simulated(components)}
+    return components
 
 
 def describe_simulated(components: SDComponents) -> dict[str, Any]:

@@ -26,7 +26,7 @@ class CorruptWeightsError(ValueError):
 
 
 def is_simulated(reference: str | os.PathLike[str] | None) -> bool:
-    """A ``sim://`` reference: the loaders hand it to :mod:`deployments.simulated`."""
+    """A ``sim://`` reference: :mod:`deployments.model_loading` hands it to :mod:`deployments.simulated`."""
     return reference is not None and os.fspath(reference).startswith(SIM_SCHEME)
 
 
@@ -105,7 +105,10 @@ def resolve_weights(reference: str | os.PathLike[str], cache_dir: Path | None = 
     """
     reference = os.fspath(reference)
     if is_simulated(reference):
-        raise WeightsNotFoundError(f"{reference}: a simulated model has no weights file (deployments/simulated.py)")
+        raise WeightsNotFoundError(
+            f"{reference}: a sim:// stand-in has no weights file; load it through deployments.model_loading "
+            "(load_detector, load_segmenter, load_inpainter), as the Serve deployments do"
+        )
     if reference.startswith("pkg://"):
         return _resolve_package_file(reference)
     if reference.startswith("tiny://"):

@@ -142,7 +142,7 @@ DESCRIPTIONS: dict[str, str] = {
     "bbox_detector": "which of the service's bbox detectors (empty: its first)",
     "segm_detector": "which of the service's segm detectors (switches use_segm on)",
     "sam_model": "which of the service's SAM models (switches use_sam on)",
-    "detailer_hooks": "the node's detailer_hook as a JSON list of typed hooks (see the README)",
+    "detailer_hooks": "the node's detailer_hook as a JSON list of typed hooks (see docs/detailer-hooks.md)",
     "model": "which of the service's checkpoints (empty: its first)",
     "controlnet": "ControlNetApplyAdvanced per face, JSON: {name, strength, start_percent, end_percent}",
     "color_match": "match the refined face's colours to the original (Lab); none = the reference",

@@ -413,7 +413,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--set", action="append", default=[], metavar="PATH=VALUE",
-        help="change one value, e.g. inpainter.model=sim://sd15-inpainting (repeatable; see README)",
+        help="change one value, e.g. inpainter.model=sim://sd15-inpainting (repeatable; see docs/configuration.md)",
     )
 
 

@@ -1,6 +1,6 @@
 """Real weights and photos that installed packages ship, found through those packages.
 
-Nothing here is downloaded or committed: see README "Offline test assets".
+Nothing here is downloaded or committed: see docs/development.md "Offline test assets".
 """
 
 from __future__ import annotations

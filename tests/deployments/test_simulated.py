@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from deployments import simulated
-from deployments.detector import FaceDetector
 from deployments.inpainter import Inpainter, RefineJob, SamplingSettings
-from deployments.sam import SamSegmenter
+from deployments.model_loading import load_detector, load_inpainter, load_segmenter
 from deployments.weights import WeightsNotFoundError, resolve_weights
 from facedetailer.params import FaceDetailerParams
 from facedetailer.sam_prompts import SamPrompt
@@ -34,12 +33,12 @@ def sim(kind: str, **options: float) -> str:
 
 @pytest.fixture(scope="module")
 def inpainter() -> Inpainter:
-    return Inpainter(sim("sd15"), device="cpu")
+    return load_inpainter(sim("sd15"), device="cpu")
 
 
 @pytest.fixture(scope="module")
 def inpaint_inpainter() -> Inpainter:
-    return Inpainter(sim("sd15-inpainting"), device="cpu")
+    return load_inpainter(sim("sd15-inpainting"), device="cpu")
 
 
 # ------------------------------------------------------------------ the documented formulas
@@ -99,18 +98,18 @@ def test_references_parse_and_bad_ones_say_why() -> None:
     with pytest.raises(ValueError, match="unknown option 'speed'.*a, b, area, vae, vae_encode, vae_decode, text"):
         simulated.parse_sim_reference("sim://sd15?speed=2", ["sd15"], simulated.INPAINTER_OPTIONS)
     with pytest.raises(ValueError, match="unknown simulated model 'sdxl'"):
-        Inpainter("sim://sdxl", device="cpu")
+        load_inpainter("sim://sdxl", device="cpu")
     with pytest.raises(ValueError, match=">= 0"):
-        FaceDetector("sim://detector?cost=-1")
+        load_detector("sim://detector?cost=-1")
     with pytest.raises(ValueError, match="not a number"):
-        SamSegmenter("sim://sam?encoder=fast")
+        load_segmenter("sim://sam?encoder=fast")
     with pytest.raises(WeightsNotFoundError, match="no weights"):
         resolve_weights("sim://sd15")
 
 
 def test_a_unet_evaluation_of_n_latents_costs_a_plus_b_n_asleep() -> None:
     """Modelled time a + b·n·(area / 64²) per evaluation, n = the UNet's batch (CFG doubles it)."""
-    inpainter = Inpainter("sim://sd15?a=0.08&b=0.02&area=1", device="cpu")
+    inpainter = load_inpainter("sim://sd15?a=0.08&b=0.02&area=1", device="cpu")
     calls = inpainter.components.unet.accelerator.calls
     jobs = [RefineJob(image=textured(128, 64, seed=k), noise_mask=None, positive=("face",), negative=(), seed=k)
             for k in range(3)]
@@ -236,7 +235,7 @@ def test_vae_encode_and_decode_cost_their_own_seconds_scaled_by_the_latent_area(
         ("vae_encode=0.3&vae_decode=0.6&area=0", 0.3, 0.6),
         ("", 0.0, 0.0),
     ]:
-        inpainter = Inpainter("sim://sd15?a=0.001&b=0" + (f"&{query}" if query else ""), device="cpu")
+        inpainter = load_inpainter("sim://sd15?a=0.001&b=0" + (f"&{query}" if query else ""), device="cpu")
         accelerator = inpainter.components.unet.accelerator
         inpainter.refine([job], settings)
         modelled = {call.operation: call.modelled_s for call in accelerator.calls if call.operation.startswith("vae")}
@@ -253,7 +252,7 @@ def test_a_crops_host_preparation_runs_while_the_device_encodes_it() -> None:
     first UNet call starts the moment the encode ends; the decode starts once the last call and
     the engine's check of its latent are done, and the result waits for the decode."""
     job = RefineJob(image=textured(128, 128), noise_mask=box_mask(128, 128), positive=("face",), negative=(), seed=2)
-    inpainter = Inpainter("sim://sd15?a=0.01&b=0&area=0&vae_encode=0.25&vae_decode=0.05", device="cpu")
+    inpainter = load_inpainter("sim://sd15?a=0.01&b=0&area=0&vae_encode=0.25&vae_decode=0.05", device="cpu")
     accelerator = inpainter.components.unet.accelerator
     settings = SamplingSettings(steps=3, denoise=0.5, cfg=5.0, sampler_name="euler")
     inpainter.refine([job], settings)  # the prompts' embeddings are remembered from here on
@@ -270,10 +269,10 @@ def test_a_crops_host_preparation_runs_while_the_device_encodes_it() -> None:
 
 
 def test_the_sync_option_selects_the_synchronous_device() -> None:
-    assert not Inpainter(sim("sd15"), device="cpu").components.unet.accelerator.synchronous
-    assert Inpainter(sim("sd15", sync=1), device="cpu").components.unet.accelerator.synchronous
-    assert FaceDetector("sim://detector?sync=1").accelerator.synchronous
-    assert SamSegmenter("sim://sam?sync=1").info()["simulated"]["mode"] == "sync"
+    assert not load_inpainter(sim("sd15"), device="cpu").components.unet.accelerator.synchronous
+    assert load_inpainter(sim("sd15", sync=1), device="cpu").components.unet.accelerator.synchronous
+    assert load_detector("sim://detector?sync=1").accelerator.synchronous
+    assert load_segmenter("sim://sam?sync=1").info()["simulated"]["mode"] == "sync"
     with pytest.raises(ValueError, match="sync must be 0 or 1"):
         simulated.parse_sim_reference("sim://sd15?sync=2", ["sd15"], simulated.INPAINTER_OPTIONS)
 
@@ -284,7 +283,7 @@ def test_a_refined_crop_comes_back_after_its_device_work_and_equal_in_both_modes
     settings = SamplingSettings(steps=3, denoise=0.6, cfg=4.0, sampler_name="dpm_adaptive")  # reads its error
     images = {}
     for mode in ("0", "1"):
-        inpainter = Inpainter("sim://sd15?a=0.02&b=0.002&vae=0.01&sync=" + mode, device="cpu")
+        inpainter = load_inpainter("sim://sd15?a=0.02&b=0.002&vae=0.01&sync=" + mode, device="cpu")
         accelerator = inpainter.components.unet.accelerator
         [images[mode]] = inpainter.refine([job], settings)
         assert accelerator.idle_at <= time.perf_counter()
@@ -400,14 +399,14 @@ def test_simulated_detector_finds_faces_in_the_most_textured_cells() -> None:
     image = np.full((200, 300, 3), 128, np.uint8)
     image[100:200, 150:300] = textured(100, 150, seed=1)  # bottom-right cell of a 2×2 grid
     image[0:100, 0:150] = (textured(100, 150, seed=2) // 8) + 100  # top-left, lower contrast
-    detector = FaceDetector("sim://detector?faces=3&size=0.5&cost=0.001")
+    detector = load_detector("sim://detector?faces=3&size=0.5&cost=0.001")
     assert isinstance(detector, simulated.SimulatedDetector)
     detections = detector.detect(image, 0.5)
     assert [d.bbox for d in detections] == [(200.0, 125.0, 250.0, 175.0), (50.0, 25.0, 100.0, 75.0)]
     assert detections[0].confidence > detections[1].confidence > 0.5 and detections[0].mask is None
     assert detector.detect(image, 0.5) == detections  # deterministic
     assert detector.detect(np.zeros((64, 64, 3), np.uint8), 0.5) == []  # a flat image has no face
-    segm = FaceDetector("sim://detector?faces=1", task="segment")
+    segm = load_detector("sim://detector?faces=1", task="segment")
     [face] = segm.detect(image, 0.3)
     assert face.mask is not None and face.mask.shape == (200, 300) and face.mask[150, 225] == 1.0
     assert face.mask[:, :150].sum() == 0
@@ -416,7 +415,7 @@ def test_simulated_detector_finds_faces_in_the_most_textured_cells() -> None:
 
 def test_simulated_sam_answers_each_prompt_inside_its_box() -> None:
     image = textured(120, 160)
-    sam = SamSegmenter("sim://sam?encoder=0.001&decoder=0.001")
+    sam = load_segmenter("sim://sam?encoder=0.001&decoder=0.001")
     assert isinstance(sam, simulated.SimulatedSegmenter)
     box_prompt = SamPrompt(box=(40.0, 20.0, 100.0, 90.0), points=((70.0, 55.0),), labels=(1,))
     points_prompt = SamPrompt(box=None, points=((20.0, 20.0), (30.0, 40.0), (5.0, 5.0)), labels=(1, 1, 0))
@@ -438,9 +437,9 @@ def test_the_whole_cycle_on_simulated_models_changes_only_the_faces() -> None:
     image = np.full((256, 256, 3), 90, np.uint8)
     image[128:, 128:] = textured(128, 128, seed=3)
     stages = LocalStages(
-        detector=FaceDetector("sim://detector?faces=1&cost=0.001"),
-        inpainter=Inpainter(sim("sd15"), device="cpu"),
-        sam=SamSegmenter("sim://sam?encoder=0.001"),
+        detector=load_detector("sim://detector?faces=1&cost=0.001"),
+        inpainter=load_inpainter(sim("sd15"), device="cpu"),
+        sam=load_segmenter("sim://sam?encoder=0.001"),
     )
     params = FaceDetailerParams(steps=3, cfg=1.0, positive="a red face", guide_size=128, max_size=256, use_sam=True)
     result = stages.detail([image], params)

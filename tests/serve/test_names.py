@@ -71,10 +71,11 @@ def test_escaping_lora_tags_refuse_the_request_before_the_inpainter():
 
 def test_the_inpainter_refuses_a_lora_that_leaves_lora_dir(tree: Path):
     """The full rule where the folder is: a symlink out of lora_dir is refused, a real LoRA is found."""
-    from deployments.inpainter import Inpainter, RefineJob, SamplingSettings
+    from deployments.inpainter import RefineJob, SamplingSettings
+    from deployments.model_loading import load_inpainter
 
     os.symlink(tree.parent / "outside" / "secret.txt", tree / "stolen.safetensors")
-    inpainter = Inpainter("sim://sd15?a=0&b=0", device="cpu", lora_dir=str(tree))
+    inpainter = load_inpainter("sim://sd15?a=0&b=0", device="cpu", lora_dir=str(tree))
     image = np.full((64, 64, 3), 128, np.uint8)
     settings = SamplingSettings(steps=1, cfg=1.0)
     for name in ("stolen", "../outside/secret", "/etc/passwd"):

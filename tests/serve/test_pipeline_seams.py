@@ -1,7 +1,8 @@
 """Colour matching and multi-band blending in the per-image cycle, with in-process fake stages.
 
 The bit-identity test pins today's reference-exact result: the digests below were computed with
-the pipeline as it was before these options existed (commit 3e21882), on the fixture defined here.
+the pipeline as it was before these options existed (commit 3e21882), on the fixture defined here,
+then re-pinned when the final paste began to truncate as ComfyUI's SaveImage (Decision 11).
 """
 
 from __future__ import annotations
@@ -102,12 +103,14 @@ def run_golden(params: dict[str, Any]):
     return result, stages
 
 
-# Digests of ``result.images`` from the pipeline before color_match/blend existed (commit 3e21882).
+# Digests of ``result.images`` from the pipeline before color_match/blend existed (commit 3e21882),
+# with the paste truncating as SaveImage since 7dd7d43 (Decision 11); feather0's binary masks paste
+# whole pixels, so its digest did not change.
 TODAY = {
-    "defaults": "938f31e694466b3af8b66ea671da9c31",
+    "defaults": "4dad700a04d4e568ee0eff10842d8401",
     "feather0": "9e24aa385551600f075aece96b2beb7a",
-    "feather20": "980b2c32e85b837dd85b069c6de83bb7",
-    "segm": "8c2278469aff528e210509437e385902",
+    "feather20": "9b571c5305dc93265915ad531cf7e395",
+    "segm": "0e77478d99b77b19b7f9fcce510fd931",
 }
 
 
