@@ -70,6 +70,7 @@ __all__ = [
     "RefineResult",
     "SamplingSettings",
     "UnsupportedSamplerError",
+    "count_prompt_windows",
     "plan_cycles",
 ]
 
@@ -238,6 +239,18 @@ class Inpainter:
     def supported_schedulers(self) -> list[str]:
         return list(SCHEDULER_NAMES)
 
+    def prompt_tokenizers(self) -> list[tuple[Any, int]]:
+        """Each text encoder's tokenizer and window length: what :func:`count_prompt_windows` needs.
+
+        The ingress fetches them once per checkpoint to bound a request's prompt tokens before
+        any model work (``limits.max_prompt_tokens``).
+        """
+        parts = self.components
+        return [
+            (tokenizer, min(int(tokenizer.model_max_length), int(encoder.config.max_position_embeddings)))
+            for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders, strict=True)
+        ]
+
     def validate_settings(self, settings: SamplingSettings) -> None:
         """Reject what can't be run faithfully, before any model work.
 
@@ -342,7 +355,11 @@ class Inpainter:
             self.loras.activate(key)
             for crop in members:
                 self._prepare_conditioning(crop)
-                crop.group_key = (key, *tuple(crop.latent.shape[-2:]))
+                # crops whose prompts differ in length never share a call: every row of a call attends
+                # to the lcm of its rows' context lengths, so one request's long prompts would
+                # multiply everyone's cross-attention
+                context = math.lcm(crop.state["positive"].shape[1], crop.state["negative"].shape[1])
+                crop.group_key = (key, *tuple(crop.latent.shape[-2:]), context)
                 crop.stages = []
                 for number, spec in enumerate(crop.payload.cycles):
                     crop.stages += hook_stages(self, spec)  # cycle_latent: noise injection, unsampling
@@ -833,6 +850,18 @@ def _prompt_windows(tokenizer: Any, text: str, length: int) -> tuple[list[list[i
         [(tokens, weight) for tokens, (_, weight) in zip(group_tokens, groups, strict=True)],
         **_special_tokens(tokenizer),
         max_length=length,
+    )
+
+
+def count_prompt_windows(tokenizers: Sequence[tuple[Any, int]], chunks: Sequence[str]) -> int:
+    """The windows the text encoders read for a prompt's chunks (``()`` is the empty prompt: one).
+
+    Cut exactly as :meth:`Inpainter._encode_chunk` cuts them; the most over the checkpoint's
+    tokenizers (SDXL's two cut alike).
+    """
+    texts = tuple(chunks) or ("",)
+    return max(
+        sum(len(_prompt_windows(tokenizer, text, length)[0]) for text in texts) for tokenizer, length in tokenizers
     )
 
 

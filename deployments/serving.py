@@ -272,6 +272,11 @@ class InpainterDeployment(_ServedModel):
         loaded = await self.checkpoint(model)
         return await loaded.refine(jobs, settings, tenant=tenant, weight=weight)
 
+    async def prompt_tokenizers(self, model: str | None = None) -> list[tuple[Any, int]]:
+        """The checkpoint's tokenizers and window lengths (the ingress counts prompt tokens with them)."""
+        loaded = await self.checkpoint(model)
+        return loaded.inpainter.prompt_tokenizers()
+
     def snapshot(self) -> dict[str, Any]:
         """This replica's engine counters: every checkpoint's engine, unloaded ones included."""
         live = [loaded.engine.snapshot() for loaded in list(self.loaded.values())]

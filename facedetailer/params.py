@@ -6,7 +6,6 @@ the bound it broke (e.g. ``guide_size: Input should be less than or equal to 163
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -15,8 +14,10 @@ from facedetailer.blend import BlendMode
 from facedetailer.color_match import ColorMatchMethod
 from facedetailer.controlnet import ControlNetParams
 from facedetailer.hooks import DetailerHook
+from facedetailer.json_bounds import loads_bounded
 
 MAX_RESOLUTION = 16384  # ComfyUI's MAX_RESOLUTION, the upper bound of every size input
+MAX_DETAILER_HOOKS = 32  # hooks act at every cycle of every face: a bound on the list (real chains have a few)
 
 SamDetectionHint = Literal[
     "center-1",
@@ -84,7 +85,7 @@ class FaceDetailerParams(BaseModel):
     use_segm: bool = False  # segm_detector_opt connected
     override_bbox_by_segm: bool = False  # segm SEGS replace the bbox SEGS (reference §4.6)
     # The node's detailer_hook: typed hooks combined in list order (facedetailer/hooks.py).
-    detailer_hooks: list[DetailerHook] = Field(default_factory=list)
+    detailer_hooks: list[DetailerHook] = Field(default_factory=list, max_length=MAX_DETAILER_HOOKS)
     # The node's model inputs by name, among the models the service configures (None = the first).
     # Naming a segm detector or a SAM model also switches it on (use_segm / use_sam).
     bbox_detector: str | None = Field(None, min_length=1)
@@ -109,7 +110,7 @@ class FaceDetailerParams(BaseModel):
         """A form field or CLI ``--param`` carries the object as JSON text."""
         if isinstance(value, str):
             try:
-                return json.loads(value)
+                return loads_bounded(value, "controlnet")
             except ValueError as error:
                 raise ValueError(f"not a JSON object: {error}") from error
         return value
@@ -120,7 +121,7 @@ class FaceDetailerParams(BaseModel):
         """A form field or CLI ``--param`` carries the list as JSON text."""
         if isinstance(value, str):
             try:
-                return json.loads(value)
+                return loads_bounded(value, "detailer_hooks")
             except ValueError as error:
                 raise ValueError(f"not a JSON list of hooks: {error}") from error
         return value

@@ -86,7 +86,7 @@ def resolve_inside(root: str | os.PathLike[str], name: str, kind: str = "file") 
     real_root = Path(root).resolve()
     real = (real_root / name).resolve()
     if not _inside(real, real_root):
-        raise UnsafeNameError(name, f"resolves outside its folder {real_root} (a symlink pointing out?)", kind)
+        raise UnsafeNameError(name, "resolves outside its folder (a symlink pointing out?)", kind)
     return real
 
 

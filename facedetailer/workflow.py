@@ -10,10 +10,10 @@ the FaceDetailer node (through Reroute nodes). Pure: JSON in, values out.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from facedetailer.json_bounds import JsonLimitError, check_json, loads_bounded
 from facedetailer.widgets import NODE_WIDGETS, SEED_CONTROL_VALUES, UNSUPPORTED_NODE_WIDGETS, widget_specs
 
 FACEDETAILER = "FaceDetailer"
@@ -75,11 +75,17 @@ def import_workflow(workflow: dict[str, Any] | str | bytes, node: str | int | No
 
 
 def _load(workflow: dict[str, Any] | str | bytes) -> dict[str, Any]:
+    """The workflow as a dict; :class:`~facedetailer.json_bounds.JsonLimitError` (a ValueError)
+    for one nested too deep or too large to walk (:mod:`facedetailer.json_bounds`)."""
     if isinstance(workflow, bytes | str):
         try:
-            workflow = json.loads(workflow)
+            workflow = loads_bounded(workflow, "workflow")
+        except JsonLimitError:
+            raise
         except ValueError as error:
-            raise WorkflowError(f"workflow: not valid JSON: {error}") from error
+            raise WorkflowError(str(error)) from error
+    else:
+        check_json(workflow, "workflow")
     if not isinstance(workflow, dict):
         raise WorkflowError("workflow: must be a JSON object")
     return workflow

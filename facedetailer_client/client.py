@@ -97,8 +97,13 @@ def service_error(response: httpx.Response, body: bytes | None = None) -> Servic
         payload = {"error": content.decode("utf-8", "replace")[:500] or response.reason_phrase}
     message = payload.get("error", response.reason_phrase) if isinstance(payload, dict) else str(payload)
     details = payload.get("details") if isinstance(payload, dict) and isinstance(payload.get("details"), list) else None
+    request_id = payload.get("request_id") if isinstance(payload, dict) else None
     return ServiceError(
-        response.status_code, str(message), details, parse_retry_after(response.headers.get("retry-after"))
+        response.status_code,
+        str(message),
+        details,
+        parse_retry_after(response.headers.get("retry-after")),
+        str(request_id or response.headers.get("x-request-id") or "") or None,
     )
 
 
@@ -108,7 +113,10 @@ def _stream_item(event: str, data: Any) -> StreamItem | None:
     if event == "result":
         return DetailResult.from_json(data)
     if event == "error":
-        raise ServiceError(int(data.get("status", 500)), str(data.get("error")), data.get("details"))
+        request_id = data.get("request_id")
+        raise ServiceError(
+            int(data.get("status", 500)), str(data.get("error")), data.get("details"), None, request_id or None
+        )
     return None
 
 
@@ -128,6 +136,7 @@ class _Base:
                 f"{error.message} (gave up after {state.attempts} attempt(s) within {self.retry.budget_s:g} s)",
                 error.details,
                 error.retry_after,
+                error.request_id,
             ) from error
         return delay
 

@@ -121,7 +121,8 @@ class ServiceError(Exception):
     """The service refused or failed a request: its HTTP status and the message it gave.
 
     ``details`` lists ``{"field", "message"}`` when the error names inputs; ``retry_after`` is
-    the wait the service asked for (429/503), if any.
+    the wait the service asked for (429/503), if any; ``request_id`` is the request's id (quote
+    it to the operator: the service's log line for the request carries it).
     """
 
     def __init__(
@@ -130,12 +131,14 @@ class ServiceError(Exception):
         message: str,
         details: list[dict[str, Any]] | None = None,
         retry_after: float | None = None,
+        request_id: str | None = None,
     ) -> None:
-        super().__init__(f"{status_code}: {message}")
+        super().__init__(f"{status_code}: {message}" + (f" (request {request_id})" if request_id else ""))
         self.status_code = status_code
         self.message = message
         self.details = details or []
         self.retry_after = retry_after
+        self.request_id = request_id
 
     @property
     def fields(self) -> list[str]:

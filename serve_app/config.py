@@ -182,7 +182,7 @@ class ControlNetArgs(StrictModel):
 class Limits(StrictModel):
     """Request limits the ingress enforces before any model work (HTTP 413 / 422).
 
-    The work limits (``max_steps`` … ``max_work_units``) are explained in :mod:`serve_app.limits`.
+    The work limits (``max_steps`` … ``max_prompt_chars``) are explained in :mod:`serve_app.limits`.
     """
 
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
@@ -207,7 +207,19 @@ class Limits(StrictModel):
     )
     max_faces_per_image: int = Field(16, ge=1, description="faces the inpainter refines in one image")
     max_work_units: float = Field(
-        4000, gt=0, description="total of steps × cycle × crop pixels / 512² over every face of the request"
+        4000,
+        gt=0,
+        description="the request's sampling work: Σ over faces of UNet steps (cycles, unsampler hooks, black-patch "
+        "retries, ControlNet) × crop pixels / 512²",
+    )
+    max_prompt_tokens: int = Field(
+        750,
+        ge=75,
+        description="CLIP tokens one face's prompts give the UNet to attend to, in whole 75-token windows, after "
+        "wildcards and BREAK",
+    )
+    max_prompt_chars: int = Field(
+        20000, ge=100, description="characters of each of positive, negative and wildcard (checked on arrival)"
     )
 
 

@@ -1,18 +1,33 @@
-"""Image decoding and encoding at the service's edge, with the limits checked before decoding."""
+"""Image decoding and encoding at the service's edge, with the limits checked before decoding.
+
+Every image is loaded as ComfyUI's ``LoadImage`` loads it (spec Decision 13): the EXIF
+orientation applied (the image is upright, and so is the result), then converted to RGB —
+palette (with or without transparency), grey, grey + alpha, RGBA and CMYK as Pillow's RGB
+conversion does it, alpha dropped from the image. Except that 16-bit and float images are
+*scaled* to 8 bits, never clipped: a 16-bit value v becomes v // 257 (65535 → 255, the inverse
+of 8-bit v → 257·v), truncating as ComfyUI quantises (Decision 11); a float value x in [0, 1]
+becomes int(255·x). (Pillow opens 16-bit PNGs as ``I;16``, which its RGB conversion clips to
+255 above 255; LoadImage scales mode ``I`` by 1/255, which clips the top of a 16-bit range.)
+Only the first frame of an animated image is read (LoadImage stacks the frames as a batch).
+The same conversion applies to arrays from Python callers (:func:`as_uint8_image`).
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
+import struct
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serve_app.config import Limits
 
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "MPO")  # MPO: a camera's multi-picture JPEG (its first picture)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 32-bit ints holding 16-bit data (PNG)
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageInputError(ValueError):
@@ -24,7 +39,7 @@ class ImageInputError(ValueError):
 
 
 def decode_image(data: bytes, limits: Limits, name: str = "image") -> np.ndarray:
-    """Decode PNG/JPEG/WebP bytes to RGB uint8 [H, W, 3], refusing oversized input first."""
+    """Decode PNG/JPEG/WebP bytes to RGB uint8 [H, W, 3] as LoadImage loads them, refusing oversized input first."""
     if not data:
         raise ImageInputError(f"{name}: empty upload")
     if len(data) > limits.max_upload_bytes:
@@ -37,7 +52,7 @@ def decode_image(data: bytes, limits: Limits, name: str = "image") -> np.ndarray
             with Image.open(io.BytesIO(data)) as image:
                 if image.format not in ACCEPTED_FORMATS:
                     raise ImageInputError(
-                        f"{name}: format {image.format} is not accepted (use {', '.join(ACCEPTED_FORMATS)})", 415
+                        f"{name}: format {image.format} is not accepted (use PNG, JPEG or WebP)", 415
                     )
                 width, height = image.size
                 if width * height > limits.max_image_pixels:
@@ -47,15 +62,45 @@ def decode_image(data: bytes, limits: Limits, name: str = "image") -> np.ndarray
                         413,
                     )
                 image.load()
-                return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+                return loaded_rgb(image)
     except ImageInputError:
         raise
     except UnidentifiedImageError as error:
-        raise ImageInputError(f"{name}: not an image (expected {', '.join(ACCEPTED_FORMATS)})", 415) from error
+        raise ImageInputError(f"{name}: not an image (expected PNG, JPEG or WebP)", 415) from error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageInputError(f"{name}: image too large to decode safely", 413) from error
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageInputError(f"{name}: corrupt or truncated image: {error}") from error
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, struct.error) as error:
+        # Pillow's decoders say what is broken; their messages name no server path
+        raise ImageInputError(f"{name}: corrupt or truncated image: {str(error)[:200]}") from error
+
+
+def loaded_rgb(image: Image.Image) -> np.ndarray:
+    """An opened image as RGB uint8 [H, W, 3], the way LoadImage loads it (module docstring)."""
+    image = upright(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = sixteen_bit_to_uint8(np.asarray(image))
+    elif image.mode == "F":
+        grey = float_to_uint8(np.asarray(image))
+    else:
+        return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1))
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says (``ImageOps.exif_transpose``), as LoadImage does."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (None, 1):
+        return image  # nothing to turn: no copy
+    return ImageOps.exif_transpose(image)
+
+
+def sixteen_bit_to_uint8(values: np.ndarray) -> np.ndarray:
+    """16-bit data (0 … 65535; wider integers are clipped to that first) → v // 257."""
+    return (np.clip(values.astype(np.int64), 0, 65535) // 257).astype(np.uint8)
+
+
+def float_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1] (ComfyUI's IMAGE) → int(255·x), clipped to [0, 1] first; NaN is 0."""
+    return (np.clip(np.nan_to_num(values.astype(np.float32), nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def decode_base64_image(text: str, limits: Limits, name: str = "image") -> np.ndarray:
@@ -72,16 +117,28 @@ def decode_base64_image(text: str, limits: Limits, name: str = "image") -> np.nd
 
 
 def as_uint8_image(array: np.ndarray, name: str = "image") -> np.ndarray:
-    """Accept uint8 0–255 or float 0–1 RGB arrays (the node's convention) from Python callers."""
+    """A Python caller's image as RGB uint8 [H, W, 3], converted as :func:`loaded_rgb` converts a file.
+
+    [H, W] or [H, W, 1] is grey, [H, W, 4] drops alpha; uint8 is taken as is, uint16 scaled
+    (v // 257), floats are the node's convention (0 … 1: int(255·x)).
+    """
     array = np.asarray(array)
-    if array.ndim != 3 or array.shape[2] not in (3, 4):
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or min(array.shape[:2]) < 1:
         raise ImageInputError(f"{name}: expected an array [H, W, 3], got shape {array.shape}", 422)
     array = array[..., :3]
     if array.dtype == np.uint8:
-        return np.ascontiguousarray(array)
-    if np.issubdtype(array.dtype, np.floating):
-        return np.ascontiguousarray((np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8))
-    raise ImageInputError(f"{name}: unsupported dtype {array.dtype} (use uint8 or float in [0, 1])", 422)
+        pass
+    elif array.dtype == np.uint16:
+        array = sixteen_bit_to_uint8(array)
+    elif np.issubdtype(array.dtype, np.floating):
+        array = float_to_uint8(array)
+    else:
+        raise ImageInputError(f"{name}: unsupported dtype {array.dtype} (use uint8, uint16 or float in [0, 1])", 422)
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array)
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -9,7 +9,8 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -24,34 +25,54 @@ from deployments.inpainter import RefineJob, RefineResult, SamplingSettings
 from deployments.inpainter_engine import EngineBusyError
 from deployments.inpainter_hooks import check_cycle_plan
 from facedetailer.params import FaceDetailerParams
-from facedetailer.safe_paths import UnsafeNameError
+from facedetailer.prompts import face_conditioning
+from facedetailer.safe_paths import UnsafeNameError, check_name
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
 from facedetailer.widgets import widget_specs
-from serve_app.auth import ADMIN, BUSY_RESPONSES, DETAIL, AuthGate, Caller, QuotaLease, install_auth
+from facedetailer.wildcards import FacePrompt
+from serve_app.auth import ADMIN, DETAIL, AuthGate, Caller, QuotaLease, install_auth
 from serve_app.config import Limits
-from serve_app.http_adapters.encoding import error_body, error_response, result_to_json
-from serve_app.http_adapters.errors import RequestError, parse_params
-from serve_app.http_adapters.request_reading import DETAIL_REQUEST_BODY, read_detail_request
+from serve_app.http_adapters.encoding import error_body, public_info, result_to_json
+from serve_app.http_adapters.error_handling import (
+    INTERNAL_ERROR,
+    install_error_handling,
+    request_error,
+    response_for_exception,
+)
+from serve_app.http_adapters.errors import RequestError, parse_params, unsafe_name_error
+from serve_app.http_adapters.openapi import (
+    DETAIL_REQUEST_BODY,
+    DETAIL_RESPONSES,
+    HEALTH_RESPONSES,
+    INFO_RESPONSES,
+    STATS_RESPONSES,
+    STREAM_RESPONSES,
+    install_openapi,
+)
+from serve_app.http_adapters.request_reading import read_detail_request
 from serve_app.images import ImageInputError, as_uint8_image, decode_base64_image, encode_png
 from serve_app.limits import (
     LimitExceededError,
     check_planned_names,
     check_planned_work,
+    check_prompt_tokens,
     check_request,
     planned_work_units,
 )
 from serve_app.model_calls import ModelCalls, ReplicaLostError
-from serve_app.model_choice import ModelChoice, ModelChoiceError, NamedModels
+from serve_app.model_choice import ModelChoice, ModelChoiceError, NamedModels, SelectedModels
 from serve_app.pipeline import (
     ControlChoice,
     DetailResult,
     PipelineInputError,
     PlannedFace,
     SegmentReport,
+    check_hooks,
     detail_batch,
     resolve_control,
 )
+from serve_app.prompt_tokens import PromptTokenCounter, PromptWindows
 from serve_app.streaming import HEARTBEAT_S, SSE_HEADERS, SSE_HEARTBEAT, SSE_MEDIA_TYPE, sse, with_progress
 from serve_app.web import web_router
 from serve_app.wildcard_files import WildcardFolder
@@ -69,7 +90,9 @@ http_app = FastAPI(
 )
 http_app.include_router(web_router)  # the web page at GET /
 http_app.include_router(workflow_router)  # POST /v1/workflow/import
-install_auth(http_app)  # API keys when the config has `auth` (serve_app/auth/)
+install_error_handling(http_app)  # request ids, and one error shape on every route
+install_openapi(http_app)  # the parameter models the documented bodies refer to
+install_auth(http_app)  # API keys when the config has `auth` (serve_app/auth/); documents them in the schema
 
 
 async def _named_info(handles: dict[str, DeploymentHandle], calls: ModelCalls) -> dict[str, Any]:
@@ -180,6 +203,17 @@ def sampling_settings(params: FaceDetailerParams) -> SamplingSettings:
     return SamplingSettings.model_validate(params.model_dump(include=set(SamplingSettings.model_fields)))
 
 
+@dataclass(frozen=True)
+class Preflight:
+    """A request judged before any model work: every error knowable before detection was raised."""
+
+    models: SelectedModels[DeploymentHandle]
+    checkpoint: str | None
+    settings: SamplingSettings
+    control: ControlChoice | None
+    prompt_windows: PromptWindows
+
+
 @serve.deployment(name="FaceDetailerIngress")
 @serve.ingress(http_app)
 class FaceDetailerIngress:
@@ -214,6 +248,7 @@ class FaceDetailerIngress:
         self._inflight = 0
         # API keys, scopes, quotas (None: open, as without `auth`); read by serve_app/auth/http.py
         self.auth = AuthGate.of(auth, self.limits.request_timeout_s)
+        self.prompt_tokens = PromptTokenCounter(self._fetch_tokenizers)
 
     # ---- Python handle API -------------------------------------------------------------------
     async def detail(
@@ -237,7 +272,7 @@ class FaceDetailerIngress:
         try:
             arrays = [as_uint8_image(image, f"images[{k}]") for k, image in enumerate(batch)]
         except ImageInputError as error:
-            raise RequestError(error.status_code, str(error)) from error
+            raise RequestError.for_message(error.status_code, str(error)) from error
         for k, array in enumerate(arrays):
             if array.shape[0] * array.shape[1] > self.limits.max_image_pixels:
                 raise RequestError(413, f"images[{k}]: exceeds the limit of {self.limits.max_image_pixels} pixels")
@@ -315,6 +350,49 @@ class FaceDetailerIngress:
         if params.use_segm and self.stages.segm_detector is None:
             raise RequestError.for_field(422, "use_segm", "this service has no segm detector deployment configured")
 
+    async def _preflight(self, params: FaceDetailerParams) -> Preflight:
+        """Every check that needs no detection, in one place: the stream answers these as a 4xx.
+
+        Limits on the parameters (steps, hook steps, prompt characters and tokens), the models,
+        sampler and scheduler named, the hooks' cycles, the ControlNet, the prompts' syntax and
+        the LoRA names in positive/negative. What depends on the faces found (work units, each
+        face's prompt after its wildcard) is checked after detection, before the inpainter.
+        """
+        try:
+            check_request(params, self.limits)
+            chosen = self.models.select(params)
+            checkpoint = self.checkpoints.resolve(params.model)
+        except (LimitExceededError, ModelChoiceError) as error:
+            raise self._client_error(error) from error
+        await self._validate_sampling(params)
+        settings = sampling_settings(params)
+        control = self._control(params)
+        try:
+            check_cycle_plan(settings)  # the sampling hooks' cycles and unsampler, before any model work
+            check_hooks(params)
+            base = face_conditioning(params.positive, params.negative, FacePrompt(False, False, None, None, False))
+            for lora in base.loras:
+                check_name(lora.name, "LoRA")
+            counted = bool(params.positive.strip() or params.negative.strip() or params.wildcard.strip())
+            windows = await self.prompt_tokens.windows(checkpoint or "default", needed=counted)
+            check_prompt_tokens("positive", windows(base.positive), self.limits)
+            check_prompt_tokens("negative", windows(base.negative), self.limits)
+        except ValueError as error:  # a limit, a prompt or hook the service cannot run, an unsafe name
+            raise self._client_error(error) from error
+        return Preflight(chosen, checkpoint, settings, control, windows)
+
+    @staticmethod
+    def _client_error(error: Exception) -> RequestError:
+        """A client error raised by a check as the service's :class:`RequestError` (422 by default)."""
+        return request_error(error) or RequestError.for_message(422, str(error))
+
+    async def _fetch_tokenizers(self, checkpoint: str) -> Any:
+        """The checkpoint's tokenizers, from an inpainter replica that has it (``prompt_tokens``)."""
+        if not self._route_checkpoints:
+            return await _ask(self._model_calls(), "inpainter", self.stages.inpainter, "prompt_tokenizers")
+        inpainter = self.stages.inpainter.options(multiplexed_model_id=checkpoint)
+        return await self._model_calls().call("inpainter", inpainter.prompt_tokenizers, checkpoint)
+
     async def _run(
         self,
         images: list[np.ndarray],
@@ -322,29 +400,16 @@ class FaceDetailerIngress:
         on_face: Callable[[SegmentReport], None] | None = None,
         batch_faces: bool = True,
         caller: Caller | None = None,
+        preflight: Preflight | None = None,
     ) -> DetailResult:
-        try:
-            check_request(params, self.limits)
-        except LimitExceededError as error:
-            raise RequestError(422, str(error), error.details()) from error
-        try:
-            chosen = self.models.select(params)
-            checkpoint = self.checkpoints.resolve(params.model)
-        except ModelChoiceError as error:
-            raise RequestError(422, str(error)) from error
-        await self._validate_sampling(params)
-        settings = sampling_settings(params)
-        try:
-            check_cycle_plan(settings)  # the sampling hooks' cycles and unsampler, before any model work
-        except ValueError as error:
-            raise RequestError(422, str(error)) from error
-        control = self._control(params)
+        checked = preflight or await self._preflight(params)
+        chosen = checked.models
         stages = HandleStages(
             chosen.detector,
             self.stages.inpainter,
             chosen.sam,
             chosen.segm_detector,
-            checkpoint if self._route_checkpoints else None,
+            checked.checkpoint if self._route_checkpoints else None,
             self.auth.tenant(caller) if self.auth is not None else ("", 1.0),
             self._model_calls(),
         )
@@ -356,25 +421,23 @@ class FaceDetailerIngress:
                     params,
                     stages,
                     make_job=RefineJob,
-                    settings=settings,
+                    settings=checked.settings,
                     has_sam=stages.sam is not None,
                     has_segm=stages.segm_detector is not None,
                     on_face=on_face,
                     batch_faces=batch_faces,
-                    check_work=lambda faces: self._check_planned(params, faces, lease),
+                    check_work=lambda faces: self._check_planned(params, faces, checked.prompt_windows, lease),
                     wildcard_files=self.wildcards,
-                    control=control,
+                    control=checked.control,
                 ),
                 timeout=self.limits.request_timeout_s,
             )
         except LimitExceededError as error:
             raise RequestError(422, str(error), error.details()) from error
         except UnsafeNameError as error:  # a LoRA or wildcard name that would leave its folder
-            name, reason, kind = (getattr(error, key, None) for key in ("name", "reason", "kind"))
-            message = f"{kind} name {name!r} is refused: {reason}" if reason else str(error)
-            raise RequestError(422, message, [{"message": message, "name": name, "reason": reason}]) from error
+            raise unsafe_name_error(error) from error
         except PipelineInputError as error:
-            raise RequestError(422, str(error)) from error
+            raise RequestError.for_message(422, str(error)) from error
         except EngineBusyError as error:  # the inpainter's queue is full: retry later
             if lease is not None:
                 lease.refund = True  # no work done for this request: its units go back to the key
@@ -387,7 +450,7 @@ class FaceDetailerIngress:
                 raise RequestError(503, message + "; retry") from error
             raise RequestError(504, f"request took longer than {self.limits.request_timeout_s} s") from error
         except ValueError as error:  # e.g. the inpainter rejecting a sampler/scheduler combination
-            raise RequestError(422, str(error)) from error
+            raise RequestError.for_message(422, str(error)) from error
         except MODEL_UNAVAILABLE as error:
             # a model replica died or is overloaded mid-request: the caller may retry
             logger.warning("model deployment unavailable: %s", error)
@@ -407,10 +470,14 @@ class FaceDetailerIngress:
         )
 
     def _check_planned(
-        self, params: FaceDetailerParams, faces: list[PlannedFace], lease: QuotaLease | None = None
+        self,
+        params: FaceDetailerParams,
+        faces: list[PlannedFace],
+        prompt_windows: PromptWindows,
+        lease: QuotaLease | None = None,
     ) -> Awaitable[None] | None:
-        """Before any inpainter work: work limits, the file names the faces ask for, the key's quotas."""
-        check_planned_work(params, faces, self.limits)
+        """Before any inpainter work: work and prompt limits, the file names the faces ask for, the key's quotas."""
+        check_planned_work(params, faces, self.limits, prompt_windows)
         check_planned_names(faces)
         if lease is None:
             return None
@@ -425,12 +492,12 @@ class FaceDetailerIngress:
                 lambda text: decode_base64_image(text, self.limits, "controlnet.control_image"),
             )
         except PipelineInputError as error:
-            raise RequestError(422, str(error)) from error
+            raise RequestError.for_message(422, str(error)) from error
         except ImageInputError as error:
-            raise RequestError(error.status_code, str(error)) from error
+            raise RequestError.for_message(error.status_code, str(error)) from error
 
     # ---- HTTP API ----------------------------------------------------------------------------
-    @http_app.get("/healthz")
+    @http_app.get("/healthz", operation_id="healthz", responses=HEALTH_RESPONSES)
     async def healthz(self) -> JSONResponse:
         """Ready when every model deployment answers its health probe."""
         checks: dict[str, str] = {}
@@ -441,42 +508,43 @@ class FaceDetailerIngress:
             try:
                 await asyncio.wait_for(handle.check_health.remote(), timeout=10)
                 checks[name] = "ok"
-            except Exception as error:  # a replica down or failing its probe
-                checks[name] = f"unhealthy: {type(error).__name__}: {error}"[:300]
+            except Exception as error:  # a replica down or failing its probe: its kind here, the text in the log
+                logger.warning("health probe of %s failed: %s: %s", name, type(error).__name__, error)
+                checks[name] = f"unhealthy: {type(error).__name__}"
         healthy = all(value == "ok" for value in checks.values())
         status = {"status": "ok" if healthy else "unhealthy", "deployments": checks}
         return JSONResponse(status, 200 if healthy else 503)
 
-    @http_app.get("/v1/stats")
+    @http_app.get("/v1/stats", operation_id="stats", responses=STATS_RESPONSES)
     async def http_stats(self, caller: Caller | None = Depends(ADMIN)) -> JSONResponse:
         """UNet batch sizes, queue wait and active crops of the inpainter engine, over all replicas;
         with API keys, each key's quota usage (the ``admin`` scope)."""
-        return JSONResponse(await self.stats())
+        try:
+            return JSONResponse(await self.stats())
+        except MODEL_UNAVAILABLE as error:
+            raise RequestError(503, f"the inpainter is unavailable ({type(error).__name__}); retry") from error
 
-    @http_app.get("/v1/info")
+    @http_app.get("/v1/info", operation_id="info", responses=INFO_RESPONSES)
     async def http_info(self, request: Request) -> JSONResponse:
-        """Models loaded, samplers and schedulers supported, limits and parameter defaults.
+        """Models (configured names and references), samplers, schedulers, limits and parameter defaults.
 
         Public. ``auth`` says whether keys are required and, for a valid key sent, the key's scopes and quotas.
         """
-        info = await self.info()
+        try:
+            info = public_info(await self.info())
+        except MODEL_UNAVAILABLE as error:
+            raise RequestError(503, f"a model deployment is unavailable ({type(error).__name__}); retry") from error
         if self.auth is not None:
             caller = self.auth.identify(request.headers.get("authorization"))
             info["auth"] = {"required": True, "scheme": "Bearer", "key": caller.public() if caller else None}
         return JSONResponse(info)
 
-    @http_app.post(
-        "/v1/detail",
-        responses={200: {"content": {"image/png": {}, "application/json": {}}}, **BUSY_RESPONSES},
-        openapi_extra=DETAIL_REQUEST_BODY,
-    )
+    @http_app.post("/v1/detail", operation_id="detail", responses=DETAIL_RESPONSES, openapi_extra=DETAIL_REQUEST_BODY)
     async def http_detail(
-        self, request: Request, format: str = "png", caller: Caller | None = Depends(DETAIL)
+        self, request: Request, format: Literal["png", "json"] = "png", caller: Caller | None = Depends(DETAIL)
     ) -> Response:
         """Detail an uploaded image. Returns the PNG, or with ``?format=json`` every output as JSON."""
         try:
-            if format not in ("png", "json"):
-                raise RequestError(422, f"format: must be 'png' or 'json', got {format!r}")
             started = time.perf_counter()
             self._admit()
             try:
@@ -486,7 +554,7 @@ class FaceDetailerIngress:
             finally:
                 self._inflight -= 1
         except Exception as error:
-            return self._error_response(error, "/v1/detail")
+            return response_for_exception(error)
         result.timings["decode"] = decoded - started
         encode_start = time.perf_counter()
         if format == "json":
@@ -503,12 +571,16 @@ class FaceDetailerIngress:
         }
         return Response(png, media_type="image/png", headers=headers)
 
-    @http_app.post("/v1/detail/stream", responses=BUSY_RESPONSES, openapi_extra=DETAIL_REQUEST_BODY)
+    @http_app.post(
+        "/v1/detail/stream", operation_id="detail_stream", responses=STREAM_RESPONSES, openapi_extra=DETAIL_REQUEST_BODY
+    )
     async def http_detail_stream(self, request: Request, caller: Caller | None = Depends(DETAIL)) -> Response:
         """``/v1/detail``'s inputs; Server-Sent Events: ``face`` per finished face, then ``result``.
 
-        ``result`` carries what ``?format=json`` returns. Input errors are a plain 4xx JSON
-        response before the stream starts; a failure after it starts is an ``error`` event.
+        ``result`` carries what ``?format=json`` returns. Every error knowable before detection
+        (body, images, parameters, limits on them, models, sampler, hooks, prompts) is a plain
+        JSON 4xx before the stream starts; a failure after it starts (e.g. a work limit, which
+        depends on the faces found) is an ``error`` event.
         """
         started = time.perf_counter()
         try:
@@ -517,26 +589,28 @@ class FaceDetailerIngress:
                 images, values = await read_detail_request(request, self.limits)
                 decode_s = time.perf_counter() - started
                 params = parse_params(values)
-                await self._validate_sampling(params)
+                preflight = await self._preflight(params)
             except BaseException:
                 self._inflight -= 1
                 raise
         except Exception as error:
-            return self._error_response(error, "/v1/detail/stream")
-        events = self._event_stream(images, params, started, decode_s, caller)
+            return response_for_exception(error)
+        events = self._event_stream(images, params, preflight, started, decode_s, caller)
         return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
     async def _event_stream(
         self,
         images: list[np.ndarray],
         params: FaceDetailerParams,
+        preflight: Preflight,
         started: float,
         decode_s: float,
         caller: Caller | None = None,
     ) -> AsyncIterator[bytes]:
         try:
             async for event in with_progress(
-                lambda on_face: self.detail(images, params, on_face=on_face, caller=caller), heartbeat_s=HEARTBEAT_S
+                lambda on_face: self._run(images, params, on_face=on_face, caller=caller, preflight=preflight),
+                heartbeat_s=HEARTBEAT_S,
             ):
                 if event["event"] == "heartbeat":
                     yield SSE_HEARTBEAT
@@ -549,11 +623,12 @@ class FaceDetailerIngress:
                     body["timings"]["encode"] = time.perf_counter() - encode_start
                     body["timings"]["total"] = time.perf_counter() - started
                     yield sse("result", body)
-        except RequestError as error:
-            yield sse("error", {"status": error.status_code, **error_body(error)})
         except Exception as error:
-            logger.exception("unexpected error in /v1/detail/stream")
-            yield sse("error", {"status": 500, "error": f"internal error: {type(error).__name__}: {error}"[:500]})
+            client_error = request_error(error)
+            if client_error is None:
+                logger.exception("request failed in /v1/detail/stream")
+                client_error = RequestError(500, INTERNAL_ERROR)
+            yield sse("error", error_body(client_error))
         finally:
             self._inflight -= 1
 
@@ -562,13 +637,3 @@ class FaceDetailerIngress:
         if self._inflight >= self.limits.max_inflight_requests:
             raise RequestError(429, f"busy: {self._inflight} requests in progress on this replica; retry")
         self._inflight += 1
-
-    @staticmethod
-    def _error_response(error: Exception, route: str) -> JSONResponse:
-        """Never a bare 500 page: a client error says what is wrong, anything else what failed."""
-        if isinstance(error, RequestError):
-            return error_response(error)
-        if isinstance(error, ImageInputError):
-            return error_response(RequestError(error.status_code, str(error)))
-        logger.exception("unexpected error in %s", route)
-        return error_response(RequestError(500, f"internal error: {type(error).__name__}: {error}"[:500]))

@@ -301,6 +301,8 @@ class PlannedFace:
     position: int
     sample_size: tuple[int, int]  # (width, height) of the upscaled crop the inpainter samples
     loras: tuple[str, ...] = ()  # LoRA names the face's prompt asks for
+    positive: tuple[str, ...] = ()  # the face's prompt chunks, as its RefineJob gets them (prompt limits)
+    negative: tuple[str, ...] = ()
 
 
 @dataclass
@@ -377,8 +379,11 @@ def planned_faces(prepared: PreparedImage, params: FaceDetailerParams) -> list[P
         )
         if not plan.skip:
             size = hooks.touch_scaled_size(*plan.new_size)  # as plan_face does
-            loras = tuple(lora.name for lora in face_conditioning(params.positive, params.negative, prompt).loras)
-            faces.append(PlannedFace(prepared.index, position, size, loras))
+            conditioning = face_conditioning(params.positive, params.negative, prompt)
+            loras = tuple(lora.name for lora in conditioning.loras)
+            faces.append(
+                PlannedFace(prepared.index, position, size, loras, conditioning.positive, conditioning.negative)
+            )
     return faces
 
 

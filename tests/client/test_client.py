@@ -143,8 +143,11 @@ def test_client_errors_are_not_retried_and_name_their_fields():
         422,
         json={
             "error": "invalid parameters: denoise: Input should be less than or equal to 1",
+            "status": 422,
+            "request_id": "5f2c0a",
             "details": [{"field": "denoise", "message": "Input should be less than or equal to 1"}],
         },
+        headers={"X-Request-ID": "5f2c0a"},
     )
     script = Script(answer)
     with script.client() as client, pytest.raises(ServiceError) as error:
@@ -152,7 +155,15 @@ def test_client_errors_are_not_retried_and_name_their_fields():
     assert not isinstance(error.value, RetryBudgetExceeded)
     assert error.value.status_code == 422 and error.value.fields == ["denoise"]
     assert "less than or equal to 1" in str(error.value)
+    assert error.value.request_id == "5f2c0a" and "(request 5f2c0a)" in str(error.value)
     assert len(script.requests) == 1
+
+
+def test_an_answer_that_is_not_the_error_shape_still_gives_the_request_id_of_its_header():
+    script = Script(httpx.Response(502, text="Bad Gateway", headers={"X-Request-ID": "from-proxy"}))
+    with script.client(retry=RetryPolicy(max_attempts=1)) as client, pytest.raises(ServiceError) as error:
+        client.detail(b"x")
+    assert error.value.status_code == 502 and error.value.request_id == "from-proxy"
 
 
 def test_unreachable_service_is_retried_and_timeouts_are_not():

@@ -76,3 +76,16 @@ def test_ids_of_a_whole_group_equal_its_words_ids(tokenizer) -> None:
     words = [word for word in text.split() if word]
     per_word = [token for word in words for token in tokenizer(word, add_special_tokens=False).input_ids]
     assert token_ids(tokenizer, text, 77)[0][1 : 1 + len(per_word) + 1] == [*per_word, EOS]
+
+
+def test_the_ingress_counts_windows_with_a_pickled_tokenizer(tokenizer) -> None:
+    """Ray sends the checkpoint's tokenizer to the ingress (limits.max_prompt_tokens): same windows."""
+    import pickle
+
+    from deployments.inpainter import count_prompt_windows
+
+    shipped = pickle.loads(pickle.dumps(tokenizer))
+    text = " ".join(["a"] * 74 + ["photorealistic", "face"])
+    assert count_prompt_windows([(shipped, 77)], [text]) == 2
+    assert count_prompt_windows([(shipped, 77)], [text, "a face"]) == 3
+    assert count_prompt_windows([(shipped, 77), (tokenizer, 77)], []) == 1

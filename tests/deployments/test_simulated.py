@@ -452,3 +452,33 @@ def test_the_whole_cycle_on_simulated_models_changes_only_the_faces() -> None:
     assert np.abs(detailed[192, 192].astype(int) - to_uint8(prompt_colour("a red face")[:3])).max() <= 2
     again = stages.detail([image], params)
     assert np.array_equal(again.images[0], detailed)
+
+
+def test_crops_whose_prompts_differ_in_length_never_share_a_unet_call():
+    """Every row of a UNet call attends to the lcm of the rows' context lengths: a request's long
+    prompts must not lengthen another crop's context (limits.max_prompt_tokens bounds each face)."""
+
+    def jobs(positives: list[str]) -> list[RefineJob]:
+        pixels = np.full((64, 64, 3), 120, np.uint8)
+        return [RefineJob(image=pixels, noise_mask=None, positive=(text,), negative=("",), seed=k)
+                for k, text in enumerate(positives)]  # fmt: skip
+
+    settings = SamplingSettings(steps=3, denoise=1.0)
+    for positives, batch_sizes in ((["a face", "a smile"], {2}), (["a face", "word " * 100], {1})):
+        inpainter = load_inpainter("sim://sd15?a=0&b=0", device="cpu")
+        inpainter.refine_result(jobs(positives), settings)
+        assert set(inpainter.engine.snapshot()["unet_batch_sizes"]) == batch_sizes, positives
+
+
+def test_the_ingress_counts_the_windows_the_text_encoder_reads():
+    """``count_prompt_windows`` with the tokenizers ``prompt_tokenizers()`` hands out (pickled, as Ray
+    sends them to the ingress) equals the context the inpainter encodes, 77 tokens per window."""
+    import pickle
+
+    from deployments.inpainter import count_prompt_windows
+
+    inpainter = load_inpainter("sim://sd15?a=0&b=0", device="cpu")
+    tokenizers = pickle.loads(pickle.dumps(inpainter.prompt_tokenizers()))
+    for chunks in [(), ("a face",), ("word " * 75,), ("word " * 76,), ("a", "b BREAK c"), ("(smile:1.3) " * 40,)]:
+        hidden, _ = inpainter._encode_prompt(tuple(chunks) or ("",))
+        assert hidden.shape[1] == 77 * count_prompt_windows(tokenizers, chunks), chunks

@@ -9,6 +9,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -347,7 +350,7 @@ def test_each_image_without_faces_has_a_placeholder_in_every_list_over_http(clie
 def test_named_detectors_over_http_and_the_handle(client, serve_instance):
     info = client.get(f"{SEGM_ROUTE}/v1/info").json()
     assert list(info["detectors"]) == ["face", "tiny"]
-    assert info["detectors"]["tiny"]["model_path"].endswith("tiny_face_yolov8n.pt")
+    assert info["detectors"]["tiny"]["model_path"] == ".../tiny_face_yolov8n.pt"  # a name, no server path
     assert list(client.get("/v1/info").json()["detectors"]) == ["default"]
     health = client.get(f"{SEGM_ROUTE}/healthz").json()["deployments"]
     assert {"detector:face", "detector:tiny", "segm_detector", "inpainter"} == set(health)
@@ -371,3 +374,75 @@ def test_named_detectors_over_http_and_the_handle(client, serve_instance):
     with pytest.raises(RequestError, match="unsampler: scheduler 'nope'"):
         bad = {**FAST, "cycle": 2, "detailer_hooks": [{"type": "unsampler", "scheduler": "nope"}]}
         handle.detail.remote(photo, bad).result(timeout_s=60)
+
+
+# ---- issue 19: bounds, images as LoadImage loads them, errors with request ids ------------------
+
+
+def test_errors_carry_the_request_id_that_serve_logs(client, serve_instance):
+    """The body's request_id is the X-Request-ID Serve's proxy sends back (once) and its replica logs."""
+    import ray
+
+    files = {"image": ("x.png", png_bytes(no_face()), "image/png")}
+    response = client.post("/v1/detail", files=files, data={"params": json.dumps({"steps": 10000})})
+    assert response.status_code == 422
+    body = response.json()
+    assert response.headers.get_list("x-request-id") == [body["request_id"]]
+    chosen = client.post("/v1/detail", files=files, data={"params": "{"}, headers={"X-Request-ID": "issue19-id"})
+    assert chosen.status_code == 422 and chosen.json()["request_id"] == "issue19-id"
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    deadline = time.monotonic() + 20
+    found: set[str] = set()
+    while time.monotonic() < deadline and len(found) < 2:
+        for path in logs.glob("*.log"):
+            text = path.read_text(errors="replace")
+            found |= {rid for rid in (body["request_id"], "issue19-id") if rid in text}
+        time.sleep(0.5)
+    assert found == {body["request_id"], "issue19-id"}
+
+
+def test_info_names_models_without_server_paths(client):
+    for route in ("", SEGM_ROUTE):
+        text = client.get(f"{route}/v1/info").text
+        for local in (os.environ["FACEDETAILER_TEST_CACHE"], "site-packages", str(Path.home()), "/tmp/"):
+            assert local not in text, (route, local)
+
+
+def test_the_stream_refuses_before_streaming_what_needs_no_detection(client):
+    """The checkpoint's own tokenizer counts the prompt (fetched through Ray, per checkpoint)."""
+    files = {"image": ("x.png", png_bytes(three_faces()), "image/png")}
+    cases = [
+        ("", {"steps": 10000}, "steps"),
+        ("", {"model": "no-such-checkpoint"}, "model"),
+        ("", {"positive": "a face " * 400}, "positive"),
+        (SEGM_ROUTE, {"model": "sdxl", "negative": " BREAK ".join(["blurry"] * 11)}, "negative"),
+    ]
+    for route, params, field in cases:
+        started = time.perf_counter()
+        data = {"params": json.dumps({**FAST, **params})}
+        response = client.post(f"{route}/v1/detail/stream", files=files, data=data)
+        assert response.status_code == 422 and response.headers["content-type"] == "application/json", response.text
+        assert field in [item["field"] for item in response.json()["details"]]
+        assert time.perf_counter() - started < 10
+    fine = client.post("/v1/detail/stream", files=files, data={"params": json.dumps({**FAST, "positive": "a face"})})
+    assert fine.status_code == 200 and "event: result" in fine.text
+
+
+def test_uploads_load_as_comfyui_loads_them(client):
+    """An EXIF-rotated photo is detailed upright (its face found); a 16-bit image is scaled, not clipped."""
+    upright = assets.astronaut()[:, 64:448]  # 512 high, 384 wide: a turn changes the shape
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    files = {"image": ("phone.jpg", buffer.getvalue(), "image/jpeg")}
+    body = client.post("/v1/detail?format=json", files=files, data={"params": json.dumps(FAST)}).json()
+    assert decode(body["image"]).shape == upright.shape and body["faces_detected"] == 1
+    ramp = np.linspace(0, 65535, 320 * 240).reshape(240, 320).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    files = {"image": ("ramp.png", buffer.getvalue(), "image/png")}
+    answer = client.post("/v1/detail?format=json", files=files, data={"params": json.dumps(FAST)}).json()
+    assert answer["faces_detected"] == 0
+    assert np.array_equal(decode(answer["image"])[..., 0], (ramp // 257).astype(np.uint8))

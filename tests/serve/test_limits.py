@@ -14,7 +14,15 @@ import pytest
 
 from facedetailer.params import FaceDetailerParams
 from serve_app.config import Limits
-from serve_app.limits import LimitExceededError, check_planned_work, check_request, face_work_units
+from serve_app.limits import (
+    LimitExceededError,
+    check_planned_work,
+    check_prompt_tokens,
+    check_request,
+    face_prompt_tokens,
+    face_sampling_steps,
+    face_work_units,
+)
 from serve_app.pipeline import PlannedFace, detail_batch
 from tests.serve.test_pipeline import FakeStages, Job, face, textured
 
@@ -109,6 +117,104 @@ def test_a_huge_guide_size_is_refused_before_the_crop_is_upscaled():
                          check_work=lambda faces: check_planned_work(params, faces, LIMITS))
         )
     assert caught.value.requested > 16000**2 and stages.refine_calls == []
+
+
+# ------------------------------------------------------------------ what multiplies the work
+
+
+def unsampler(**values) -> dict:
+    return {"type": "unsampler", **values}
+
+
+@pytest.mark.parametrize(
+    ("params", "steps_run"),
+    [
+        ({"steps": 20, "cycle": 3}, 60),
+        # the issue's request: main steps 1, an unsampler of 10000 steps before cycles 1.. (skip_start)
+        # runs steps − end_at_step = 10000 − 21 = 9979 steps before cycle 1
+        ({"steps": 1, "cycle": 2, "detailer_hooks": [unsampler(steps=10000)]}, 2 + 9979),
+        # from_start: before every cycle; end_at_step moves 21 → 24 over the cycles
+        ({"steps": 5, "cycle": 2, "detailer_hooks": [unsampler(steps=30, schedule_for_cycle="from_start")]},
+         10 + (30 - 21) + (30 - 22)),
+        # the denoise schedule reaches 0 in the last cycle: that cycle samples nothing
+        ({"steps": 10, "cycle": 3, "denoise": 0.5, "detailer_hooks": [{"type": "denoise_scheduler",
+                                                                         "target_denoise": 0.0}]}, 20),
+        # noise injection and variation noise draw noise, no UNet step
+        ({"steps": 10, "cycle": 2, "detailer_hooks": [{"type": "noise_injection"}, {"type": "variation_noise"}]}, 20),
+    ],
+)
+def test_steps_run_per_face_count_every_cycle_and_unsampler(params, steps_run):
+    assert face_sampling_steps(FaceDetailerParams(**params)) == steps_run
+
+
+def test_retries_and_controlnet_multiply_a_faces_work_units():
+    retry = {"type": "black_patch_retry", "mean_thresh": 255, "var_thresh": 255, "max_retries": 10}
+    base = FaceDetailerParams(steps=2)
+    assert face_work_units(base, (512, 512)) == 2
+    assert face_work_units(FaceDetailerParams(steps=2, detailer_hooks=[retry]), (512, 512)) == 20
+    control = {"name": "tile", "strength": 1.0}
+    assert face_work_units(FaceDetailerParams(steps=2, controlnet=control), (512, 512)) == 3.0
+    assert face_work_units(FaceDetailerParams(steps=2, controlnet={**control, "strength": 0.0}), (512, 512)) == 2
+
+
+def test_an_unsampler_over_max_steps_is_refused_on_arrival_naming_the_hook():
+    params = FaceDetailerParams(steps=1, detailer_hooks=[{"type": "noise_injection"}, unsampler(steps=10000)])
+    with pytest.raises(LimitExceededError, match="detailer_hooks.1.steps") as caught:
+        check_request(params, LIMITS)
+    assert [detail["field"] for detail in caught.value.details()] == ["detailer_hooks.1.steps"]
+    assert caught.value.requested == 10000
+
+
+def test_retries_over_the_work_limit_name_the_hooks():
+    retry = {"type": "black_patch_retry", "max_retries": 10}
+    params = FaceDetailerParams(steps=20, detailer_hooks=[retry])  # 200 units per 512² face
+    with pytest.raises(LimitExceededError, match="max_work_units") as caught:
+        check_planned_work(params, [PlannedFace(0, 0, (512, 512))], LIMITS)
+    assert caught.value.requested == 200
+    assert "detailer_hooks" in [detail["field"] for detail in caught.value.details()]
+
+
+def test_prompt_characters_are_bounded_on_arrival():
+    limits = Limits(max_prompt_chars=1000)
+    check_request(FaceDetailerParams(positive="x" * 1000), limits)
+    for name in ("positive", "negative", "wildcard"):
+        with pytest.raises(LimitExceededError, match=f"{name}: 1001 characters") as caught:
+            check_request(FaceDetailerParams(**{name: "x" * 1001}), limits)
+        assert caught.value.fields == (name,)
+
+
+def windows_counter():
+    from deployments.simulated import SimulatedTokenizer
+    from serve_app.prompt_tokens import PromptWindows
+
+    return PromptWindows([(SimulatedTokenizer(), 77)])
+
+
+def test_prompt_tokens_are_counted_in_whole_windows_as_the_inpainter_cuts_them():
+    windows = windows_counter()
+    assert windows(()) == windows(("",)) == 1  # the empty prompt: one window, no tokenizer needed
+    assert windows(("a photo of a face",)) == 1
+    assert windows(("word " * 75,)) == 1 and windows(("word " * 76,)) == 2  # 75 tokens fill a window
+    assert windows(("a", "b", "c")) == 3  # every BREAK chunk starts a window
+    assert face_prompt_tokens(1, 1) == 75
+    assert face_prompt_tokens(2, 3) == 450  # repeated to a common 6 windows, as the UNet sees them
+    check_prompt_tokens("positive", 10, LIMITS.model_copy(update={"max_prompt_tokens": 750}))
+    with pytest.raises(LimitExceededError, match="positive: 11 windows of 75 CLIP tokens"):
+        check_prompt_tokens("positive", 11, LIMITS.model_copy(update={"max_prompt_tokens": 750}))
+
+
+def test_each_faces_prompt_after_its_wildcard_is_checked_before_the_inpainter():
+    """The wildcard gives one face a long prompt: refused from the plan, nothing refined."""
+    stages = FakeStages([face(40, 40, 80, 90), face(200, 100, 260, 170)])
+    long_item = "word " * 200  # 3 windows
+    params = FaceDetailerParams(wildcard=f"short[SEP]{long_item}", guide_size=128, max_size=256)
+    limits = LIMITS.model_copy(update={"max_prompt_tokens": 150, "max_work_units": 10_000})
+    with pytest.raises(LimitExceededError, match=r"image 0, face \d: its prompts give the UNet 225 tokens") as caught:
+        asyncio.run(
+            detail_batch([textured()], params, stages, make_job=Job, settings=None,
+                         check_work=lambda faces: check_planned_work(params, faces, limits, windows_counter()))
+        )
+    assert caught.value.limit == "max_prompt_tokens" and stages.refine_calls == []
 
 
 # ------------------------------------------------------------------ over HTTP, on the served graph

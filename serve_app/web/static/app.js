@@ -215,7 +215,8 @@ function showServiceError(body, status) {
     const named = /^([a-z_]+)(\[\d+\])?: (.*)$/s.exec(message);
     if (named) placed = showFieldError(named[1], named[3]);
   }
-  $("#run-error").textContent = placed ? `${status}: the service refused a value (see the field)` : `${status}: ${message}`;
+  const request = body?.request_id ? ` (request ${body.request_id})` : "";
+  $("#run-error").textContent = (placed ? `${status}: the service refused a value (see the field)` : `${status}: ${message}`) + request;
   const first = document.querySelector(".field.invalid, #run-error");
   first?.scrollIntoView({ block: "center" });
 }
