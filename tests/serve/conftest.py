@@ -49,7 +49,11 @@ def serve_instance(
     env_vars.update({key: value for key, value in os.environ.items() if key.endswith(("_OFFLINE", "_PROXY", "_proxy"))})
     env_vars["FACEDETAILER_TINY_MODELS"] = os.environ["FACEDETAILER_TINY_MODELS"]
     started = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+    # address="local": always a private instance (without it ray.init joins a cluster another process on
+    # this machine started, e.g. tests/cluster's, and fails on num_cpus)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env_vars}, log_to_driver=False
+    )
     try:
         port = _free_port()
         http = dict(local_cpu_config["http_options"], port=port)
