@@ -92,11 +92,13 @@ class KillRecord:
 
 @dataclass
 class RandomKiller:
-    """Kills a random replica of a random model deployment every ``interval_s`` (uniform) seconds, in a thread."""
+    """Kills a replica of a random model deployment every ``interval_s`` (uniform) seconds, in a thread:
+    one in the middle of a model call when there is one, else any (``ray.kill`` and SIGKILL in turn)."""
 
     app: str
     deployments: Sequence[str]
     interval_s: tuple[float, float] = (20.0, 60.0)
+    busy_wait_s: float = 10.0  # how long to look for a replica in the middle of a call
     seed: int = 0
     kills: list[KillRecord] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -113,14 +115,23 @@ class RandomKiller:
         if self._thread is not None:
             self._thread.join(timeout=60)
 
+    def _victim(self, deployment: str, chooser: random.Random) -> dict[str, Any]:
+        """A replica of ``deployment`` running a call if one does within ``busy_wait_s``, else any."""
+        end = time.monotonic() + self.busy_wait_s
+        while True:
+            replicas = replicas_of(self.app, deployment)
+            busy = [replica for replica in replicas if replica["running_calls"] > 0]
+            if busy or time.monotonic() > end or self._stop.is_set():
+                return chooser.choice(busy or replicas)
+            time.sleep(0.1)
+
     def _loop(self) -> None:
         chooser = random.Random(self.seed)
         while not self._stop.wait(chooser.uniform(*self.interval_s)):
             deployment = chooser.choice(list(self.deployments))
             method = KILL_METHODS[len(self.kills) % len(KILL_METHODS)]
             try:
-                replicas = replicas_of(self.app, deployment)
-                replica = chooser.choice(replicas)
+                replica = self._victim(deployment, chooser)
                 kill_replica(self.app, deployment, replica, method)
                 self.kills.append(KillRecord(time.time(), deployment, replica["replica"], method,
                                              replica["running_calls"]))  # fmt: skip
