@@ -183,6 +183,7 @@ def run_setup(name: str, duration_s: float, kill_every: tuple[float, float], use
         replicas = {deployment: dict(status.replica_states)
                     for deployment, status in serve.status().applications[APP_NAME].deployments.items()}  # fmt: skip
         result = {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
             "setup": {key: value for key, value in setup.items() if key != "ray"} | {"ray": setup["ray"]},
             "users": users or setup["users"],
             "duration_s": duration_s,
@@ -243,6 +244,19 @@ def memory_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def busy_note(result: dict[str, Any]) -> str:
+    """Other busy processes seen before and after the run: the machine is shared, latencies depend on it."""
+    busy = {
+        when: [f"`{' '.join(p['command'].removeprefix('ray::').split())[:70]}` {p['cpu_percent']:.0f} %"
+               for p in result[f"conditions_{when}"].get("busy_processes", [])]
+        for when in ("before", "after")
+    }  # fmt: skip
+    if not any(busy.values()):
+        return ""
+    return (" Busy processes (not this run's) before: " + (", ".join(busy["before"]) or "none")
+            + "; after: " + (", ".join(busy["after"]) or "none") + ".")  # fmt: skip
+
+
 def render_setup(name: str, result: dict[str, Any]) -> list[str]:
     summary, setup = result["summary"], result["setup"]
     kills = result["kills"]
@@ -254,10 +268,12 @@ def render_setup(name: str, result: dict[str, Any]) -> list[str]:
     lines = [
         f"## `{name}`: {setup['config']} + {' + '.join(setup['overlays'])}",
         "",
-        f"{result['users']} locust users for {result['duration_s'] / 60:.0f} min (think time 0.5–2 s), "
+        f"Run {result.get('date', 'as above')}: {result['users']} locust users for "
+        f"{result['duration_s'] / 60:.0f} min (think time 0.5–2 s), "
         f"valid requests `{json.dumps(setup['params'])}`; Ray with {json.dumps(result['setup']['ray'])}; "
         f"application up in {result['startup_s']:.0f} s. Load average before / after: "
-        f"{result['conditions_before']['load_average']} / {result['conditions_after']['load_average']}.",
+        f"{result['conditions_before']['load_average']} / {result['conditions_after']['load_average']}."
+        + busy_note(result),
         "",
         "| measure | value |",
         "|---|---|",
@@ -324,7 +340,8 @@ def main() -> None:
         cache = Path(os.environ.setdefault("FACEDETAILER_TEST_CACHE", str(REPO / ".cache" / "tests")))
         os.environ.setdefault("FACEDETAILER_TINY_MODELS", str(cache / "tiny-models"))
         machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-        results = {"date": time.strftime("%Y-%m-%d"), "machine": machine}
+        kept = json.loads(args.json.read_text()) if args.json.exists() else {}  # the other setups' figures
+        results = {**kept, "date": time.strftime("%Y-%m-%d"), "machine": machine}
         for name in args.setups:
             results[name] = run_setup(name, args.duration, tuple(args.kill_every), args.users)
             args.json.write_text(json.dumps(results, indent=1))
