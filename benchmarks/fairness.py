@@ -64,20 +64,47 @@ def loadavg() -> list[float]:
 
 
 def image(faces: int, seed: int) -> bytes:
-    """Texture in ``faces`` grid cells (the simulated detector's 3×3 grid), flat grey elsewhere."""
+    """Texture inside ``faces`` cells of the simulated detector's 3×3 grid, flat grey elsewhere.
+
+    The texture keeps a flat margin in its cell: the detector measures contrast on a subsampled
+    image, and a cell whose rounded bounds took in a sliver of its neighbour's texture would count
+    as a face too.
+    """
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     array = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 120, np.uint8)
-    cell = IMAGE_SIZE // 3
+    cell, margin = IMAGE_SIZE // 3, 16
     for index in range(faces):
         row, column = divmod(index, 3)
-        array[row * cell : (row + 1) * cell, column * cell : (column + 1) * cell] = rng.integers(
-            0, 256, (cell, cell, 3), dtype=np.uint8
+        top, left = row * cell + margin, column * cell + margin
+        array[top : top + cell - 2 * margin, left : left + cell - 2 * margin] = rng.integers(
+            0, 256, (cell - 2 * margin, cell - 2 * margin, 3), dtype=np.uint8
         )
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def wait_for_idle(limit_s: float, threshold: float = 1.0) -> float:
+    """Wait (at most ``limit_s``) until the 1-minute load average is below ``threshold``; seconds waited."""
+    started = time.monotonic()
+    while loadavg()[0] >= threshold and time.monotonic() - started < limit_s:
+        time.sleep(5)
+    return round(time.monotonic() - started, 1)
+
+
+def other_pytest() -> bool:
+    """Whether another pytest session is running on the machine (its load lands in the figures)."""
+    own = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != own:
+            try:
+                if b"pytest" in (entry / "cmdline").read_bytes():
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -148,6 +175,7 @@ async def run_phase(url: str, keys: dict[str, str], args: argparse.Namespace, fl
             body_json = response.json()
             record["faces"] = body_json["faces_refined"]
             record["queue_wait_s"] = body_json["timings"].get("inpaint_queue_wait")
+            record["timings"] = body_json["timings"]
         elif response.status_code == 200:
             record["faces"] = int(response.headers.get("x-faces-refined", 0))
         else:
@@ -210,6 +238,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from serve_app.auth.keys import key_entry, new_key
 
     apply_offline_env()
+    idle_wait = wait_for_idle(args.wait_idle_s)
     keys = {"A": new_key(), "B": new_key()}
     workdir = Path(tempfile.mkdtemp(prefix="fairness-"))
     keys_file = workdir / "keys.yaml"
@@ -223,7 +252,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join(sys.argv),
         "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True).stdout.strip(),
-        "machine": {"nproc": os.cpu_count(), "python": platform.python_version(), "loadavg_start": loadavg()},
+        "machine": {"nproc": os.cpu_count(), "python": platform.python_version(), "loadavg_start": loadavg(),
+                    "idle_wait_s": idle_wait, "other_pytest_seen": other_pytest()},
         "params": PARAMS,
         "flood": {"clients": args.flood_clients, "faces": args.flood_faces},
         "phases": {},
@@ -233,6 +263,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         plan: list[tuple[str, bool, bool, int]] = [("alone", False, True, 8)]
         for ongoing in (8, args.wide_ongoing):
             plan += [(f"fair/{ongoing}", True, True, ongoing), (f"fifo/{ongoing}", True, False, ongoing)]
+        plan = [step for step in plan if not args.phases or step[0] in args.phases]
         for name, flood, fair, ongoing in plan:
             print(f"phase {name}: deploying (fair_queueing={fair}, inpainter max_ongoing_requests={ongoing})…",
                   flush=True)  # fmt: skip
@@ -244,10 +275,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             results["phases"][name] = phase
             print(f"  B p50 {fmt(phase['b_latency_s']['p50'])} max {fmt(phase['b_latency_s']['max'])}, "
                   f"A {fmt(phase['a_faces_per_s'], ' faces/s')}, A statuses {phase['a_statuses']}", flush=True)
+            if phase["records"]["B"]:
+                timings = phase["records"]["B"][-1].get("timings", {})
+                print("  B's last timings: " + ", ".join(f"{k} {v:.3f}" for k, v in timings.items()), flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
     results["machine"]["loadavg_end"] = loadavg()
+    results["machine"]["other_pytest_seen_end"] = other_pytest()
     return results
 
 
@@ -282,8 +317,9 @@ def render(results: dict[str, Any]) -> str:
         f"{results['flood']['clients']} closed-loop clients of {results['flood']['faces']} faces each; key **B** "
         "sends one single-face request at a time. Every request: 20 steps, 512×512 crops. "
         f"Machine: {results['machine']['nproc']} cores, load average {results['machine']['loadavg_start'][0]:.1f} at "
-        f"the start and {results['machine']['loadavg_end'][0]:.1f} at the end (the simulated device sleeps; the "
-        "host work around it shares the cores).",
+        f"the start and {results['machine']['loadavg_end'][0]:.1f} at the end; another pytest session running: "
+        f"{'yes' if results['machine']['other_pytest_seen'] or results['machine']['other_pytest_seen_end'] else 'no'} "
+        "(the simulated device sleeps; the host work around it shares the cores).",
         "",
         "| phase | queue between keys | inpainter `max_ongoing_requests` | B latency p50 | p90 | max | "
         "B × alone (p50) | B's inpainter queue wait p50 | A refined faces/s | A answers |",
@@ -318,6 +354,8 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=8.0, help="A's flood before B's first request")
     parser.add_argument("--wide-ongoing", type=int, default=64, help="the raised inpainter max_ongoing_requests")
     parser.add_argument("--timeout-s", type=float, default=300.0)
+    parser.add_argument("--wait-idle-s", type=float, default=180.0, help="wait this long at most for a quiet machine")
+    parser.add_argument("--phases", nargs="*", help="only these phases (alone, fair/8, fifo/8, fair/64, fifo/64)")
     parser.add_argument("--render-from", type=Path, help="re-render docs/auth.md from saved results")
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
