@@ -18,7 +18,9 @@ import base64
 import binascii
 import io
 import struct
+import sys
 import warnings
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -49,7 +51,7 @@ def decode_image(data: bytes, limits: Limits, name: str = "image") -> np.ndarray
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with pillow_open()(io.BytesIO(data)) as image:
                 if image.format not in ACCEPTED_FORMATS:
                     raise ImageInputError(
                         f"{name}: format {image.format} is not accepted (use PNG, JPEG or WebP)", 415
@@ -72,6 +74,20 @@ def decode_image(data: bytes, limits: Limits, name: str = "image") -> np.ndarray
     except (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, struct.error) as error:
         # Pillow's decoders say what is broken; their messages name no server path
         raise ImageInputError(f"{name}: corrupt or truncated image: {str(error)[:200]}") from error
+    except Exception as error:  # a decoder failing in another way on hostile bytes is still the file's fault
+        raise ImageInputError(f"{name}: the image could not be decoded ({type(error).__name__})") from error
+
+
+def pillow_open() -> Any:
+    """Pillow's own ``Image.open``.
+
+    Importing ultralytics replaces ``PIL.Image.open`` process-wide with a wrapper that, on the first
+    file Pillow cannot identify, installs and registers a HEIF plugin (``check_requirements("pi-heif")``)
+    — a package install in the middle of a request, or an import error. Uploads are identified by
+    Pillow alone (PNG, JPEG, WebP), so the original is used wherever ultralytics is loaded.
+    """
+    patches = sys.modules.get("ultralytics.utils.patches")
+    return getattr(patches, "_image_open", Image.open) if patches is not None else Image.open
 
 
 def loaded_rgb(image: Image.Image) -> np.ndarray:

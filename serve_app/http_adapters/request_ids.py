@@ -62,14 +62,14 @@ class RequestIdMiddleware:
     def __init__(self, app: ASGIApp, on_unhandled: Callable[[BaseException], Any]) -> None:
         self.app = app
         self.on_unhandled = on_unhandled
-        self._adds_header: bool | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self._adds_header is None:
-            self._adds_header = not _behind_serve()
+        # asked per request, not kept: the app object (and this middleware) may be built in one
+        # process and pickled into a Serve replica
+        adds_header = not _behind_serve()
         given = next((value for key, value in scope.get("headers", []) if key == _HEADER_KEY), b"")
         text = given.decode("latin-1")
         request_id = text if _ACCEPTED_ID.fullmatch(text) else new_request_id()
@@ -81,7 +81,7 @@ class RequestIdMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                if self._adds_header:
+                if adds_header:
                     headers = [(key, value) for key, value in message.get("headers", []) if key != _HEADER_KEY]
                     message["headers"] = [*headers, (_HEADER_KEY, request_id.encode("latin-1"))]
             await send(message)

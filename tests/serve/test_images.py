@@ -155,3 +155,15 @@ def test_handle_arrays_follow_the_same_rules():
         as_uint8_image(np.zeros((4, 4, 3), np.int64))
     with pytest.raises(ImageInputError, match="expected an array"):
         as_uint8_image(np.zeros((4, 4, 2), np.uint8))
+
+
+def test_a_non_image_is_a_415_even_where_ultralytics_patched_pillow():
+    """Importing ultralytics replaces PIL.Image.open with a wrapper that installs a HEIF plugin on the
+    first unidentified file (found by the fuzzer as a 500 once ultralytics was loaded): not used here."""
+    import ultralytics.utils.patches
+
+    assert Image.open is ultralytics.utils.patches.image_open  # the process-wide patch is in place
+    with pytest.raises(ImageInputError) as caught:
+        decode_image(b"hello, this is not an image", LIMITS)
+    assert caught.value.status_code == 415
+    assert not ultralytics.utils.patches._pil_plugins_registered

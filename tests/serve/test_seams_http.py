@@ -65,8 +65,10 @@ def lab_mean_error(photo: np.ndarray, image: np.ndarray, segment) -> float:
 def test_info_and_openapi_list_the_seam_options(client):
     defaults = client.get("/v1/info").json()["defaults"]
     assert (defaults["color_match"], defaults["color_match_strength"], defaults["blend"]) == ("none", 1.0, "feather")
-    schema = client.get("/openapi.json").json()["paths"]["/v1/detail"]["post"]["requestBody"]
-    params = schema["content"]["application/json"]["schema"]["properties"]["params"]["properties"]
+    openapi = client.get("/openapi.json").json()
+    body = openapi["paths"]["/v1/detail"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"$ref": "#/components/schemas/FaceDetailerParams"} in body["properties"]["params"]["anyOf"]
+    params = openapi["components"]["schemas"]["FaceDetailerParams"]["properties"]
     assert params["color_match"]["enum"] == ["none", "mean_std", "histogram"]
     assert params["blend"]["enum"] == ["feather", "multiband"]
     assert (params["color_match_strength"]["minimum"], params["color_match_strength"]["maximum"]) == (0.0, 1.0)
