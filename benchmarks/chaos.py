@@ -227,11 +227,16 @@ def memory_table(result: dict[str, Any]) -> list[str]:
     start = {(row["role"], row["pid"]): row for row in result["memory_start"]}
     end = {(row["role"], row["pid"]): row for row in result["memory_end"]}
     peaks: dict[tuple[str, int], float] = {}
+    series: dict[tuple[str, int], list[float]] = {}
     for _, rows in result["memory_samples"]:
         for row in rows:
             key = (row["role"], row["pid"])
             peaks[key] = max(peaks.get(key, 0.0), row["rss_mib"])
-    lines = ["| process | pid | RSS at start | RSS at end | peak sampled | change |", "|---|---|---|---|---|---|"]
+            series.setdefault(key, []).append(row["rss_mib"])
+    lines = [
+        "| process | pid | RSS at start | RSS at end | peak sampled | change | of which in the second half |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for key in sorted(set(start) | set(end)):
         role, pid = key
         before, after = start.get(key), end.get(key)
@@ -239,9 +244,17 @@ def memory_table(result: dict[str, Any]) -> list[str]:
             "killed during the run" if before else "started during the run (a replacement)")
         lines.append(
             f"| {role} | {pid} | {fmt(before and before['rss_mib'], ' MiB', 1)} | "
-            f"{fmt(after and after['rss_mib'], ' MiB', 1)} | {fmt(peaks.get(key), ' MiB', 1)} | {change} |"
+            f"{fmt(after and after['rss_mib'], ' MiB', 1)} | {fmt(peaks.get(key), ' MiB', 1)} | {change} | "
+            f"{second_half(series.get(key, []))} |"
         )
     return lines
+
+
+def second_half(samples: list[float]) -> str:
+    """Growth over the second half of a process' samples: a leak keeps growing, warm-up does not."""
+    if len(samples) < 4:
+        return "—"
+    return f"{samples[-1] - samples[len(samples) // 2]:+.1f} MiB"
 
 
 def busy_note(result: dict[str, Any]) -> str:
