@@ -110,6 +110,11 @@ class RefineJob:
     loras: tuple[tuple[str, float, float], ...] = ()  # (name, model_weight, clip_weight)
     settings: SamplingSettings | None = None  # this crop's settings; None: the call's
     control: ControlHint | None = None  # a ControlNet for this crop (deployments/controlnet.py)
+    # Video temporal consistency (serve_app/video, :func:`blended_initial_latent`): sampling starts
+    # from (1 − w)·encode(image) + w·init_latent, e.g. the same track's latent in the previous frame.
+    init_latent: np.ndarray | None = None  # float32 [1, C, h, w], this crop's latent shape
+    init_latent_weight: float = 0.0
+    return_latent: bool = False  # RefineResult.latents gets this crop's final latent (float32, host)
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,7 @@ class RefineResult:
     queue_wait_s: float = 0.0
     engine_s: float = 0.0  # in the engine: queue wait, preparation, sampling, decoding
     unet_evaluations: list[int] = field(default_factory=list)
+    latents: list[np.ndarray | None] = field(default_factory=list)  # the final latents jobs asked for
 
 
 class Inpainter:
@@ -345,7 +351,7 @@ class Inpainter:
             pixels = _device_pixels([_pad_image(crop.payload.job.image, padded) for crop in members], self.device)
             latents = self._encode(pixels)
             for position, crop in enumerate(members):
-                crop.latent = latents[position : position + 1]
+                crop.latent = blended_initial_latent(latents[position : position + 1], crop.payload.job)
                 crop.state["padded"] = padded
                 crop.state["control"] = self.controlnets.prepare(
                     crop.payload.job.control, crop.payload.job.image.shape[:2], padded
@@ -672,7 +678,30 @@ def result_of(request: EngineRequest, images: list[np.ndarray]) -> RefineResult:
         queue_wait_s=request.queue_wait_s,
         engine_s=request.engine_s,
         unet_evaluations=[crop.unet_evaluations for crop in request.crops],
+        latents=[_returned_latent(crop) for crop in request.crops],
     )
+
+
+def blended_initial_latent(encoded: torch.Tensor, job: RefineJob) -> torch.Tensor:
+    """The latent a crop starts sampling from: its VAE encoding, mixed with ``job.init_latent`` if set.
+
+    (1 − w)·encoded + w·init_latent: a video track's crop pulled towards the same track's result in
+    the previous frame (serve_app/video ``latent_blend``). Without ``init_latent``, ``encoded`` itself.
+    """
+    if job.init_latent is None or job.init_latent_weight == 0.0:
+        return encoded
+    previous = torch.from_numpy(np.asarray(job.init_latent, np.float32)).to(encoded.device, encoded.dtype)
+    if tuple(previous.shape) != tuple(encoded.shape):
+        raise ValueError(f"init_latent has shape {tuple(previous.shape)}, this crop's latent {tuple(encoded.shape)}")
+    weight = float(job.init_latent_weight)
+    return encoded * (1.0 - weight) + previous * weight
+
+
+def _returned_latent(crop: EngineCrop) -> np.ndarray | None:
+    """A finished crop's final latent on the host, when its job asked for it."""
+    if not getattr(crop.payload.job, "return_latent", False) or crop.latent is None:
+        return None
+    return crop.latent.detach().float().cpu().numpy()
 
 
 # -------------------------------------------------------------------- helpers
@@ -684,6 +713,8 @@ def check_job(index: int, job: RefineJob) -> None:
         raise ValueError(f"job {index}: image must be uint8 [H, W, 3], got {getattr(image, 'shape', None)}")
     if min(image.shape[:2]) < 1:
         raise ValueError(f"job {index}: empty image {image.shape}")
+    if not 0.0 <= job.init_latent_weight <= 1.0:
+        raise ValueError(f"job {index}: init_latent_weight must be in [0, 1], got {job.init_latent_weight}")
     mask = job.noise_mask
     if mask is not None:
         mask = np.asarray(mask)

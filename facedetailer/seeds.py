@@ -47,3 +47,14 @@ def comfy_denoise_schedule(steps: int, denoise: float) -> DenoiseSchedule:
     while int(total * strength) < steps:  # step up past float rounding, at most a few ulps
         strength = math.nextafter(strength, 2.0)
     return DenoiseSchedule(total_steps=total, start_index=total - steps, executed_steps=steps, strength=strength)
+
+
+def track_seed(base_seed: int, track_position: int) -> int:
+    """A video track's seed: ``seed + j`` for the track at position j, as faces of one image get."""
+    return (base_seed + track_position) % SEED_MODULUS
+
+
+def track_frame_seed(seed_of_track: int, frame_index: int, *, shared_noise: bool) -> int:
+    """The seed a track's crop in frame k samples with: the track's own with shared noise (every
+    frame then starts from the same noise tensor), else ``track seed + k`` (the batch rule)."""
+    return seed_of_track if shared_noise else (seed_of_track + frame_index) % SEED_MODULUS

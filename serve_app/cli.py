@@ -237,6 +237,99 @@ def _detail_through_handle(args: argparse.Namespace, params: Any) -> None:
         tqdm.write(f"{path}: {len(result.per_image[0].segments)} face(s) → {outdir / (stem + '.png')}")
 
 
+def command_video(args: argparse.Namespace) -> None:
+    """Detail a video file (``facedetailer video IN OUT``) over HTTP (``--url``) or the handle API."""
+    from pydantic import ValidationError
+
+    from facedetailer.params import FaceDetailerParams
+    from facedetailer.video_params import VideoParams, split_video_values
+
+    values, video_values = split_video_values(_request_values(args))
+    try:
+        FaceDetailerParams.model_validate(values)
+        VideoParams.model_validate(video_values)
+    except ValidationError as error:
+        raise SystemExit(f"invalid parameters: {error}") from error
+    source, target = Path(args.input), Path(args.output)
+    container = args.container or {".mov": "mov", ".mkv": "mkv"}.get(target.suffix.lower(), "mp4")
+    data = source.read_bytes()
+    if args.url:
+        body = _video_over_http(args, data, {**values, **video_values}, container)
+    else:
+        body = _video_through_handle(args, data, values, video_values, container)
+    _write_bytes(base64.b64decode(body.pop("video")), target)
+    tracks = [track for track in body["tracks"] if track["selected"]]
+    print(f"{source} → {target}: {body['frames']} frames, {len(tracks)} track(s), {body['faces_refined']} faces "
+          f"refined, flicker {body['flicker']:.3f} (1.0 = none added), {body['video_codec']} in {body['container']}"
+          f"{', audio copied' if body['audio_copied'] else ''}", file=sys.stderr)
+    for track in tracks:
+        sizes = ", ".join(f"{s['crop_size'][0]}×{s['crop_size'][1]}" for s in track["segments"])
+        skipped = f" ({track['skip_reason']})" if track["skipped"] else ""
+        print(f"  track {track['track_id']}: frames {track['first_frame']}–{track['last_frame']}, "
+              f"seed {track['seed']}, crop {sizes}{skipped}", file=sys.stderr)
+
+
+def _video_over_http(args: argparse.Namespace, data: bytes, values: dict[str, Any], container: str) -> dict[str, Any]:
+    """POST /v1/detail/video/stream: a progress bar from its events, the result's JSON."""
+    import httpx
+    from tqdm import tqdm
+
+    from facedetailer_client.sse import SSEDecoder
+
+    url = f"{args.url.rstrip('/')}/v1/detail/video/stream"
+    fields = {"params": json.dumps(values)}
+    api_key = _api_key(args)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    bar = tqdm(desc=Path(args.input).name, unit="frame")
+    try:
+        with httpx.Client(timeout=httpx.Timeout(args.timeout, connect=10.0), trust_env=False) as client:
+            with client.stream("POST", url, params={"container": container}, data=fields, headers=headers,
+                               files={"video": (Path(args.input).name, data)}) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise SystemExit(f"{args.input}: the service answered {response.status_code}: {response.text}")
+                decoder = SSEDecoder()
+                for line in response.iter_lines():
+                    decoded = decoder.feed(line)
+                    if decoded is None:
+                        continue
+                    event, payload = decoded
+                    if event == "progress":
+                        bar.total = payload["frames_total"]
+                        bar.n = payload["frames_done"]
+                        bar.refresh()
+                    elif event == "error":
+                        raise SystemExit(f"{args.input}: the service answered {payload['status']}: {payload['error']}")
+                    elif event == "result":
+                        return payload
+    finally:
+        bar.close()
+    raise SystemExit(f"{args.input}: the stream ended without a result")
+
+
+def _video_through_handle(
+    args: argparse.Namespace, data: bytes, values: dict[str, Any], video_values: dict[str, Any], container: str
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from serve_app.http_adapters.video import video_json
+
+    handle, _ = start_serving(args.config, port=args.port, overlays=args.overlay, sets=args.set)
+    bar = tqdm(desc=Path(args.input).name, unit="frame")
+    result = None
+    stream = handle.options(stream=True).detail_video_with_progress.remote(data, values, video_values, container)
+    for event in stream:
+        if event["event"] == "progress":
+            bar.total = event["frames_total"]
+            bar.n = event["frames_done"]
+            bar.refresh()
+        elif event["event"] == "result":
+            result = event["result"]
+    bar.close()
+    assert result is not None
+    return video_json(result)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -405,6 +498,36 @@ def _change_key_file(path: Path, change: Any) -> None:
     os.replace(partial, path)
 
 
+def command_batch(args: argparse.Namespace) -> None:
+    """A bulk job on Ray Data (serve_app/batch): exit 0 when every input is done, 1 when some failed, 2 when
+    the job cannot start."""
+    from serve_app.batch import BatchConfigError, run_batch
+
+    try:
+        summary = run_batch(
+            args.input,
+            args.output,
+            config=args.config,
+            overlays=args.overlay,
+            sets=args.set,
+            params=dict(_parse_param(item) for item in args.param),
+            params_file=args.params,
+            workflow=args.workflow,
+            workflow_node=args.workflow_node,
+            resume=args.resume,
+            outputs=args.outputs,
+            address=args.address,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+    except BatchConfigError as error:
+        print(f"facedetailer batch: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+    for line in summary.lines():
+        print(line)
+    raise SystemExit(summary.exit_code)
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="a Serve config file")
     parser.add_argument(
@@ -440,6 +563,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(detail)
     detail.add_argument("--port", type=int)
     detail.set_defaults(run=command_detail)
+    video = commands.add_parser("video", help="detail the faces of a video file (steady tracks, audio kept)")
+    video.add_argument("input", help="a video file (mp4, mov, mkv, webm, …)")
+    video.add_argument("output", help="the detailed video (.mp4, .mov or .mkv; see --container)")
+    video.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="a FaceDetailer parameter or a video option (temporal, pick_tracks, track_ids, …)")
+    video.add_argument("--workflow", type=Path, help="a ComfyUI workflow .json: its FaceDetailer node's values")
+    video.add_argument("--workflow-node", help="the FaceDetailer node id, when the workflow has several")
+    video.add_argument("--container", choices=["mp4", "mov", "mkv"], help="default: from OUTPUT's suffix, else mp4")
+    video.add_argument("--url", help="a running service (http://host:port); default: serve --config here")
+    _add_api_key_argument(video)
+    video.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the answer (--url)")
+    _add_config_arguments(video)
+    video.add_argument("--port", type=int)
+    video.set_defaults(run=command_video)
+    _add_batch_parser(commands)
     demo = commands.add_parser("demo", help="offline demo on a photo shipped by ultralytics")
     _add_config_arguments(demo)
     demo.add_argument("--photo", default="zidane.jpg")
@@ -466,6 +604,34 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--file", type=Path, required=True)
     remove.set_defaults(run=command_keys_remove)
     return parser
+
+
+def _add_batch_parser(commands: Any) -> None:
+    batch = commands.add_parser(
+        "batch",
+        help="detail every image of a folder, glob, list or bucket on Ray Data (resumable; docs/batch.md)",
+        description="INPUT: a folder, a glob, a .txt/.parquet list of paths, or a URI (s3://…); OUTPUT: a folder "
+        "or URI. Writes OUTPUT/manifest.parquet (one row per input). Exit status: 0 every input done, 1 some "
+        "failed (see the manifest), 2 the job cannot start.",
+    )
+    batch.add_argument("input")
+    batch.add_argument("output")
+    batch.add_argument("--params", type=Path, metavar="FILE", help="a JSON object of FaceDetailer parameters")
+    batch.add_argument("--workflow", type=Path, help="a ComfyUI workflow .json: its FaceDetailer node's values")
+    batch.add_argument("--workflow-node", help="the FaceDetailer node id, when the workflow has several")
+    batch.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="one parameter (repeatable)")
+    batch.add_argument(
+        "--resume", action=argparse.BooleanOptionalAction, default=True,
+        help="skip inputs the manifest has (default); --no-resume starts over",
+    )
+    batch.add_argument("--outputs", default="image", help="comma-separated: image, mask, crops, json (default image)")
+    batch.add_argument(
+        "--address", help="Ray cluster (auto, ray://host:10001, host:port); default: RAY_ADDRESS, else a local instance"
+    )
+    batch.add_argument("--batch-size", type=int, default=4, help="images per Ray Data batch in the model stages")
+    batch.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+    _add_config_arguments(batch)
+    batch.set_defaults(run=command_batch)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -221,6 +221,17 @@ class Limits(StrictModel):
     max_prompt_chars: int = Field(
         20000, ge=100, description="characters of each of positive, negative and wildcard (checked on arrival)"
     )
+    # Videos (POST /v1/detail/video, serve_app/video): checked before decoding where the container tells.
+    max_video_upload_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="bytes of one uploaded video")
+    max_video_seconds: float = Field(60.0, gt=0, description="duration of one video")
+    max_video_frames: int = Field(900, ge=1, description="frames of one video")
+    max_video_pixels: int = Field(1920 * 1080, ge=64 * 64, description="width × height of a video's frames")
+    max_video_work_units: float = Field(
+        50000, gt=0, description="a video's work units (as max_work_units) over every face of every frame"
+    )
+    video_parallel_segments: int = Field(
+        2, ge=1, le=64, description="segments of one video sampled at once (spread over the inpainter replicas)"
+    )
 
 
 API_SCOPES = ("detail", "admin")

@@ -6,6 +6,7 @@ FastAPI must resolve the route signatures at runtime.)
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -51,6 +52,7 @@ from serve_app.http_adapters.openapi import (
     install_openapi,
 )
 from serve_app.http_adapters.request_reading import read_detail_request
+from serve_app.http_adapters.video import VideoRoutes, video_router
 from serve_app.images import ImageInputError, as_uint8_image, decode_base64_image, encode_png
 from serve_app.limits import (
     LimitExceededError,
@@ -90,6 +92,7 @@ http_app = FastAPI(
 )
 http_app.include_router(web_router)  # the web page at GET /
 http_app.include_router(workflow_router)  # POST /v1/workflow/import
+http_app.include_router(video_router)  # POST /v1/detail/video(/stream): VideoRoutes' methods
 install_error_handling(http_app)  # request ids, and one error shape on every route
 install_openapi(http_app)  # the parameter models the documented bodies refer to
 install_auth(http_app)  # API keys when the config has `auth` (serve_app/auth/); documents them in the schema
@@ -132,6 +135,8 @@ class ServiceMetrics:
             "facedetailer_faces_refined", description="Faces refined by the inpainter and pasted back."
         )
         self.images = metrics.Counter("facedetailer_images", description="Images detailed.")
+        self.videos = metrics.Counter("facedetailer_videos", description="Videos detailed.")
+        self.video_frames = metrics.Counter("facedetailer_video_frames", description="Frames of the videos detailed.")
         self.stage_latency = metrics.Histogram(
             "facedetailer_stage_latency_s",
             description="Seconds spent per pipeline stage per request (detect, sam, inpaint, blend, ...).",
@@ -158,6 +163,16 @@ class ServiceMetrics:
         self.images.inc(len(result.per_image))
         for stage, seconds in result.timings.items():
             self.stage_latency.observe(seconds, tags={"stage": stage})
+
+    def record_video(self, response: Any) -> None:
+        """A detailed video (``serve_app.video.service.VideoResponse``): its faces count with the
+        images', its stages as ``video_<stage>``."""
+        if response.faces_refined:
+            self.faces_refined.inc(response.faces_refined)
+        self.videos.inc()
+        self.video_frames.inc(response.frames)
+        for stage, seconds in response.timings.items():
+            self.stage_latency.observe(seconds, tags={"stage": f"video_{stage}"})
 
 
 class HandleStages:
@@ -198,6 +213,48 @@ class HandleStages:
         return await self.calls.call("inpainter", inpainter.refine, list(jobs), settings, self.checkpoint, **self.share)
 
 
+@contextlib.asynccontextmanager
+async def pipeline_errors(
+    limits: Limits, lease: QuotaLease | None = None, calls: ModelCalls | None = None
+) -> AsyncIterator[None]:
+    """What a running request may raise, as the HTTP error it means (4xx for the caller's input).
+
+    ``lease``: the caller's quota lease, released on every exit and refunded when the request ends
+    in a 503 (no work done, the caller is told to retry); ``calls``: the request's model calls, to
+    tell a timeout caused by lost replicas (503, retry) from a slow request (504).
+    """
+    try:
+        yield
+    except LimitExceededError as error:
+        raise RequestError(422, str(error), error.details()) from error
+    except UnsafeNameError as error:  # a LoRA or wildcard name that would leave its folder
+        raise unsafe_name_error(error) from error
+    except PipelineInputError as error:
+        raise RequestError.for_message(422, str(error)) from error
+    except EngineBusyError as error:  # the inpainter's queue is full: retry later
+        if lease is not None:
+            lease.refund = True  # no work done for this request: its units go back to the key
+        raise RequestError(503, str(error)) from error
+    except TimeoutError as error:
+        # a replica died and none took its call in time, or none runs: not the request's fault
+        gone = (calls.lost() or await calls.unserved()) if calls is not None else None
+        if gone:
+            message = f"no live {', '.join(gone)} replica within the request's {limits.request_timeout_s} s"
+            raise RequestError(503, message + "; retry") from error
+        raise RequestError(504, f"request took longer than {limits.request_timeout_s} s") from error
+    except ValueError as error:  # e.g. the inpainter rejecting a sampler/scheduler combination
+        raise RequestError.for_message(422, str(error)) from error
+    except MODEL_UNAVAILABLE as error:
+        # a model replica died or is overloaded mid-request: the caller may retry
+        logger.warning("model deployment unavailable: %s", error)
+        if lease is not None:
+            lease.refund = True
+        raise RequestError(503, f"a model deployment is unavailable ({type(error).__name__}); retry") from error
+    finally:
+        if lease is not None:
+            lease.release()  # every exit: success, error, timeout, the client gone (cancellation)
+
+
 def sampling_settings(params: FaceDetailerParams) -> SamplingSettings:
     """The inpainter's shared settings: the request fields of the same names (steps, cfg, …)."""
     return SamplingSettings.model_validate(params.model_dump(include=set(SamplingSettings.model_fields)))
@@ -216,7 +273,7 @@ class Preflight:
 
 @serve.deployment(name="FaceDetailerIngress")
 @serve.ingress(http_app)
-class FaceDetailerIngress:
+class FaceDetailerIngress(VideoRoutes):
     """Runs FaceDetailer by calling the Detector, Sam and Inpainter deployments."""
 
     def __init__(
@@ -403,18 +460,9 @@ class FaceDetailerIngress:
         preflight: Preflight | None = None,
     ) -> DetailResult:
         checked = preflight or await self._preflight(params)
-        chosen = checked.models
-        stages = HandleStages(
-            chosen.detector,
-            self.stages.inpainter,
-            chosen.sam,
-            chosen.segm_detector,
-            checked.checkpoint if self._route_checkpoints else None,
-            self.auth.tenant(caller) if self.auth is not None else ("", 1.0),
-            self._model_calls(),
-        )
+        stages = self._stages(checked, caller)
         lease = self.auth.lease(caller) if self.auth is not None else None
-        try:
+        async with pipeline_errors(self.limits, lease, stages.calls):
             result = await asyncio.wait_for(
                 detail_batch(
                     images,
@@ -432,34 +480,6 @@ class FaceDetailerIngress:
                 ),
                 timeout=self.limits.request_timeout_s,
             )
-        except LimitExceededError as error:
-            raise RequestError(422, str(error), error.details()) from error
-        except UnsafeNameError as error:  # a LoRA or wildcard name that would leave its folder
-            raise unsafe_name_error(error) from error
-        except PipelineInputError as error:
-            raise RequestError.for_message(422, str(error)) from error
-        except EngineBusyError as error:  # the inpainter's queue is full: retry later
-            if lease is not None:
-                lease.refund = True  # no work done for this request: its units go back to the key
-            raise RequestError(503, str(error)) from error
-        except TimeoutError as error:
-            # a replica died and none took its call in time, or none runs: not the request's fault
-            gone = stages.calls.lost() or await stages.calls.unserved()
-            if gone:
-                message = f"no live {', '.join(gone)} replica within the request's {self.limits.request_timeout_s} s"
-                raise RequestError(503, message + "; retry") from error
-            raise RequestError(504, f"request took longer than {self.limits.request_timeout_s} s") from error
-        except ValueError as error:  # e.g. the inpainter rejecting a sampler/scheduler combination
-            raise RequestError.for_message(422, str(error)) from error
-        except MODEL_UNAVAILABLE as error:
-            # a model replica died or is overloaded mid-request: the caller may retry
-            logger.warning("model deployment unavailable: %s", error)
-            if lease is not None:
-                lease.refund = True
-            raise RequestError(503, f"a model deployment is unavailable ({type(error).__name__}); retry") from error
-        finally:
-            if lease is not None:
-                lease.release()  # every exit: success, error, timeout, the client gone (cancellation)
         self.metrics.record(result)
         return result
 
@@ -467,6 +487,20 @@ class FaceDetailerIngress:
         """A request's model calls: retried on a live replica when theirs dies, within its deadline."""
         return ModelCalls.within(
             self.limits.request_timeout_s, self.limits.replica_loss_retries, on_retry=self.metrics.count_retry
+        )
+
+    def _stages(self, checked: Preflight, caller: Caller | None = None) -> HandleStages:
+        """The stages a request's chosen models answer on (its checkpoint routed when there are several),
+        shared fairly under the caller's key, each call retried on a live replica if its replica dies."""
+        chosen = checked.models
+        return HandleStages(
+            chosen.detector,
+            self.stages.inpainter,
+            chosen.sam,
+            chosen.segm_detector,
+            checked.checkpoint if self._route_checkpoints else None,
+            self.auth.tenant(caller) if self.auth is not None else ("", 1.0),
+            self._model_calls(),
         )
 
     def _check_planned(

@@ -78,6 +78,11 @@ LIMIT_FIELDS: dict[str, tuple[str, ...]] = {
     "max_work_units": ("steps", "cycle", "guide_size", "max_size"),
     "max_prompt_tokens": PROMPT_FIELDS,
     "max_prompt_chars": PROMPT_FIELDS,
+    # videos (serve_app/video/limits.py)
+    "max_video_seconds": ("video",),
+    "max_video_frames": ("video",),
+    "max_video_pixels": ("video",),
+    "max_video_work_units": ("steps", "cycle", "guide_size", "max_size", "pick_tracks", "max_tracks"),
 }
 
 

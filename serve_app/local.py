@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -79,5 +80,40 @@ class LocalStages:
                 has_segm=stages.segm_detector is not None,
                 batch_faces=batch_faces,
                 control=control,
+            )
+        )
+
+    def detail_video(
+        self,
+        data: bytes,
+        params: FaceDetailerParams,
+        video: Any = None,
+        *,
+        limits: Limits | None = None,
+        container: str = "mp4",
+        keep_result: bool = False,
+    ) -> Any:
+        """A video file's bytes detailed in-process (serve_app/video): a ``VideoResponse``."""
+        from facedetailer.video_params import VideoParams
+        from serve_app.ingress import sampling_settings
+        from serve_app.video.service import detail_video_file
+
+        inpainter = self.inpainters.resolve(params.model)
+        inpainter.validate_settings(sampling_settings(params))
+        chosen = self.models.select(params)
+        stages = LocalStages(chosen.detector, inpainter, chosen.sam, chosen.segm_detector)
+        return asyncio.run(
+            detail_video_file(
+                data,
+                params,
+                video if isinstance(video, VideoParams) else VideoParams.model_validate(video or {}),
+                stages,
+                limits or Limits(),
+                make_job=RefineJob,
+                settings=sampling_settings(params),
+                container=container,  # type: ignore[arg-type]
+                has_sam=stages.sam is not None,
+                has_segm=stages.segm_detector is not None,
+                keep_result=keep_result,
             )
         )

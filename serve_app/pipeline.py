@@ -26,6 +26,7 @@ from facedetailer.seeds import SEED_MODULUS, sampling_seed
 from facedetailer.segs import (
     SEG,
     SEGS,
+    Box,
     Detection,
     detections_to_segs,
     segs_bitwise_and_mask,
@@ -233,8 +234,13 @@ def plan_face(
     image_seed: int,
     make_job: Callable[..., Any],
     control: ControlChoice | None = None,
+    upscale_box: Box | None = None,
 ) -> RefinePlan | SegmentReport:
-    """Crop from the *current* image and decide the upscale (spec §4); None-like → a report."""
+    """Crop from the *current* image and decide the upscale (spec §4); None-like → a report.
+
+    ``upscale_box`` replaces ``seg.bbox`` in the upscale rule (a video track segment plans one
+    upscale for all its frames from its reference box, serve_app/video).
+    """
     report = _report(position, seg)
     seed = prompt.seed if prompt.seed is not None else (image_seed + position) % SEED_MODULUS
     report.seed = seed
@@ -243,7 +249,7 @@ def plan_face(
     crop_h, crop_w = crop.shape[:2]
     plan = plan_upscale(
         (crop_w, crop_h),
-        seg.bbox,
+        seg.bbox if upscale_box is None else upscale_box,
         guide_size=params.guide_size,
         guide_size_for_bbox=params.guide_size_for,
         max_size=params.max_size,

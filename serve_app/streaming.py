@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from serve_app.http_adapters.encoding import segment_json
-from serve_app.pipeline import DetailResult, SegmentReport
+from serve_app.pipeline import SegmentReport
 
 HEARTBEAT_S = 10.0  # an SSE comment this often keeps proxies from closing a quiet stream
 SSE_MEDIA_TYPE = "text/event-stream"
@@ -28,15 +28,19 @@ def face_event(report: SegmentReport) -> dict[str, Any]:
 
 
 async def with_progress(
-    run: Callable[[OnFace], Awaitable[DetailResult]], heartbeat_s: float | None = None
+    run: Callable[[Callable[..., None]], Awaitable[Any]],
+    heartbeat_s: float | None = None,
+    event_of: Callable[..., dict[str, Any]] = face_event,
 ) -> AsyncIterator[dict[str, Any]]:
     """Run ``run(on_face)`` and yield its face events as they happen, then ``{"event": "result"}``.
 
     With ``heartbeat_s``, a ``{"event": "heartbeat"}`` is yielded after that long without one.
     The run's error is raised after the faces it finished; closing the iterator cancels the run.
+    ``event_of`` turns the callback's arguments into an event (a face report by default; a
+    video's frames done in ``serve_app/http_adapters/video.py``).
     """
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    task = asyncio.ensure_future(run(lambda report: events.put_nowait(face_event(report))))
+    task = asyncio.ensure_future(run(lambda *args: events.put_nowait(event_of(*args))))
     try:
         while True:
             getter = asyncio.ensure_future(events.get())

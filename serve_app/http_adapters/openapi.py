@@ -97,6 +97,54 @@ class DetailJson(BaseModel):
     detailer_pipe: dict[str, Any]
 
 
+class TrackSegmentJson(BaseModel):
+    index: int
+    first_frame: int
+    last_frame: int
+    crop_size: list[int]
+    upscale: float | None = None
+    upscaled_size: list[int] | None = None
+
+
+class TrackJson(BaseModel):
+    """A face track of a video: its frames, whether it was refined, its seed and crop segments."""
+
+    track_id: int
+    label: str
+    first_frame: int
+    last_frame: int
+    frames: int
+    detected_frames: int
+    selected: bool
+    position: int | None = None
+    seed: int | None = None
+    prompt: str | None = None
+    skipped: bool = False
+    skip_reason: str | None = None
+    segments: list[TrackSegmentJson]
+
+
+class VideoJson(BaseModel):
+    """``/v1/detail/video?format=json`` (and the video stream's ``result``): the file and its facts."""
+
+    video: str = Field(description="the detailed file, base64")
+    container: Literal["mp4", "mov", "mkv"]
+    media_type: str
+    video_codec: str
+    pixel_format: str
+    audio_copied: bool
+    frames: int
+    width: int
+    height: int
+    average_rate: str | None
+    temporal: Literal["frames", "tracks", "shared_noise"]
+    faces_refined: int
+    flicker: float = Field(description="face-region frame-to-frame change, output / input (1.0 = none added)")
+    segments: int
+    tracks: list[TrackJson]
+    timings: dict[str, float]
+
+
 class HealthJson(BaseModel):
     status: Literal["ok", "unhealthy"]
     deployments: dict[str, str] = Field(description='"ok" or "unhealthy: <kind of failure>" per model deployment')
@@ -144,6 +192,17 @@ SSE_EVENT_SCHEMA: dict[str, Any] = {
 }
 
 
+# One Server-Sent Event of /v1/detail/video/stream: ``progress`` (frames done, elapsed, ETA), the
+# ?format=json body (``result``) or the error shape (``error``).
+VIDEO_SSE_EVENT_SCHEMA: dict[str, Any] = {
+    **SSE_EVENT_SCHEMA,
+    "properties": {
+        **SSE_EVENT_SCHEMA["properties"],
+        "event": {"type": "string", "enum": ["progress", "result", "error"]},
+    },
+}
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The ``responses`` of a route for these error statuses, each in the error shape."""
     responses: dict[int | str, dict[str, Any]] = {}
@@ -178,6 +237,36 @@ STREAM_RESPONSES = {
     200: {
         "description": "Server-Sent Events: `face` per finished face, then `result` (or `error`).",
         "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
+    },
+    **error_responses(*DETAIL_ERRORS),
+}
+VIDEO_MEDIA_TYPES = ("video/mp4", "video/quicktime", "video/x-matroska")
+VIDEO_FACT_HEADERS = {
+    name: {"description": description, "schema": {"type": "string"}}
+    for name, description in {
+        "X-Faces-Refined": "face crops refined over all frames",
+        "X-Tracks": "face tracks refined",
+        "X-Flicker": "the flicker figure (1.0 = no flicker added in the face regions)",
+        "X-Video-Codec": "the output's video codec (h264, or the documented fallback)",
+        "X-Audio-Copied": "true when the input's audio stream was copied",
+    }.items()
+}
+VIDEO_RESPONSES = {
+    200: {
+        "description": "The detailed video file (the container asked for, or Matroska when the audio needs it; "
+        "facts in X-… headers), or with ?format=json everything as JSON.",
+        "content": {
+            **{media_type: {"schema": {"type": "string", "format": "binary"}} for media_type in VIDEO_MEDIA_TYPES},
+            "application/json": {"schema": {"$ref": COMPONENTS.format(model="VideoJson")}},
+        },
+        "model": VideoJson,
+    },
+    **error_responses(*DETAIL_ERRORS),
+}
+VIDEO_STREAM_RESPONSES = {
+    200: {
+        "description": "Server-Sent Events: `progress` as frames finish, then `result` (or `error`).",
+        "content": {"text/event-stream": {"schema": VIDEO_SSE_EVENT_SCHEMA}},
     },
     **error_responses(*DETAIL_ERRORS),
 }
@@ -253,6 +342,37 @@ DETAIL_REQUEST_BODY: dict[str, Any] = {
                     "params": {"value": {"image": EXAMPLE_PNG_BASE64, "params": EXAMPLE_PARAMS}},
                     "workflow": {"value": {"image": EXAMPLE_PNG_BASE64, "workflow": EXAMPLE_WORKFLOW}},
                 },
+            },
+        },
+    }
+}
+
+_VIDEO_OPTIONS_DOC = (
+    "video options by name (temporal, pick_tracks, max_tracks, track_ids, latent_blend, segment_frames, crf, …; "
+    "docs/video.md) or one FaceDetailer parameter by name, e.g. steps=20"
+)
+VIDEO_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "video": {"type": "string", "format": "binary", "description": "mp4, mov, mkv, webm, …"},
+                        "params": {
+                            "type": "string",
+                            "description": "JSON object of FaceDetailer parameters and video options",
+                            "examples": ['{"steps": 2, "guide_size": 64, "max_size": 128, "temporal": "tracks"}'],
+                        },
+                        "temporal": {"type": "string", "enum": ["frames", "tracks", "shared_noise"]},
+                        "workflow": {"type": "string", "description": _WORKFLOW_DOC + " (text or a file)"},
+                        "workflow_node": {"type": "string", "description": "FaceDetailer node id, if several"},
+                    },
+                    "required": ["video"],
+                    "additionalProperties": {"type": "string", "description": _VIDEO_OPTIONS_DOC},
+                },
+                "encoding": {"video": {"contentType": ", ".join(VIDEO_MEDIA_TYPES)}},
             },
         },
     }

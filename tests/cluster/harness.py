@@ -186,6 +186,34 @@ def simulated_cluster(
             os.environ.update(saved)
 
 
+@contextmanager
+def gpu_nodes(workers: int = 2, worker_cpus: int = WORKER_CPUS) -> Iterator[Any]:
+    """A head (no GPU) and ``workers`` nodes with one logical GPU each, this process connected; no
+    application deployed (bulk jobs run their own actors: tests/batch, benchmarks/batch.py).
+    Yields the ``Cluster``; shuts everything down on exit."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from serve_app.batch.job import load_app_config
+
+    if ray.is_initialized():
+        raise RuntimeError("a Ray instance is already connected in this process; the cluster needs its own")
+    _, env_vars = load_app_config(GPU_CONFIG, [SIMULATED_OVERLAY])
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": HEAD_CPUS, "num_gpus": 0, "resources": {CPU_GROUP: 1}, "include_dashboard": False},
+    )
+    try:
+        for _ in range(workers):
+            cluster.add_node(num_cpus=worker_cpus, num_gpus=WORKER_GPUS)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 # ---------------------------------------------------------------------------- load
 
 

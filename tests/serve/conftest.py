@@ -16,7 +16,12 @@ APP_NAME = "facedetailer"
 SEGM_APP_NAME = "facedetailer-segm"
 SEGM_ROUTE = "/segm"
 # Smaller than the shipped limits so that the oversize requests the tests send stay small.
-TEST_LIMITS = {"max_upload_bytes": 3_000_000, "max_image_pixels": 4096 * 4096, "max_batch_images": 4}
+TEST_LIMITS = {
+    "max_upload_bytes": 3_000_000,
+    "max_image_pixels": 4096 * 4096,
+    "max_batch_images": 4,
+    "max_video_frames": 40,
+}
 
 
 def _free_port() -> int:

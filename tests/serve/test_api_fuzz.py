@@ -40,6 +40,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
+from serve_app.http_adapters.openapi import VIDEO_MEDIA_TYPES  # noqa: E402
 from tests.serve.stub_app import ingress_app  # noqa: E402
 
 EXAMPLES_PER_OPERATION = 75  # per generation mode (schema-valid, schema-violating)
@@ -83,6 +84,25 @@ def image_files() -> list[bytes]:
     return [*files, files[0][:200], b"GIF89a not really", b""]
 
 
+def video_files() -> list[bytes]:
+    """Small clips (H.264 + AAC in mp4 and mkv, no audio, an odd size) and bytes that are not a (whole) video."""
+    from deployments.testing.video_clip import ClipSpec, encode_clip
+
+    rng = np.random.default_rng(8)
+
+    def clip(spec: ClipSpec, container: str = "mp4") -> bytes:
+        frames = [rng.integers(0, 255, (spec.height, spec.width, 3), dtype=np.uint8) for _ in range(spec.frames)]
+        return encode_clip(frames, spec, container)
+
+    mp4 = clip(ClipSpec(frames=3, width=64, height=48))
+    files = [
+        mp4,
+        clip(ClipSpec(frames=2, width=48, height=48, audio=False), "matroska"),
+        clip(ClipSpec(frames=2, width=16, height=16, audio=False)),  # no face in it
+    ]
+    return [*files, mp4[: len(mp4) // 2], image_files()[0], b""]
+
+
 def empties_a_form_field(case: object) -> bool:
     body = getattr(case, "body", None)
     return case.media_type == "multipart/form-data" and isinstance(body, dict) and any(v == [] for v in body.values())
@@ -93,6 +113,9 @@ def schema() -> Iterator[object]:
     files = image_files()
     for media_type in ("image/png", "image/jpeg", "image/webp"):
         schemathesis.openapi.media_type(media_type, st.sampled_from(files))
+    videos = video_files()
+    for media_type in VIDEO_MEDIA_TYPES:
+        schemathesis.openapi.media_type(media_type, st.sampled_from(videos))
     schemathesis.openapi.format("byte", st.sampled_from([base64.b64encode(data).decode() for data in files]))
     try:
         with ingress_app(LIMITS) as (app, _):
@@ -114,7 +137,8 @@ def schema() -> Iterator[object]:
 def test_the_schema_documents_every_route_and_its_errors(schema):
     paths = schema.raw_schema["paths"]
     assert set(paths) == {
-        "/healthz", "/v1/info", "/v1/stats", "/v1/detail", "/v1/detail/stream", "/v1/workflow/import"
+        "/healthz", "/v1/info", "/v1/stats", "/v1/detail", "/v1/detail/stream", "/v1/workflow/import",
+        "/v1/detail/video", "/v1/detail/video/stream",
     }  # fmt: skip
     error = schema.raw_schema["components"]["schemas"]["ErrorBody"]
     assert set(error["required"]) == {"error", "status", "request_id"}
@@ -131,6 +155,9 @@ def test_the_schema_documents_every_route_and_its_errors(schema):
     assert {"$ref": "#/components/schemas/FaceDetailerParams"} in body["application/json"]["schema"]["properties"][
         "params"
     ]["anyOf"]
+    video = paths["/v1/detail/video"]["post"]
+    assert video["requestBody"]["content"]["multipart/form-data"]["schema"]["required"] == ["video"]
+    assert set(video["responses"]["200"]["content"]) == {*VIDEO_MEDIA_TYPES, "application/json"}
     hooks = schema.raw_schema["components"]["schemas"]["FaceDetailerParams"]["properties"]["detailer_hooks"]
     assert hooks["maxItems"] == 32
 
@@ -182,10 +209,11 @@ def test_fuzz_every_operation(schema, capsys):
         for label in sorted(labels):
             print(f"  {label}: " + ", ".join(f"{status}×{count}" for (name, status), count in sorted(seen.items())
                                             if name == label))  # fmt: skip
-    assert len(labels) == len(operations) == 6
+    assert len(labels) == len(operations) == 8
     assert not any(status >= 500 for status in statuses)
     # the generated requests reach the real work, not only the first refusal
     assert seen[("POST /v1/detail", 200)] > 0 and seen[("POST /v1/detail/stream", 200)] > 0
+    assert seen[("POST /v1/detail/video", 200)] > 0 and seen[("POST /v1/detail/video/stream", 200)] > 0
     assert seen[("POST /v1/workflow/import", 200)] > 0
     assert seen[("POST /v1/detail", 422)] > 0 and seen[("POST /v1/detail", 415)] > 0
 

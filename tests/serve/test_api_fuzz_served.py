@@ -15,7 +15,8 @@ import pytest
 import requests
 from hypothesis import HealthCheck, Phase, given, reject, settings
 
-from tests.serve.test_api_fuzz import CHECKS, empties_a_form_field, image_files
+from serve_app.http_adapters.openapi import VIDEO_MEDIA_TYPES
+from tests.serve.test_api_fuzz import CHECKS, empties_a_form_field, image_files, video_files
 
 schemathesis = pytest.importorskip("schemathesis")
 
@@ -38,6 +39,9 @@ def served_schema(serve_instance):
     files = image_files()
     for media_type in ("image/png", "image/jpeg", "image/webp"):
         schemathesis.openapi.media_type(media_type, st.sampled_from(files))
+    videos = video_files()
+    for media_type in VIDEO_MEDIA_TYPES:
+        schemathesis.openapi.media_type(media_type, st.sampled_from(videos))
     schemathesis.openapi.format("byte", st.sampled_from([base64.b64encode(data).decode() for data in files]))
     session = requests.Session()
     session.trust_env = False

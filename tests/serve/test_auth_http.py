@@ -20,6 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from deployments.testing.video_clip import ClipSpec, clip_frames, encode_clip
 from facedetailer_client import FaceDetailerClient, ServiceError
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -115,6 +116,28 @@ def test_401_without_a_valid_key_and_403_without_the_scope(http, auth):
     assert http.post("/v1/workflow/import", json=workflow).status_code == 401
     imported = http.post("/v1/workflow/import", json=workflow, headers=bearer(auth, "open"))
     assert imported.status_code == 200 and imported.json()["params"]["steps"] == 7
+
+
+def test_the_video_routes_need_a_key_and_charge_its_work_units(http, auth):
+    spec = ClipSpec(frames=3, audio=False)
+    clip = encode_clip(clip_frames(spec), spec)
+
+    def post(route: str, headers: dict) -> httpx.Response:
+        return http.post(route, files={"video": ("clip.mp4", clip, "video/mp4")}, headers=headers,
+                         data={"params": json.dumps({**QUICK, "bbox_crop_factor": 2.0})})  # fmt: skip
+
+    for route in ("/v1/detail/video", "/v1/detail/video/stream"):
+        refused = post(route, {})
+        assert refused.status_code == 401 and "API key" in refused.json()["error"], (route, refused.text)
+    before = usage(http, auth, "rotate")
+    answer = post("/v1/detail/video?format=json", bearer(auth, "rotate"))
+    assert answer.status_code == 200, answer.text
+    after = usage(http, auth, "rotate")
+    assert after["requests_last_minute"] == before["requests_last_minute"] + 1
+    faces = answer.json()["faces_refined"]
+    assert faces > 0, "the simulated detector finds the clip's textured heads"
+    assert after["work_units_last_hour"] > before["work_units_last_hour"], "a video's crops are charged to its key"
+    assert after["crops_in_flight"] == 0
 
 
 def test_public_routes_stay_open_and_info_tells_a_key_holder_its_quotas(http, auth):
