@@ -8,13 +8,22 @@ every sampler × scheduler we accept, steps 4/8/20 × denoise 1/0.5/0.3, without
 mask, and with a soft mask plus differential diffusion. It prints the max relative difference of
 the final latent per pair (max |ours − comfy| / max |comfy|) and the wall time of both loops.
 
+``--kind`` picks the model sampling both sides use (see :data:`KIND_SPECS`): ComfyUI's own class,
+built by its ``model_base.model_sampling`` from a model config's ``sampling_settings``, against
+ours from ``ModelSampling.for_comfy_model`` / ``from_comfy``: discrete eps (SD 1.x), discrete
+v_prediction, v_prediction + zsnr, SD3's discrete flow (shift 3, CONST), Flux.1 dev's flux
+sampling (shift 1.15, CONST) and Flux.1 schnell's discrete flow (shift 1, multiplier 1, CONST).
+The same tiny SD UNet serves as the raw model of every kind (its output read as eps, v or flow
+velocity): the point is the sampling arithmetic around the model, identical inputs on both sides.
+
 ComfyUI is not a dependency: give the path of a checkout (e.g. extracted with ``git archive`` from
 a ``fetch`` of Comfy-Org/ComfyUI into a temp folder outside the repo; its sampling imports need
 ``einops`` besides what this project installs). A checkout older than ComfyUI PR #11528 gets that
 PR's two-line change (CPU ancestral seed + 1) applied in memory, so it computes what a current
 release does. Samplers the checkout does not have are reported as "not in checkout".
 
-    python benchmarks/comfy_parity.py --comfyui /tmp/comfyui [--schedulers karras] [--json out.json]
+    python benchmarks/comfy_parity.py --comfyui /tmp/comfyui [--kind sd3] [--schedulers karras] [--json out.json]
+    python benchmarks/comfy_parity.py --comfyui /tmp/comfyui --kind flux_dev --grid pairs   # 4 settings per pair
     python benchmarks/comfy_parity.py --report out1.json out2.json   # merged tables
 
 Run it under /work/wt/heavy: it times both loops.
@@ -28,7 +37,6 @@ import inspect
 import io
 import json
 import logging
-import math
 import sys
 import time
 from collections import defaultdict
@@ -53,6 +61,21 @@ SD15_SCALE = 0.18215  # ComfyUI's SD 1.x latent_format.process_in factor
 LATENT = (1, 4, 8, 8)
 SEED = 1234
 MASK_MODES = ("none", "soft", "soft+dd")
+# --grid pairs: every sampler × scheduler pair in four settings that between them reach every
+# branch a kind changes (max denoise and partial denoise noise scaling, the noise mask's
+# noise_scaling, differential diffusion's threshold in the model's timesteps, the cfg 1 shortcut,
+# short and long schedules): (steps, denoise, mask, cfg).
+PAIR_CASES = ((4, 1.0, "none", 6.5), (8, 0.5, "soft+dd", 6.5), (6, 0.3, "soft", 1.0), (20, 1.0, "soft", 1.0))
+
+# kind → (ComfyUI ModelType name, its config's sampling_settings, our ModelSampling).
+KIND_SPECS: dict[str, tuple[str, dict, object]] = {
+    "eps": ("EPS", {}, lambda: ModelSampling.from_comfy("discrete", "eps")),
+    "v": ("V_PREDICTION", {}, lambda: ModelSampling.from_comfy("discrete", "v_prediction")),
+    "v_zsnr": ("V_PREDICTION", {"zsnr": True}, lambda: ModelSampling.from_comfy("discrete", "v_prediction", zsnr=True)),
+    "sd3": ("FLOW", {"shift": 3.0}, lambda: ModelSampling.for_comfy_model("SD3")),
+    "flux_dev": ("FLUX", {}, lambda: ModelSampling.for_comfy_model("Flux")),
+    "flux_schnell": ("FLOW", {"shift": 1.0, "multiplier": 1.0}, lambda: ModelSampling.for_comfy_model("FluxSchnell")),
+}
 
 
 # ---------------------------------------------------------------------- ComfyUI
@@ -151,9 +174,14 @@ class DiffusionModel(torch.nn.Module):
         return self.unet(x, timesteps, encoder_hidden_states=context, return_dict=False)[0]
 
 
-def comfy_patcher(comfy: dict[str, ModuleType], unet: torch.nn.Module):
+def comfy_patcher(comfy: dict[str, ModuleType], unet: torch.nn.Module, kind: str = "eps"):
+    """ComfyUI's model around the UNet, its model sampling built by ComfyUI from ``KIND_SPECS[kind]``."""
+    model_type, settings, _ = KIND_SPECS[kind]
     config = comfy["supported_models"].SD15({"disable_unet_model_creation": True})
-    model = comfy["model_base"].BaseModel(config, device=torch.device("cpu"))
+    config.sampling_settings.update(settings)  # an instance copy (supported_models_base.BASE.__init__)
+    model_base = comfy["model_base"]
+    model_type = getattr(model_base.ModelType, model_type)
+    model = model_base.BaseModel(config, model_type=model_type, device=torch.device("cpu"))
     model.diffusion_model = DiffusionModel(unet)
     return comfy["model_patcher"].ModelPatcher(
         model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
@@ -229,28 +257,87 @@ def ours_run(
 # ---------------------------------------------------------------------- grid
 
 
-def cases(steps_list: list[int], denoise_list: list[float], samplers: list[str], schedulers: list[str]) -> list[dict]:
+def cases(
+    steps_list: list[int],
+    denoise_list: list[float],
+    samplers: list[str],
+    schedulers: list[str],
+    masks: tuple[str, ...] = MASK_MODES,
+    cfgs: tuple[float, ...] = (6.5,),
+) -> list[dict]:
     out = []
     for sampler in samplers:
         for scheduler in schedulers:
             for steps in steps_list:
                 for denoise in denoise_list:
-                    for mask in MASK_MODES:
-                        out.append(dict(sampler=sampler, scheduler=scheduler, steps=steps, denoise=denoise,
-                                        mask=mask, cfg=6.5))  # fmt: skip
+                    for mask in masks:
+                        for cfg in cfgs:
+                            out.append(dict(sampler=sampler, scheduler=scheduler, steps=steps, denoise=denoise,
+                                            mask=mask, cfg=cfg))  # fmt: skip
     return out
 
 
+def pair_cases(samplers: list[str], schedulers: list[str]) -> list[dict]:
+    """:data:`PAIR_CASES` for every sampler × scheduler pair."""
+    return [dict(sampler=sampler, scheduler=scheduler, steps=steps, denoise=denoise, mask=mask, cfg=cfg)
+            for sampler in samplers for scheduler in schedulers
+            for steps, denoise, mask, cfg in PAIR_CASES]  # fmt: skip
+
+
+def relative_difference(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |ours − comfy| / max |comfy| over the finite cells; inf unless the non-finite cells agree."""
+    finite = torch.isfinite(reference)
+    if not torch.equal(finite, torch.isfinite(ours)):
+        return float("inf")
+    marks = dict(nan=2.0, posinf=1.0, neginf=-1.0)  # NaN, +inf and -inf must match cell for cell
+    if not torch.equal(ours[~finite].nan_to_num(**marks), reference[~finite].nan_to_num(**marks)):
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    difference = float((ours[finite] - reference[finite]).abs().max())
+    if difference == 0:
+        return 0.0
+    scale = float(reference[finite].abs().max())
+    return difference / scale if scale > 0 else float("inf")
+
+
 def report(paths: list[Path]) -> None:
-    """Merge --json outputs (e.g. one run per scheduler) into markdown tables for docs/samplers.md."""
+    """Merge --json outputs (e.g. one run per scheduler or kind) into markdown tables for docs/samplers.md."""
     by_case, older, times = {}, {}, {"comfy": 0.0, "ours": 0.0}
     for path in paths:  # a later file's case replaces an earlier one's (reruns)
         data = json.loads(path.read_text())
         for result in data["results"]:
-            key = tuple(result[name] for name in ("sampler", "scheduler", "steps", "denoise", "mask", "cfg"))
+            result.setdefault("kind", data.get("kind", "eps"))
+            key = tuple(result[name] for name in ("kind", "sampler", "scheduler", "steps", "denoise", "mask", "cfg"))
             by_case[key] = result
         older.update(data.get("older", {}))
     results = list(by_case.values())
+    if len({r["kind"] for r in results}) > 1:
+        print("| kind | cases | bit-identical | within 1e-4 | max rel diff | non-finite in ComfyUI |")
+        print("|---|---|---|---|---|---|")
+        for kind in dict.fromkeys(r["kind"] for r in results):
+            diffs = [r["max_rel_diff"] for r in results if r["kind"] == kind and r["sampler"] not in older]
+            nonfinite = sum(r.get("comfy_nonfinite", False) for r in results if r["kind"] == kind)
+            print(f"| {kind} | {len(diffs)} | {sum(d == 0 for d in diffs)} | {sum(d <= 1e-4 for d in diffs)} | "
+                  f"{max(diffs):.3g} | {nonfinite} |")  # fmt: skip
+        kinds = list(dict.fromkeys(r["kind"] for r in results))
+        for axis in ("sampler", "scheduler"):
+            print(f"\n| {axis} | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds))
+            for name in dict.fromkeys(r[axis] for r in results):
+                cells = []
+                for kind in kinds:
+                    diffs = [r["max_rel_diff"] for r in results if r[axis] == name and r["kind"] == kind]
+                    identical = sum(d == 0 for d in diffs)
+                    worst = "" if identical == len(diffs) else f", max {max(diffs):.2g}"
+                    cells.append(f"{identical}/{len(diffs)}{worst}")
+                note = " (older algorithm in the checkout)" if name in older else ""
+                print(f"| `{name}`{note} | " + " | ".join(cells) + " |")
+        print()
+        for kind in kinds:
+            comfy = sum(r["comfy_s"] for r in results if r["kind"] == kind)
+            ours = sum(r["ours_s"] for r in results if r["kind"] == kind)
+            print(f"{kind}: sampling wall time ComfyUI {comfy:.1f} s, ours {ours:.1f} s")
+        print()
     for key in times:
         times[key] = sum(r[f"{key}_s"] for r in results)
     print("| sampler | cases | max rel diff | within 1e-4 | bit-identical |\n|---|---|---|---|---|")
@@ -277,10 +364,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--report", nargs="+", type=Path, help="only merge these --json outputs into tables")
     parser.add_argument("--comfyui", type=Path, help="path of a ComfyUI checkout")
+    parser.add_argument("--kind", choices=list(KIND_SPECS), default="eps", help="model sampling of both sides")
+    parser.add_argument("--cfg", nargs="*", type=float, default=[6.5])
     parser.add_argument("--steps", nargs="*", type=int, default=[4, 8, 20])
     parser.add_argument("--denoise", nargs="*", type=float, default=[1.0, 0.5, 0.3])
     parser.add_argument("--samplers", nargs="*", default=list(SAMPLER_NAMES))
     parser.add_argument("--schedulers", nargs="*", default=list(SCHEDULER_NAMES))
+    parser.add_argument("--masks", nargs="*", choices=MASK_MODES, default=list(MASK_MODES))
+    parser.add_argument("--grid", choices=("full", "pairs"), default="full",
+                        help="full: the product of --steps/--denoise/--masks/--cfg; pairs: PAIR_CASES per pair")
     parser.add_argument("--json", type=Path, help="write every case's result here")
     args = parser.parse_args()
     if args.report:
@@ -293,10 +385,12 @@ def main() -> None:
     comfy = load_comfy(args.comfyui)
     torch.manual_seed(0)
     unet = tiny_unet().eval().requires_grad_(False)
-    patcher = comfy_patcher(comfy, unet)
-    model_sampling = ModelSampling.from_scheduler_config(
-        {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-    )
+    patcher = comfy_patcher(comfy, unet, args.kind)
+    model_sampling = KIND_SPECS[args.kind][2]()
+    comfy_sampling = patcher.model.model_sampling
+    comfy_classes = " + ".join(base.__name__ for base in type(comfy_sampling).__bases__)
+    tables_equal = torch.equal(comfy_sampling.sigmas, model_sampling.sigmas)
+    print(f"kind {args.kind}: ComfyUI {comfy_classes}, ours {model_sampling!r}; tables equal: {tables_equal}")
     generator = torch.Generator().manual_seed(99)
     latent_raw = torch.randn(LATENT, generator=generator) * 5.0
     context = {
@@ -314,21 +408,22 @@ def main() -> None:
     times = {"comfy": 0.0, "ours": 0.0}
     print(f"ComfyUI checkout: {args.comfyui} (PR #11528 applied in memory: {comfy['pr_11528_patched']})")
     with torch.inference_mode():
-        for case in cases(args.steps, args.denoise, [s for s in args.samplers if s in comfy_names], args.schedulers):
+        samplers = [s for s in args.samplers if s in comfy_names]
+        grid = (
+            pair_cases(samplers, args.schedulers) if args.grid == "pairs"
+            else cases(args.steps, args.denoise, samplers, args.schedulers, tuple(args.masks), tuple(args.cfg))
+        )  # fmt: skip
+        for case in grid:
             reference, comfy_seconds = comfy_run(comfy, patcher, case, latent_raw, context, mask)
             ours, our_seconds = ours_run(unet, model_sampling, case, latent_raw, context, mask)
-            scale = float(reference.abs().max())
-            diff = float((ours - reference).abs().max()) / scale if scale > 0 else float("inf")
-            if not math.isfinite(diff):
-                diff = (
-                    0.0
-                    if torch.equal(ours.isnan(), reference.isnan()) and not torch.isfinite(reference).any()
-                    else float("inf")
-                )
+            diff = relative_difference(ours, reference)
             times["comfy"] += comfy_seconds
             times["ours"] += our_seconds
             by_sampler[case["sampler"]].append(diff)
-            results.append({**case, "max_rel_diff": diff, "comfy_s": comfy_seconds, "ours_s": our_seconds})
+            results.append({**case, "kind": args.kind, "max_rel_diff": diff, "comfy_s": comfy_seconds,
+                            "ours_s": our_seconds, "comfy_nonfinite": not bool(torch.isfinite(reference).all()),
+                            "comfy_max_abs": float(reference[torch.isfinite(reference)].abs().max())
+                            if torch.isfinite(reference).any() else None})  # fmt: skip
             if diff > 1e-4 and case["sampler"] not in older:
                 print(f"  over 1e-4: {case} → {diff:.3g}")
     print(f"\n{'sampler':32s} {'cases':>5s} {'max rel diff':>13s} {'≤1e-4':>6s}")
@@ -347,7 +442,9 @@ def main() -> None:
           f"(ours/ComfyUI = {times['ours'] / times['comfy']:.3f})")  # fmt: skip
     if args.json:
         args.json.write_text(
-            json.dumps({"results": results, "times": times, "missing": missing, "older": older}, indent=1)
+            json.dumps(
+                {"kind": args.kind, "results": results, "times": times, "missing": missing, "older": older}, indent=1
+            )
         )
 
 

@@ -45,9 +45,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from comfy_parity import LATENT, SEED, comfy_patcher, load_comfy, older_algorithms, ours_run  # noqa: E402
+from comfy_parity import KIND_SPECS, LATENT, SEED, comfy_patcher, load_comfy, older_algorithms, ours_run  # noqa: E402
 
-from deployments.sampling import SAMPLER_NAMES, ModelSampling, sigmas_for  # noqa: E402
+from deployments.sampling import SAMPLER_NAMES, sigmas_for  # noqa: E402
 from deployments.testing.tiny_sd import _unet as tiny_unet  # noqa: E402
 
 # (steps, denoise): ddim_uniform differs at (4, 0.6) and (7, 1.0); beta at (14, 0.1) (T = 140 drops a
@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="*", default=list(SAMPLER_NAMES))
     parser.add_argument("--schedulers", nargs="*", default=["ddim_uniform", "beta", "karras"])
     parser.add_argument("--masks", nargs="*", default=["soft+dd"], choices=["none", "soft", "soft+dd"])
+    parser.add_argument("--kind", choices=list(KIND_SPECS), default="eps", help="model sampling (see comfy_parity)")
     parser.add_argument("--json", type=Path, help="write every case's result here")
     args = parser.parse_args()
 
@@ -142,10 +143,8 @@ def main() -> None:
     impact = load_impact(args.impact)
     torch.manual_seed(0)
     unet = tiny_unet().eval().requires_grad_(False)
-    patcher = comfy_patcher(comfy, unet)
-    model_sampling = ModelSampling.from_scheduler_config(
-        {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-    )
+    patcher = comfy_patcher(comfy, unet, args.kind)
+    model_sampling = KIND_SPECS[args.kind][2]()
     generator = torch.Generator().manual_seed(99)
     latent_raw = torch.randn(LATENT, generator=generator) * 5.0
     context = {
@@ -162,14 +161,15 @@ def main() -> None:
     results = []
     by_sampler: dict[str, list[dict]] = defaultdict(list)
     times = {"impact": 0.0, "ours": 0.0}
-    print(f"ComfyUI {args.comfyui}, Impact {args.impact}; PR #11528 applied in memory: {comfy['pr_11528_patched']}")
+    print(f"ComfyUI {args.comfyui}, Impact {args.impact}; PR #11528 applied in memory: {comfy['pr_11528_patched']}; "
+          f"kind {args.kind}: {model_sampling!r}")  # fmt: skip
     with torch.inference_mode():
         for sampler in samplers:
             for scheduler in args.schedulers:
                 for steps, denoise in runs:
                     for mask_mode in args.masks:
                         case = dict(sampler=sampler, scheduler=scheduler, steps=steps, denoise=denoise,
-                                    mask=mask_mode, cfg=6.5)  # fmt: skip
+                                    mask=mask_mode, cfg=6.5, kind=args.kind)  # fmt: skip
                         reference = impact_run(comfy, impact, patcher, case, latent_raw, context, mask)
                         ours, seconds = ours_run(unet, model_sampling, case, latent_raw, context, mask, "impact")
                         returned, _ = ours_run(unet, model_sampling, case, latent_raw, context, mask, "impact",
@@ -221,7 +221,9 @@ def main() -> None:
     )
     print(f"sampling wall time: Impact+ComfyUI {times['impact']:.1f} s, ours {times['ours']:.1f} s")
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "times": times, "older": older}, indent=1))
+        args.json.write_text(
+            json.dumps({"kind": args.kind, "results": results, "times": times, "older": older}, indent=1)
+        )
 
 
 if __name__ == "__main__":

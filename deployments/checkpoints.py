@@ -34,19 +34,47 @@ DEFAULT_CHECKPOINT = "default"
 DRAIN_TIMEOUT_S = 900.0
 
 
+CHECKPOINT_OPTIONS = (
+    "model", "single_file_config", "diffusion_model", "text_encoders", "vae", "family", "prediction", "zsnr", "shift",
+    "precision",
+)  # fmt: skip
+# a checkpoint's opt-in ``precision`` → the inpainter's dtype (it overrides the deployment's ``dtype``)
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def load_options(spec: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`~deployments.inpainter.Inpainter` keyword arguments of one checkpoint: its spec over ``options``.
+
+    ``precision`` (fp32, bf16, fp16) becomes the run ``dtype`` of that checkpoint alone.
+    """
+    merged = {**options, **{key: value for key, value in spec.items() if key != "precision"}}
+    precision = spec.get("precision")
+    if precision is not None:
+        if precision not in PRECISION_DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(PRECISION_DTYPES)}, got {precision!r}")
+        merged["dtype"] = PRECISION_DTYPES[precision]
+    return merged
+
+
 def checkpoint_specs(
     model: str | Mapping[str, Any], single_file_config: str | None = None
 ) -> dict[str, dict[str, Any]]:
-    """``{name: {"model": reference, "single_file_config": ...}}`` from either config form.
+    """``{name: {"model": reference, "single_file_config": ..., ...}}`` from either config form.
 
-    A plain reference is the single ``model`` form: one checkpoint named ``default``.
+    A plain reference is the single ``model`` form: one checkpoint named ``default``. A named
+    checkpoint keeps the :class:`~deployments.inpainter.Inpainter` options it sets (folder or
+    single file, or the split layout, and the family/model-sampling overrides).
     """
     if isinstance(model, str):
         return {DEFAULT_CHECKPOINT: {"model": model, "single_file_config": single_file_config}}
     specs: dict[str, dict[str, Any]] = {}
     for name, spec in model.items():
         spec = {"model": spec} if isinstance(spec, str) else dict(spec)
-        specs[name] = {"model": spec["model"], "single_file_config": spec.get("single_file_config")}
+        unknown = set(spec) - set(CHECKPOINT_OPTIONS)
+        if unknown:
+            raise ValueError(f"checkpoint {name!r}: unknown options {', '.join(sorted(unknown))}")
+        specs[name] = {key: value for key, value in spec.items() if value is not None}
+        specs[name].setdefault("single_file_config", None)
     if not specs:
         raise ValueError("checkpoints: name at least one")
     return specs

@@ -1,18 +1,20 @@
 """The diffusion inpainter: FaceDetailer's "encode → sample → decode" of each upscaled face crop.
 
-:class:`Inpainter` loads a Stable Diffusion checkpoint (SD 1.x/2.x/XL, normal or 9-channel
-inpainting; diffusers folder or single file, see :mod:`deployments.inpainter_loading`) and keeps
-diffusers for the models only: UNet, VAE, text encoders. Sampling is ComfyUI's own arithmetic
-from :mod:`deployments.sampling` (one generator per crop and cycle that yields each UNet
-evaluation it needs), and the crops of all requests are driven together by the step-level
-engine of :mod:`deployments.inpainter_engine`: crops with different settings share UNet calls,
-one crop's result never depends on which crops it shared them with.
+:class:`Inpainter` loads a checkpoint of one of the model families of :mod:`deployments.families`
+(SD 1.x/2.x/XL eps or v-prediction, SD3/SD3.5, Flux.1 dev/schnell/Fill; a diffusers folder, one
+single file or ComfyUI's split layout) and keeps diffusers for the models only: denoiser (UNet or
+transformer), VAE, text encoders. Sampling is ComfyUI's own arithmetic from
+:mod:`deployments.sampling` (one generator per crop and cycle that yields each model evaluation
+it needs), and the crops of all requests are driven together by the step-level engine of
+:mod:`deployments.inpainter_engine`: crops with different settings share model calls, one crop's
+result never depends on which crops it shared them with.
 
 This class is the engine's model side (:class:`~deployments.inpainter_engine.EngineBackend`):
 it prepares a crop (VAE encode, text conditioning, noise mask, inpainting-model conditioning),
-runs one batched UNet call with per-sample timesteps for a group of crops, and decodes finished
-crops. ``refine`` runs the engine in the caller's thread (the in-process path); the Ray Serve
-deployment (``deployments.serving``) runs the same engine in a background thread.
+runs one batched model call with per-sample timesteps for a group of crops, and decodes finished
+crops; what depends on the model (latent format, model sampling, text encoders, the model call)
+is its family's. ``refine`` runs the engine in the caller's thread (the in-process path); the
+Ray Serve deployment (``deployments.serving``) runs the same engine in a background thread.
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ import torch
 import torch.nn.functional as F
 
 from deployments.controlnet import ControlNetSet
+from deployments.families import CheckpointSource, FamilyRow, ModelFamily, TextConditioning, load_family, text
+from deployments.families.loading import public_reference
 from deployments.inpainter_engine import CropProgress, EngineCrop, EngineRequest, InpaintEngine
 from deployments.inpainter_hooks import check_cycle_plan, cycle_noise, hook_stages, hooked_cycle
 from deployments.inpainter_loading import (
     ComponentsLoader,
     LoraPatcher,
-    SDComponents,
-    describe,
     load_sd_components,
     lora_key,
     pick_device,
@@ -49,19 +51,17 @@ from deployments.inpainter_loading import (
 from deployments.sampling import (
     SAMPLER_NAMES,
     SCHEDULER_NAMES,
-    ModelSampling,
     UNetRequest,
     UNetResponse,
     UnsupportedSamplerError,
     crop_process,
-    inpaint_concat,
     validate,
 )
+from deployments.text_encoder import SharedTextEncoding, TextEncoderClient
 from facedetailer.controlnet import ControlHint
 from facedetailer.cycle_hooks import NoiseInjectionStep, UnsampleStep
 from facedetailer.hooks import DetailerHook, DetailerHooks
-from facedetailer.prompt_weights import PromptSyntaxError, check_prompt, weighted_groups
-from facedetailer.token_windows import empty_window, weighted_token_windows
+from facedetailer.prompt_weights import PromptSyntaxError, check_prompt
 
 __all__ = [
     "CycleSpec",
@@ -90,7 +90,9 @@ class SamplingSettings(pydantic.BaseModel):
     denoise: float = pydantic.Field(0.5, gt=0.0, le=1.0)
     cycle: int = pydantic.Field(1, ge=1, le=10)
     noise_mask_feather: int = pydantic.Field(20, ge=0, le=100)  # > 0: differential diffusion
-    inpaint_model: bool = False  # condition a 9-channel inpainting UNet (InpaintModelConditioning)
+    inpaint_model: bool = False  # condition an inpainting model (InpaintModelConditioning): SD 9-channel, Flux Fill
+    # FluxGuidance: the guidance a guidance-distilled model (Flux.1 dev, Fill) is given; others ignore it, as ComfyUI
+    guidance: float = pydantic.Field(3.5, ge=0.0, le=100.0)
     # The request's detailer hooks; those with hook points inside sampling act per cycle
     # (deployments.inpainter_hooks), the others are the pipeline's and are ignored here.
     detailer_hooks: list[DetailerHook] = pydantic.Field(default_factory=list)
@@ -105,7 +107,7 @@ class RefineJob:
     # as FaceDetailer hands it to the sampler; it is stretched over the image. None: no mask.
     noise_mask: np.ndarray | None
     positive: tuple[str, ...]  # chunks, each encoded alone, joined on the token axis; () = ""
-    negative: tuple[str, ...]
+    negative: tuple[str, ...] | None  # None: no negative at all (basic guidance: needs cfg 1)
     seed: int  # cycle c samples with (seed + c) mod 2**64
     loras: tuple[tuple[str, float, float], ...] = ()  # (name, model_weight, clip_weight)
     settings: SamplingSettings | None = None  # this crop's settings; None: the call's
@@ -165,13 +167,20 @@ class RefineResult:
 
 
 class Inpainter:
-    """Refines face crops with a Stable Diffusion checkpoint, ComfyUI's sampling semantics."""
+    """Refines face crops with a diffusion checkpoint of any supported family, ComfyUI's sampling semantics."""
 
     def __init__(
         self,
-        model: str,
+        model: str | None = None,
         *,
         single_file_config: str | None = None,
+        diffusion_model: str | None = None,
+        text_encoders: Mapping[str, str] | None = None,
+        vae: str | None = None,
+        family: str | None = None,
+        prediction: str | None = None,
+        zsnr: bool | None = None,
+        shift: float | None = None,
         device: str | None = None,
         dtype: str | None = None,
         lora_dir: str | None = None,
@@ -180,34 +189,45 @@ class Inpainter:
         max_queued_crops: int = 256,
         controlnets: Mapping[str, Mapping[str, Any]] | ControlNetSet | None = None,
         load_components: ComponentsLoader = load_sd_components,
+        text_encoder: TextEncoderClient | None = None,
     ) -> None:
-        """``load_components`` reads ``model``: real checkpoints by default;
-        :func:`deployments.model_loading.load_inpainter` passes the loader that also takes ``sim://``."""
-        self.model = model
+        """``load_components`` reads an SD ``model`` (and what this module cannot locate): real checkpoints by
+        default; :func:`deployments.model_loading.load_inpainter` passes the loader that also takes ``sim://``.
+        ``text_encoder``: the shared text encoder, for this checkpoint's prompts; an SD3/Flux checkpoint then
+        loads no text encoders of its own (:mod:`deployments.text_encoder`)."""
+        self.source = CheckpointSource(
+            model=model,
+            config=single_file_config,
+            diffusion_model=diffusion_model,
+            text_encoders=dict(text_encoders or {}),
+            vae=vae,
+            family=family,
+            prediction=prediction,
+            zsnr=zsnr,
+            shift=shift,
+        )
+        self.model = self.source.label
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.lora_dir = Path(lora_dir) if lora_dir else None
         started = time.perf_counter()
-        self.components: SDComponents = load_components(
-            model,
-            single_file_config=single_file_config,
+        shared = SharedTextEncoding(
+            text_encoder, device=self.device, dtype=self.dtype, names=tuple(text_encoders or {}) or None
+        ) if text_encoder is not None else None  # fmt: skip
+        self.family: ModelFamily = load_family(
+            self.source,
+            device=self.device,
             dtype=self.dtype,
             cache_dir=Path(cache_dir) if cache_dir else None,
+            load_components=load_components,
+            text_encoding=shared,
         )
-        parts = self.components
-        # fp16 SDXL VAEs overflow; diffusers marks them force_upcast and decodes in float32.
-        upcast_vae = self.dtype == torch.float16 and getattr(parts.vae.config, "force_upcast", False)
-        self.vae_dtype = torch.float32 if upcast_vae else self.dtype
-        for module, module_dtype in [(parts.unet, self.dtype), (parts.vae, self.vae_dtype)] + [
-            (encoder, self.dtype) for encoder in parts.text_encoders
-        ]:
-            module.to(self.device)
-            if module.dtype != module_dtype:  # loaded in self.dtype; only an upcast VAE differs
-                module.to(dtype=module_dtype)
-            module.eval().requires_grad_(False)
-        self.vae_scale_factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-        self.model_sampling = ModelSampling.from_scheduler_config(parts.scheduler_config)
-        self.loras = LoraPatcher(parts, self.lora_dir)
+        self.components: Any = self.family.components
+        self.vae_dtype = self.family.vae_dtype
+        self.vae_scale_factor = 2 ** (len(self.family.vae.config.block_out_channels) - 1)
+        self.model_sampling = self.family.model_sampling
+        self.checkpoint_key = (self.family.name, self.model)  # part of every group key: one model per call
+        self.loras = LoraPatcher(self.components, self.lora_dir)
         self.controlnets = ControlNetSet(
             controlnets,
             device=self.device,
@@ -215,12 +235,17 @@ class Inpainter:
             model_sampling=self.model_sampling,
             cache_dir=Path(cache_dir) if cache_dir else None,
         )
-        self._prompts: OrderedDict[Hashable, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        if self.family.supports_controlnet:
+            self.family.controlnets = self.controlnets
+        self._prompts: OrderedDict[Hashable, TextConditioning] = OrderedDict()
         self._batch_conditioning: dict[Hashable, tuple[tuple, Any]] = {}
         self.engine = InpaintEngine(self, max_batch_size=max_batch_size, max_queued_crops=max_queued_crops)
         self.load_seconds = time.perf_counter() - started
         self.last_call: dict[str, Any] = {}
-        logger.info("inpainter %s loaded in %.2fs on %s/%s", model, self.load_seconds, self.device, self.dtype)
+        logger.info(
+            "inpainter %s (%s) loaded in %.2fs on %s/%s",
+            self.model, self.family.title(), self.load_seconds, self.device, self.dtype,
+        )  # fmt: skip
 
     @property
     def max_batch_size(self) -> int:
@@ -233,7 +258,7 @@ class Inpainter:
         by themselves; an accelerator that computes results eagerly and models the device time
         apart (the ``sim://`` stand-ins' ``unet.accelerator``) is told here.
         """
-        accelerator = getattr(self.components.unet, "accelerator", None)
+        accelerator = getattr(self.family.denoiser, "accelerator", None)
         if accelerator is not None:
             accelerator.synchronize()
 
@@ -251,29 +276,26 @@ class Inpainter:
         The ingress fetches them once per checkpoint to bound a request's prompt tokens before
         any model work (``limits.max_prompt_tokens``).
         """
-        parts = self.components
-        return [
-            (tokenizer, min(int(tokenizer.model_max_length), int(encoder.config.max_position_embeddings)))
-            for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders, strict=True)
-        ]
+        return self.family.prompt_tokenizers()
 
     def validate_settings(self, settings: SamplingSettings) -> None:
         """Reject what can't be run faithfully, before any model work.
 
         Raises :class:`UnsupportedSamplerError` for names and values ComfyUI's KSampler would not
-        run the same way, ``ValueError`` for an inpainting request on a 4-channel UNet.
+        run the same way, ``ValueError`` for what this checkpoint's family cannot honour (an
+        inpainting request on a model that is not one).
         """
         validate(settings.sampler_name, settings.scheduler, settings.steps, settings.denoise)
-        if settings.inpaint_model and not self.components.is_inpaint:
+        if settings.inpaint_model and not self.family.is_inpaint:
             raise ValueError(
-                f"inpaint_model=True needs an inpainting checkpoint (9-channel UNet); {self.model} has "
-                f"{self.components.unet.config.in_channels} input channels"
+                f"inpaint_model=True needs an inpainting checkpoint (SD: a 9-channel UNet; Flux: Flux.1 Fill); "
+                f"{self.family.inpaint_refusal()}"
             )
 
     def info(self) -> dict[str, Any]:
         return {
-            **describe(self.components),
-            "model": self.model,
+            **self.family.describe(),
+            "model": public_reference(self.model),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "vae_dtype": str(self.vae_dtype).removeprefix("torch."),
@@ -290,9 +312,11 @@ class Inpainter:
 
     def check_health(self) -> None:
         """Raise if the replica can't serve: weights gone from the device or non-finite."""
-        weight = next(self.components.unet.parameters())
+        weight = self.family.parameters_for_health()
+        if weight is None:
+            return
         if weight.device.type != self.device.type or not torch.isfinite(weight).all():
-            raise RuntimeError(f"inpainter UNet weights are unusable ({weight.device}, finite check failed)")
+            raise RuntimeError(f"inpainter model weights are unusable ({weight.device}, finite check failed)")
 
     def payloads(self, jobs: Sequence[RefineJob], settings: SamplingSettings | None = None) -> list[CropPayload]:
         """Check every crop and its settings before it reaches the engine (errors name the crop)."""
@@ -303,8 +327,10 @@ class Inpainter:
             if resolved is None:
                 raise ValueError(f"job {index}: no sampling settings (neither the job's nor the call's)")
             self.validate_settings(resolved)
+            self.family.check(index, job, resolved)
             check_cycle_plan(resolved)
-            self.controlnets.check(index, job.control, self.components.unet.config)
+            if job.control is not None:
+                self.controlnets.check(index, job.control, self.family.denoiser.config)
             payloads.append(CropPayload(job=job, settings=resolved, cycles=plan_cycles(job, resolved)))
         return payloads
 
@@ -361,11 +387,12 @@ class Inpainter:
             self.loras.activate(key)
             for crop in members:
                 self._prepare_conditioning(crop)
-                # crops whose prompts differ in length never share a call: every row of a call attends
-                # to the lcm of its rows' context lengths, so one request's long prompts would
-                # multiply everyone's cross-attention
-                context = math.lcm(crop.state["positive"].shape[1], crop.state["negative"].shape[1])
-                crop.group_key = (key, *tuple(crop.latent.shape[-2:]), context)
+                # crops share a model call only with crops of the same LoRA set, latent size, checkpoint
+                # and context length: every row of a call attends to the lcm of its rows' context
+                # lengths, so one request's long prompts would multiply everyone's cross-attention
+                context = math.lcm(*(row.text.context.shape[1] for row in (crop.state["positive"],
+                                                                           crop.state["negative"]) if row))
+                crop.group_key = (key, *tuple(crop.latent.shape[-2:]), self.checkpoint_key, context)
                 crop.stages = []
                 for number, spec in enumerate(crop.payload.cycles):
                     crop.stages += hook_stages(self, spec)  # cycle_latent: noise injection, unsampling
@@ -377,17 +404,12 @@ class Inpainter:
         return (math.ceil(shape[0] / factor) * factor, math.ceil(shape[1] / factor) * factor)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Deterministic VAE encode: the latent distribution's mean, as ComfyUI's VAEEncode."""
-        vae = self.components.vae
-        mean = vae.encode(pixels.to(self.vae_dtype)).latent_dist.mean.float()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (mean - shift) * vae.config.scaling_factor
+        """Deterministic VAE encode (the latent distribution's mean, as ComfyUI's VAEEncode), in model space."""
+        return self.family.encode_pixels(pixels)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → float [n, 3, H, W] in [0, 1] on the host."""
-        vae = self.components.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        images = vae.decode((latents / vae.config.scaling_factor + shift).to(self.vae_dtype)).sample
+        images = self.family.decode_latents(latents)
         images = images.float().add_(1.0).div_(2.0).clamp_(0.0, 1.0)  # in place on the decoder's fresh output
         self.synchronize()  # the decoded pixels come back to the host
         return images.cpu()
@@ -395,20 +417,23 @@ class Inpainter:
     def _prepare_masks(
         self, crops: Sequence[EngineCrop], pixels: torch.Tensor, padded: tuple[int, int], latent_size: tuple[int, ...]
     ) -> None:
-        """Each crop's noise mask on the latent grid, and a 9-channel UNet's extra inputs.
+        """Each crop's noise mask on the latent grid, and an inpainting model's extra inputs.
 
         - The noise mask goes from the crop's size to the latent grid in ONE bilinear step, as
           ComfyUI's sampler resizes a latent's noise_mask (``prepare_mask``); only the cells over
           the image get it, the padding is never denoised.
         - ``inpaint_model`` on an inpainting checkpoint with a mask is InpaintModelConditioning:
           the mask goes to the pixel size first (bilinear), the pixels where round(mask) = 1 turn
-          grey and are encoded; the UNet gets round(mask on the latent grid) and that latent.
-        - An inpainting checkpoint otherwise gets ComfyUI's ``concat_cond``: with a noise mask,
-          round(mask) and the cycle's input latent; without, ones and the grey latent.
+          grey and are encoded; the family turns the pixel mask and that latent into its extra
+          channels (SD: round(mask on the latent grid) and the latent; Flux Fill: the latent and
+          the mask packed 8×8 into 64 channels).
+        - An inpainting checkpoint otherwise gets the family's ``concat_cond`` from the noise mask
+          (SD: with a noise mask, round(mask) and the cycle's input latent; without, ones and the
+          grey latent).
         """
         height, width = latent_size[-2], latent_size[-1]
         factor = self.vae_scale_factor
-        is_inpaint = self.components.is_inpaint
+        is_inpaint = self.family.is_inpaint
         for position, crop in enumerate(crops):
             job, settings = crop.payload.job, crop.payload.settings
             image_h, image_w = job.image.shape[:2]
@@ -421,9 +446,7 @@ class Inpainter:
                 pixel_mask = F.pad(pixel_mask, (0, padded[1] - image_w, 0, padded[0] - image_h)).to(self.device)
                 greyed = pixels[position : position + 1] * (1.0 - torch.round(pixel_mask))  # grey = 0 in [-1, 1]
                 crop.state["mask"] = F.interpolate(pixel_mask, size=(height, width), mode="bilinear")
-                crop.state["concat"] = inpaint_concat(
-                    crop.latent, concat_mask=pixel_mask, concat_latent=self._encode(greyed)
-                )
+                crop.state["concat"] = self.family.inpaint_model_concat(crop.latent, pixel_mask, self._encode(greyed))
                 crop.state["differential"] = settings.noise_mask_feather > 0
                 continue
             if job.noise_mask is not None:
@@ -440,33 +463,29 @@ class Inpainter:
             else:
                 crop.state["mask"] = None
             if is_inpaint:
-                if job.noise_mask is not None:
-                    crop.state["concat_per_cycle"] = True  # round(mask) + each cycle's input latent
-                else:
-                    crop.state["concat"] = inpaint_concat(crop.latent)  # ones + the grey latent
+                noise_mask = crop.state["mask"] if job.noise_mask is not None else None
+                crop.state["concat"], per_cycle = self.family.default_concat(crop.latent, noise_mask)
+                if per_cycle:
+                    crop.state["concat_per_cycle"] = True  # SD: round(mask) + each cycle's input latent
 
     # ---------------------------------------------------------------- text
 
     def _prepare_conditioning(self, crop: EngineCrop) -> None:
-        """Positive and negative text embeddings (cached per LoRA set), SDXL's added conditions."""
-        job, loras = crop.payload.job, lora_key(crop.payload.job.loras)
-        crop.state["positive"], positive_pooled = self._prompt(loras, job.positive)
-        crop.state["negative"], negative_pooled = self._prompt(loras, job.negative)
-        if not self.components.is_sdxl:
-            crop.state["positive_added"] = crop.state["negative_added"] = None
-            return
-        padded = crop.state["padded"]
-        # SDXL's size conditioning: ComfyUI passes the latent size × 8 as original and target size.
-        time_ids = torch.tensor([[padded[0], padded[1], 0, 0, padded[0], padded[1]]], dtype=self.dtype)
-        time_ids = time_ids.to(self.device)
-        crop.state["positive_added"] = {"text_embeds": positive_pooled, "time_ids": time_ids}
-        crop.state["negative_added"] = {"text_embeds": negative_pooled, "time_ids": time_ids}
+        """The crop's rows: its positive and negative text (cached per LoRA set) and the family's extras.
 
-    def _prompt(self, loras: Hashable, chunks: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ``negative`` None (``negative: null``) samples with basic guidance: no negative row at all.
+        """
+        job, loras = crop.payload.job, lora_key(crop.payload.job.loras)
+        extra = self.family.row_extras(crop.state["padded"], crop.payload.settings)
+        crop.state["positive"] = FamilyRow(self._prompt(loras, job.positive), extra)
+        negative = None if job.negative is None else FamilyRow(self._prompt(loras, job.negative), extra)
+        crop.state["negative"] = negative
+
+    def _prompt(self, loras: Hashable, chunks: tuple[str, ...]) -> TextConditioning:
         key = (loras, tuple(chunks) or ("",))
         cached = self._prompts.get(key)
         if cached is None:
-            cached = self._encode_prompt(key[1])
+            cached = self.family.encode_prompt(key[1])
             self._prompts[key] = cached
             while len(self._prompts) > PROMPT_CACHE_SIZE:
                 self._prompts.popitem(last=False)
@@ -475,49 +494,9 @@ class Inpainter:
         return cached
 
     def _encode_prompt(self, chunks: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[1, 77·n, D] hidden states (+ SDXL's pooled embedding of the first window).
-
-        Each chunk (a BREAK / [CONCAT] part) is tokenised on its own into 77-token windows
-        (BOS + 75 + EOS, padded) and encoded in its own encoder call; the chunks' hidden states
-        are concatenated along the token axis, like Impact's one CLIPTextEncode per chunk +
-        ConditioningConcat (one call per chunk, not one for all: batching moves float rounding).
-        Emphasis (``(word:1.2)``) follows ComfyUI: when any token of a chunk has a weight ≠ 1, the
-        empty prompt's window is encoded in that chunk's call and each weighted token becomes
-        (z − z_empty)·w + z_empty, per encoder, in float32. The pooled embedding is the first
-        chunk's first window's, unweighted (ConditioningConcat keeps the first chunk's).
-        """
-        parts = self.components
-        hidden_parts: list[torch.Tensor] = []
-        pooled: torch.Tensor | None = None
-        with torch.inference_mode():
-            for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders, strict=True):
-                length = min(int(tokenizer.model_max_length), int(encoder.config.max_position_embeddings))
-                chunk_parts: list[torch.Tensor] = []
-                for chunk in chunks:
-                    hidden, chunk_pooled = self._encode_chunk(tokenizer, encoder, chunk, length)
-                    chunk_parts.append(hidden.reshape(1, -1, hidden.shape[-1]))
-                    if pooled is None and chunk_pooled is not None:
-                        pooled = chunk_pooled  # the first chunk's (SDXL: the encoder that has one)
-                hidden_parts.append(torch.cat(chunk_parts, dim=1))
-        return torch.cat(hidden_parts, dim=-1).to(self.dtype), pooled
-
-    def _encode_chunk(
-        self, tokenizer: Any, encoder: Any, chunk: str, length: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One chunk's windows [n, L, D] through one encoder in one call (+ its first window's pooled)."""
-        windows, weights = _prompt_windows(tokenizer, chunk, length)
-        emphasis = any(weight != 1.0 for row in weights for weight in row)
-        if emphasis:
-            windows.append(empty_window(**_special_tokens(tokenizer), max_length=length))
-        ids = torch.tensor(windows, dtype=torch.long, device=self.device)
-        output = encoder(ids, output_hidden_states=self.components.is_sdxl)
-        # SD 1.x/2.x: last layer (diffusers' SD 2 encoders already end at the penultimate OpenCLIP
-        # layer); SDXL: both encoders' penultimate layer, without the final norm.
-        hidden = output.hidden_states[-2] if self.components.is_sdxl else output.last_hidden_state
-        if emphasis:
-            hidden = apply_token_weights(hidden[:-1], hidden[-1], torch.tensor(weights, device=self.device))
-        text_embeds = getattr(output, "text_embeds", None)
-        return hidden, None if text_embeds is None else text_embeds[:1]  # the empty window is last
+        """(context, pooled) of a prompt's chunks: the family's text conditioning, uncached."""
+        encoded = self.family.encode_prompt(tuple(chunks))
+        return encoded.context, encoded.pooled
 
     # ---------------------------------------------------------------- engine backend: evaluate
 
@@ -529,10 +508,10 @@ class Inpainter:
         return sorted(keys, key=lambda key: key[0] != current)  # type: ignore[index]
 
     def evaluate(self, key: Hashable, calls: Sequence[tuple[EngineCrop, UNetRequest]]) -> list[UNetResponse]:
-        """ONE UNet call for the pending requests of crops of one latent size and LoRA set.
+        """ONE model call for the pending requests of crops of one latent size and LoRA set.
 
         Rows: each crop's cond row, plus its uncond row when its sampler asks for it; each row
-        with its own timestep, text embedding, added conditions and inpainting channels.
+        with its own timestep, text conditioning, family extras and inpainting channels.
         """
         self.loras.activate(key[0])  # type: ignore[index]
         inputs: list[torch.Tensor] = []
@@ -547,27 +526,9 @@ class Inpainter:
         if cached is None or cached[0] != composition:
             cached = (composition, self._conditioning_rows(calls))
             self._batch_conditioning[key] = cached
-        context, added_conditions, concat = cached[1]
         sample = torch.cat(inputs).to(self.device)
         timestep_rows = torch.tensor(timesteps, dtype=torch.float32, device=self.device)
-        control = self.controlnets.residuals(
-            [crop.state.get("control") for crop, _ in calls],
-            [request for _, request in calls],
-            sample,
-            timestep_rows,
-            context,
-            added_conditions,
-        ) if self.controlnets else {}  # fmt: skip
-        if concat is not None:
-            sample = torch.cat([sample, concat], dim=1)
-        output = self.components.unet(
-            sample.to(self.dtype),
-            timestep_rows,
-            encoder_hidden_states=context,
-            added_cond_kwargs=added_conditions,
-            return_dict=False,
-            **control,
-        )[0].float()
+        output = self.family.forward(calls, sample, timestep_rows, cached[1])
         responses: list[UNetResponse] = []
         row = 0
         for _, request in calls:
@@ -577,24 +538,18 @@ class Inpainter:
             responses.append(UNetResponse(cond=cond, uncond=uncond))
         return responses
 
-    def _conditioning_rows(
-        self, calls: Sequence[tuple[EngineCrop, UNetRequest]]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, torch.Tensor | None]:
-        """Text embeddings, SDXL added conditions and inpainting channels of a call's rows, in row order."""
-        contexts: list[torch.Tensor] = []
-        added: list[dict[str, torch.Tensor]] = []
-        concats: list[torch.Tensor] = []
+    def _conditioning_rows(self, calls: Sequence[tuple[EngineCrop, UNetRequest]]) -> Any:
+        """The family's batched conditioning of a call's rows, in row order (cond, then uncond if asked)."""
+        rows: list[FamilyRow] = []
+        concats: list[torch.Tensor | None] = []
         for crop, request in calls:
             for side in ("positive", "negative") if request.uncond else ("positive",):
-                contexts.append(crop.state[side])
-                if crop.state[f"{side}_added"] is not None:
-                    added.append(crop.state[f"{side}_added"])
-                if crop.state["concat"] is not None:
-                    concats.append(crop.state["concat"])
-        added_conditions = None
-        if added:
-            added_conditions = {name: torch.cat([item[name] for item in added]) for name in added[0]}
-        return _repeat_to_common_length(contexts), added_conditions, torch.cat(concats) if concats else None
+                row = crop.state[side]
+                if row is None:  # the sampler asked for a negative the request does not have
+                    raise ValueError("negative: null has no negative conditioning to evaluate")
+                rows.append(row)
+                concats.append(crop.state["concat"])
+        return self.family.batch_rows(rows, concats)
 
     # ---------------------------------------------------------------- engine backend: finish
 
@@ -623,7 +578,7 @@ class _CycleStage:
         if spec.denoise <= 0.0:  # a denoise schedule reached 0: this cycle samples nothing
             return _unchanged(latent)
         if crop.state.get("concat_per_cycle"):  # concat_cond: the sampler's input latent of this cycle
-            crop.state["concat"] = inpaint_concat(latent, crop.state["mask"])
+            crop.state["concat"] = self.inpainter.family.cycle_concat(latent, crop.state["mask"])
         return crop_process(
             self.inpainter.model_sampling,
             sampler_name=spec.sampler_name,
@@ -723,7 +678,7 @@ def check_job(index: int, job: RefineJob) -> None:
         if not np.isfinite(mask).all():
             raise ValueError(f"job {index}: noise_mask has non-finite values")
     for name in ("positive", "negative"):
-        for chunk in getattr(job, name):
+        for chunk in getattr(job, name) or ():
             try:
                 check_prompt(chunk)
             except PromptSyntaxError as error:
@@ -844,65 +799,22 @@ def _quantised_images(images: torch.Tensor) -> list[np.ndarray]:
     return [cv2.merge(list(image)) for image in planes]
 
 
-def apply_token_weights(hidden: torch.Tensor, empty: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's emphasis: each token with weight w ≠ 1 becomes (z − z_empty)·w + z_empty (float32).
-
-    ``hidden`` [n, L, D] are the windows' hidden states, ``empty`` [L, D] the empty prompt's, and
-    ``weights`` [n, L] each place's weight; places of weight 1 are returned bit for bit.
-    """
-    hidden, empty, weights = hidden.float(), empty.float(), weights.float()
-    weighted = (hidden - empty) * weights[..., None] + empty
-    return torch.where((weights != 1.0)[..., None], weighted, hidden)
-
-
-def _special_tokens(tokenizer: Any) -> dict[str, int]:
-    """Start, end and padding ids (a tokenizer without a pad token pads with its end token)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return {"start_token": tokenizer.bos_token_id, "end_token": tokenizer.eos_token_id, "pad_token": pad}
-
-
-def _prompt_windows(tokenizer: Any, text: str, length: int) -> tuple[list[list[int]], list[list[float]]]:
-    """``text`` as ``length``-token windows cut the way ComfyUI's tokenizer cuts them (Decision 9).
-
-    The emphasis syntax is parsed first; each weighted segment is one group, cut only before an
-    ``embedding:`` (:func:`~facedetailer.prompt_weights.weighted_groups`), and each group is
-    tokenized whole, as ComfyUI 0.3.64 does. A group that does not fit moves whole to the next
-    window unless it has 8+ tokens, then it is cut at the window's end (BOS + up to 75 tokens +
-    EOS, padded); a long chunk becomes several windows instead of being truncated. Returns the
-    windows' ids and each place's weight.
-    """
-    groups = weighted_groups(text)
-    group_tokens: list[list[int]] = []
-    if groups:  # each group tokenized on its own (one batched call)
-        group_tokens = tokenizer(
-            [group for group, _ in groups], add_special_tokens=False, truncation=False, verbose=False
-        ).input_ids
-    return weighted_token_windows(
-        [(tokens, weight) for tokens, (_, weight) in zip(group_tokens, groups, strict=True)],
-        **_special_tokens(tokenizer),
-        max_length=length,
-    )
+# The text helpers live with the families; these names stay importable from here (tests, benchmarks).
+apply_token_weights = text.apply_token_weights
+_special_tokens = text.special_tokens
+_prompt_windows = text.prompt_windows
+_repeat_to_common_length = text.repeat_to_common_length
 
 
 def count_prompt_windows(tokenizers: Sequence[tuple[Any, int]], chunks: Sequence[str]) -> int:
-    """The windows the text encoders read for a prompt's chunks (``()`` is the empty prompt: one).
+    """The 75-token windows a prompt's chunks take (``()`` is the empty prompt: one).
 
-    Cut exactly as :meth:`Inpainter._encode_chunk` cuts them; the most over the checkpoint's
-    tokenizers (SDXL's two cut alike).
+    Cut exactly as the families' CLIP encoders cut them (:func:`deployments.families.text.prompt_windows`);
+    the most over the checkpoint's tokenizers (:meth:`ModelFamily.prompt_tokenizers`: SDXL's two
+    cut alike; a T5 sequence counted in windows of the same size).
     """
     texts = tuple(chunks) or ("",)
     return max(
-        sum(len(_prompt_windows(tokenizer, text, length)[0]) for text in texts) for tokenizer, length in tokenizers
+        sum(len(text.prompt_windows(tokenizer, chunk, length)[0]) for chunk in texts)
+        for tokenizer, length in tokenizers
     )
-
-
-def _repeat_to_common_length(embeds: list[torch.Tensor]) -> torch.Tensor:
-    """Bring [1, L_i, D] embeddings to one length by repeating each whole sequence (ComfyUI's way).
-
-    Cross-attention over a sequence repeated k times equals attention over the sequence itself
-    (the softmax weights split evenly over the copies), so this changes nothing but the shape,
-    unlike padding with an encoded empty prompt.
-    """
-    target = math.lcm(*(embed.shape[1] for embed in embeds))
-    return torch.cat([embed if embed.shape[1] == target else embed.repeat(1, target // embed.shape[1], 1)
-                      for embed in embeds])  # fmt: skip

@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,6 +56,7 @@ class SDComponents:
     source: str
     format: str  # "diffusers", "single_file" or "simulated"
     is_sdxl: bool = False
+    markers: dict[str, bool] = field(default_factory=dict)  # a single file's ComfyUI marker keys (v_pred, ztsnr)
     # More for ``describe`` (called at each info(), so live figures stay live), e.g. a stand-in's cost model.
     extra_info: Callable[[], dict[str, Any]] | None = None
 

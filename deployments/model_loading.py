@@ -52,6 +52,6 @@ def load_sd_components(
     )
 
 
-def load_inpainter(model: str, **options: Any) -> Inpainter:
-    """An :class:`Inpainter` on a real checkpoint or on simulated components (``sim://sd15…``)."""
+def load_inpainter(model: str | None = None, **options: Any) -> Inpainter:
+    """An :class:`Inpainter` on a real checkpoint (any family, any layout) or on simulated components (``sim://sd15…``)."""
     return Inpainter(model, load_components=load_sd_components, **options)

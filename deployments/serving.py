@@ -13,17 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from ray import serve
 
-from deployments.checkpoints import DRAIN_TIMEOUT_S, LoadedCheckpoint, checkpoint_specs, sum_snapshots
+from deployments.checkpoints import DRAIN_TIMEOUT_S, LoadedCheckpoint, checkpoint_specs, load_options, sum_snapshots
 from deployments.engine_stats import STATS_ACTOR_NAME, EngineMetrics, StatsReporter, merge_snapshots
+from deployments.families.loading import describe_checkpoint
 from deployments.inpainter import Inpainter, RefineJob, RefineResult, SamplingSettings
 from deployments.model_loading import load_detector, load_inpainter, load_segmenter
 from deployments.sam import SamPrediction
+from deployments.step_progress import StepEvent, StepFeed, refine_steps
+from deployments.text_encoder import TextEncoder, TextEncoderClient
 from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
 
@@ -86,6 +89,25 @@ class _ServedModel:
         """This replica (its placement, pid) and the model calls running on it now (chaos runs kill it mid-call)."""
         return {**self.placement(), "running_calls": self.watchdog.running}
 
+    def device_memory(self, reset: bool = False) -> dict[str, Any]:
+        """This replica's CUDA memory: peak allocated and reserved bytes since start (or the last reset).
+
+        ``{"device": "cpu"}`` without CUDA (benchmarks/gpu.py reports it per replica).
+        """
+        import torch
+
+        if not torch.cuda.is_available():
+            return {"device": "cpu"}
+        memory = {
+            "device": torch.cuda.get_device_name(),
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+            "allocated_bytes": torch.cuda.memory_allocated(),
+        }
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return memory
+
     async def check_health(self) -> None:
         self.watchdog.check()
         if not self.watchdog.busy:
@@ -117,6 +139,30 @@ class SamDeployment(_ServedModel):
         return await self.watchdog.run(self.model.predict, image, list(prompts))
 
 
+class TextEncoderDeployment(_ServedModel):
+    """Serves the SD3/Flux checkpoints' text encoders to every inpainter replica (:mod:`deployments.text_encoder`).
+
+    One copy of each encoder set (T5-XXL is larger than an SD 1.5 UNet) and one prompt cache for
+    all inpainter replicas; a cache hit answers without touching the encoders.
+    """
+
+    def __init__(
+        self, checkpoints: str | Mapping[str, Any], *, stuck_after_s: float = DEFAULT_STUCK_AFTER_S, **options: Any
+    ) -> None:
+        self.model = TextEncoder(checkpoints, **options)
+        self.watchdog = _Watchdog(stuck_after_s)
+
+    async def encode(self, checkpoint: str, chunks: Sequence[str]) -> Any:
+        return await self.watchdog.run(self.model.encode, checkpoint, tuple(chunks))
+
+    async def prompt_tokenizers(self, checkpoint: str) -> list[tuple[Any, int]]:
+        return await self.watchdog.run(self.model.prompt_tokenizers, checkpoint)
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's prompt cache counters and encodes (``GET /v1/stats``: the replica that answers)."""
+        return {**self.model.stats(), "replica": _replica_name()}
+
+
 class InpainterDeployment(_ServedModel):
     """Serves the configured checkpoints (:class:`Inpainter` s), each with its engine loop in a background thread.
 
@@ -130,7 +176,9 @@ class InpainterDeployment(_ServedModel):
     answers 503 with Retry-After); a cancelled call (the client left, or the ingress timed out)
     takes its crops out of the engine at the next step. ``max_batch_size`` (active crops per
     checkpoint) and ``max_queued_crops`` are the deployment's ``user_config``: a ``serve deploy``
-    with new values calls :meth:`reconfigure` live.
+    with new values calls :meth:`reconfigure` live. ``text_encoder``: the :class:`TextEncoderDeployment`'s
+    handle, when the application has one: SD3/Flux checkpoints are loaded without text encoders and
+    encode their prompts there.
     """
 
     def __init__(
@@ -142,9 +190,11 @@ class InpainterDeployment(_ServedModel):
         max_batch_size: int = 8,
         max_queued_crops: int = 256,
         stuck_after_s: float = DEFAULT_STUCK_AFTER_S,
+        text_encoder: Any = None,
         **options: Any,
     ) -> None:
         self.checkpoints = checkpoint_specs(model, single_file_config)
+        self.text_encoder = text_encoder
         self.default_checkpoint = next(iter(self.checkpoints))
         self.options = options
         self.bounds = {"max_batch_size": max_batch_size, "max_queued_crops": max_queued_crops}
@@ -156,6 +206,7 @@ class InpainterDeployment(_ServedModel):
         self._default_adopted = False
         self._local_lock = asyncio.Lock()
         self._last_model: Inpainter | None = None  # answers info() while the only checkpoint is swapped
+        self._descriptions: dict[str, dict[str, Any]] | None = None
 
         async def load(name: str) -> LoadedCheckpoint:  # a plain function: Serve keeps its LRU cache on it
             return await self._load_checkpoint(name)
@@ -190,9 +241,9 @@ class InpainterDeployment(_ServedModel):
         spec = self.checkpoints[name]
         controlnets = self._shared_controlnets or self.options.get("controlnets")
         options = {**self.options, "controlnets": controlnets}
-        inpainter = load_inpainter(
-            spec["model"], single_file_config=spec["single_file_config"], **self.bounds, **options
-        )
+        if self.text_encoder is not None:
+            options["text_encoder"] = TextEncoderClient.remote(self.text_encoder, name)
+        inpainter = load_inpainter(**load_options(spec, options), **self.bounds)
         self._shared_controlnets = inpainter.controlnets  # ControlNet weights loaded once per replica
         loaded = LoadedCheckpoint(name, inpainter)
         retire = loaded.retire
@@ -272,10 +323,36 @@ class InpainterDeployment(_ServedModel):
         loaded = await self.checkpoint(model)
         return await loaded.refine(jobs, settings, tenant=tenant, weight=weight)
 
+    async def refine_stream(
+        self,
+        jobs: Sequence[RefineJob],
+        settings: SamplingSettings | None = None,
+        model: str | None = None,
+        *,
+        preview_every: int = 0,
+        tenant: str = "",
+        weight: float = 1.0,
+    ) -> AsyncIterator[list[StepEvent] | RefineResult]:
+        """:meth:`refine` as a stream (``handle.options(stream=True)``): lists of sampler steps, then the result.
+
+        Each :class:`~deployments.step_progress.StepEvent` is a step of one crop (its index in
+        ``jobs``), with a latent preview every ``preview_every`` steps (0: none). Cancelling the
+        stream takes the crops out of the engine, as cancelling :meth:`refine` does.
+        """
+        loaded = await self.checkpoint(model)
+        feed = StepFeed.for_jobs(loaded.inpainter, jobs, preview_every)
+
+        def run(on_progress: StepFeed) -> Any:
+            return loaded.refine(jobs, settings, tenant=tenant, weight=weight, on_progress=on_progress)
+
+        async for item in refine_steps(run, feed):
+            yield item
+
     async def prompt_tokenizers(self, model: str | None = None) -> list[tuple[Any, int]]:
         """The checkpoint's tokenizers and window lengths (the ingress counts prompt tokens with them)."""
         loaded = await self.checkpoint(model)
-        return loaded.inpainter.prompt_tokenizers()
+        # in a thread: a checkpoint whose text encoders are shared asks the TextEncoder deployment (blocking)
+        return await asyncio.to_thread(loaded.inpainter.prompt_tokenizers)
 
     def snapshot(self) -> dict[str, Any]:
         """This replica's engine counters: every checkpoint's engine, unloaded ones included."""
@@ -319,6 +396,25 @@ class InpainterDeployment(_ServedModel):
         """Each loaded checkpoint's own engine counters (its engine only ever batches its own crops)."""
         return {name: loaded.engine.snapshot() for name, loaded in list(self.loaded.items())}
 
+    def checkpoint_descriptions(self) -> dict[str, dict[str, Any]]:
+        """Each configured checkpoint's family, prediction, model sampling and stored weight dtype (``GET /v1/info``).
+
+        Read from the files' headers and configs (no weights), once; whether it is loaded on this
+        replica, and in which dtype it runs, are added live.
+        """
+        if self._descriptions is None:
+            self._descriptions = {
+                name: describe_checkpoint({key: value for key, value in spec.items() if key != "precision"})
+                for name, spec in self.checkpoints.items()
+            }
+        described = {}
+        for name, description in self._descriptions.items():
+            loaded = self.loaded.get(name)
+            described[name] = {**description, "loaded": loaded is not None}
+            if loaded is not None and loaded.inpainter is not None:
+                described[name]["dtype"] = str(loaded.inpainter.dtype).removeprefix("torch.")
+        return described
+
     def supported_samplers(self) -> list[str]:
         return self.model.supported_samplers()
 
@@ -330,7 +426,7 @@ class InpainterDeployment(_ServedModel):
         snapshot["queue_wait_s"].pop("recent")
         return {
             **self.model.info(),
-            "checkpoints": {name: spec["model"] for name, spec in self.checkpoints.items()},
+            "checkpoints": self.checkpoint_descriptions(),
             "loaded_checkpoints": list(self.loaded),
             "max_models_per_replica": self.max_models_per_replica,
             "engine": snapshot,

@@ -47,7 +47,9 @@ class FaceDetailerParams(BaseModel):
     sampler_name: str = Field("euler", min_length=1)  # the inpainter validates the name
     scheduler: str = Field("normal", min_length=1)  # the inpainter validates the name
     positive: str = ""
-    negative: str = ""
+    # None (JSON null): no negative conditioning at all, Impact's Negative Cond Placeholder — the sampler runs the
+    # positive alone (basic guidance), which needs cfg 1 (Flux's default way of sampling)
+    negative: str | None = ""
     denoise: float = Field(0.5, ge=0.0001, le=1.0)
     feather: int = Field(5, ge=0, le=100)
     # Seam options (not the node's; off by default, which is the reference's paste bit for bit).
@@ -93,6 +95,9 @@ class FaceDetailerParams(BaseModel):
     sam_model: str | None = Field(None, min_length=1)
     # The node's model input: a checkpoint the inpainter serves (GET /v1/info "checkpoints"; None = the first).
     model: str | None = Field(None, min_length=1)
+    # ComfyUI's FluxGuidance on the conditioning: what a guidance-distilled model (Flux.1 dev, Fill) is given;
+    # models without a guidance embedding ignore it, as ComfyUI does (docs/models.md).
+    guidance: float = Field(3.5, ge=0.0, le=100.0)
     # ControlNetApplyAdvanced per face with a ControlNet the service configures (facedetailer/controlnet.py).
     controlnet: ControlNetParams | None = None
 

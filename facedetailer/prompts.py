@@ -21,28 +21,30 @@ class FaceConditioning:
     """Prompt chunks for the inpainter and the LoRAs to apply while sampling this face."""
 
     positive: tuple[str, ...]
-    negative: tuple[str, ...]
+    negative: tuple[str, ...] | None  # None: no negative conditioning at all (basic guidance)
     loras: tuple[LoraTag, ...]
 
 
-def face_conditioning(positive: str, negative: str, prompt: FacePrompt) -> FaceConditioning:
+def face_conditioning(positive: str, negative: str | None, prompt: FacePrompt) -> FaceConditioning:
     """Chunks and LoRAs for one face.
 
     Raises :class:`~facedetailer.prompt_weights.PromptSyntaxError` for a chunk ComfyUI would
     encode in a way we cannot (an ``embedding:`` name, a non-finite weight).
     LoRAs add up as ComfyUI's LoRA patches do: those of ``positive``, then ``negative``, then the
     face's item (each text keeps its first tag of a name, as the reference parses one text).
+    ``negative`` None (Impact's Negative Cond Placeholder) stays None: the inpainter then samples
+    with the positive alone.
     """
     positive_text, positive_loras = extract_loras(positive)
-    negative_text, negative_loras = extract_loras(negative)
+    negative_text, negative_loras = extract_loras(negative) if negative is not None else ("", ())
     base = tuple(split_break(positive_text))
     if prompt.text is None:
         chunks = base
     else:
         face = tuple(split_break(prompt.text))
         chunks = base + face if prompt.concat else face
-    negative_chunks = tuple(split_break(negative_text))
-    for chunk in chunks + negative_chunks:
+    negative_chunks = tuple(split_break(negative_text)) if negative is not None else None
+    for chunk in chunks + (negative_chunks or ()):
         check_prompt(chunk)  # a PromptSyntaxError (422) before the face reaches the inpainter
     return FaceConditioning(
         positive=chunks,

@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
 
+from facedetailer.controlnet import ControlNetParams
+from facedetailer.hooks import DetailerHook
 from facedetailer.params import FaceDetailerParams
 
 # ComfyUI's KSampler names (comfy/samplers.py, 2025 releases). A workflow may carry any of them;
@@ -67,7 +70,7 @@ GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "Optional inputs",
         (
             "use_sam", "sam_model", "use_segm", "segm_detector", "override_bbox_by_segm", "detailer_hooks",
-            "inpaint_model", "noise_mask_feather", "model", "controlnet",
+            "inpaint_model", "noise_mask_feather", "model", "guidance", "controlnet",
         ),
     ),
     # Not the node's: the service's seam options (off by default = the reference's paste).
@@ -98,13 +101,20 @@ MODEL_NAME_FIELDS = ("bbox_detector", "segm_detector", "sam_model", "model")
 
 STEPS: dict[str, float] = {
     "guide_size": 8, "max_size": 8, "denoise": 0.01, "cfg": 0.1, "bbox_threshold": 0.01, "bbox_crop_factor": 0.1,
-    "sam_threshold": 0.01, "sam_mask_hint_threshold": 0.01, "color_match_strength": 0.05,
+    "sam_threshold": 0.01, "sam_mask_hint_threshold": 0.01, "color_match_strength": 0.05, "guidance": 0.1,
 }
 BOOLEAN_LABELS: dict[str, tuple[str, str]] = {
     "guide_size_for": ("bbox", "crop_region"),
     "noise_mask": ("enabled", "disabled"),
     "force_inpaint": ("enabled", "disabled"),
     "inpaint_model": ("enabled", "disabled"),
+    # fields of detailer hooks (facedetailer/hooks.py)
+    "order": ("descending", "ascending"),
+    "mode": ("inside", "outside"),
+}
+# What a form shows for a combo's values, where the value itself says little.
+OPTION_LABELS: dict[str, dict[str, str]] = {
+    "sam_mask_hint_use_negative": {"False": "off", "Small": "small", "Outter": "outer (the node's “Outter”)"},
 }
 MULTILINE = frozenset({"positive", "negative", "wildcard"})
 DESCRIPTIONS: dict[str, str] = {
@@ -117,7 +127,7 @@ DESCRIPTIONS: dict[str, str] = {
     "sampler_name": "ComfyUI sampler name",
     "scheduler": "ComfyUI scheduler name",
     "positive": "prompt for the refined faces (BREAK splits chunks; (word:1.2) emphasis as in ComfyUI)",
-    "negative": "negative prompt",
+    "negative": "negative prompt (JSON null: none at all, basic guidance; needs cfg 1)",
     "denoise": "img2img strength: how much of each face is redrawn",
     "feather": "blur radius of the paste mask",
     "noise_mask": "denoise only inside the face mask",
@@ -142,13 +152,47 @@ DESCRIPTIONS: dict[str, str] = {
     "bbox_detector": "which of the service's bbox detectors (empty: its first)",
     "segm_detector": "which of the service's segm detectors (switches use_segm on)",
     "sam_model": "which of the service's SAM models (switches use_sam on)",
-    "detailer_hooks": "the node's detailer_hook as a JSON list of typed hooks (see docs/detailer-hooks.md)",
+    "detailer_hooks": "the node's detailer_hook: typed hooks applied in list order (JSON text over HTTP; "
+    "see docs/detailer-hooks.md)",
     "model": "which of the service's checkpoints (empty: its first)",
-    "controlnet": "ControlNetApplyAdvanced per face, JSON: {name, strength, start_percent, end_percent}",
+    "guidance": "FluxGuidance: the guidance a Flux.1 dev/Fill checkpoint is given (others ignore it)",
+    "controlnet": "ControlNetApplyAdvanced per face with one of the service's ControlNets "
+    "(JSON over HTTP: {name, strength, start_percent, end_percent})",
     "color_match": "match the refined face's colours to the original (Lab); none = the reference",
     "color_match_strength": "how far color_match moves the refined face",
     "blend": "feather = the reference's paste; multiband = Laplacian-pyramid blending",
 }
+
+
+# Friendly labels for forms (the node's name is shown beside them).
+LABELS: dict[str, str] = {
+    "guide_size": "Guide size", "guide_size_for": "Guide size measures", "max_size": "Max size", "seed": "Seed",
+    "steps": "Steps", "cfg": "CFG scale", "sampler_name": "Sampler", "scheduler": "Scheduler",
+    "positive": "Prompt", "negative": "Negative prompt", "denoise": "Denoise", "feather": "Paste feather",
+    "noise_mask": "Noise mask", "force_inpaint": "Force inpaint", "bbox_threshold": "Detection threshold",
+    "bbox_dilation": "Mask dilation", "bbox_crop_factor": "Crop factor", "sam_detection_hint": "SAM prompt",
+    "sam_dilation": "SAM dilation", "sam_threshold": "SAM threshold", "sam_bbox_expansion": "SAM box expansion",
+    "sam_mask_hint_threshold": "SAM mask-hint threshold", "sam_mask_hint_use_negative": "SAM negative points",
+    "drop_size": "Ignore faces up to", "bbox_detector": "Face detector", "wildcard": "Per-face prompts",
+    "cycle": "Cycles", "use_sam": "Refine masks with SAM", "sam_model": "SAM model",
+    "use_segm": "Use segm detector", "segm_detector": "Segm detector",
+    "override_bbox_by_segm": "Segm regions replace boxes", "detailer_hooks": "Detailer hooks",
+    "inpaint_model": "Inpainting checkpoint", "noise_mask_feather": "Soft noise mask", "model": "Checkpoint",
+    "controlnet": "ControlNet", "color_match": "Colour match", "color_match_strength": "Colour match strength",
+    "blend": "Blend mode",
+    # the fields of a hook or of controlnet
+    "strength": "Strength", "start_percent": "Start", "end_percent": "End", "control_image": "Control image",
+    "name": "Name", "target": "Target", "order": "Order", "take_start": "First", "take_count": "Count",
+    "mode": "Keep", "min_value": "Min", "max_value": "Max", "labels": "Labels",
+    "schedule_for_cycle": "Schedule", "target_denoise": "Last cycle's denoise", "source": "Noise source",
+    "start_strength": "Start strength", "end_strength": "End strength", "start_end_at_step": "First end step",
+    "end_end_at_step": "Last end step", "normalize": "Normalize", "mean_thresh": "Mean threshold",
+    "var_thresh": "Variance threshold", "max_retries": "Attempts",
+}  # fmt: skip
+# Groups a form folds away under "advanced": rarely changed.
+ADVANCED_GROUPS = frozenset({"sam", "drop", "optional", "seams"})
+# Nested string fields that carry an image (base64): a form offers a file input.
+IMAGE_FIELDS = frozenset({"control_image"})
 
 
 def _kind(annotation: Any) -> tuple[str, list[Any] | None]:
@@ -210,26 +254,75 @@ def widget_specs(
             "optional": name in OPTIONAL,
             "node_widget": name in NODE_WIDGETS,
             "description": DESCRIPTIONS.get(name, info.description or ""),
+            "label": LABELS.get(name, name),
+            "advanced": group in ADVANCED_GROUPS,
         }
-        for item in info.metadata:
-            if getattr(item, "ge", None) is not None:
-                spec["min"] = item.ge
-            if getattr(item, "le", None) is not None:
-                spec["max"] = item.le
-        if kind == "FLOAT":
-            spec["step"] = STEPS.get(name, 0.01)
-        elif kind == "INT":
-            spec["step"] = 1
-        if options is not None:
-            spec["options"] = options
-        if name in BOOLEAN_LABELS:
-            spec["label_on"], spec["label_off"] = BOOLEAN_LABELS[name]
-        if kind == "STRING":
-            spec["multiline"] = name in MULTILINE
-        if spec["default"] is None:
-            spec["nullable"] = True  # empty means "not given": the service decides
+        spec.update(_field_details(name, info, kind, options))
+        if name == "detailer_hooks":
+            spec["item_types"] = hook_types()
+        elif name == "controlnet":
+            spec["fields"] = model_fields(ControlNetParams)
         specs.append(spec)
     return specs
+
+
+def _field_details(name: str, info: Any, kind: str, options: list[Any] | None) -> dict[str, Any]:
+    """Bounds, increment, options, boolean labels of one field (top-level or nested)."""
+    spec: dict[str, Any] = {}
+    for item in info.metadata:
+        if getattr(item, "ge", None) is not None:
+            spec["min"] = item.ge
+        if getattr(item, "le", None) is not None:
+            spec["max"] = item.le
+    if kind == "FLOAT":
+        spec["step"] = STEPS.get(name, 0.01)
+    elif kind == "INT":
+        spec["step"] = 1
+    if options is not None:
+        spec["options"] = options
+        if name in OPTION_LABELS:
+            spec["option_labels"] = OPTION_LABELS[name]
+    if name in BOOLEAN_LABELS:
+        spec["label_on"], spec["label_off"] = BOOLEAN_LABELS[name]
+    if kind == "STRING":
+        spec["multiline"] = name in MULTILINE
+        if name in IMAGE_FIELDS:
+            spec["format"] = "image"
+    if info.get_default(call_default_factory=True) is None:
+        spec["nullable"] = True  # empty means "not given": the service decides
+    return spec
+
+
+def model_fields(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The fields of a nested input (a hook, ``controlnet``) as widgets: name, type, default, bounds."""
+    fields = []
+    for name, info in model.model_fields.items():
+        if name in skip:
+            continue
+        kind, options = _kind(info.annotation)
+        default = info.get_default(call_default_factory=True)
+        field = {
+            "name": name,
+            "type": kind,
+            "default": None if default is PydanticUndefined else default,
+            "required": info.is_required(),
+            "label": LABELS.get(name, name),
+            "description": info.description or "",
+        }
+        field.update(_field_details(name, info, kind, options))
+        fields.append(field)
+    return fields
+
+
+def hook_types() -> list[dict[str, Any]]:
+    """Every detailer hook type with its fields, in the union's order (for a structured editor)."""
+    union = get_args(get_args(DetailerHook)[0])
+    types_ = []
+    for model in union:
+        hook_type = get_args(model.model_fields["type"].annotation)[0]
+        summary = " ".join((model.__doc__ or "").strip().split("\n\n")[0].replace("``", "").split())
+        types_.append({"type": hook_type, "description": summary, "fields": model_fields(model, skip=("type",))})
+    return types_
 
 
 def specs_json(specs: list[dict[str, Any]] | None = None) -> str:

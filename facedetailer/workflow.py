@@ -5,7 +5,9 @@ maps node ids to ``{"class_type", "inputs"}``, where a linked input is ``[node_i
 **UI format** (``Save``) has ``nodes`` (each with positional ``widgets_values``) and ``links``;
 there a seed widget is followed by its ``control_after_generate`` value ("fixed", …), which is
 not a parameter. ``positive``/``negative`` are taken from the CLIPTextEncode nodes linked to
-the FaceDetailer node (through Reroute nodes). Pure: JSON in, values out.
+the FaceDetailer node (through Reroute nodes); a FluxGuidance node on the way gives ``guidance``
+(on the positive, as Flux workflows place it), and Impact's Negative Cond Placeholder as the
+negative gives ``negative: null``. Pure: JSON in, values out.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from facedetailer.widgets import NODE_WIDGETS, SEED_CONTROL_VALUES, UNSUPPORTED_
 FACEDETAILER = "FaceDetailer"
 TEXT_ENCODERS = ("CLIPTextEncode",)
 PASSTHROUGH = ("Reroute",)
+GUIDANCE_NODE = "FluxGuidance"  # conditioning + guidance → the request's guidance
+NEGATIVE_PLACEHOLDER = "ImpactNegativeConditioningPlaceholder"  # → negative: null (basic guidance)
 PROMPT_INPUTS = ("positive", "negative")
 # Inputs that are models: the service decides them; their sources are reported, not imported.
 MODEL_INPUTS = ("model", "clip", "vae", "bbox_detector", "sam_model_opt", "segm_detector_opt")
@@ -146,9 +150,23 @@ class _ApiWorkflow:
                     params[SWITCHES[name]] = True
         for name in PROMPT_INPUTS:
             if _is_link(inputs.get(name)):
-                params[name] = self._prompt(inputs[name], name)
+                params.update(self._conditioning(inputs[name], name))
         _check_unsupported(params)
         return WorkflowImport(params, node_id, candidates[node_id], "api", models)
+
+    def _conditioning(self, link: list[Any], name: str) -> dict[str, Any]:
+        """``{name: text}``, through a FluxGuidance node (+ ``guidance``); ``{negative: None}``: the placeholder."""
+        source, node = self._node(link, name)
+        kind = node.get("class_type")
+        if kind == NEGATIVE_PLACEHOLDER and name == "negative":
+            return {"negative": None}
+        if kind == GUIDANCE_NODE and name == "positive":
+            inputs = node.get("inputs", {})
+            if not _is_link(inputs.get("conditioning")):
+                raise WorkflowError(f"{name}: FluxGuidance node {source} has no conditioning input", name)
+            return {**self._conditioning(inputs["conditioning"], name),
+                    "guidance": self._value(inputs.get("guidance", 3.5), "guidance")}  # fmt: skip
+        return {name: self._prompt(link, name)}
 
     def _node(self, link: list[Any], name: str) -> tuple[str, dict[str, Any]]:
         source = str(link[0])
@@ -241,9 +259,30 @@ class _UiWorkflow:
                 if name in SWITCHES:
                     params[SWITCHES[name]] = True
             elif name in PROMPT_INPUTS:
-                params[name] = self._prompt(link, name)
+                params.update(self._conditioning(link, name))
         _check_unsupported(params)
         return WorkflowImport(params, node_id, face.get("title"), "ui", models)
+
+    def _conditioning(self, link: Any, name: str) -> dict[str, Any]:
+        """``{name: text}``, through a FluxGuidance node (+ ``guidance``); ``{negative: None}``: the placeholder."""
+        source, node = self._source(link, name)
+        kind = node.get("type")
+        if kind == NEGATIVE_PLACEHOLDER and name == "negative":
+            return {"negative": None}
+        if kind == GUIDANCE_NODE and name == "positive":
+            slots = {slot.get("name"): slot for slot in node.get("inputs") or []}
+            conditioning = (slots.get("conditioning") or {}).get("link")
+            if conditioning is None:
+                raise WorkflowError(f"{name}: FluxGuidance node {source} has no conditioning input", name)
+            guidance_link = ((slots.get("guidance") or {}).get("link"))
+            if guidance_link is not None:  # the widget converted to an input and linked
+                guidance = self._linked_value(guidance_link, "guidance")
+            else:
+                values = node.get("widgets_values")
+                values = [values.get("guidance", 3.5)] if isinstance(values, dict) else values
+                guidance = values[0] if isinstance(values, list) and values else 3.5
+            return {**self._conditioning(conditioning, name), "guidance": guidance}
+        return {name: self._prompt(link, name)}
 
     def _widgets(self, node: dict[str, Any], node_id: str) -> dict[str, Any]:
         values = node.get("widgets_values")

@@ -18,7 +18,16 @@ from facedetailer_client.client import (
     AsyncFaceDetailerClient,
     FaceDetailerClient,
 )
-from facedetailer_client.models import DetailResult, FaceEvent, RetryBudgetExceeded, Segment, ServiceError
+from facedetailer_client.models import (
+    DetailResult,
+    FaceEvent,
+    PlanEvent,
+    PlannedFace,
+    RetryBudgetExceeded,
+    Segment,
+    ServiceError,
+    StepProgress,
+)
 from facedetailer_client.retry import RetryPolicy, parse_retry_after
 
 __all__ = [
@@ -29,9 +38,12 @@ __all__ = [
     "DetailResult",
     "FaceDetailerClient",
     "FaceEvent",
+    "PlanEvent",
+    "PlannedFace",
     "RetryBudgetExceeded",
     "RetryPolicy",
     "Segment",
     "ServiceError",
+    "StepProgress",
     "parse_retry_after",
 ]

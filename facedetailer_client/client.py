@@ -20,7 +20,14 @@ from typing import Any
 
 import httpx
 
-from facedetailer_client.models import DetailResult, FaceEvent, RetryBudgetExceeded, ServiceError
+from facedetailer_client.models import (
+    DetailResult,
+    FaceEvent,
+    PlanEvent,
+    RetryBudgetExceeded,
+    ServiceError,
+    StepProgress,
+)
 from facedetailer_client.retry import RetryPolicy, RetryState, parse_retry_after
 from facedetailer_client.sse import SSEDecoder
 
@@ -30,7 +37,7 @@ API_KEY_ENV = "FACEDETAILER_API_KEY"
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=900.0, write=60.0, pool=60.0)
 
 ImageInput = Any  # bytes (PNG/JPEG/WebP), a path, a PIL image, or an RGB array ([H, W, 3] uint8 or float 0–1)
-StreamItem = FaceEvent | DetailResult
+StreamItem = PlanEvent | StepProgress | FaceEvent | DetailResult
 
 
 def image_bytes(image: ImageInput) -> tuple[str, bytes, str]:
@@ -107,9 +114,22 @@ def service_error(response: httpx.Response, body: bytes | None = None) -> Servic
     )
 
 
+def _stream_fields(data: dict[str, str], progress: bool, preview_every: int) -> dict[str, str]:
+    """The stream's own form fields, sent only when they differ from the service's defaults."""
+    if not progress:
+        data["progress"] = "false"
+    if preview_every:
+        data["preview_every"] = str(int(preview_every))
+    return data
+
+
 def _stream_item(event: str, data: Any) -> StreamItem | None:
     if event == "face":
         return FaceEvent.from_json(data)
+    if event == "progress":
+        return StepProgress.from_json(data)
+    if event == "plan":
+        return PlanEvent.from_json(data)
     if event == "result":
         return DetailResult.from_json(data)
     if event == "error":
@@ -238,9 +258,17 @@ class FaceDetailerClient(_Base):
         *,
         workflow: dict[str, Any] | str | None = None,
         workflow_node: str | int | None = None,
+        progress: bool = True,
+        preview_every: int = 0,
     ) -> Iterator[StreamItem]:
-        """A :class:`FaceEvent` per face as it finishes, then the :class:`DetailResult`."""
+        """The request's events as it runs, then the :class:`DetailResult`.
+
+        A :class:`PlanEvent` when the faces to sample are known, a :class:`StepProgress` per
+        sampler step of a face (with a latent preview JPEG every ``preview_every`` steps; 0: none),
+        a :class:`FaceEvent` per finished face. ``progress=False``: face events only.
+        """
         files, data = _multipart(_as_list(image), params, workflow, workflow_node)
+        _stream_fields(data, progress, preview_every)
         response = self._send("POST", "/v1/detail/stream", stream=True, files=files, data=data)
         decoder = SSEDecoder()
         try:
@@ -342,8 +370,12 @@ class AsyncFaceDetailerClient(_Base):
         *,
         workflow: dict[str, Any] | str | None = None,
         workflow_node: str | int | None = None,
+        progress: bool = True,
+        preview_every: int = 0,
     ) -> AsyncIterator[StreamItem]:
+        """:meth:`FaceDetailerClient.stream`, asynchronously."""
         files, data = _multipart(_as_list(image), params, workflow, workflow_node)
+        _stream_fields(data, progress, preview_every)
         response = await self._send("POST", "/v1/detail/stream", stream=True, files=files, data=data)
         decoder = SSEDecoder()
         try:

@@ -55,6 +55,81 @@ class FaceEvent:
         return cls(image=int(data.get("image", 0)), status=str(data["status"]), segment=Segment.from_json(data))
 
 
+@dataclass(frozen=True)
+class PlannedFace:
+    """A face the inpainter is about to sample (``plan`` event): where it is and its sample size."""
+
+    image: int
+    index: int
+    crop_region: tuple[int, int, int, int]
+    sample_size: tuple[int, int]  # (width, height) of the upscaled crop
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PlannedFace:
+        return cls(
+            image=int(data["image"]),
+            index=int(data["index"]),
+            crop_region=tuple(int(v) for v in data["crop_region"]),  # type: ignore[arg-type]
+            sample_size=tuple(int(v) for v in data["sample_size"]),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class PlanEvent:
+    """After detection, before the inpainter starts: every face it will sample."""
+
+    faces: list[PlannedFace]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PlanEvent:
+        return cls(faces=[PlannedFace.from_json(face) for face in data.get("faces", [])])
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """A sampler step of a face (``progress`` event): ``done`` of ``total`` steps over its cycles.
+
+    ``eta_s`` is the face's estimated time left, ``request_eta_s`` the request's (None until the
+    service has seen enough steps). ``preview`` is a small JPEG of the step's latent (one pixel per
+    latent cell, ``preview_size`` = (width, height)) when the stream asked for ``preview_every``;
+    it shows the face's crop region, ``crop_region`` in the image.
+    """
+
+    image: int
+    index: int
+    crop_region: tuple[int, int, int, int]
+    cycle: int
+    cycles: int
+    step: int
+    steps: int
+    done: int
+    total: int
+    eta_s: float | None
+    request_eta_s: float | None
+    preview: bytes | None = None
+    preview_size: tuple[int, int] | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StepProgress:
+        preview = data.get("preview")
+        size = data.get("preview_size")
+        return cls(
+            image=int(data.get("image", 0)),
+            index=int(data["index"]),
+            crop_region=tuple(int(v) for v in data["crop_region"]),  # type: ignore[arg-type]
+            cycle=int(data["cycle"]),
+            cycles=int(data["cycles"]),
+            step=int(data["step"]),
+            steps=int(data["steps"]),
+            done=int(data["done"]),
+            total=int(data["total"]),
+            eta_s=data.get("eta_s"),
+            request_eta_s=data.get("request_eta_s"),
+            preview=base64.b64decode(preview) if preview else None,
+            preview_size=tuple(size) if size else None,  # type: ignore[arg-type]
+        )
+
+
 def decode_png(data: bytes) -> Any:
     """PNG bytes → numpy array (needs numpy and Pillow, which the client does not require)."""
     import numpy as np

@@ -14,7 +14,7 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.engine_stats import deployment_actor_config
-from deployments.serving import DetectorDeployment, InpainterDeployment, SamDeployment
+from deployments.serving import DetectorDeployment, InpainterDeployment, SamDeployment, TextEncoderDeployment
 from serve_app.auth import ledger_actor_config
 from serve_app.config import AppArgs, DeploymentOptions, DetectorArgs, SamArgs
 from serve_app.ingress import FaceDetailerIngress
@@ -74,6 +74,17 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             user_config={"max_batch_size": paint.max_batch_size, "max_queued_crops": paint.max_queued_crops}
         )
     checkpoints = {name: spec.model_dump() for name, spec in paint.named_checkpoints().items()}
+    text_encoder = None
+    if config.text_encoder is not None:  # SD3/Flux text encoders in their own deployment, shared by the inpainters
+        text = config.text_encoder
+        text_encoder = _model_deployment(TextEncoderDeployment, "TextEncoder", text.deployment).bind(
+            checkpoints,
+            device=text.device or paint.device,
+            dtype=text.dtype or paint.dtype,
+            cache_max_entries=text.cache_max_entries,
+            cache_max_bytes=text.cache_max_bytes,
+            preload=text.preload,
+        )
     inpainter = inpainter_deployment.bind(
         checkpoints,
         max_models_per_replica=paint.max_models_per_replica,
@@ -83,6 +94,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         max_batch_size=paint.max_batch_size,
         max_queued_crops=paint.max_queued_crops,
         controlnets={name: spec.model_dump() for name, spec in (config.controlnets or {}).items()},
+        text_encoder=text_encoder,
     )
     ingress = FaceDetailerIngress.options(**config.ingress.to_serve_options())
     if config.auth is not None:
@@ -96,6 +108,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         limits=config.limits.model_dump(),
         wildcards_dir=config.wildcards_dir,
         checkpoints=list(checkpoints),
+        text_encoder=text_encoder,
         controlnets={name: spec.preprocessor for name, spec in (config.controlnets or {}).items()},
         **({"auth": config.auth.model_dump()} if config.auth is not None else {}),  # without: exactly as before
     )

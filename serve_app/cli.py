@@ -168,7 +168,7 @@ def _detail_over_http(args: argparse.Namespace, values: dict[str, Any]) -> None:
     import httpx
     from tqdm import tqdm
 
-    from facedetailer_client import DetailResult, FaceDetailerClient, RetryPolicy, ServiceError
+    from facedetailer_client import DetailResult, FaceDetailerClient, FaceEvent, RetryPolicy, ServiceError, StepProgress
 
     outdir = Path(args.output)
     retry = RetryPolicy(budget_s=args.retry_budget)
@@ -181,9 +181,12 @@ def _detail_over_http(args: argparse.Namespace, values: dict[str, Any]) -> None:
                 for item in client.stream(Path(path), values):
                     if isinstance(item, DetailResult):
                         result = item
-                    else:
+                    elif isinstance(item, FaceEvent):
                         faces.update(1)
                         faces.set_postfix_str(item.status)
+                    elif isinstance(item, StepProgress):
+                        eta = f", ~{item.request_eta_s:.0f} s left" if item.request_eta_s is not None else ""
+                        faces.set_postfix_str(f"face {item.index}: step {item.done}/{item.total}{eta}")
             except ServiceError as error:
                 raise SystemExit(f"{path}: the service answered {error}") from error
             finally:
@@ -225,7 +228,11 @@ def _detail_through_handle(args: argparse.Namespace, params: Any) -> None:
             if event["event"] == "face":
                 faces.update(1)
                 faces.set_postfix_str(event["status"])
-            else:
+            elif event["event"] == "progress":
+                eta = event["request_eta_s"]
+                faces.set_postfix_str(f"face {event['index']}: step {event['done']}/{event['total']}"
+                                      + (f", ~{eta:.0f} s left" if eta is not None else ""))  # fmt: skip
+            elif event["event"] == "result":
                 result = event["result"]
         faces.close()
         assert result is not None
@@ -374,7 +381,8 @@ def command_demo(args: argparse.Namespace) -> None:
     apply_offline_env()
     started = time.perf_counter()
     print("building the tiny inpainters and ControlNet if missing (random weights: refined faces will be noise)…")
-    for component in ("sd", "sd_alt", "controlnet"):  # configs/local-cpu.yaml's checkpoints and ControlNet
+    # configs/local-cpu.yaml's checkpoints (one per model family) and ControlNet
+    for component in ("sd", "sd_alt", "controlnet", "sdxl_vpred", "sd3", "flux_dev", "flux_fill"):
         build_component(component, default_tiny_models_dir() / component)
     photo = ultralytics_asset(args.photo)
     port = args.port or _free_port()

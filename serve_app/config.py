@@ -104,10 +104,52 @@ class SamArgs(StrictModel):
 
 
 class CheckpointArgs(StrictModel):
-    """One checkpoint of ``inpainter.checkpoints``."""
+    """One checkpoint of ``inpainter.checkpoints``: a folder or single file, or ComfyUI's split layout.
 
-    model: str = Field(description="diffusers folder or HF id, or a single .safetensors/.ckpt file")
-    single_file_config: str | None = None
+    The family (sd, sdxl, sd3, flux) is detected from the weights' keys as ComfyUI does; the
+    settings below override what the files say (docs/models.md).
+    """
+
+    model: str | None = Field(
+        None, description="diffusers folder or HF id, or one all-in-one .safetensors/.ckpt file"
+    )
+    single_file_config: str | None = Field(
+        None,
+        description="a diffusers folder (or cached HF id) of the same architecture: the component configs and "
+        "tokenizers a single file or the split layout does not carry (its weights are not read)",
+    )
+    diffusion_model: str | None = Field(
+        None, description="split layout: the diffusion model file (ComfyUI's models/unet or models/diffusion_models)"
+    )
+    text_encoders: dict[Literal["clip_l", "clip_g", "t5xxl"], str] | None = Field(
+        None, description="split layout: text encoder files by kind (ComfyUI's models/text_encoders)"
+    )
+    vae: str | None = Field(None, description="split layout: the VAE file (ComfyUI's models/vae)")
+    family: Literal["sd", "sdxl", "sd3", "flux"] | None = Field(
+        None, description="override the family detected from the weights"
+    )
+    prediction: Literal["eps", "v_prediction"] | None = Field(
+        None, description="SD/SDXL: the model's prediction type (v-prediction finetunes often don't say it)"
+    )
+    zsnr: bool | None = Field(None, description="SD/SDXL: zero terminal SNR (rescaled sigma table)")
+    shift: float | None = Field(None, gt=0, le=100, description="SD3/Flux: the model sampling's shift")
+    precision: Literal["fp32", "bf16", "fp16"] | None = Field(
+        None,
+        description="opt-in run precision of this checkpoint's models (overrides inpainter.dtype): bf16 uses the "
+        "CPU's bfloat16 units, fp16 is for GPUs; changes pixels (docs/performance.md). Default: inpainter.dtype",
+    )
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> CheckpointArgs:
+        if (self.model is None) == (self.diffusion_model is None):
+            raise ValueError("a checkpoint sets model (folder or single file) or diffusion_model (split layout)")
+        if self.model is not None and (self.text_encoders or self.vae):
+            raise ValueError("text_encoders and vae belong to the split layout (diffusion_model), not to model")
+        if self.family in ("sd3", "flux") and (self.prediction is not None or self.zsnr is not None):
+            raise ValueError(f"prediction and zsnr are SD/SDXL settings; {self.family} is a rectified-flow model")
+        if self.family in ("sd", "sdxl") and self.shift is not None:
+            raise ValueError(f"shift is an SD3/Flux setting; {self.family} uses a discrete sigma table")
+        return self
 
 
 class InpainterArgs(StrictModel):
@@ -166,6 +208,24 @@ class InpainterArgs(StrictModel):
             return self.checkpoints
         assert self.model is not None  # the validator requires one of the two forms
         return {DEFAULT_NAME: CheckpointArgs(model=self.model, single_file_config=self.single_file_config)}
+
+
+class TextEncoderArgs(StrictModel):
+    """The shared text encoder of SD3/Flux checkpoints: its own deployment, one copy of T5 for all inpainters.
+
+    With it, the inpainter loads an SD3/Flux checkpoint without its text encoders and asks this
+    deployment for each prompt's conditioning (cached, LRU; hits and misses in ``/v1/stats``).
+    SD 1.x/2.x/XL keep their CLIP encoders in the inpainter (LoRAs patch them).
+    """
+
+    device: str | None = Field(None, description="default: the inpainter's")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="default: the inpainter's (then the conditioning is bit-identical to local encoding)"
+    )
+    cache_max_entries: int = Field(1024, ge=0, description="prompts kept (0: no cache)")
+    cache_max_bytes: int = Field(512 * 1024 * 1024, ge=0, description="bytes of embeddings kept")
+    preload: bool = Field(False, description="load every SD3/Flux checkpoint's encoders at start, not on first use")
+    deployment: DeploymentOptions = DeploymentOptions()
 
 
 class ControlNetArgs(StrictModel):
@@ -316,6 +376,9 @@ class AppArgs(StrictModel):
     sam: SamArgs | None = None
     sam_models: dict[str, SamArgs] | None = Field(None, description="SAM models by name")
     inpainter: InpainterArgs
+    text_encoder: TextEncoderArgs | None = Field(
+        None, description="a shared text encoder deployment for SD3/Flux checkpoints (else each inpainter has its own)"
+    )
     controlnets: dict[str, ControlNetArgs] | None = Field(
         None, description="ControlNets by name; a request picks one with controlnet.name"
     )

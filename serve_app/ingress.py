@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import metrics
@@ -25,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.inpainter import RefineJob, RefineResult, SamplingSettings
 from deployments.inpainter_engine import EngineBusyError
 from deployments.inpainter_hooks import check_cycle_plan
+from deployments.step_progress import StepEvent
 from facedetailer.params import FaceDetailerParams
 from facedetailer.prompts import face_conditioning
 from facedetailer.safe_paths import UnsafeNameError, check_name
@@ -41,7 +43,7 @@ from serve_app.http_adapters.error_handling import (
     request_error,
     response_for_exception,
 )
-from serve_app.http_adapters.errors import RequestError, parse_params, unsafe_name_error
+from serve_app.http_adapters.errors import RequestError, parse_params, unsafe_name_error, validation_error
 from serve_app.http_adapters.openapi import (
     DETAIL_REQUEST_BODY,
     DETAIL_RESPONSES,
@@ -60,6 +62,7 @@ from serve_app.limits import (
     check_planned_work,
     check_prompt_tokens,
     check_request,
+    limited_widgets,
     planned_work_units,
 )
 from serve_app.model_calls import ModelCalls, ReplicaLostError
@@ -70,12 +73,14 @@ from serve_app.pipeline import (
     PipelineInputError,
     PlannedFace,
     SegmentReport,
+    StepListener,
     check_hooks,
     detail_batch,
     resolve_control,
 )
+from serve_app.progress import RequestProgress, StreamOptions
 from serve_app.prompt_tokens import PromptTokenCounter, PromptWindows
-from serve_app.streaming import HEARTBEAT_S, SSE_HEADERS, SSE_HEARTBEAT, SSE_MEDIA_TYPE, sse, with_progress
+from serve_app.streaming import HEARTBEAT_S, SSE_HEADERS, SSE_HEARTBEAT, SSE_MEDIA_TYPE, progress_events, sse
 from serve_app.web import web_router
 from serve_app.wildcard_files import WildcardFolder
 from serve_app.workflow_api import workflow_router
@@ -187,12 +192,14 @@ class HandleStages:
         checkpoint: str | None = None,
         tenant: tuple[str, float] = ("", 1.0),
         calls: ModelCalls | None = None,
+        preview_every: int = 0,
     ) -> None:
         self.detector, self.inpainter, self.sam, self.segm_detector = detector, inpainter, sam, segm_detector
         self.checkpoint = checkpoint
         self.calls = calls or ModelCalls()
         # the inpainter's fair queue: an API key's id and weight (passed only when there is a key)
         self.share = {"tenant": tenant[0], "weight": tenant[1]} if tenant[0] else {}
+        self.preview_every = preview_every  # step previews, when a caller follows the steps
 
     async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]:
         return await self.calls.call("detector", self.detector.detect, image, threshold)
@@ -205,12 +212,50 @@ class HandleStages:
         assert self.sam is not None
         return await self.calls.call("SAM", self.sam.predict, image, list(prompts))
 
-    async def refine(self, jobs: Sequence[RefineJob], settings: SamplingSettings) -> RefineResult:
-        if self.checkpoint is None:
-            return await self.calls.call("inpainter", self.inpainter.refine, list(jobs), settings, **self.share)
+    async def refine(
+        self,
+        jobs: Sequence[RefineJob],
+        settings: SamplingSettings,
+        on_progress: Callable[[StepEvent], None] | None = None,
+    ) -> RefineResult:
         # model multiplexing: routed to a replica that has the checkpoint loaded, if any
-        inpainter = self.inpainter.options(multiplexed_model_id=self.checkpoint)
-        return await self.calls.call("inpainter", inpainter.refine, list(jobs), settings, self.checkpoint, **self.share)
+        inpainter = self.inpainter
+        where: tuple[str, ...] = ()
+        if self.checkpoint is not None:
+            inpainter, where = inpainter.options(multiplexed_model_id=self.checkpoint), (self.checkpoint,)
+        if on_progress is None:  # the plain call: nobody follows the steps, nothing is reported
+            return await self.calls.call("inpainter", inpainter.refine, list(jobs), settings, *where, **self.share)
+        # a streaming call: the replica sends the crops' steps as they happen, then the result
+        results: list[RefineResult] = []
+
+        def on_item(item: list[StepEvent] | RefineResult) -> None:
+            if isinstance(item, list):
+                for event in item:
+                    on_progress(event)
+            else:
+                results.append(item)
+
+        await self.calls.stream(
+            "inpainter",
+            inpainter.options(stream=True).refine_stream,
+            on_item,
+            list(jobs),
+            settings,
+            *where,
+            preview_every=self.preview_every,
+            **self.share,
+        )
+        if not results:
+            raise RuntimeError("the inpainter's step stream ended without a result")
+        return results[-1]
+
+
+def stream_options(values: dict[str, Any]) -> StreamOptions:
+    """A stream request's own fields (``progress``, ``preview_every``), taken out of its values."""
+    try:
+        return StreamOptions.model_validate(StreamOptions.pop_from(values))
+    except ValidationError as error:
+        raise validation_error(error) from error
 
 
 @contextlib.asynccontextmanager
@@ -287,6 +332,7 @@ class FaceDetailerIngress(VideoRoutes):
         controlnets: dict[str, str] | None = None,
         checkpoints: list[str] | None = None,
         auth: dict[str, Any] | None = None,
+        text_encoder: DeploymentHandle | None = None,
     ) -> None:
         # each model kind: one handle, or several by name (serve_app/model_choice.py)
         self.models = ModelChoice.of(detector, segm_detector, sam)
@@ -300,6 +346,7 @@ class FaceDetailerIngress(VideoRoutes):
         # (an inpainter deployment bound without them takes no model argument: nothing is routed)
         self.checkpoints = NamedModels.of("model", {name: name for name in checkpoints or ["default"]})
         self._route_checkpoints = checkpoints is not None
+        self.text_encoder = text_encoder  # the SD3/Flux text encoders' deployment, if any: its counters in stats
         self._supported: tuple[list[str], list[str]] | None = None
         self.metrics = ServiceMetrics()
         self._inflight = 0
@@ -314,12 +361,15 @@ class FaceDetailerIngress(VideoRoutes):
         params: dict[str, Any] | FaceDetailerParams | None = None,
         on_face: Callable[[SegmentReport], None] | None = None,
         batch_faces: bool = True,
+        progress: StepListener | None = None,
         caller: Caller | None = None,
     ) -> DetailResult:
         """Detail one image [H, W, 3] or a batch ([B, H, W, 3] or a list); image k uses seed + k.
 
         ``batch_faces=False`` refines one face per inpainter call (the reference's way; for comparison).
-        ``caller``: the HTTP request's API key (its quotas and fair share; handle callers have none).
+        ``progress`` follows the sampler's steps (``detail_with_progress``); without it the
+        inpainter reports nothing. ``caller``: the HTTP request's API key (its quotas and fair share;
+        handle callers have none).
         """
         batch = [images] if isinstance(images, np.ndarray) and images.ndim == 3 else list(images)
         if not batch:
@@ -334,14 +384,33 @@ class FaceDetailerIngress(VideoRoutes):
             if array.shape[0] * array.shape[1] > self.limits.max_image_pixels:
                 raise RequestError(413, f"images[{k}]: exceeds the limit of {self.limits.max_image_pixels} pixels")
         resolved = parse_params(params)
-        return await self._run(arrays, resolved, on_face, batch_faces, caller)
+        return await self._run(arrays, resolved, on_face, batch_faces, progress=progress, caller=caller)
 
     async def detail_with_progress(
-        self, images: np.ndarray | Sequence[np.ndarray], params: dict[str, Any] | None = None
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        params: dict[str, Any] | None = None,
+        *,
+        progress: bool = True,
+        preview_every: int = 0,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Streaming variant for progress bars: a ``face`` event per face, then the ``result``."""
-        async for event in with_progress(lambda on_face: self.detail(images, params, on_face=on_face)):
+        """Streaming variant for progress bars (``handle.options(stream=True)``): the events of
+        ``/v1/detail/stream`` (``plan``, ``progress`` per sampler step with a latent preview every
+        ``preview_every`` steps, ``face`` per finished face; see :mod:`serve_app.progress`), then
+        ``{"event": "result", "result": DetailResult}``. ``progress=False``: face events only.
+        """
+        try:
+            options = StreamOptions(progress=progress, preview_every=preview_every)
+        except ValidationError as error:
+            raise validation_error(error) from error
+        async for event in progress_events(lambda listener: self._followed(images, params, listener, options), options):
             yield event
+
+    def _followed(
+        self, images: Any, params: Any, listener: RequestProgress, options: StreamOptions
+    ) -> Awaitable[DetailResult]:
+        """``detail`` reporting to ``listener``: faces always, sampler steps when ``options.progress``."""
+        return self.detail(images, params, on_face=listener.face, progress=listener if options.progress else None)
 
     async def info(self) -> dict[str, Any]:
         samplers, schedulers = await self._supported_names()
@@ -353,33 +422,48 @@ class FaceDetailerIngress(VideoRoutes):
                 "segm_detector": await _ask(calls, "segm detector", self.stages.segm_detector, "info"),
                 "sam": await _ask(calls, "SAM", self.stages.sam, "info"),
                 "inpainter": inpainter_info,
+                "text_encoder": await self.text_encoder.info.remote() if self.text_encoder else None,
             },
             "detectors": await _named_info(self.models.detectors.models, calls),
             "segm_detectors": await _named_info(self.models.segm_detectors.models, calls),
             "sam_models": await _named_info(self.models.sam_models.models, calls),
             "controlnets": inpainter_info.get("controlnets", {}),
-            "checkpoints": self.checkpoints.names,
+            "checkpoints": await self._checkpoint_descriptions(),
             "samplers": samplers,
             "schedulers": schedulers,
             "limits": self.limits.model_dump(),
             "wildcards": sorted(self.wildcards) if self.wildcards is not None else [],
             "defaults": FaceDetailerParams().model_dump(),
-            "parameters": widget_specs(
-                samplers,
-                schedulers,
-                model_names={
-                    "bbox_detector": self.models.detectors.names,
-                    "segm_detector": self.models.segm_detectors.names,
-                    "sam_model": self.models.sam_models.names,
-                    "model": self.checkpoints.names,
-                },
+            "parameters": limited_widgets(
+                widget_specs(
+                    samplers,
+                    schedulers,
+                    model_names={
+                        "bbox_detector": self.models.detectors.names,
+                        "segm_detector": self.models.segm_detectors.names,
+                        "sam_model": self.models.sam_models.names,
+                        "model": self.checkpoints.names,
+                    },
+                ),
+                self.limits,
             ),
         }
 
+    async def _checkpoint_descriptions(self) -> dict[str, Any]:
+        """The checkpoints by name (the first is the default), each with its family, model sampling and dtype."""
+        try:
+            described = await self.stages.inpainter.checkpoint_descriptions.remote()
+        except Exception as error:  # an inpainter deployment without descriptions: the names alone
+            logger.debug("checkpoint descriptions unavailable: %s", error)
+            described = {}
+        return {name: described.get(name, {}) for name in self.checkpoints.names}
+
     async def stats(self) -> dict[str, Any]:
         """Serving statistics: the inpainter engine's, summed over its replicas (``GET /v1/stats``),
-        and with API keys each key's quota usage."""
+        the prompt cache's, and with API keys each key's quota usage."""
         stats = {"inpainter": await _ask(self._model_calls(), "inpainter", self.stages.inpainter, "stats")}
+        if self.text_encoder is not None:  # the prompt cache's hits and misses
+            stats["text_encoder"] = await self.text_encoder.stats.remote()
         if self.auth is not None:
             stats["auth"] = await self.auth.usage()
         return stats
@@ -430,10 +514,11 @@ class FaceDetailerIngress(VideoRoutes):
             base = face_conditioning(params.positive, params.negative, FacePrompt(False, False, None, None, False))
             for lora in base.loras:
                 check_name(lora.name, "LoRA")
-            counted = bool(params.positive.strip() or params.negative.strip() or params.wildcard.strip())
+            counted = bool(params.positive.strip() or (params.negative or "").strip() or params.wildcard.strip())
             windows = await self.prompt_tokens.windows(checkpoint or "default", needed=counted)
             check_prompt_tokens("positive", windows(base.positive), self.limits)
-            check_prompt_tokens("negative", windows(base.negative), self.limits)
+            if base.negative is not None:  # negative: null (basic guidance) has no negative text
+                check_prompt_tokens("negative", windows(base.negative), self.limits)
         except ValueError as error:  # a limit, a prompt or hook the service cannot run, an unsafe name
             raise self._client_error(error) from error
         return Preflight(chosen, checkpoint, settings, control, windows)
@@ -456,11 +541,12 @@ class FaceDetailerIngress(VideoRoutes):
         params: FaceDetailerParams,
         on_face: Callable[[SegmentReport], None] | None = None,
         batch_faces: bool = True,
+        progress: StepListener | None = None,
         caller: Caller | None = None,
         preflight: Preflight | None = None,
     ) -> DetailResult:
         checked = preflight or await self._preflight(params)
-        stages = self._stages(checked, caller)
+        stages = self._stages(checked, caller, preview_every=getattr(progress, "preview_every", 0))
         lease = self.auth.lease(caller) if self.auth is not None else None
         async with pipeline_errors(self.limits, lease, stages.calls):
             result = await asyncio.wait_for(
@@ -477,6 +563,7 @@ class FaceDetailerIngress(VideoRoutes):
                     check_work=lambda faces: self._check_planned(params, faces, checked.prompt_windows, lease),
                     wildcard_files=self.wildcards,
                     control=checked.control,
+                    progress=progress,
                 ),
                 timeout=self.limits.request_timeout_s,
             )
@@ -489,9 +576,10 @@ class FaceDetailerIngress(VideoRoutes):
             self.limits.request_timeout_s, self.limits.replica_loss_retries, on_retry=self.metrics.count_retry
         )
 
-    def _stages(self, checked: Preflight, caller: Caller | None = None) -> HandleStages:
+    def _stages(self, checked: Preflight, caller: Caller | None = None, preview_every: int = 0) -> HandleStages:
         """The stages a request's chosen models answer on (its checkpoint routed when there are several),
-        shared fairly under the caller's key, each call retried on a live replica if its replica dies."""
+        shared fairly under the caller's key, each call retried on a live replica if its replica dies;
+        ``preview_every``: step previews when a caller follows the sampler's steps."""
         chosen = checked.models
         return HandleStages(
             chosen.detector,
@@ -501,6 +589,7 @@ class FaceDetailerIngress(VideoRoutes):
             checked.checkpoint if self._route_checkpoints else None,
             self.auth.tenant(caller) if self.auth is not None else ("", 1.0),
             self._model_calls(),
+            preview_every=preview_every,
         )
 
     def _check_planned(
@@ -622,6 +711,7 @@ class FaceDetailerIngress(VideoRoutes):
             try:
                 images, values = await read_detail_request(request, self.limits)
                 decode_s = time.perf_counter() - started
+                options = stream_options(values)  # the stream's own fields, out of the values
                 params = parse_params(values)
                 preflight = await self._preflight(params)
             except BaseException:
@@ -629,7 +719,7 @@ class FaceDetailerIngress(VideoRoutes):
                 raise
         except Exception as error:
             return response_for_exception(error)
-        events = self._event_stream(images, params, preflight, started, decode_s, caller)
+        events = self._event_stream(images, params, preflight, options, started, decode_s, caller)
         return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
     async def _event_stream(
@@ -637,19 +727,28 @@ class FaceDetailerIngress(VideoRoutes):
         images: list[np.ndarray],
         params: FaceDetailerParams,
         preflight: Preflight,
+        options: StreamOptions,
         started: float,
         decode_s: float,
         caller: Caller | None = None,
     ) -> AsyncIterator[bytes]:
         try:
-            async for event in with_progress(
-                lambda on_face: self._run(images, params, on_face=on_face, caller=caller, preflight=preflight),
+            async for event in progress_events(
+                lambda listener: self._run(
+                    images,
+                    params,
+                    on_face=listener.face,
+                    progress=listener if options.progress else None,
+                    caller=caller,
+                    preflight=preflight,
+                ),
+                options,
                 heartbeat_s=HEARTBEAT_S,
             ):
                 if event["event"] == "heartbeat":
                     yield SSE_HEARTBEAT
-                elif event["event"] == "face":
-                    yield sse("face", event)
+                elif event["event"] != "result":  # plan, progress, face
+                    yield sse(event["event"], event)
                 else:
                     encode_start = time.perf_counter()
                     body = result_to_json(event["result"])

@@ -151,6 +151,36 @@ def face_work_factor(params: FaceDetailerParams) -> float:
     return attempts * face_sampling_steps(params) * (1.0 + CONTROLNET_WORK if control else 1.0)
 
 
+def limited_widgets(specs: list[dict[str, Any]], limits: Limits) -> list[dict[str, Any]]:
+    """The form's widgets with this service's limits applied (``GET /v1/info`` ``parameters``).
+
+    A bound the service enforces on the value itself replaces the node's (``steps``: at most
+    ``limits.max_steps``; the node's bound stays as ``node_max``); limits only known after
+    detection become a ``hint`` on the inputs that lower what they count.
+    """
+    side = int(limits.max_sample_pixels**0.5)
+    hints = {
+        "guide_size": f"this service samples at most {limits.max_sample_pixels} pixels per face "
+        f"(limits.max_sample_pixels, about {side}×{side})",
+        "max_size": f"this service samples at most {limits.max_sample_pixels} pixels per face "
+        f"(limits.max_sample_pixels): a max_size above {side} can be refused for square crops",
+        "cycle": f"steps × cycles × crop pixels / 512² over all faces may not exceed {limits.max_work_units:g} "
+        "(limits.max_work_units)",
+        "bbox_threshold": f"at most {limits.max_faces_per_image} faces per image are refined "
+        "(limits.max_faces_per_image)",
+    }
+    limited = []
+    for spec in specs:
+        spec = dict(spec)
+        name = spec["name"]
+        if name == "steps" and spec.get("max", limits.max_steps + 1) > limits.max_steps:
+            spec["node_max"], spec["max"], spec["limit"] = spec.get("max"), limits.max_steps, "limits.max_steps"
+        if name in hints:
+            spec["hint"] = hints[name]
+        limited.append(spec)
+    return limited
+
+
 def face_work_units(params: FaceDetailerParams, sample_size: tuple[int, int]) -> float:
     """The work units of one face sampled at ``sample_size`` (width, height)."""
     width, height = sample_size
@@ -196,7 +226,7 @@ def check_request(params: FaceDetailerParams, limits: Limits) -> None:
                 (field,),
             )
     for name in PROMPT_FIELDS:
-        length = len(getattr(params, name))
+        length = len(getattr(params, name) or "")  # negative: null has no text
         if length > limits.max_prompt_chars:
             raise LimitExceededError(
                 "max_prompt_chars",
@@ -262,7 +292,9 @@ def check_planned_work(
             )
     if prompt_windows is not None:
         for face in faces:
-            positive, negative = prompt_windows(face.positive), prompt_windows(face.negative)
+            positive = prompt_windows(face.positive)
+            # negative: null samples the positive alone (no negative row to repeat to a common length)
+            negative = positive if face.negative is None else prompt_windows(face.negative)
             tokens = face_prompt_tokens(positive, negative)
             if tokens > limits.max_prompt_tokens:
                 raise LimitExceededError(

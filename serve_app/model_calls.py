@@ -70,6 +70,22 @@ async def cancellable(response: Any) -> Any:
         raise
 
 
+async def cancellable_stream(stream: Any, on_item: Callable[[Any], None]) -> None:
+    """Read a streaming handle call to its end; if the caller is cancelled, cancel the call too."""
+    try:
+        async for item in stream:
+            on_item(item)
+    except asyncio.CancelledError:
+        stream.cancel()
+        raise
+    except RequestCancelledError:  # local testing mode, as in cancellable
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            stream.cancel()
+            raise asyncio.CancelledError from None
+        raise
+
+
 @dataclass(frozen=True)
 class ReplicaLoss:
     """One lost attempt of a model call (kept for the request's outcome and the logs)."""
@@ -114,23 +130,45 @@ class ModelCalls:
                 self.cut_short.append((what, method))
                 raise
             except REPLICA_LOST as error:
-                _abandon(response)
-                self.losses.append(ReplicaLoss(what, type(error).__name__, time.monotonic()))
-                # a replica that died under the call counts; one not reachable (yet to be declared dead,
-                # its node going) costs nothing and is waited out within the deadline
-                deaths += not isinstance(error, ActorUnavailableError)
-                delay = min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
-                past_deadline = self.deadline is not None and time.monotonic() + delay >= self.deadline
-                if deaths > self.max_retries or past_deadline:
-                    logger.warning("%s call lost its replica (%d attempts); giving up: %s", what, attempt, error)
-                    raise ReplicaLostError(what, attempt, error) from error
-                logger.warning(
-                    "%s replica lost during a call (%s); retrying on a live replica in %.1f s (attempt %d, %d of "
-                    "%d deaths)", what, type(error).__name__, delay, attempt + 1, deaths, self.max_retries,
-                )  # fmt: skip
-                if self.on_retry is not None:
-                    self.on_retry(what)
-                await asyncio.sleep(delay)
+                deaths = await self._after_loss(what, response, error, attempt, deaths)
+
+    async def stream(self, what: str, method: Any, on_item: Callable[[Any], None], *args: Any, **kwargs: Any) -> None:
+        """A streaming call (``method`` of a ``stream=True`` handle) read to its end, each item given to
+        ``on_item``; sent again from the start if its replica dies (a deterministic call sends the same
+        items again: a progress bar steps back, the result is the same)."""
+        attempt = deaths = 0
+        while True:
+            attempt += 1
+            response = method.remote(*args, **kwargs)
+            try:
+                await cancellable_stream(response, on_item)
+                return
+            except asyncio.CancelledError:
+                self.cut_short.append((what, method))
+                raise
+            except REPLICA_LOST as error:
+                deaths = await self._after_loss(what, response, error, attempt, deaths)
+
+    async def _after_loss(self, what: str, response: Any, error: BaseException, attempt: int, deaths: int) -> int:
+        """Record a lost attempt and wait before the next (the replica deaths so far), or give up."""
+        _abandon(response)
+        self.losses.append(ReplicaLoss(what, type(error).__name__, time.monotonic()))
+        # a replica that died under the call counts; one not reachable (yet to be declared dead,
+        # its node going) costs nothing and is waited out within the deadline
+        deaths += not isinstance(error, ActorUnavailableError)
+        delay = min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
+        past_deadline = self.deadline is not None and time.monotonic() + delay >= self.deadline
+        if deaths > self.max_retries or past_deadline:
+            logger.warning("%s call lost its replica (%d attempts); giving up: %s", what, attempt, error)
+            raise ReplicaLostError(what, attempt, error) from error
+        logger.warning(
+            "%s replica lost during a call (%s); retrying on a live replica in %.1f s (attempt %d, %d of "
+            "%d deaths)", what, type(error).__name__, delay, attempt + 1, deaths, self.max_retries,
+        )  # fmt: skip
+        if self.on_retry is not None:
+            self.on_retry(what)
+        await asyncio.sleep(delay)
+        return deaths
 
     def lost(self) -> list[str]:
         """The deployments a call of this request lost its replica in."""

@@ -49,6 +49,19 @@ class Stages(Protocol):
     async def refine(self, jobs: Sequence[Any], settings: Any) -> Any: ...  # RefineResult or list of images
 
 
+class StepListener(Protocol):
+    """Who follows the inpainter's sampling of a request (a progress stream): optional.
+
+    ``planned`` gets every face the inpainter will sample, once, before it starts; ``step`` gets
+    each sampler step the inpainter reports for a face (its image, its report so far, the step
+    event of the ``Stages.refine`` call, e.g. :class:`deployments.step_progress.StepEvent`).
+    """
+
+    def planned(self, faces: list[PlannedFace]) -> None: ...
+
+    def step(self, image_index: int, face: SegmentReport, event: Any) -> None: ...
+
+
 class PipelineInputError(ValueError):
     """The request cannot be served as asked (e.g. SAM requested but not deployed)."""
 
@@ -308,7 +321,8 @@ class PlannedFace:
     sample_size: tuple[int, int]  # (width, height) of the upscaled crop the inpainter samples
     loras: tuple[str, ...] = ()  # LoRA names the face's prompt asks for
     positive: tuple[str, ...] = ()  # the face's prompt chunks, as its RefineJob gets them (prompt limits)
-    negative: tuple[str, ...] = ()
+    negative: tuple[str, ...] | None = ()  # None: negative: null (basic guidance, no negative row)
+    crop_region: tuple[int, int, int, int] = (0, 0, 0, 0)  # where in the image (x1, y1, x2, y2)
 
 
 @dataclass
@@ -388,7 +402,15 @@ def planned_faces(prepared: PreparedImage, params: FaceDetailerParams) -> list[P
             conditioning = face_conditioning(params.positive, params.negative, prompt)
             loras = tuple(lora.name for lora in conditioning.loras)
             faces.append(
-                PlannedFace(prepared.index, position, size, loras, conditioning.positive, conditioning.negative)
+                PlannedFace(
+                    prepared.index,
+                    position,
+                    size,
+                    loras,
+                    conditioning.positive,
+                    conditioning.negative,
+                    tuple(int(value) for value in seg.crop_region),  # type: ignore[arg-type]
+                )
             )
     return faces
 
@@ -403,6 +425,7 @@ async def refine_image(
     batch_faces: bool = True,
     on_face: Callable[[SegmentReport], None] | None = None,
     control: ControlChoice | None = None,
+    progress: StepListener | None = None,
 ) -> ImageResult:
     """Refine the prepared faces and blend them back (spec §4–§8).
 
@@ -442,8 +465,17 @@ async def refine_image(
         if not ready:
             continue
 
-        async def refine(jobs: list[Any]) -> list[np.ndarray]:
-            outcome = await timer.run("inpaint", stages.refine(jobs, settings))
+        async def refine(jobs: list[Any], ready: list[RefinePlan] = ready) -> list[np.ndarray]:
+            if progress is None:
+                call = stages.refine(jobs, settings)
+            else:  # only then: a Stages implementation need not know the keyword
+                faces = [_plan_of(job, ready) for job in jobs]
+
+                def on_step(event: Any, faces: list[RefinePlan] = faces) -> None:
+                    progress.step(prepared.index, faces[event.index].report, event)
+
+                call = stages.refine(jobs, settings, on_progress=on_step)
+            outcome = await timer.run("inpaint", call)
             # a RefineResult (images + the inpainter's queue wait) or a plain list of images
             if hasattr(outcome, "queue_wait_s"):
                 waited = prepared.timings.get("inpaint_queue_wait", 0.0)
@@ -498,6 +530,13 @@ def _blend(
     return pasted, refined_crop, rgba_with_alpha(refined_crop, face.paste_mask)
 
 
+def _plan_of(job: Any, ready: Sequence[RefinePlan]) -> RefinePlan:
+    """The face a job samples: its plan's job, or a black-patch retry's copy (same image, other seed)."""
+    return next((face for face in ready if face.job is job), None) or next(
+        face for face in ready if face.job.image is job.image
+    )
+
+
 def _in_processing_order(crops: list[tuple[int, np.ndarray]]) -> list[np.ndarray]:
     """Waves finish faces out of order; the node's lists follow the processing order."""
     return [crop for _, crop in sorted(crops, key=lambda item: item[0])]
@@ -529,6 +568,7 @@ async def detail_batch(
     check_work: Callable[[list[PlannedFace]], Awaitable[None] | None] | None = None,
     wildcard_files: Mapping[str, Sequence[str]] | None = None,
     control: ControlChoice | None = None,
+    progress: StepListener | None = None,
 ) -> DetailResult:
     """Each image on its own with base seed + k (spec §6); the lists joined like the node's.
 
@@ -551,10 +591,14 @@ async def detail_batch(
         )
         for index, image in enumerate(images)
     ]
-    if check_work is not None:
-        checked = check_work([face for item in prepared for face in planned_faces(item, params)])
-        if checked is not None:
-            await checked  # e.g. the caller's quota, asked of a shared ledger
+    if check_work is not None or progress is not None:
+        planned = [face for item in prepared for face in planned_faces(item, params)]
+        if check_work is not None:
+            checked = check_work(planned)
+            if checked is not None:
+                await checked  # e.g. the caller's quota, asked of a shared ledger
+        if progress is not None:
+            progress.planned(planned)
     per_image = [
         await refine_image(
             item,
@@ -565,6 +609,7 @@ async def detail_batch(
             batch_faces=batch_faces,
             on_face=on_face,
             control=control,
+            progress=progress,
         )
         for item in prepared
     ]

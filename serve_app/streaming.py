@@ -1,7 +1,8 @@
-"""Progress while a request runs: one ``face`` event per face as it completes, then the ``result``.
+"""Progress while a request runs, as a stream of events, and their Server-Sent Events encoding.
 
-The same events feed the handle API's ``detail_with_progress`` and HTTP's ``/v1/detail/stream``
-(Server-Sent Events, encoded by :func:`sse`).
+The events (``plan``, ``progress``, ``face``, then ``result``; see :mod:`serve_app.progress`)
+feed the handle API's ``detail_with_progress`` and HTTP's ``/v1/detail/stream`` (Server-Sent
+Events, encoded by :func:`sse`).
 """
 
 from __future__ import annotations
@@ -11,36 +12,33 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from serve_app.http_adapters.encoding import segment_json
-from serve_app.pipeline import SegmentReport
+from serve_app.pipeline import DetailResult
+from serve_app.progress import Emit, RequestProgress, StreamOptions, face_event
+
+__all__ = ["face_event", "progress_events", "sse", "with_progress"]
 
 HEARTBEAT_S = 10.0  # an SSE comment this often keeps proxies from closing a quiet stream
 SSE_MEDIA_TYPE = "text/event-stream"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-OnFace = Callable[[SegmentReport], None]
-
-
-def face_event(report: SegmentReport) -> dict[str, Any]:
-    """A face finished: refined, or skipped and why (``status`` is "refined" or the skip reason)."""
-    status = report.skip_reason if report.skipped else "refined"
-    return {"event": "face", "image": report.image_index, "status": status, **segment_json(report)}
-
 
 async def with_progress(
-    run: Callable[[Callable[..., None]], Awaitable[Any]],
+    run: Callable[[Emit], Awaitable[Any]] | Callable[[Callable[..., None]], Awaitable[Any]],
     heartbeat_s: float | None = None,
-    event_of: Callable[..., dict[str, Any]] = face_event,
+    event_of: Callable[..., dict[str, Any]] | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
-    """Run ``run(on_face)`` and yield its face events as they happen, then ``{"event": "result"}``.
+    """Run ``run(emit)`` and yield the events it emits as they happen, then ``{"event": "result"}``.
 
     With ``heartbeat_s``, a ``{"event": "heartbeat"}`` is yielded after that long without one.
     The run's error is raised after the faces it finished; closing the iterator cancels the run.
-    ``event_of`` turns the callback's arguments into an event (a face report by default; a
-    video's frames done in ``serve_app/http_adapters/video.py``).
+    ``event_of`` turns the callback's arguments into an event (a video's frames done in
+    ``serve_app/http_adapters/video.py``); without it ``run`` emits the events themselves.
     """
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    task = asyncio.ensure_future(run(lambda *args: events.put_nowait(event_of(*args))))
+    convert = event_of
+    emit = events.put_nowait if convert is None else lambda *args: events.put_nowait(convert(*args))
+    task = asyncio.ensure_future(run(emit))
+    getter: asyncio.Future | None = None
     try:
         while True:
             getter = asyncio.ensure_future(events.get())
@@ -56,8 +54,19 @@ async def with_progress(
             yield events.get_nowait()
         yield {"event": "result", "result": task.result()}
     finally:
+        if getter is not None and not getter.done():
+            getter.cancel()
         if not task.done():
             task.cancel()  # the client went away: stop the work
+
+
+def progress_events(
+    detail: Callable[[RequestProgress], Awaitable[DetailResult]],
+    options: StreamOptions | None = None,
+    heartbeat_s: float | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """``detail(progress)`` as events: the request's :class:`RequestProgress` reports to the stream."""
+    return with_progress(lambda emit: detail(RequestProgress(emit, options)), heartbeat_s)
 
 
 def sse(event: str, data: Any) -> bytes:

@@ -110,3 +110,30 @@ def tiny_controlnet(tiny_sd: dict) -> dict:
 def tiny_sd_alt() -> dict:
     """A second tiny SD 1.x checkpoint: the same architecture with other random weights."""
     return _tiny("sd_alt")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_vpred() -> dict:
+    """A tiny SDXL v-prediction + zero-terminal-SNR checkpoint: a folder, and a single file with ComfyUI's markers."""
+    return _tiny("sdxl_vpred")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3() -> dict:
+    return _tiny("sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dev() -> dict:
+    """Tiny Flux.1 dev: a diffusers folder and ComfyUI's split layout (split_diffusion_model, split_clip_l, …)."""
+    return _tiny("flux_dev")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell() -> dict:
+    return _tiny("flux_schnell")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_fill() -> dict:
+    return _tiny("flux_fill")

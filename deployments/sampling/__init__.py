@@ -3,6 +3,17 @@
 Torch only (no diffusers, no Ray). ``docs/samplers.md`` lists every ComfyUI sampler and scheduler
 with its status and the measured parity with ComfyUI's own code.
 
+Model sampling
+--------------
+:class:`ModelSampling` is ComfyUI's model sampling: ``ModelSampling.from_comfy(kind, prediction,
+**settings)`` with ``kind`` ``"discrete"`` (SD 1.x/2.x/XL: eps or v_prediction, ``zsnr``),
+``"discrete_flow"`` (SD3/3.5 shift 3, AuraFlow, Flux.1 schnell: ``shift``, ``multiplier``) or
+``"flux"`` (Flux.1 dev/Fill: ``shift``) and ``prediction`` ``"eps"``, ``"v_prediction"`` or
+``"const"`` (rectified flow); ``ModelSampling.for_comfy_model("Flux")`` takes ComfyUI's settings
+for a model class and ``from_scheduler_config`` maps a diffusers scheduler config. Every
+sampler, scheduler, the noise mask and the start/end noise scaling follow it as ComfyUI does
+(``docs/samplers.md`` has the table per kind).
+
 The contract with the inpainter engine
 --------------------------------------
 A crop's whole KSampler run is one generator, :func:`crop_process`::
@@ -21,15 +32,19 @@ A crop's whole KSampler run is one generator, :func:`crop_process`::
 
 - :class:`UNetRequest`: ``x_in`` [1, C, h, w] is the UNet's latent input with mask blending and
   c_in applied (an inpainting UNet's extra channels are the engine's to concatenate, see
-  :func:`inpaint_concat`), ``timestep`` the whole timestep the UNet receives, ``sigma`` the call's
+  :func:`inpaint_concat`), ``timestep`` what the model receives (a whole timestep for discrete
+  models, σ·multiplier or σ for flow models), ``sigma`` the call's
   sigma, ``uncond`` whether the negative conditioning must be evaluated too (False at the cfg = 1
   shortcut; cfg++ samplers always ask for it).
-- :class:`UNetResponse`: the raw UNet outputs (eps or v, as the model predicts), shape of x_in.
+- :class:`UNetResponse`: the raw model outputs (eps, v or flow velocity, as the model predicts),
+  shape of x_in.
 - Everything between the raw outputs and the next input — cfg, cfg++, eps/v → x0, the noise
   mask at every call (``KSamplerX0Inpaint``), differential diffusion, ancestral / Brownian noise —
   happens inside the process, which depends on nothing but its own arguments: the same crop gives
   the same latent whatever it is interleaved with.
-- ``latent_image`` is in the model's space (VAE latent × scaling factor); ``noise_mask`` is on the
+- ``latent_image`` is in the model's space (ComfyUI's ``process_latent_in``: VAE latent × scaling
+  factor, (latent − shift) × scaling factor for SD3/Flux; the engine applies ``process_latent_out``
+  to the result); ``noise_mask`` is on the
   latent grid [1, 1, h, w] (ComfyUI's bilinear resize of the crop mask); ``noise`` replaces the
   initial noise (CPU ``randn`` from the seed) for hooks such as variation noise; ``device`` is
   where the process keeps its tensors (the model's device: ancestral noise is drawn there);
@@ -44,7 +59,7 @@ A crop's whole KSampler run is one generator, :func:`crop_process`::
 
 from deployments.sampling.contract import CropProcess, UNetRequest, UNetResponse, UnsupportedSamplerError
 from deployments.sampling.inpaint import inpaint_concat
-from deployments.sampling.model_sampling import ModelSampling
+from deployments.sampling.model_sampling import KINDS, PREDICTIONS, ModelSampling, flux_shift
 from deployments.sampling.process import (
     OUTPUTS,
     SAMPLER_NAMES,
@@ -66,9 +81,11 @@ __all__ = [
     "COMFY_SAMPLER_NAMES",
     "CropProcess",
     "DenoiserFunction",
+    "KINDS",
     "ModelSampling",
     "OUTPUTS",
     "Output",
+    "PREDICTIONS",
     "SAMPLER_NAMES",
     "SCHEDULER_NAMES",
     "SLICINGS",
@@ -77,6 +94,7 @@ __all__ = [
     "UNetResponse",
     "UnsupportedSamplerError",
     "crop_process",
+    "flux_shift",
     "inpaint_concat",
     "sample",
     "sampling_process",

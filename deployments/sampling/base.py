@@ -27,6 +27,9 @@ __all__ = [
     "SamplerFunction",
     "SamplerProcess",
     "ancestral_step",
+    "model_half_log_snr",
+    "model_sigma_from_half_log_snr",
+    "offset_first_sigma",
     "to_d",
 ]
 
@@ -198,20 +201,56 @@ def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.
 def ancestral_step(
     sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | float]:
-    """(σ_down, σ_up) of an ancestral step: deterministic part to σ_down, fresh noise of σ_up."""
+    """(σ_down, σ_up) of an ancestral step: deterministic part to σ_down, fresh noise of σ_up.
+
+    σ_up is the smaller of σ_to and the ancestral spread the way Python's ``min`` picks it (as
+    k-diffusion does): σ_to unless the spread is smaller, so a NaN spread (σ_from = ∞, a CONST
+    model's α = 0 at σ = 1 in the cfg++ step) gives σ_to, not NaN.
+    """
     if not eta:
         return sigma_to, 0.0
-    sigma_up = torch.minimum(
-        torch.as_tensor(sigma_to), eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-    )
+    spread = eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    sigma_up = spread if spread < sigma_to else sigma_to
     sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
     return sigma_down, sigma_up
 
 
 def half_log_snr(sigma: torch.Tensor) -> torch.Tensor:
-    """λ = log(α/σ) of an eps/v model in the VE view: −log σ."""
+    """λ = log(α/σ) in the VE view, −log σ: what the samplers without a CONST branch always use."""
     return sigma.log().neg()
 
 
 def sigma_from_half_log_snr(lam: torch.Tensor) -> torch.Tensor:
     return lam.neg().exp()
+
+
+# ComfyUI's model-aware conversions (k_diffusion.sampling.sigma_to_half_log_snr & co.), used by the
+# samplers that call them there: the DPM++ SDE family, euler(_ancestral)_cfg_pp, er_sde, seeds_2/3
+# (exp_heun_2_x0) and sa_solver. A CONST (rectified-flow) model has α = 1 − σ.
+
+
+def model_half_log_snr(model_sampling: ModelSampling, sigma: torch.Tensor) -> torch.Tensor:
+    """λ = log(α/σ): −log σ for eps/v, log((1 − σ)/σ) = −logit σ for CONST."""
+    if model_sampling.is_const:
+        return sigma.logit().neg()
+    return sigma.log().neg()
+
+
+def model_sigma_from_half_log_snr(model_sampling: ModelSampling, lam: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`model_half_log_snr`: e^−λ, or sigmoid(−λ) for CONST."""
+    if model_sampling.is_const:
+        return lam.neg().sigmoid()
+    return lam.neg().exp()
+
+
+def offset_first_sigma(model_sampling: ModelSampling, sigmas: torch.Tensor, percent: float = 1e-4) -> torch.Tensor:
+    """A CONST run starting at σ ≥ 1 (λ = −∞) starts at ``percent_to_sigma(1e-4)`` instead.
+
+    Returns a copy when it changes anything (the model calls of that sampler then use it; the
+    noise mask's differential schedule and the Brownian tree keep the original, as in ComfyUI).
+    """
+    if len(sigmas) <= 1 or not model_sampling.is_const or not sigmas[0] >= 1:
+        return sigmas
+    sigmas = sigmas.clone()
+    sigmas[0] = model_sampling.percent_to_sigma(percent)
+    return sigmas

@@ -19,14 +19,16 @@ class UNetRequest:
     """One model evaluation a crop's sampler needs."""
 
     x_in: torch.Tensor  # [1, C, h, w] the UNet's latent input: mask blending and c_in already applied
-    timestep: float  # ComfyUI's discretised timestep for this call (what the UNet receives)
+    # what the model receives, ModelSampling.timestep(σ): discrete, the whole timestep nearest in
+    # log-sigma; discrete_flow, σ·multiplier (SD3: 0…1000; Flux.1 schnell: σ); flux, σ itself
+    timestep: float
     sigma: float  # this call's sigma (ControlNet start/end percent, logging)
     uncond: bool  # also evaluate the negative conditioning (False at the cfg=1 shortcut)
 
 
 @dataclass(frozen=True)
 class UNetResponse:
-    cond: torch.Tensor  # raw UNet output for the positive conditioning, shape of x_in
+    cond: torch.Tensor  # raw model output (eps, v or flow velocity) for the positive conditioning, shape of x_in
     uncond: torch.Tensor | None = None  # raw output for the negative, when requested
 
 

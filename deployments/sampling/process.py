@@ -177,7 +177,7 @@ def sampling_process(
         sigmas, tree_range = _schedule(model_sampling, sampler_name, scheduler, steps, denoise, slicing)
     else:
         validate(sampler_name, scheduler, steps, 1.0)
-        sigmas, tree_range = torch.as_tensor(sigmas), None
+        sigmas, tree_range = torch.as_tensor(sigmas).clone(), None  # uni_pc writes its last sigma
         if sigmas.ndim != 1 or not torch.isfinite(sigmas).all():
             raise ValueError(f"sigmas must be a finite 1-D schedule, got shape {tuple(sigmas.shape)}")
     if not math.isfinite(cfg):

@@ -16,6 +16,7 @@ from deployments.sampling.base import (
     SamplerProcess,
     ancestral_step,
     half_log_snr,
+    model_half_log_snr,
     sigma_from_half_log_snr,
     to_d,
 )
@@ -51,8 +52,9 @@ def euler_ancestral_cfg_pp(
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        alpha_s = sigmas[i] * half_log_snr(sigmas[i]).exp()
-        alpha_t = sigmas[i + 1] * half_log_snr(sigmas[i + 1]).exp()
+        # α = σ·e^λ: 1 for eps/v, 1 − σ for CONST (λ from the model sampling, no first-sigma offset)
+        alpha_s = sigmas[i] * model_half_log_snr(env.model_sampling, sigmas[i]).exp()
+        alpha_t = sigmas[i + 1] * model_half_log_snr(env.model_sampling, sigmas[i + 1]).exp()
         d = to_d(x, sigmas[i], alpha_s * _uncond(model))
         sigma_down, sigma_up = ancestral_step(sigmas[i] / alpha_s, sigmas[i + 1] / alpha_t, eta=eta)
         x = alpha_t * denoised + (alpha_t * sigma_down) * d

@@ -18,16 +18,21 @@ from deployments.sampling.base import (
     SamplerProcess,
     ancestral_step,
     half_log_snr,
+    model_half_log_snr,
+    model_sigma_from_half_log_snr,
+    offset_first_sigma,
     sigma_from_half_log_snr,
     to_d,
 )
 from deployments.sampling.noise import NoiseSampler
+from deployments.sampling.samplers_euler import rf_ancestral_step
 
 __all__ = [
     "ddpm",
     "dpmpp_2m",
     "dpmpp_2m_sde",
     "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_rf",
     "dpmpp_3m_sde",
     "dpmpp_sde",
     "lcm",
@@ -68,7 +73,9 @@ def lms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv,
 
 
 def dpmpp_2s_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv) -> SamplerProcess:
-    """DPM-Solver++(2S) single-step to σ_down, then ancestral noise."""
+    """DPM-Solver++(2S) single-step to σ_down, then ancestral noise; CONST models: the RF variant."""
+    if env.model_sampling.is_const:
+        return (yield from dpmpp_2s_ancestral_rf(model, x, sigmas, env))
     noise = env.gaussian_noise(x)
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
@@ -88,6 +95,35 @@ def dpmpp_2s_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, e
     return x
 
 
+def dpmpp_2s_ancestral_rf(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv, eta: float = 1.0, s_noise: float = 1.0
+) -> SamplerProcess:
+    """DPM-Solver++(2S) ancestral for rectified flow: λ = log((1 − σ)/σ), interpolation steps
+    towards x0 to the midpoint and to σ_down, then ComfyUI's RF rescale and renoise."""
+    noise = env.gaussian_noise(x)
+    for i in range(len(sigmas) - 1):
+        denoised = yield from model(x, sigmas[i])
+        sigma_down, rescale, renoise = rf_ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        env.report(denoised)
+        if sigmas[i + 1] == 0:
+            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        else:
+            if sigmas[i] == 1.0:
+                sigma_s = 0.9999  # λ(1) = −∞: ComfyUI's fixed first midpoint
+            else:
+                lambda_i, lambda_down = ((1 - sigmas[i]) / sigmas[i]).log(), ((1 - sigma_down) / sigma_down).log()
+                s = lambda_i + 0.5 * (lambda_down - lambda_i)
+                sigma_s = (s.exp() + 1) ** -1
+            ratio = sigma_s / sigmas[i]
+            u = ratio * x + (1 - ratio) * denoised
+            denoised_2 = yield from model(u, sigma_s)
+            ratio = sigma_down / sigmas[i]
+            x = ratio * x + (1 - ratio) * denoised_2
+        if sigmas[i + 1] > 0 and eta > 0:
+            x = rescale * x + noise(sigmas[i], sigmas[i + 1]) * s_noise * renoise
+    return x
+
+
 def dpmpp_sde(
     model: Denoiser,
     x: torch.Tensor,
@@ -102,6 +138,8 @@ def dpmpp_sde(
     if len(sigmas) <= 1:
         return x
     noise = env.brownian_noise(x, sigmas, cpu=cpu_tree)
+    ms = env.model_sampling
+    sigmas = offset_first_sigma(ms, sigmas)
     fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
@@ -109,10 +147,10 @@ def dpmpp_sde(
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        lambda_s, lambda_t = half_log_snr(sigmas[i]), half_log_snr(sigmas[i + 1])
+        lambda_s, lambda_t = model_half_log_snr(ms, sigmas[i]), model_half_log_snr(ms, sigmas[i + 1])
         h = lambda_t - lambda_s
         lambda_s_1 = lambda_s + r * h
-        sigma_s_1 = sigma_from_half_log_snr(lambda_s_1)
+        sigma_s_1 = model_sigma_from_half_log_snr(ms, lambda_s_1)
         alpha_s = sigmas[i] * lambda_s.exp()
         alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
         alpha_t = sigmas[i + 1] * lambda_t.exp()
@@ -169,6 +207,8 @@ def dpmpp_2m_sde(
     if len(sigmas) <= 1:
         return x
     noise = env.brownian_noise(x, sigmas, cpu=cpu_tree)
+    ms = env.model_sampling
+    sigmas = offset_first_sigma(ms, sigmas)
     old_denoised = None
     h = h_last = None
     for i in range(len(sigmas) - 1):
@@ -177,7 +217,7 @@ def dpmpp_2m_sde(
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            lambda_s, lambda_t = half_log_snr(sigmas[i]), half_log_snr(sigmas[i + 1])
+            lambda_s, lambda_t = model_half_log_snr(ms, sigmas[i]), model_half_log_snr(ms, sigmas[i + 1])
             h = lambda_t - lambda_s
             h_eta = h * (eta + 1)
             alpha_t = sigmas[i + 1] * lambda_t.exp()
@@ -202,6 +242,8 @@ def dpmpp_3m_sde(
     if len(sigmas) <= 1:
         return x
     noise = env.brownian_noise(x, sigmas, cpu=cpu_tree)
+    ms = env.model_sampling
+    sigmas = offset_first_sigma(ms, sigmas)
     denoised_1 = denoised_2 = None
     h = h_1 = h_2 = None
     for i in range(len(sigmas) - 1):
@@ -210,7 +252,7 @@ def dpmpp_3m_sde(
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            lambda_s, lambda_t = half_log_snr(sigmas[i]), half_log_snr(sigmas[i + 1])
+            lambda_s, lambda_t = model_half_log_snr(ms, sigmas[i]), model_half_log_snr(ms, sigmas[i + 1])
             h = lambda_t - lambda_s
             h_eta = h * (eta + 1)
             alpha_t = sigmas[i + 1] * lambda_t.exp()

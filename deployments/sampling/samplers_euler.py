@@ -11,7 +11,17 @@ import torch
 
 from deployments.sampling.base import Denoiser, SamplerEnv, SamplerProcess, ancestral_step, to_d
 
-__all__ = ["dpm_2", "dpm_2_ancestral", "euler", "euler_ancestral", "heun", "heunpp2"]
+__all__ = [
+    "dpm_2",
+    "dpm_2_ancestral",
+    "dpm_2_ancestral_rf",
+    "euler",
+    "euler_ancestral",
+    "euler_ancestral_rf",
+    "heun",
+    "heunpp2",
+    "rf_ancestral_step",
+]
 
 
 def euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv) -> SamplerProcess:
@@ -24,7 +34,9 @@ def euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEn
 
 
 def euler_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv) -> SamplerProcess:
-    """Euler to σ_down, then fresh Gaussian noise of σ_up (eta 1)."""
+    """Euler to σ_down, then fresh Gaussian noise of σ_up (eta 1); CONST models: the RF variant."""
+    if env.model_sampling.is_const:
+        return (yield from euler_ancestral_rf(model, x, sigmas, env))
     noise = env.gaussian_noise(x)
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
@@ -102,7 +114,9 @@ def dpm_2(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEn
 
 
 def dpm_2_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv) -> SamplerProcess:
-    """DPM-Solver-2 steps to σ_down, then fresh noise of σ_up."""
+    """DPM-Solver-2 steps to σ_down, then fresh noise of σ_up; CONST models: the RF variant."""
+    if env.model_sampling.is_const:
+        return (yield from dpm_2_ancestral_rf(model, x, sigmas, env))
     noise = env.gaussian_noise(x)
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
@@ -117,4 +131,64 @@ def dpm_2_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env:
             denoised_2 = yield from model(x_2, sigma_mid)
             x = x + to_d(x_2, sigma_mid, denoised_2) * (sigma_down - sigmas[i])
             x = x + noise(sigmas[i], sigmas[i + 1]) * sigma_up
+    return x
+
+
+# ---------------------------------------------------------------------- rectified flow (CONST)
+
+
+def rf_ancestral_step(
+    sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(σ_down, α_next/α_down, renoise) of an ancestral step on x = (1 − σ)·x0 + σ·ε.
+
+    σ_down = σ_next·(1 + (σ_next/σ − 1)·η); the step lands at σ_down and is rescaled by
+    α_next/α_down (α = 1 − σ), then noise of std √(σ_next² − σ_down²·α_next²/α_down²) brings
+    it to σ_next with the right marginal (ComfyUI's ``*_RF`` samplers).
+    """
+    downstep_ratio = 1 + (sigma_next / sigma - 1) * eta
+    sigma_down = sigma_next * downstep_ratio
+    alpha_next = 1 - sigma_next
+    alpha_down = 1 - sigma_down
+    renoise = (sigma_next**2 - sigma_down**2 * alpha_next**2 / alpha_down**2) ** 0.5
+    return sigma_down, alpha_next / alpha_down, renoise
+
+
+def euler_ancestral_rf(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv, eta: float = 1.0, s_noise: float = 1.0
+) -> SamplerProcess:
+    """Euler ancestral for rectified flow: interpolate towards x0 to σ_down, rescale, renoise."""
+    noise = env.gaussian_noise(x)
+    for i in range(len(sigmas) - 1):
+        denoised = yield from model(x, sigmas[i])
+        env.report(denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        sigma_down, rescale, renoise = rf_ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        ratio = sigma_down / sigmas[i]
+        x = ratio * x + (1 - ratio) * denoised
+        if eta > 0:
+            x = rescale * x + noise(sigmas[i], sigmas[i + 1]) * s_noise * renoise
+    return x
+
+
+def dpm_2_ancestral_rf(
+    model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv, eta: float = 1.0, s_noise: float = 1.0
+) -> SamplerProcess:
+    """DPM-Solver-2 ancestral for rectified flow: the midpoint step to σ_down, rescale, renoise."""
+    noise = env.gaussian_noise(x)
+    for i in range(len(sigmas) - 1):
+        denoised = yield from model(x, sigmas[i])
+        sigma_down, rescale, renoise = rf_ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        env.report(denoised)
+        d = to_d(x, sigmas[i], denoised)
+        if sigma_down == 0:
+            x = x + d * (sigma_down - sigmas[i])
+        else:
+            sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigmas[i])
+            denoised_2 = yield from model(x_2, sigma_mid)
+            x = x + to_d(x_2, sigma_mid, denoised_2) * (sigma_down - sigmas[i])
+            x = rescale * x + noise(sigmas[i], sigmas[i + 1]) * s_noise * renoise
     return x

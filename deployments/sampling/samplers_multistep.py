@@ -15,8 +15,9 @@ from deployments.sampling.base import (
     Denoiser,
     SamplerEnv,
     SamplerProcess,
-    half_log_snr,
-    sigma_from_half_log_snr,
+    model_half_log_snr,
+    model_sigma_from_half_log_snr,
+    offset_first_sigma,
 )
 
 __all__ = [
@@ -209,7 +210,8 @@ def er_sde(
     noise = env.gaussian_noise(x)
     points = 200.0
     index = torch.arange(0, points, dtype=torch.float32, device=x.device)
-    er_lambdas = half_log_snr(sigmas).neg().exp()  # sigma / alpha
+    sigmas = offset_first_sigma(env.model_sampling, sigmas)
+    er_lambdas = model_half_log_snr(env.model_sampling, sigmas).neg().exp()  # sigma / alpha
     old_denoised = old_denoised_d = None
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
@@ -269,6 +271,8 @@ def _seeds_2(
     """SEEDS-2 (arXiv 2305.14267), data prediction, 2 stages; r = 1 with phi_2 is exp-Heun."""
     noise = env.gaussian_noise(x)
     inject = eta > 0 and s_noise > 0
+    ms = env.model_sampling
+    sigmas = offset_first_sigma(ms, sigmas)
     fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
@@ -276,11 +280,11 @@ def _seeds_2(
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        lambda_s, lambda_t = half_log_snr(sigmas[i]), half_log_snr(sigmas[i + 1])
+        lambda_s, lambda_t = model_half_log_snr(ms, sigmas[i]), model_half_log_snr(ms, sigmas[i + 1])
         h = lambda_t - lambda_s
         h_eta = h * (eta + 1)
         lambda_s_1 = torch.lerp(lambda_s, lambda_t, r)
-        sigma_s_1 = sigma_from_half_log_snr(lambda_s_1)
+        sigma_s_1 = model_sigma_from_half_log_snr(ms, lambda_s_1)
         alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
         alpha_t = sigmas[i + 1] * lambda_t.exp()
         x_2 = sigma_s_1 / sigmas[i] * (-r * h * eta).exp() * x - alpha_s_1 * _phi_1(-r * h_eta) * denoised
@@ -330,17 +334,20 @@ def seeds_3(
     """SEEDS-3: three stages at r₁ and r₂ of the log-SNR step."""
     noise = env.gaussian_noise(x)
     inject = eta > 0 and s_noise > 0
+    ms = env.model_sampling
+    sigmas = offset_first_sigma(ms, sigmas)
     for i in range(len(sigmas) - 1):
         denoised = yield from model(x, sigmas[i])
         env.report(denoised)
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        lambda_s, lambda_t = half_log_snr(sigmas[i]), half_log_snr(sigmas[i + 1])
+        lambda_s, lambda_t = model_half_log_snr(ms, sigmas[i]), model_half_log_snr(ms, sigmas[i + 1])
         h = lambda_t - lambda_s
         h_eta = h * (eta + 1)
         lambda_s_1, lambda_s_2 = torch.lerp(lambda_s, lambda_t, r_1), torch.lerp(lambda_s, lambda_t, r_2)
-        sigma_s_1, sigma_s_2 = sigma_from_half_log_snr(lambda_s_1), sigma_from_half_log_snr(lambda_s_2)
+        sigma_s_1 = model_sigma_from_half_log_snr(ms, lambda_s_1)
+        sigma_s_2 = model_sigma_from_half_log_snr(ms, lambda_s_2)
         alpha_s_1, alpha_s_2 = sigma_s_1 * lambda_s_1.exp(), sigma_s_2 * lambda_s_2.exp()
         alpha_t = sigmas[i + 1] * lambda_t.exp()
         x_2 = sigma_s_1 / sigmas[i] * (-r_1 * h * eta).exp() * x - alpha_s_1 * _phi_1(-r_1 * h_eta) * denoised
@@ -411,7 +418,8 @@ def _sa_solver(
     if len(sigmas) <= 1:
         return x
     noise_sampler = env.gaussian_noise(x)
-    lambdas = half_log_snr(sigmas)
+    sigmas = offset_first_sigma(env.model_sampling, sigmas)
+    lambdas = model_half_log_snr(env.model_sampling, sigmas)
     start_sigma = env.model_sampling.percent_to_sigma(0.2)
     end_sigma = env.model_sampling.percent_to_sigma(0.8)
 

@@ -1,9 +1,10 @@
 """UniPC (Zhao et al. 2023, arXiv 2302.04867) as ComfyUI runs it: multistep, data prediction, order 3.
 
-ComfyUI's ``uni_pc`` (B(h) = h, "bh1") and ``uni_pc_bh2`` (B(h) = e^h − 1) work in the VP view:
-x is divided by √(1 + σ₀²) at the start, the schedule's final 0 becomes σ = 0.001, time is σ
-itself, the order is min(3, steps − 1) with lower orders at both ends, the corrector runs after
-every step but the last, and each evaluation is at the predicted (not the corrected) point.
+ComfyUI's ``uni_pc`` (B(h) = h, "bh1") and ``uni_pc_bh2`` (B(h) = e^h − 1) work in the VP view
+of an eps model whatever the model's prediction (ComfyUI has no CONST branch here): x is divided
+by √(1 + σ₀²) at the start, the schedule's final 0 becomes σ = 0.001, time is σ itself, the
+order is min(3, steps − 1) with lower orders at both ends, the corrector runs after every step
+but the last, and each evaluation is at the predicted (not the corrected) point.
 """
 
 from __future__ import annotations
@@ -109,10 +110,15 @@ class _UniPC:
 def uni_pc(
     model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, env: SamplerEnv, variant: str = "bh1"
 ) -> SamplerProcess:
-    """UniPC-3 multistep with lower orders at the ends; the result is brought back to the VE view."""
-    timesteps = sigmas.clone()
+    """UniPC-3 multistep with lower orders at the ends; the result is brought back to the VE view.
+
+    A final sigma 0 is replaced by 0.001 IN the run's sigmas, as ComfyUI writes it through a view:
+    the end of the run (a CONST model's inverse noise scaling divides by 1 − 0.001) and the
+    differential-diffusion mask (its last sigma) see 0.001 too.
+    """
     if sigmas[-1] == 0:
-        timesteps[-1] = 0.001
+        sigmas[-1] = 0.001
+    timesteps = sigmas
     x = x / torch.sqrt(1.0 + timesteps[0] ** 2.0)
     steps = len(timesteps) - 1
     order = min(3, len(timesteps) - 2)

@@ -5,7 +5,8 @@ deployments load it through their production loading code. Usage::
 
     python -m deployments.testing.build_tiny_models DIR
 
-Each component (``yolo``, ``sam``, ``sd``, ``sd_alt``, ``controlnet``) is built into its own
+Each component (``yolo``, ``sam``, ``sd``, ``sd_alt``, ``controlnet``, and the other families'
+``sdxl_vpred``, ``sd3``, ``flux_dev``, ``flux_schnell``, ``flux_fill``) is built into its own
 sub-folder, once: a finished build leaves ``manifest.json``, written last after an atomic
 rename, so an interrupted build is redone rather than half-used.
 """
@@ -34,6 +35,12 @@ BUILDERS: dict[str, str] = {
     "sd": "deployments.testing.tiny_sd:build_tiny_sd",
     "sd_alt": "deployments.testing.tiny_sd:build_tiny_sd_alt",  # other weights: a second checkpoint
     "controlnet": "deployments.testing.tiny_controlnet:build_tiny_controlnet",  # needs "sd" (built first)
+    # the other model families (docs/models.md)
+    "sdxl_vpred": "deployments.testing.tiny_families:build_tiny_sdxl_vpred",
+    "sd3": "deployments.testing.tiny_families:build_tiny_sd3",
+    "flux_dev": "deployments.testing.tiny_families:build_tiny_flux_dev",
+    "flux_schnell": "deployments.testing.tiny_families:build_tiny_flux_schnell",
+    "flux_fill": "deployments.testing.tiny_families:build_tiny_flux_fill",
 }
 
 

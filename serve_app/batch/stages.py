@@ -236,8 +236,7 @@ class RefineFaces:
         from serve_app.prompt_tokens import PromptWindows
 
         model = load_inpainter(
-            checkpoint.model,
-            single_file_config=checkpoint.single_file_config,
+            **checkpoint.model_dump(exclude_none=True),  # any family and layout, with its overrides
             device=inpainter.device,
             dtype=inpainter.dtype,
             lora_dir=inpainter.lora_dir,

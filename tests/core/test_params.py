@@ -46,6 +46,7 @@ SPEC_DEFAULTS = {
     "sam_model": None,
     "controlnet": None,
     "model": None,
+    "guidance": 3.5,  # FluxGuidance's default (Decision 14)
 }
 
 
@@ -64,6 +65,8 @@ def test_defaults_equal_the_spec_table():
         ("steps", 0, "1"),
         ("steps", 10001, "10000"),
         ("cfg", 100.5, "100"),
+        ("guidance", -0.1, "0"),
+        ("guidance", 100.5, "100"),
         ("denoise", 0.0, "0.0001"),
         ("denoise", 1.01, "1"),
         ("feather", 101, "100"),
@@ -143,3 +146,16 @@ def test_field_ranges_reports_bounds():
 def test_round_trip_through_json():
     params = FaceDetailerParams(seed=2**64 - 1, wildcard="[ASC]a[SEP]b", sam_mask_hint_use_negative="Small")
     assert FaceDetailerParams.model_validate_json(params.model_dump_json()) == params
+
+
+def test_negative_may_be_null_for_basic_guidance():
+    from facedetailer.prompts import face_conditioning
+    from facedetailer.wildcards import FacePrompt
+
+    params = FaceDetailerParams.model_validate({"negative": None, "cfg": 1.0})
+    assert params.negative is None and FaceDetailerParams().negative == ""
+    plain = FacePrompt(skip=False, stop=False, seed=None, text=None, concat=False)
+    conditioning = face_conditioning("a face BREAK smiling <lora:detail:0.5>", None, plain)
+    assert conditioning.negative is None and conditioning.positive == ("a face", "smiling")
+    assert [lora.name for lora in conditioning.loras] == ["detail"]
+    assert face_conditioning("a face", "", plain).negative == ("",), "empty is still a negative prompt"

@@ -80,3 +80,34 @@ def test_types_options_and_labels():
     assert {"euler", "dpmpp_2m", "uni_pc"} <= set(full["sampler_name"]["options"])
     assert full["sampler_name"]["default"] in full["sampler_name"]["options"]
     assert full["scheduler"]["default"] in full["scheduler"]["options"]
+
+
+def test_labels_and_advanced_groups_for_forms():
+    specs = widget_specs()
+    assert all(spec["label"] for spec in specs)
+    by_name = {spec["name"]: spec for spec in specs}
+    assert by_name["cfg"]["label"] == "CFG scale" and by_name["steps"]["label"] == "Steps"
+    assert not by_name["steps"]["advanced"] and by_name["sam_threshold"]["advanced"] and by_name["blend"]["advanced"]
+    assert by_name["sam_mask_hint_use_negative"]["option_labels"]["False"] == "off"
+
+
+def test_hook_types_and_controlnet_fields_describe_valid_inputs():
+    """A structured editor builds hooks and a controlnet from these; their defaults are accepted."""
+    by_name = {spec["name"]: spec for spec in widget_specs()}
+    types = by_name["detailer_hooks"]["item_types"]
+    assert [item["type"] for item in types][:3] == ["segs_ordered_filter", "segs_range_filter", "segs_label_filter"]
+    hooks = []
+    for item in types:
+        hook = {"type": item["type"]}
+        for field in item["fields"]:
+            hook[field["name"]] = field["default"] if not field["required"] else "face"  # labels: a string
+        hooks.append(hook)
+    assert len(FaceDetailerParams(detailer_hooks=hooks).detailer_hooks) == len(types)
+    unsampler = next(item for item in types if item["type"] == "unsampler")
+    steps = next(field for field in unsampler["fields"] if field["name"] == "steps")
+    assert (steps["type"], steps["min"], steps["max"], steps["default"]) == ("INT", 1, 10000, 25)
+    fields = {field["name"]: field for field in by_name["controlnet"]["fields"]}
+    assert fields["name"]["required"] and fields["control_image"]["format"] == "image"
+    assert (fields["strength"]["min"], fields["strength"]["max"]) == (0.0, 10.0)
+    controlnet = {name: field["default"] for name, field in fields.items()}
+    FaceDetailerParams(controlnet={**controlnet, "name": "tile"})

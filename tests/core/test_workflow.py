@@ -127,6 +127,37 @@ def test_positive_from_another_node_type_is_refused_by_name():
     assert error.value.field == "negative"
 
 
+def test_flux_guidance_and_the_negative_placeholder_are_imported():
+    """A Flux detailer workflow: positive through FluxGuidance (→ guidance), Impact's Negative Cond
+    Placeholder as the negative (→ negative: null, basic guidance)."""
+    api = load("facedetailer_api.json")
+    api["20"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": 30.0}}
+    api["21"] = {"class_type": "ImpactNegativeConditioningPlaceholder", "inputs": {}}
+    api["8"]["inputs"].update(positive=["20", 0], negative=["21", 0])
+    imported = import_workflow(api).params
+    assert (imported["positive"], imported["guidance"], imported["negative"]) == (EXPECTED["positive"], 30.0, None)
+    params = FaceDetailerParams.model_validate(imported)
+    assert params.guidance == 30.0 and params.negative is None
+
+    ui = load("facedetailer_ui.json")  # Reroute 7 → FluxGuidance 20 → FaceDetailer; placeholder 21 → negative
+    ui["nodes"] += [
+        {"id": 20, "type": "FluxGuidance", "inputs": [{"name": "conditioning", "type": "CONDITIONING", "link": 8}],
+         "widgets_values": [2.5]},
+        {"id": 21, "type": "ImpactNegativeConditioningPlaceholder", "inputs": [], "widgets_values": []},
+    ]  # fmt: skip
+    ui["links"] += [[13, 20, 0, 8, 4, "CONDITIONING"], [14, 21, 0, 8, 5, "CONDITIONING"]]
+    face = _face(ui)
+    for slot in face["inputs"]:
+        slot["link"] = {"positive": 13, "negative": 14}.get(slot["name"], slot["link"])
+    imported = import_workflow(ui).params
+    assert (imported["positive"], imported["guidance"], imported["negative"]) == (EXPECTED["positive"], 2.5, None)
+    # the placeholder is a negative only; FluxGuidance on the negative is not read as the request's guidance
+    api["8"]["inputs"].update(positive=["21", 0], negative=["20", 0])
+    with pytest.raises(WorkflowError, match="ImpactNegativeConditioningPlaceholder") as error:
+        import_workflow(api)
+    assert error.value.field == "positive"
+
+
 def test_values_this_service_cannot_honour_are_refused():
     api = load("facedetailer_api.json")
     api["8"]["inputs"]["tiled_encode"] = True

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from ray import serve
 
-from deployments.checkpoints import checkpoint_specs, sum_snapshots
+from deployments.checkpoints import checkpoint_specs, load_options, sum_snapshots
 from deployments.inpainter import RefineJob, SamplingSettings
 from deployments.serving import InpainterDeployment
 from tests.deployments.test_inpainter import write_kohya_lora
@@ -69,6 +69,24 @@ def test_config_forms_and_a_request_gets_the_checkpoint_it_names(two) -> None:
     assert two.info.remote().result()["loaded_checkpoints"] == ["sd", "alt"]
     with pytest.raises(ValueError, match="unknown checkpoint 'sdxl'; configured: sd, alt"):
         refine(two, "sdxl", crop).result()
+
+
+def test_precision_is_opt_in_per_checkpoint(tiny_sd: dict) -> None:
+    """``precision: bf16`` runs that checkpoint alone in bfloat16; the others keep the deployment's dtype."""
+    assert load_options({"model": "x", "precision": "bf16"}, {"dtype": "float32", "device": "cpu"}) == {
+        "model": "x", "dtype": "bfloat16", "device": "cpu"
+    }
+    assert load_options({"model": "x"}, {"dtype": None}) == {"model": "x", "dtype": None}
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16"):
+        load_options({"model": "x", "precision": "int8"}, {})
+    handle = deploy({"sd": tiny_sd["pipeline"], "sd-bf16": {"model": tiny_sd["pipeline"], "precision": "bf16"}}, 2)
+    crop = [job(3)]
+    full = refine(handle, "sd", crop).result().images[0]
+    reduced = refine(handle, "sd-bf16", crop).result().images[0]
+    described = handle.info.remote().result()["checkpoints"]
+    assert described["sd"]["dtype"] == "float32" and described["sd-bf16"]["dtype"] == "bfloat16"
+    assert not np.array_equal(full, reduced), "bfloat16 rounds differently"
+    assert np.array_equal(refine(handle, "sd", crop).result().images[0], full)
 
 
 def test_crops_of_different_checkpoints_never_share_a_unet_batch(two) -> None:

@@ -81,3 +81,17 @@ class ToyDenoiser:
             return uncond + (cond - uncond) * cfg
 
         return model
+
+
+class FlowToyDenoiser(ToyDenoiser):
+    """The toy denoiser for a rectified-flow model (x = (1 − σ)·x0 + σ·ε, σ ∈ [0, 1]).
+
+    Its x0 prediction is the Gaussian posterior mean a(σ)·x for unit-variance data, pulled towards
+    a target pattern as σ grows, with a neighbour-dependent non-linear term, as the eps toy.
+    """
+
+    def predict(self, x: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        a = (1 - sigma) / ((1 - sigma) ** 2 + sigma**2)
+        mixed = (x + x.roll(1, dims=-1) + x.roll(1, dims=-2)) / 3
+        return a * x + (1 - a * (1 - sigma)) * (target + 0.1 * torch.tanh(mixed))

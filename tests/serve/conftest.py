@@ -39,9 +39,20 @@ def local_cpu_config() -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def serve_instance(
-    local_cpu_config: dict[str, Any], tiny_sd: dict, tiny_yolo: dict, tiny_controlnet: dict
+    local_cpu_config: dict[str, Any],
+    tiny_sd: dict,
+    tiny_yolo: dict,
+    tiny_controlnet: dict,
+    tiny_sdxl_vpred: dict,
+    tiny_sd3: dict,
+    tiny_flux_dev: dict,
+    tiny_flux_fill: dict,
 ) -> Iterator[dict[str, Any]]:
-    """Ray (2 CPUs) with the local-cpu.yaml app on a free port and a second app with a segm detector."""
+    """Ray (2 CPUs) with the local-cpu.yaml app on a free port and a second app with a segm detector.
+
+    Every tiny checkpoint local-cpu.yaml serves (one per model family) is built here first, so no
+    replica builds one while it answers a request.
+    """
     import ray
     from ray import serve
 
@@ -81,6 +92,7 @@ def serve_instance(
             ingress=light,
         )
         segm_values["inpainter"]["deployment"] = light
+        segm_values["text_encoder"] = None  # SD checkpoints only: their CLIP encoders stay in the inpainter
         # Its inpainter serves an SD 1.x and an SDXL checkpoint (the tiny SDXL end to end over HTTP).
         segm_values["inpainter"].update(
             model=None, checkpoints={"sd15": tiny_sd["pipeline"], "sdxl": tiny_sd["sdxl_pipeline"]}

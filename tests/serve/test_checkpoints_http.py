@@ -24,11 +24,13 @@ def detail(client, params: dict, route: str = "") -> dict:  # noqa: F811
 
 def test_info_lists_the_checkpoints_by_name(client):  # noqa: F811
     info = client.get("/v1/info").json()
-    assert info["checkpoints"] == ["tiny", "tiny-alt"]
+    names = ["tiny", "tiny-alt", "sdxl-vpred", "sd3", "flux-dev", "flux-fill"]  # one per family: test_families_http
+    assert list(info["checkpoints"]) == names and info["checkpoints"]["tiny"]["family"] == "sd"
     inpainter = info["models"]["inpainter"]
-    assert list(inpainter["checkpoints"]) == ["tiny", "tiny-alt"] and inpainter["max_models_per_replica"] == 2
+    assert list(inpainter["checkpoints"]) == names and inpainter["max_models_per_replica"] == 2
     assert "tiny" in inpainter["loaded_checkpoints"]
-    assert client.get(f"{SEGM_ROUTE}/v1/info").json()["checkpoints"] == ["sd15", "sdxl"]
+    segm = client.get(f"{SEGM_ROUTE}/v1/info").json()["checkpoints"]
+    assert list(segm) == ["sd15", "sdxl"] and segm["sdxl"]["family"] == "sdxl"
 
 
 def test_a_request_names_its_checkpoint_and_the_two_checkpoints_differ(client):  # noqa: F811
@@ -42,7 +44,7 @@ def test_a_request_names_its_checkpoint_and_the_two_checkpoints_differ(client): 
     assert not difference[outside_crop_regions(difference.shape, segments)].any(), "only the face region changes"
     assert "tiny-alt" in client.get("/v1/info").json()["models"]["inpainter"]["loaded_checkpoints"]
     unknown = post_detail(client, assets.astronaut(), {"model": "sdxl-turbo"})
-    assert unknown.status_code == 422 and "model: unknown 'sdxl-turbo'; configured: tiny, tiny-alt" in unknown.text
+    assert unknown.status_code == 422 and "model: unknown 'sdxl-turbo'; configured: tiny, tiny-alt, sd" in unknown.text
 
 
 def test_a_tiny_sdxl_checkpoint_runs_end_to_end_through_the_served_graph(client):  # noqa: F811

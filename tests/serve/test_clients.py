@@ -21,7 +21,15 @@ import pytest
 from PIL import Image
 
 from deployments.testing import assets
-from facedetailer_client import AsyncFaceDetailerClient, DetailResult, FaceDetailerClient, FaceEvent, ServiceError
+from facedetailer_client import (
+    AsyncFaceDetailerClient,
+    DetailResult,
+    FaceDetailerClient,
+    FaceEvent,
+    PlanEvent,
+    ServiceError,
+    StepProgress,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -63,7 +71,8 @@ def test_stream_endpoint_sends_face_events_then_the_json_result(url):
     files = {"image": ("zidane.png", png_bytes(photo), "image/png")}
     events = []
     with httpx.Client(timeout=600, trust_env=False) as http:
-        with http.stream("POST", f"{url}/v1/detail/stream", files=files, data={"params": json.dumps(FAST)}) as answer:
+        data = {"params": json.dumps(FAST), "progress": "false"}  # face events only (steps: test_step_progress_http)
+        with http.stream("POST", f"{url}/v1/detail/stream", files=files, data=data) as answer:
             assert answer.status_code == 200
             assert answer.headers["content-type"].startswith("text/event-stream")
             name = None
@@ -145,12 +154,16 @@ def test_python_client_sync_and_async(url):
 
     async def streamed() -> list:
         async with AsyncFaceDetailerClient(url) as client:
-            return [item async for item in client.stream(photo, {**FAST, "seed": 5})]
+            return [item async for item in client.stream(photo, {**FAST, "seed": 5}, preview_every=1)]
 
     items = asyncio.run(streamed())
-    assert [type(item) for item in items] == [FaceEvent, DetailResult]
-    assert items[0].segment.seed == 5 and items[0].status == "refined"
-    assert items[1].image == result.image, "same request, same seed: the same image"
+    assert isinstance(items[0], PlanEvent) and [face.crop_region for face in items[0].faces] == [segment.crop_region]
+    steps = [item for item in items if isinstance(item, StepProgress)]
+    assert steps and all(item.preview and item.preview[:2] == b"\xff\xd8" for item in steps)  # JPEG previews
+    assert steps[-1].done == steps[-1].total == FAST["steps"] and steps[-1].crop_region == segment.crop_region
+    assert [type(item) for item in items[-2:]] == [FaceEvent, DetailResult]
+    assert items[-2].segment.seed == 5 and items[-2].status == "refined"
+    assert items[-1].image == result.image, "same request, same seed: the same image"
 
 
 def test_cli_detail_url_uses_the_client_and_takes_a_workflow(url, tmp_path):

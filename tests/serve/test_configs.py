@@ -37,8 +37,8 @@ def test_gpu_config_builds_with_fractional_gpus_and_autoscaling():
     assert application["import_path"] == "serve_app.app:build_app"
     app = build_app(app_args_from_config(config))
     deployments = deployments_of(app)
-    assert set(deployments) == {"FaceDetailerIngress", "Detector", "Sam", "Inpainter"}
-    expected_gpus = {"Detector": 0.1, "Sam": 0.2, "Inpainter": 0.7, "FaceDetailerIngress": 0}
+    assert set(deployments) == {"FaceDetailerIngress", "Detector", "Sam", "Inpainter", "TextEncoder"}
+    expected_gpus = {"Detector": 0.05, "Sam": 0.1, "TextEncoder": 0.2, "Inpainter": 0.65, "FaceDetailerIngress": 0}
     for name, gpus in expected_gpus.items():
         deployment = deployments[name]
         assert deployment.ray_actor_options.get("num_gpus", 0) == pytest.approx(gpus), name
@@ -57,6 +57,17 @@ def test_gpu_config_builds_with_fractional_gpus_and_autoscaling():
     assert ingress.init_kwargs["auth"]["keys"] == [] and ingress.init_kwargs["auth"]["fair_queueing"] is True
     [ledger] = ingress._deployment_config.deployment_actors
     assert ledger.name == "quota_ledger"
+    # Flux.1 dev in fp8 from ComfyUI's folders; its text encoders in the TextEncoder deployment, which every
+    # inpainter replica and the ingress (for /v1/stats) reach by handle
+    [checkpoints] = deployments["Inpainter"].init_args
+    flux = checkpoints["flux-dev"]
+    assert flux["diffusion_model"].endswith("models/diffusion_models/flux1-dev-fp8-e4m3fn.safetensors")
+    assert flux["text_encoders"]["t5xxl"].endswith("models/text_encoders/t5xxl_fp8_e4m3fn.safetensors")
+    text_encoder = deployments["TextEncoder"]
+    assert text_encoder.init_args[0] == checkpoints
+    assert text_encoder.init_kwargs["device"] == "cuda" and text_encoder.init_kwargs["dtype"] == "float16"
+    assert deployments["Inpainter"].init_kwargs["text_encoder"] is not None
+    assert deployments["FaceDetailerIngress"].init_kwargs["text_encoder"] is not None
 
 
 def test_local_cpu_config_fits_two_cores_without_gpu():
@@ -67,7 +78,7 @@ def test_local_cpu_config_fits_two_cores_without_gpu():
         assert env[switch] == "1"
     assert env["YOLO_AUTOINSTALL"] == "0" and "YOLO_CONFIG_DIR" in env
     deployments = deployments_of(build_app(app_args_from_config(config)))
-    assert set(deployments) == {"FaceDetailerIngress", "Detector", "Sam", "Inpainter"}
+    assert set(deployments) == {"FaceDetailerIngress", "Detector", "Sam", "Inpainter", "TextEncoder"}
     total_cpus = 0.0
     for name, deployment in deployments.items():
         options = deployment.ray_actor_options
@@ -171,3 +182,25 @@ def test_named_models_build_one_deployment_each_and_reach_the_ingress_by_name():
 def test_named_model_config_errors(args, needle):
     with pytest.raises(ValidationError, match=needle):
         AppArgs.model_validate(args)
+
+
+def test_checkpoint_layouts_and_overrides_are_checked():
+    from serve_app.config import CheckpointArgs
+
+    split = CheckpointArgs(diffusion_model="unet/flux1-dev.safetensors", text_encoders={"t5xxl": "t5.safetensors"},
+                           vae="ae.safetensors", family="flux", shift=1.5)  # fmt: skip
+    assert split.model is None and split.text_encoders == {"t5xxl": "t5.safetensors"}
+    assert CheckpointArgs(model="a.safetensors", precision="bf16").precision == "bf16"
+    refused = [
+        ({"model": "a.safetensors", "diffusion_model": "b.safetensors"}, "model .* or diffusion_model"),
+        ({}, "model .* or diffusion_model"),
+        ({"model": "a.safetensors", "vae": "ae.safetensors"}, "belong to the split layout"),
+        ({"model": "flux", "family": "flux", "prediction": "v_prediction"}, "SD/SDXL settings"),
+        ({"model": "sd", "family": "sdxl", "shift": 3.0}, "SD3/Flux setting"),
+        ({"diffusion_model": "x", "text_encoders": {"clip_h": "y"}}, "clip_h"),
+        ({"model": "x", "family": "pixart"}, "family"),
+        ({"model": "x", "precision": "int8"}, "precision"),
+    ]
+    for values, message in refused:
+        with pytest.raises(ValidationError, match=message):
+            CheckpointArgs.model_validate(values)

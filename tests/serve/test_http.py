@@ -259,7 +259,7 @@ def test_python_handle_api(serve_instance):
     assert np.array_equal(batch.images[1], no_face())
     with pytest.raises(RequestError, match="denoise"):
         handle.detail.remote(photo, {"denoise": 5}).result(timeout_s=60)
-    events = list(handle.options(stream=True).detail_with_progress.remote(photo, FAST))
+    events = list(handle.options(stream=True).detail_with_progress.remote(photo, FAST, progress=False))
     assert [e["event"] for e in events] == ["face", "face", "result"]
 
 

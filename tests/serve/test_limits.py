@@ -203,6 +203,19 @@ def test_prompt_tokens_are_counted_in_whole_windows_as_the_inpainter_cuts_them()
         check_prompt_tokens("positive", 11, LIMITS.model_copy(update={"max_prompt_tokens": 750}))
 
 
+def test_negative_null_has_no_text_to_count():
+    """Impact's Negative Cond Placeholder (``negative: null``): only the positive is counted."""
+    check_request(FaceDetailerParams(negative=None), Limits(max_prompt_chars=1000))
+    counter = windows_counter()
+    limits = LIMITS.model_copy(update={"max_prompt_tokens": 150, "max_work_units": 10_000})
+    two_windows = ("word " * 100,)
+    check_planned_work(FaceDetailerParams(negative=None), [PlannedFace(0, 0, (64, 64), (), two_windows, None)],
+                       limits, counter)  # fmt: skip
+    with pytest.raises(LimitExceededError, match="450 tokens"):  # a 3-window negative: lcm(2, 3) = 6 windows
+        check_planned_work(FaceDetailerParams(), [PlannedFace(0, 0, (64, 64), (), two_windows, ("w " * 160,))],
+                           limits.model_copy(update={"max_prompt_tokens": 300}), counter)  # fmt: skip
+
+
 def test_each_faces_prompt_after_its_wildcard_is_checked_before_the_inpainter():
     """The wildcard gives one face a long prompt: refused from the plan, nothing refined."""
     stages = FakeStages([face(40, 40, 80, 90), face(200, 100, 260, 170)])
@@ -258,3 +271,19 @@ def test_http_refuses_over_limit_requests_with_422_and_lists_limits(client):
     for detail in body["details"]:
         assert detail["limit"] == "limits.max_sample_pixels" and detail["message"] == body["error"]
         assert detail["requested"] > limits["max_sample_pixels"] == detail["limit_value"]
+
+
+def test_the_forms_widgets_carry_the_services_limits():
+    from facedetailer.widgets import widget_specs
+    from serve_app.limits import limited_widgets
+
+    limits = Limits(max_steps=100, max_sample_pixels=1024 * 1024, max_work_units=1600)
+    by_name = {spec["name"]: spec for spec in limited_widgets(widget_specs(), limits)}
+    assert (by_name["steps"]["max"], by_name["steps"]["node_max"], by_name["steps"]["limit"]) == (
+        100, 10000, "limits.max_steps"
+    )
+    assert "1048576" in by_name["max_size"]["hint"] and "1024" in by_name["max_size"]["hint"]
+    assert "limits.max_work_units" in by_name["cycle"]["hint"]
+    assert by_name["guide_size"]["max"] == 16384, "not refused by value: a hint, not a bound"
+    roomy = {spec["name"]: spec for spec in limited_widgets(widget_specs(), Limits(max_steps=20000))}
+    assert roomy["steps"]["max"] == 10000 and "node_max" not in roomy["steps"]

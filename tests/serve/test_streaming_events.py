@@ -8,7 +8,7 @@ import json
 import pytest
 
 from serve_app.pipeline import SegmentReport
-from serve_app.streaming import sse, with_progress
+from serve_app.streaming import face_event, progress_events, sse, with_progress
 
 
 def report(index: int, skipped: bool = False) -> SegmentReport:
@@ -22,10 +22,10 @@ async def collect(run, heartbeat_s=None):
 
 
 def test_faces_in_order_then_the_result():
-    async def run(on_face):
-        on_face(report(0))
+    async def run(emit):
+        emit(face_event(report(0)))
         await asyncio.sleep(0.01)
-        on_face(report(1, skipped=True))
+        emit(face_event(report(1, skipped=True)))
         return "RESULT"
 
     events = asyncio.run(collect(run))
@@ -36,8 +36,8 @@ def test_faces_in_order_then_the_result():
 
 
 def test_an_error_comes_after_the_faces_already_finished():
-    async def run(on_face):
-        on_face(report(0))
+    async def run(emit):
+        emit(face_event(report(0)))
         raise ValueError("inpainter failed")
 
     async def scenario():
@@ -51,7 +51,7 @@ def test_an_error_comes_after_the_faces_already_finished():
 
 
 def test_heartbeats_while_nothing_happens():
-    async def run(on_face):
+    async def run(emit):
         await asyncio.sleep(0.2)
         return "done"
 
@@ -63,8 +63,8 @@ def test_heartbeats_while_nothing_happens():
 def test_closing_the_stream_cancels_the_work():
     cancelled = asyncio.Event()
 
-    async def run(on_face):
-        on_face(report(0))
+    async def run(emit):
+        emit(face_event(report(0)))
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
@@ -86,3 +86,15 @@ def test_sse_frames():
     assert frame.endswith(b"\n\n") and frame.count(b"\n") == 3
     name, data = frame.decode().strip().split("\n")
     assert name == "event: face" and json.loads(data.removeprefix("data: ")) == {"index": 0, "seed": 2**64 - 1}
+
+
+def test_progress_events_hand_the_request_a_listener_that_emits_into_the_stream():
+    async def detail(progress):
+        progress.face(report(0))
+        return "RESULT"
+
+    async def scenario():
+        return [event async for event in progress_events(detail)]
+
+    events = asyncio.run(scenario())
+    assert [event["event"] for event in events] == ["face", "result"] and events[0]["seed"] == 10
