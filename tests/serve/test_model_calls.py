@@ -115,3 +115,43 @@ def test_an_unreachable_replica_is_waited_out_within_the_deadline_without_counti
     method = FakeMethod(*unreachable, FakeResponse(error=ActorDiedError()), FakeResponse(value="crops"))
     assert asyncio.run(calls.call("inpainter", method)) == "crops"
     assert len(method.sent) == 7
+
+
+class FakeStream:
+    """A streaming response: yields ``items``, then raises ``error`` if given; records ``cancel()``."""
+
+    def __init__(self, items: list[Any], error: BaseException | None = None) -> None:
+        self.items, self.error, self.cancelled = items, error, False
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        for item in self.items:
+            await asyncio.sleep(0)
+            yield item
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_stream_whose_replica_died_is_read_again_from_the_start_on_a_live_replica():
+    retried: list[str] = []
+    calls = fast(on_retry=retried.append)
+    method = FakeMethod(FakeStream(["step 1", "step 2"], error=ActorDiedError()),  # type: ignore[arg-type]
+                        FakeStream(["step 1", "step 2", "step 3", "result"]))  # type: ignore[arg-type]  # fmt: skip
+    seen: list[str] = []
+    asyncio.run(calls.stream("inpainter", method, seen.append, ["job"], "settings"))
+    assert seen == ["step 1", "step 2", "step 1", "step 2", "step 3", "result"]
+    assert retried == ["inpainter"] and calls.lost() == ["inpainter"]
+    assert method.sent[0].cancelled and not method.sent[1].cancelled
+
+
+def test_a_stream_that_loses_every_replica_ends_with_replica_lost():
+    calls = fast(max_retries=1)
+    method = FakeMethod(*(FakeStream([], error=ActorDiedError()) for _ in range(3)))  # type: ignore[arg-type]
+    with pytest.raises(ReplicaLostError):
+        asyncio.run(calls.stream("inpainter", method, lambda item: None))
+    assert len(method.sent) == 2
