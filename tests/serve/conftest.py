@@ -129,7 +129,8 @@ AUTH_KEYS: dict[str, tuple[list[str], dict[str, Any]]] = {
 def auth_instance(serve_instance: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A third, light app with API keys on, at ``/auth`` in the session's Ray: ``sim://`` models
     (docs/simulated.md: no weights, each UNet call sleeps 50 ms), two ingress replicas sharing the
-    quota ledger, keys in a key file (re-read every 0.5 s) whose plain values the fixture returns."""
+    quota ledger, keys in a key file (re-read every 0.5 s) whose plain values the fixture returns.
+    0.01 CPU each: the local config (with its text encoder) and the segm app hold 1.85 of the 2 CPUs."""
     import yaml
     from ray import serve
 
@@ -140,7 +141,7 @@ def auth_instance(serve_instance: dict[str, Any], tmp_path_factory: pytest.TempP
     keys_file = tmp_path_factory.mktemp("auth") / "keys.yaml"
     entries = [key_entry(key_id, keys[key_id], scopes, quotas=quotas) for key_id, (scopes, quotas) in AUTH_KEYS.items()]
     keys_file.write_text(yaml.safe_dump({"keys": entries}))
-    light = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.05, "num_gpus": 0}}
+    light = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.01, "num_gpus": 0}}
     args = {
         "detector": {"model": "sim://detector?faces=4", "device": "cpu", "deployment": light},
         "inpainter": {
