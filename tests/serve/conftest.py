@@ -122,6 +122,7 @@ AUTH_KEYS: dict[str, tuple[list[str], dict[str, Any]]] = {
     "crops": (["detail"], {"concurrent_crops": 4}),
     "units": (["detail"], {"work_units_per_hour": 3}),
     "rotate": (["detail"], {}),
+    "video": (["detail"], {"requests_per_minute": 100, "work_units_per_hour": 1000}),  # metered, never refused
 }
 
 

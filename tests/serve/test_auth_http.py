@@ -129,10 +129,10 @@ def test_the_video_routes_need_a_key_and_charge_its_work_units(http, auth):
     for route in ("/v1/detail/video", "/v1/detail/video/stream"):
         refused = post(route, {})
         assert refused.status_code == 401 and "API key" in refused.json()["error"], (route, refused.text)
-    before = usage(http, auth, "rotate")
-    answer = post("/v1/detail/video?format=json", bearer(auth, "rotate"))
+    before = usage(http, auth, "video")
+    answer = post("/v1/detail/video?format=json", bearer(auth, "video"))
     assert answer.status_code == 200, answer.text
-    after = usage(http, auth, "rotate")
+    after = usage(http, auth, "video")
     assert after["requests_last_minute"] == before["requests_last_minute"] + 1
     faces = answer.json()["faces_refined"]
     assert faces > 0, "the simulated detector finds the clip's textured heads"
