@@ -8,12 +8,15 @@ with published A100 costs, autoscaling delays in seconds). Three runs, every wai
    request refines one 512×512 crop for 20 steps. Replicas per deployment sampled every 0.5 s.
 2. **SAM-heavy**: 16 clients whose requests spend most of their time in SAM.
 3. **Node loss**: 6 clients, plus 2 clients that retry on 503/429 after Retry-After, then
-   ``cluster.remove_node`` of the worker holding the packed GPU.
+   ``cluster.remove_node`` of the worker holding the packed GPU. The ingress sends the calls
+   whose replicas died again (serve_app/model_calls.py): the clients that do not retry should
+   see only 200s.
 
 Writes ``docs/scaling.md``, ``docs/scaling.png`` (matplotlib) and ``benchmarks/scaling.json``.
 Run under the heavy-command lock on an otherwise idle machine (about 5 minutes):
 
     /work/wt/heavy .venv/bin/python benchmarks/scaling.py
+    .venv/bin/python benchmarks/scaling.py --runs node_loss   # re-run one part, keep the others' figures
     .venv/bin/python benchmarks/scaling.py --render-from benchmarks/scaling.json   # re-render only
 """
 
@@ -130,6 +133,7 @@ def run_sam_heavy(cluster: SimulatedCluster) -> dict[str, Any]:
 
 
 def run_node_loss(cluster: SimulatedCluster) -> dict[str, Any]:
+    load_before = [round(value, 2) for value in os.getloadavg()]
     [inpainter] = cluster.placements("Inpainter")
     victim = cluster.node_of(inpainter["node_id"])
     survivor = next(worker for worker in cluster.workers if worker is not victim)
@@ -166,8 +170,11 @@ def run_node_loss(cluster: SimulatedCluster) -> dict[str, Any]:
         "healthy_s": None if (back := sampler.healthy_again(removed_at)) is None else back - removed_at,
         "placements_after": {name: cluster.placements(name) for name in MODEL_DEPLOYMENTS},
         "survivor": survivor.node_id,
+        "load_average": {"before": load_before, "after": [round(value, 2) for value in os.getloadavg()]},
     }
 
+
+RUNS = {"ramp": run_ramp, "sam_heavy": run_sam_heavy, "node_loss": run_node_loss}
 
 # ---------------------------------------------------------------------------- rendering
 
@@ -251,6 +258,18 @@ def fmt(value: float | None, unit: str = " s") -> str:
     return "—" if value is None else f"{value:.1f}{unit}"
 
 
+def dated(results: dict[str, Any]) -> str:
+    """Which part ran when, if the parts were run on different days (``--runs``)."""
+    days = results.get("runs_dated", {})
+    if len(set(days.values())) <= 1:
+        return ""
+    return " per part (" + ", ".join(f"{name.replace('_', ' ')} {day}" for name, day in days.items()) + ")"
+
+
+def counts(records: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{status}: {count}" for status, count in sorted(Counter(r["status"] for r in records).items()))
+
+
 def summary(records: list[dict[str, Any]]) -> str:
     ok = [r["ended"] - r["started"] for r in records if r["status"] == 200]
     statuses = Counter(r["status"] for r in records)
@@ -265,6 +284,7 @@ def render(results: dict[str, Any], out: Path, figure: Path) -> None:
     loss_statuses = Counter(r["status"] for r in loss["records"])
     after = [r for r in loss["records"] if r["ended"] >= loss["removed_at"]]
     after_statuses = Counter(r["status"] for r in after)
+    spanning = [r for r in loss["records"] if r["started"] < loss["removed_at"] < r["ended"]]
     retry = loss["retrying_records"]
     hold = [r["ended"] - r["started"] for r in ramp_run["records"]
             if r["status"] == 200 and 20.0 <= r["ended"] <= ramp_run["load_ends"]]
@@ -272,7 +292,7 @@ def render(results: dict[str, Any], out: Path, figure: Path) -> None:
         "# Scaling on a multi-node cluster (simulated GPUs)",
         "",
         f"Written by `benchmarks/scaling.py` on {results['date']} ({results['machine']}); figures from "
-        "one run. Re-render from `benchmarks/scaling.json` with `--render-from`.",
+        f"one run{dated(results)}. Re-render from `benchmarks/scaling.json` with `--render-from`.",
         "",
         "**Set-up.** `ray.cluster_utils.Cluster` on one 2-core machine: a head (4 logical CPUs, the "
         "Serve controller, the proxy and the ingress) and two workers with 8 logical CPUs and one "
@@ -319,12 +339,16 @@ def render(results: dict[str, Any], out: Path, figure: Path) -> None:
         "## Node loss: the packed worker removed under load",
         "",
         "6 closed-loop clients and 2 clients that retry on 503/429 after `Retry-After`; after 15 s "
-        "`cluster.remove_node` kills the worker whose GPU carries detector + SAM + inpainter.",
+        "`cluster.remove_node` kills the worker whose GPU carries detector + SAM + inpainter."
+        + (f" Load average (1, 5, 15 min) before / after the run: {loss['load_average']['before']} / "
+           f"{loss['load_average']['after']}." if "load_average" in loss else ""),
         "",
         "| measure | value |",
         "|---|---|",
         f"| requests (all clients without retry) | {summary(loss['records'])} |",
         f"| of which ended after the removal | {', '.join(f'{k}: {v}' for k, v in sorted(after_statuses.items()))} |",
+        f"| in flight when the node went: answers, slowest | {counts(spanning)}; "
+        f"{fmt(max((r['ended'] - r['started'] for r in spanning), default=None))} |",
         f"| 500s / hangs (no answer within 120 s) | {loss_statuses.get(500, 0)} / {loss_statuses.get(0, 0)} |",
         f"| 503s with `Retry-After` | {sum(1 for r in loss['records'] if r['status'] == 503 and r['retry_after'])} "
         f"of {loss_statuses.get(503, 0)} |",
@@ -335,12 +359,18 @@ def render(results: dict[str, Any], out: Path, figure: Path) -> None:
         f"{sum(1 for r in retry if r['status'] == 200)} of {len(retry)}, {sum(r['attempts'] for r in retry)} |",
         f"| replicas after recovery all on the surviving worker | "
         f"{all(p['node_id'] == loss['survivor'] for ps in loss['placements_after'].values() for p in ps)} |",
+        *([f"| before model calls were retried ({before['date']}) | {before['requests']}; "
+           f"{before['failed_after_removal']} |"] if (before := results.get("node_loss_before")) else []),
         "",
-        "Requests whose model replica died with the node are answered 503 with `Retry-After` (the "
-        "ingress maps Ray's actor-death errors); the ingress itself runs on the head "
+        "A model call whose replica died with the node is sent again by the ingress "
+        "(`serve_app/model_calls.py`): Serve's router holds it until the controller has started a "
+        "replica on the surviving GPU, where detector 0.1 + SAM 0.2 + inpainter 0.7 fit, and the "
+        "work — deterministic, same seed — is redone there; the request is answered 200 later, "
+        "within its deadline (`limits.request_timeout_s`). Only where no replica can be placed "
+        "before the deadline is a request answered 503 with `Retry-After` (tests/cluster: every "
+        "GPU node removed). The ingress itself runs on the head "
         "(`--set ingress.ray_actor_options.resources={cpu_group: 0.01}`), since a proxy whose "
-        "ingress replica dies mid-request answers 500. Serve reschedules the lost replicas on the "
-        "surviving GPU, where detector 0.1 + SAM 0.2 + inpainter 0.7 fit.",
+        "ingress replica dies mid-request answers 500.",
         "",
     ]
     out.write_text("\n".join(lines))
@@ -351,6 +381,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "scaling.md")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "scaling.json")
     parser.add_argument("--render-from", type=Path)
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
+                        help="the parts to run; the others keep their figures from --json")  # fmt: skip
     args = parser.parse_args()
     figure = args.out.with_suffix(".png")
     if args.render_from:
@@ -360,19 +392,20 @@ def main() -> None:
 
         apply_offline_env()
         started = time.monotonic()
+        kept = json.loads(args.json.read_text()) if set(args.runs) != set(RUNS) else {}
         results: dict[str, Any] = {
+            **kept,
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+            "runs_dated": {**kept.get("runs_dated", {name: kept.get("date") for name in RUNS if name in kept}),
+                           **{name: time.strftime("%Y-%m-%d") for name in args.runs}},  # fmt: skip
         }
         with simulated_cluster() as cluster:
             results["startup_s"] = time.monotonic() - started
             print(f"cluster up in {results['startup_s']:.0f} s", flush=True)
-            results["ramp"] = run_ramp(cluster)
-            print("ramp:", summary(results["ramp"]["records"]), flush=True)
-            results["sam_heavy"] = run_sam_heavy(cluster)
-            print("SAM-heavy:", summary(results["sam_heavy"]["records"]), flush=True)
-            results["node_loss"] = run_node_loss(cluster)
-            print("node loss:", summary(results["node_loss"]["records"]), flush=True)
+            for name in args.runs:
+                results[name] = RUNS[name](cluster)
+                print(f"{name}:", summary(results[name]["records"]), flush=True)
         results["total_s"] = time.monotonic() - started
         args.json.write_text(json.dumps(results, indent=1))
     plot(results, figure)

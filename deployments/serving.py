@@ -59,6 +59,10 @@ class _Watchdog:
     def busy(self) -> bool:
         return bool(self._running)
 
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
     def check(self) -> None:
         if self._running:
             age = time.monotonic() - min(self._running.values())
@@ -80,6 +84,10 @@ class _ServedModel:
         from deployments.placement import replica_placement
 
         return replica_placement()
+
+    def activity(self) -> dict[str, Any]:
+        """This replica (its placement, pid) and the model calls running on it now (chaos runs kill it mid-call)."""
+        return {**self.placement(), "running_calls": self.watchdog.running}
 
     def device_memory(self, reset: bool = False) -> dict[str, Any]:
         """This replica's CUDA memory: peak allocated and reserved bytes since start (or the last reset).
@@ -379,6 +387,10 @@ class InpainterDeployment(_ServedModel):
                     raise ModelStuckError(f"a model call has been running for {age:.0f} s (limit {limit} s)")
                 continue
             await asyncio.to_thread(loaded.inpainter.check_health)
+
+    def activity(self) -> dict[str, Any]:
+        """This replica (its placement, pid) and the ``refine`` calls running on it now, over its checkpoints."""
+        return {**self.placement(), "running_calls": sum(loaded.inflight for loaded in list(self.loaded.values()))}
 
     def checkpoint_snapshots(self) -> dict[str, dict[str, Any]]:
         """Each loaded checkpoint's own engine counters (its engine only ever batches its own crops)."""

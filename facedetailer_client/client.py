@@ -2,7 +2,9 @@
 
 Both send the same requests (multipart: one ``image`` file per image, ``params`` as JSON, an
 optional ComfyUI ``workflow``), raise :class:`ServiceError` with the service's message for a
-4xx/5xx, and retry 429/503 as :class:`RetryPolicy` says, honouring ``Retry-After``.
+4xx/5xx, and retry 429/503 as :class:`RetryPolicy` says, honouring ``Retry-After``. A service
+with API keys (``docs/auth.md``) gets ``api_key`` (or the ``FACEDETAILER_API_KEY`` environment
+variable) as ``Authorization: Bearer <key>``; 401 and 403 are not retried.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from facedetailer_client.retry import RetryPolicy, RetryState, parse_retry_after
 from facedetailer_client.sse import SSEDecoder
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+API_KEY_ENV = "FACEDETAILER_API_KEY"
 # Detailing a large image on a busy service can take minutes; connecting should not.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=900.0, write=60.0, pool=60.0)
 
@@ -82,6 +85,15 @@ def _as_list(image: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     if isinstance(image, list | tuple):
         return list(image)
     return [image]
+
+
+def auth_headers(api_key: str | None, headers: dict[str, str] | None = None) -> dict[str, str]:
+    """``headers`` plus ``Authorization: Bearer`` with ``api_key``, else ``$FACEDETAILER_API_KEY`` (if set)."""
+    merged = dict(headers or {})
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    if key and not any(name.lower() == "authorization" for name in merged):
+        merged["Authorization"] = f"Bearer {key.strip()}"
+    return merged
 
 
 def service_error(response: httpx.Response, body: bytes | None = None) -> ServiceError:
@@ -153,12 +165,16 @@ UNREACHABLE = 0  # the pseudo-status of a connection that never got an answer
 
 
 class FaceDetailerClient(_Base):
-    """Blocking client. Use as a context manager, or call :meth:`close`."""
+    """Blocking client. Use as a context manager, or call :meth:`close`.
+
+    ``api_key``: the service's API key (default: ``$FACEDETAILER_API_KEY``; none: no header).
+    """
 
     def __init__(
         self,
         base_url: str = DEFAULT_URL,
         *,
+        api_key: str | None = None,
         timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         headers: dict[str, str] | None = None,
@@ -168,7 +184,9 @@ class FaceDetailerClient(_Base):
     ) -> None:
         super().__init__(retry, clock)
         self._sleep = sleep
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers, transport=transport)
+        self._http = httpx.Client(
+            base_url=base_url, timeout=timeout, headers=auth_headers(api_key, headers), transport=transport
+        )
 
     def __enter__(self) -> FaceDetailerClient:
         return self
@@ -274,6 +292,7 @@ class AsyncFaceDetailerClient(_Base):
         self,
         base_url: str = DEFAULT_URL,
         *,
+        api_key: str | None = None,
         timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         headers: dict[str, str] | None = None,
@@ -283,7 +302,9 @@ class AsyncFaceDetailerClient(_Base):
     ) -> None:
         super().__init__(retry, clock)
         self._sleep = sleep
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=headers, transport=transport)
+        self._http = httpx.AsyncClient(
+            base_url=base_url, timeout=timeout, headers=auth_headers(api_key, headers), transport=transport
+        )
 
     async def __aenter__(self) -> AsyncFaceDetailerClient:
         return self

@@ -15,6 +15,7 @@ from ray.serve import Application
 
 from deployments.engine_stats import deployment_actor_config
 from deployments.serving import DetectorDeployment, InpainterDeployment, SamDeployment, TextEncoderDeployment
+from serve_app.auth import ledger_actor_config
 from serve_app.config import AppArgs, DeploymentOptions, DetectorArgs, SamArgs
 from serve_app.ingress import FaceDetailerIngress
 from serve_app.model_choice import DEFAULT_NAME
@@ -96,6 +97,9 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         text_encoder=text_encoder,
     )
     ingress = FaceDetailerIngress.options(**config.ingress.to_serve_options())
+    if config.auth is not None:
+        # the keys' quota ledger, shared by every ingress replica: a deployment-scoped actor
+        ingress = ingress.options(deployment_actors=[ledger_actor_config()])
     return ingress.bind(
         detector,
         inpainter,
@@ -106,6 +110,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         checkpoints=list(checkpoints),
         text_encoder=text_encoder,
         controlnets={name: spec.preprocessor for name, spec in (config.controlnets or {}).items()},
+        **({"auth": config.auth.model_dump()} if config.auth is not None else {}),  # without: exactly as before
     )
 
 

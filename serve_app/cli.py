@@ -1,4 +1,4 @@
-"""``facedetailer``: serve the application, detail files through it, or run the offline demo."""
+"""``facedetailer``: serve the application, detail files through it, run the offline demo, make API keys."""
 
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def _detail_over_http(args: argparse.Namespace, values: dict[str, Any]) -> None:
     outdir = Path(args.output)
     retry = RetryPolicy(budget_s=args.retry_budget)
     timeout = httpx.Timeout(args.timeout, connect=10.0)
-    with FaceDetailerClient(args.url, timeout=timeout, retry=retry) as client:
+    with FaceDetailerClient(args.url, api_key=args.api_key, timeout=timeout, retry=retry) as client:
         for path in tqdm(args.images, desc="images", unit="image"):
             faces = tqdm(desc=f"{Path(path).name}: faces", unit="face", leave=False)
             result: DetailResult | None = None
@@ -285,10 +285,12 @@ def _video_over_http(args: argparse.Namespace, data: bytes, values: dict[str, An
 
     url = f"{args.url.rstrip('/')}/v1/detail/video/stream"
     fields = {"params": json.dumps(values)}
+    api_key = _api_key(args)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     bar = tqdm(desc=Path(args.input).name, unit="frame")
     try:
         with httpx.Client(timeout=httpx.Timeout(args.timeout, connect=10.0), trust_env=False) as client:
-            with client.stream("POST", url, params={"container": container}, data=fields,
+            with client.stream("POST", url, params={"container": container}, data=fields, headers=headers,
                                files={"video": (Path(args.input).name, data)}) as response:
                 if response.status_code != 200:
                     response.read()
@@ -341,7 +343,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _post_multipart(url: str, image_bytes: bytes, fields: dict[str, str], timeout: float) -> dict[str, Any]:
+def _post_multipart(
+    url: str, image_bytes: bytes, fields: dict[str, str], timeout: float, api_key: str | None = None
+) -> dict[str, Any]:
     boundary = uuid.uuid4().hex
     body = io.BytesIO()
     for name, value in fields.items():
@@ -351,9 +355,10 @@ def _post_multipart(url: str, image_bytes: bytes, fields: dict[str, str], timeou
         "Content-Type: image/jpeg\r\n\r\n".encode()
     )
     body.write(image_bytes + f"\r\n--{boundary}--\r\n".encode())
-    request = urllib.request.Request(
-        url, data=body.getvalue(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if api_key:  # a config with auth (e.g. --overlay configs/overlays/auth-demo.yaml)
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=body.getvalue(), headers=headers)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # localhost only
     with opener.open(request, timeout=timeout) as response:
         return json.loads(response.read())
@@ -391,7 +396,7 @@ def command_demo(args: argparse.Namespace) -> None:
         print(f"POST /v1/detail?format=json with {photo.name}…")
         request_start = time.perf_counter()
         result = _post_multipart(
-            f"http://127.0.0.1:{port}/v1/detail?format=json", photo.read_bytes(), fields, timeout=900
+            f"http://127.0.0.1:{port}/v1/detail?format=json", photo.read_bytes(), fields, 900, _api_key(args)
         )
         request_seconds = time.perf_counter() - request_start
     except urllib.error.HTTPError as error:
@@ -417,6 +422,88 @@ def command_demo(args: argparse.Namespace) -> None:
     print(f"start-up {ready - started:.1f} s, HTTP request {request_seconds:.2f} s, "
           f"total {time.perf_counter() - started:.1f} s")
     print(f"outputs written to {outdir.resolve()}/ (detailed.png, mask.png, comparison.png, crops)")
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    from facedetailer_client import API_KEY_ENV
+
+    return args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def _add_api_key_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api-key",
+        help="the service's API key (default: $FACEDETAILER_API_KEY; prefer the variable: "
+        "a command line is visible to other users of the machine)",
+    )
+
+
+def _key_quotas(args: argparse.Namespace) -> dict[str, Any]:
+    quotas = {
+        "requests_per_minute": args.requests_per_minute,
+        "concurrent_crops": args.concurrent_crops,
+        "work_units_per_hour": args.work_units_per_hour,
+    }
+    return {name: value for name, value in quotas.items() if value is not None}
+
+
+def command_keys_new(args: argparse.Namespace) -> None:
+    """Make a key: the key on stdout (once: it is stored nowhere), its entry (the hash) in ``--file`` or on stderr."""
+    import yaml
+    from pydantic import ValidationError
+
+    from serve_app.auth.keys import key_entry, new_key
+
+    key = sys.stdin.readline().strip() if args.key_from_stdin else new_key()
+    if not key:
+        raise SystemExit("--key-from-stdin: no key on standard input")
+    fields: dict[str, Any] = {"quotas": _key_quotas(args)} if _key_quotas(args) else {}
+    if args.weight is not None:
+        fields["weight"] = args.weight
+    try:
+        entry = key_entry(args.id, key, args.scopes, **fields)
+    except ValidationError as error:
+        raise SystemExit(f"invalid key: {error}") from error
+    if args.file is not None:
+        _change_key_file(args.file, lambda keys: [*keys, entry])
+        print(f"added key {args.id!r} to {args.file} (a running service accepts it within its reload interval)",
+              file=sys.stderr)  # fmt: skip
+    else:
+        print(yaml.safe_dump([entry], sort_keys=False), end="", file=sys.stdout if args.key_from_stdin else sys.stderr)
+    if not args.key_from_stdin:
+        print(key)
+
+
+def command_keys_remove(args: argparse.Namespace) -> None:
+    """Remove a key from a key file (a running service refuses it within its reload interval)."""
+
+    def without(keys: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not any(key["id"] == args.id for key in keys):
+            raise SystemExit(f"{args.file}: no key {args.id!r}")
+        return [key for key in keys if key["id"] != args.id]
+
+    _change_key_file(args.file, without)
+    print(f"removed key {args.id!r} from {args.file}", file=sys.stderr)
+
+
+def _change_key_file(path: Path, change: Any) -> None:
+    """Read a key file (none yet: no keys), change its entries, check and write it whole, swapped in at once:
+    a service re-reading it never sees half of it."""
+    import yaml
+
+    from serve_app.auth.keys import KeyFileError, entry_of, parse_key_file
+
+    try:
+        keys = parse_key_file(path.read_text(encoding="utf-8"), str(path)) if path.exists() else []
+        entries = change([entry_of(key) for key in keys])
+        text = yaml.safe_dump({"keys": entries}, sort_keys=False)
+        parse_key_file(text, str(path))  # e.g. a second key with the same id
+    except (OSError, KeyFileError) as error:
+        raise SystemExit(str(error)) from error
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.chmod(partial, 0o600)
+    os.replace(partial, path)
 
 
 def command_batch(args: argparse.Namespace) -> None:
@@ -480,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     detail.add_argument("--url", help="a running service (http://host:port); default: serve --config here")
     detail.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one answer (--url)")
     detail.add_argument("--retry-budget", type=float, default=120.0, help="seconds of 429/503 retries (--url)")
+    _add_api_key_argument(detail)
     _add_config_arguments(detail)
     detail.add_argument("--port", type=int)
     detail.set_defaults(run=command_detail)
@@ -492,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--workflow-node", help="the FaceDetailer node id, when the workflow has several")
     video.add_argument("--container", choices=["mp4", "mov", "mkv"], help="default: from OUTPUT's suffix, else mp4")
     video.add_argument("--url", help="a running service (http://host:port); default: serve --config here")
+    _add_api_key_argument(video)
     video.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the answer (--url)")
     _add_config_arguments(video)
     video.add_argument("--port", type=int)
@@ -504,7 +593,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=8)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--port", type=int)
+    _add_api_key_argument(demo)
     demo.set_defaults(run=command_demo)
+    keys = commands.add_parser("keys", help="API keys for a service with args.auth (docs/auth.md)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = key_commands.add_parser("new", help="make a key: prints the key once and its entry (the hash)")
+    new.add_argument("--id", required=True, help="the key's name (logs, /v1/stats, the fair queue)")
+    new.add_argument("--scopes", nargs="+", required=True, choices=["detail", "admin"])
+    new.add_argument("--requests-per-minute", type=int)
+    new.add_argument("--concurrent-crops", type=int)
+    new.add_argument("--work-units-per-hour", type=float)
+    new.add_argument("--weight", type=float, help="share of the inpainter relative to other keys (default 1)")
+    new.add_argument("--file", type=Path, help="add the entry to this key file (written atomically)")
+    new.add_argument("--key-from-stdin", action="store_true", help="hash a key read from standard input instead")
+    new.set_defaults(run=command_keys_new)
+    remove = key_commands.add_parser("remove", help="remove a key from a key file (rotation)")
+    remove.add_argument("--id", required=True)
+    remove.add_argument("--file", type=Path, required=True)
+    remove.set_defaults(run=command_keys_remove)
     return parser
 
 

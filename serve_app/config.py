@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from serve_app.model_choice import DEFAULT_NAME, NAME_PATTERN
 
+# A stopping replica's drain: the request deadline plus this (uploads read, results encoded around it).
+DRAIN_MARGIN_S = 30.0
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -55,7 +58,17 @@ class DeploymentOptions(StrictModel):
     max_queued_requests: int = Field(-1, ge=-1, description="-1 = unbounded")
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
-    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    graceful_shutdown_timeout_s: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "how long a stopping replica (downscale, redeploy) may finish the requests it accepted before "
+            "it is killed; default: limits.request_timeout_s + 30 (no request outlives its deadline)"
+        ),
+    )
+    graceful_shutdown_wait_loop_s: float = Field(
+        2.0, gt=0, description="how often a stopping replica checks whether its requests have finished"
+    )
     user_config: dict[str, Any] | None = Field(None, description="live-updatable settings (reconfigure)")
 
     @model_validator(mode="after")
@@ -239,6 +252,15 @@ class Limits(StrictModel):
     max_inflight_requests: int = Field(
         64, ge=1, description="per ingress replica; beyond it /v1/detail answers 429 with Retry-After"
     )
+    replica_loss_retries: int = Field(
+        3,
+        ge=0,
+        le=20,
+        description=(
+            "a model call whose replica dies is sent again (within request_timeout_s), up to this many "
+            "replica deaths per call; then 503"
+        ),
+    )
     max_steps: int = Field(150, ge=1, description="the request's sampling steps")
     max_sample_pixels: int = Field(
         1536 * 1536, ge=64 * 64, description="width × height of each upscaled crop the inpainter samples"
@@ -272,6 +294,72 @@ class Limits(StrictModel):
     )
 
 
+API_SCOPES = ("detail", "admin")
+Scope = Literal["detail", "admin"]
+KEY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+KEY_HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
+
+
+class KeyQuotas(StrictModel):
+    """One API key's quotas (``null``: unlimited); over one the service answers 429 with Retry-After."""
+
+    requests_per_minute: int | None = Field(
+        None, ge=1, description="detail requests (/v1/detail, /v1/detail/stream) started in any 60 s window"
+    )
+    concurrent_crops: int | None = Field(
+        None, ge=1, description="crops the key's running requests may hold at once (a request holds its planned faces)"
+    )
+    work_units_per_hour: float | None = Field(
+        None, gt=0, description="work units (limits.max_work_units' count) of the requests planned in any 3600 s window"
+    )
+
+
+class ApiKeyArgs(StrictModel):
+    """One API key: its id (never secret), the SHA-256 of its value, what it may do and how much."""
+
+    id: str = Field(pattern=KEY_ID_PATTERN, description="names the key in logs, /v1/stats and the fair queue")
+    hash: str = Field(pattern=KEY_HASH_PATTERN, description="sha256:<64 hex> of the key (`facedetailer keys new`)")
+    scopes: list[Scope] = Field(min_length=1, description="detail: the detail routes; admin: /v1/stats")
+    quotas: KeyQuotas = KeyQuotas()
+    weight: float = Field(1.0, gt=0, le=1000, description="the key's share of the inpainter relative to other keys")
+
+
+class AuthArgs(StrictModel):
+    """API keys (``docs/auth.md``): sent as ``Authorization: Bearer <key>``, stored hashed.
+
+    Keys come from ``keys`` (inline, hashes only) and/or ``keys_file`` (YAML or JSON: a list of
+    keys, or ``{keys: [...]}``; e.g. a mounted Kubernetes secret). The file is re-read when its
+    content changes (checked every ``reload_interval_s``), so keys rotate without a restart.
+    """
+
+    keys: list[ApiKeyArgs] = Field(default_factory=list, description="keys written in the config (hashes only)")
+    keys_file: str | None = Field(None, description="a YAML/JSON file of keys, re-read when it changes")
+    reload_interval_s: float = Field(2.0, gt=0, le=300, description="how often keys_file is checked for changes")
+    fair_queueing: bool = Field(
+        True, description="share the inpainter between keys by weight (false: one first-come queue for all)"
+    )
+
+    @model_validator(mode="after")
+    def _some_keys(self) -> AuthArgs:
+        if not self.keys and self.keys_file is None:
+            raise ValueError("auth: set keys (inline) or keys_file (a mounted secret), or remove auth")
+        check_unique_keys(self.keys, "auth.keys")
+        return self
+
+
+def check_unique_keys(keys: list[ApiKeyArgs], where: str) -> None:
+    """Two keys with one id, or one secret under two ids, is a configuration error."""
+    seen_ids: set[str] = set()
+    seen_hashes: set[str] = set()
+    for key in keys:
+        if key.id in seen_ids:
+            raise ValueError(f"{where}: key id {key.id!r} appears twice")
+        if key.hash in seen_hashes:
+            raise ValueError(f"{where}: key {key.id!r} has the same hash as another key")
+        seen_ids.add(key.id)
+        seen_hashes.add(key.hash)
+
+
 class AppArgs(StrictModel):
     """Everything :func:`serve_app.app.build_app` needs.
 
@@ -299,6 +387,7 @@ class AppArgs(StrictModel):
     wildcards_dir: str | None = Field(
         None, description="folder of wildcard .txt files for __name__ (names stay inside it)"
     )
+    auth: AuthArgs | None = Field(None, description="API keys, scopes and quotas (docs/auth.md); absent: open")
 
     @field_validator("detectors", "segm_detectors", mode="before")
     @classmethod
@@ -334,6 +423,20 @@ class AppArgs(StrictModel):
         if self.detector is None and self.detectors is None:
             raise ValueError("a bbox detector is required: set detector (one model) or detectors (by name)")
         return self
+
+    @model_validator(mode="after")
+    def _drain_within_the_request_deadline(self) -> AppArgs:
+        """A stopping replica may finish whatever it accepted: unset shutdown timeouts follow the request deadline."""
+        for options in self.deployment_options():
+            if options.graceful_shutdown_timeout_s is None:
+                options.graceful_shutdown_timeout_s = self.limits.request_timeout_s + DRAIN_MARGIN_S
+        return self
+
+    def deployment_options(self) -> list[DeploymentOptions]:
+        """The scheduling options of every deployment the application runs."""
+        models = [*self.named_detectors().values(), *self.named_segm_detectors().values()]
+        models += [*self.named_sam_models().values(), self.inpainter]
+        return [model.deployment for model in models] + [self.ingress]
 
     def named_detectors(self) -> dict[str, DetectorArgs]:
         if self.detectors is not None:

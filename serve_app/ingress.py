@@ -9,12 +9,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
@@ -34,6 +34,7 @@ from facedetailer.sam_prompts import SamPrompt
 from facedetailer.segs import Detection
 from facedetailer.widgets import widget_specs
 from facedetailer.wildcards import FacePrompt
+from serve_app.auth import ADMIN, DETAIL, AuthGate, Caller, QuotaLease, install_auth
 from serve_app.config import Limits
 from serve_app.http_adapters.encoding import error_body, public_info, result_to_json
 from serve_app.http_adapters.error_handling import (
@@ -62,7 +63,9 @@ from serve_app.limits import (
     check_prompt_tokens,
     check_request,
     limited_widgets,
+    planned_work_units,
 )
+from serve_app.model_calls import ModelCalls, ReplicaLostError
 from serve_app.model_choice import ModelChoice, ModelChoiceError, NamedModels, SelectedModels
 from serve_app.pipeline import (
     ControlChoice,
@@ -97,14 +100,25 @@ http_app.include_router(workflow_router)  # POST /v1/workflow/import
 http_app.include_router(video_router)  # POST /v1/detail/video(/stream): VideoRoutes' methods
 install_error_handling(http_app)  # request ids, and one error shape on every route
 install_openapi(http_app)  # the parameter models the documented bodies refer to
+install_auth(http_app)  # API keys when the config has `auth` (serve_app/auth/); documents them in the schema
 
 
-async def _named_info(handles: dict[str, DeploymentHandle]) -> dict[str, Any]:
+async def _named_info(handles: dict[str, DeploymentHandle], calls: ModelCalls) -> dict[str, Any]:
     """``{name: info}`` of every configured model of one kind (the request names them)."""
-    return {name: await handle.info.remote() for name, handle in handles.items()}
+    return {name: await _ask(calls, name, handle, "info") for name, handle in handles.items()}
 
 
+async def _ask(calls: ModelCalls, name: str, handle: DeploymentHandle | None, method: str) -> Any:
+    """``handle.<method>()`` with no arguments (None without a handle), retried if its replica dies."""
+    if handle is None:
+        return None
+    return await calls.call(name, getattr(handle, method))
+
+
+# A model call that cannot be served now: its replica lost beyond the retries (serve_app/model_calls.py),
+# the deployment failed or overloaded. The caller may retry (503 with Retry-After).
 MODEL_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    ReplicaLostError,
     RayActorError,
     ActorUnavailableError,
     BackPressureError,
@@ -135,6 +149,15 @@ class ServiceMetrics:
             tag_keys=("stage",),
         )
 
+        self.model_call_retries = metrics.Counter(
+            "facedetailer_model_call_retries",
+            description="Model calls sent again because their replica died (serve_app/model_calls.py).",
+            tag_keys=("model",),
+        )
+
+    def count_retry(self, deployment: str) -> None:
+        self.model_call_retries.inc(tags={"model": deployment})
+
     def record(self, result: DetailResult) -> None:
         detected = sum(len(item.segments) for item in result.per_image)
         refined = sum(len(item.cropped_refined) for item in result.per_image)
@@ -157,46 +180,8 @@ class ServiceMetrics:
             self.stage_latency.observe(seconds, tags={"stage": f"video_{stage}"})
 
 
-async def _cancellable(response: Any) -> Any:
-    """Await a handle call; if the caller is cancelled (client gone, timeout), cancel the call too.
-
-    Ray Serve does not cancel a deployment call when the coroutine awaiting it is cancelled, so
-    without this a model replica would keep working for a request nobody waits for: queued
-    detector/SAM calls are dropped and the inpainter's crops leave its engine at the next step.
-    """
-    try:
-        return await response
-    except asyncio.CancelledError:
-        response.cancel()
-        raise
-    except RequestCancelledError:
-        # Serve's local testing mode reports the caller's own cancellation as the call's
-        # RequestCancelledError: still the caller's cancellation (a timeout must stay a 504).
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            response.cancel()
-            raise asyncio.CancelledError from None
-        raise
-
-
-async def _cancellable_stream(stream: Any, on_item: Callable[[Any], None]) -> None:
-    """Read a streaming handle call to its end; if the caller is cancelled, cancel the call too."""
-    try:
-        async for item in stream:
-            on_item(item)
-    except asyncio.CancelledError:
-        stream.cancel()
-        raise
-    except RequestCancelledError:  # local testing mode, as in _cancellable
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            stream.cancel()
-            raise asyncio.CancelledError from None
-        raise
-
-
 class HandleStages:
-    """The pipeline's stages, each a call to a model deployment."""
+    """The pipeline's stages, each a call to a model deployment, retried on a live replica if its replica dies."""
 
     def __init__(
         self,
@@ -205,22 +190,27 @@ class HandleStages:
         sam: DeploymentHandle | None,
         segm_detector: DeploymentHandle | None,
         checkpoint: str | None = None,
+        tenant: tuple[str, float] = ("", 1.0),
+        calls: ModelCalls | None = None,
         preview_every: int = 0,
     ) -> None:
         self.detector, self.inpainter, self.sam, self.segm_detector = detector, inpainter, sam, segm_detector
         self.checkpoint = checkpoint
+        self.calls = calls or ModelCalls()
+        # the inpainter's fair queue: an API key's id and weight (passed only when there is a key)
+        self.share = {"tenant": tenant[0], "weight": tenant[1]} if tenant[0] else {}
         self.preview_every = preview_every  # step previews, when a caller follows the steps
 
     async def detect(self, image: np.ndarray, threshold: float) -> list[Detection]:
-        return await _cancellable(self.detector.detect.remote(image, threshold))
+        return await self.calls.call("detector", self.detector.detect, image, threshold)
 
     async def detect_segm(self, image: np.ndarray, threshold: float) -> list[Detection]:
         assert self.segm_detector is not None
-        return await _cancellable(self.segm_detector.detect.remote(image, threshold))
+        return await self.calls.call("segm detector", self.segm_detector.detect, image, threshold)
 
     async def segment(self, image: np.ndarray, prompts: Sequence[SamPrompt]) -> list[Any]:
         assert self.sam is not None
-        return await _cancellable(self.sam.predict.remote(image, list(prompts)))
+        return await self.calls.call("SAM", self.sam.predict, image, list(prompts))
 
     async def refine(
         self,
@@ -234,11 +224,8 @@ class HandleStages:
         if self.checkpoint is not None:
             inpainter, where = inpainter.options(multiplexed_model_id=self.checkpoint), (self.checkpoint,)
         if on_progress is None:  # the plain call: nobody follows the steps, nothing is reported
-            return await _cancellable(inpainter.refine.remote(list(jobs), settings, *where))
+            return await self.calls.call("inpainter", inpainter.refine, list(jobs), settings, *where, **self.share)
         # a streaming call: the replica sends the crops' steps as they happen, then the result
-        stream = inpainter.options(stream=True).refine_stream.remote(
-            list(jobs), settings, *where, preview_every=self.preview_every
-        )
         results: list[RefineResult] = []
 
         def on_item(item: list[StepEvent] | RefineResult) -> None:
@@ -248,7 +235,16 @@ class HandleStages:
             else:
                 results.append(item)
 
-        await _cancellable_stream(stream, on_item)
+        await self.calls.stream(
+            "inpainter",
+            inpainter.options(stream=True).refine_stream,
+            on_item,
+            list(jobs),
+            settings,
+            *where,
+            preview_every=self.preview_every,
+            **self.share,
+        )
         if not results:
             raise RuntimeError("the inpainter's step stream ended without a result")
         return results[-1]
@@ -262,9 +258,16 @@ def stream_options(values: dict[str, Any]) -> StreamOptions:
         raise validation_error(error) from error
 
 
-@contextlib.contextmanager
-def pipeline_errors(limits: Limits) -> Iterator[None]:
-    """What a running request may raise, as the HTTP error it means (4xx for the caller's input)."""
+@contextlib.asynccontextmanager
+async def pipeline_errors(
+    limits: Limits, lease: QuotaLease | None = None, calls: ModelCalls | None = None
+) -> AsyncIterator[None]:
+    """What a running request may raise, as the HTTP error it means (4xx for the caller's input).
+
+    ``lease``: the caller's quota lease, released on every exit and refunded when the request ends
+    in a 503 (no work done, the caller is told to retry); ``calls``: the request's model calls, to
+    tell a timeout caused by lost replicas (503, retry) from a slow request (504).
+    """
     try:
         yield
     except LimitExceededError as error:
@@ -274,15 +277,27 @@ def pipeline_errors(limits: Limits) -> Iterator[None]:
     except PipelineInputError as error:
         raise RequestError.for_message(422, str(error)) from error
     except EngineBusyError as error:  # the inpainter's queue is full: retry later
+        if lease is not None:
+            lease.refund = True  # no work done for this request: its units go back to the key
         raise RequestError(503, str(error)) from error
     except TimeoutError as error:
+        # a replica died and none took its call in time, or none runs: not the request's fault
+        gone = (calls.lost() or await calls.unserved()) if calls is not None else None
+        if gone:
+            message = f"no live {', '.join(gone)} replica within the request's {limits.request_timeout_s} s"
+            raise RequestError(503, message + "; retry") from error
         raise RequestError(504, f"request took longer than {limits.request_timeout_s} s") from error
     except ValueError as error:  # e.g. the inpainter rejecting a sampler/scheduler combination
         raise RequestError.for_message(422, str(error)) from error
     except MODEL_UNAVAILABLE as error:
         # a model replica died or is overloaded mid-request: the caller may retry
         logger.warning("model deployment unavailable: %s", error)
+        if lease is not None:
+            lease.refund = True
         raise RequestError(503, f"a model deployment is unavailable ({type(error).__name__}); retry") from error
+    finally:
+        if lease is not None:
+            lease.release()  # every exit: success, error, timeout, the client gone (cancellation)
 
 
 def sampling_settings(params: FaceDetailerParams) -> SamplingSettings:
@@ -316,6 +331,7 @@ class FaceDetailerIngress(VideoRoutes):
         wildcards_dir: str | None = None,
         controlnets: dict[str, str] | None = None,
         checkpoints: list[str] | None = None,
+        auth: dict[str, Any] | None = None,
         text_encoder: DeploymentHandle | None = None,
     ) -> None:
         # each model kind: one handle, or several by name (serve_app/model_choice.py)
@@ -334,6 +350,8 @@ class FaceDetailerIngress(VideoRoutes):
         self._supported: tuple[list[str], list[str]] | None = None
         self.metrics = ServiceMetrics()
         self._inflight = 0
+        # API keys, scopes, quotas (None: open, as without `auth`); read by serve_app/auth/http.py
+        self.auth = AuthGate.of(auth, self.limits.request_timeout_s)
         self.prompt_tokens = PromptTokenCounter(self._fetch_tokenizers)
 
     # ---- Python handle API -------------------------------------------------------------------
@@ -344,12 +362,14 @@ class FaceDetailerIngress(VideoRoutes):
         on_face: Callable[[SegmentReport], None] | None = None,
         batch_faces: bool = True,
         progress: StepListener | None = None,
+        caller: Caller | None = None,
     ) -> DetailResult:
         """Detail one image [H, W, 3] or a batch ([B, H, W, 3] or a list); image k uses seed + k.
 
         ``batch_faces=False`` refines one face per inpainter call (the reference's way; for comparison).
         ``progress`` follows the sampler's steps (``detail_with_progress``); without it the
-        inpainter reports nothing.
+        inpainter reports nothing. ``caller``: the HTTP request's API key (its quotas and fair share;
+        handle callers have none).
         """
         batch = [images] if isinstance(images, np.ndarray) and images.ndim == 3 else list(images)
         if not batch:
@@ -364,7 +384,7 @@ class FaceDetailerIngress(VideoRoutes):
             if array.shape[0] * array.shape[1] > self.limits.max_image_pixels:
                 raise RequestError(413, f"images[{k}]: exceeds the limit of {self.limits.max_image_pixels} pixels")
         resolved = parse_params(params)
-        return await self._run(arrays, resolved, on_face, batch_faces, progress)
+        return await self._run(arrays, resolved, on_face, batch_faces, progress=progress, caller=caller)
 
     async def detail_with_progress(
         self,
@@ -394,19 +414,19 @@ class FaceDetailerIngress(VideoRoutes):
 
     async def info(self) -> dict[str, Any]:
         samplers, schedulers = await self._supported_names()
-        detector_info = await self.stages.detector.info.remote()
-        inpainter_info = await self.stages.inpainter.info.remote()
+        calls = self._model_calls()
+        inpainter_info = await _ask(calls, "inpainter", self.stages.inpainter, "info")
         return {
             "models": {
-                "detector": detector_info,
-                "segm_detector": await self.stages.segm_detector.info.remote() if self.stages.segm_detector else None,
-                "sam": await self.stages.sam.info.remote() if self.stages.sam else None,
+                "detector": await _ask(calls, "detector", self.stages.detector, "info"),
+                "segm_detector": await _ask(calls, "segm detector", self.stages.segm_detector, "info"),
+                "sam": await _ask(calls, "SAM", self.stages.sam, "info"),
                 "inpainter": inpainter_info,
                 "text_encoder": await self.text_encoder.info.remote() if self.text_encoder else None,
             },
-            "detectors": await _named_info(self.models.detectors.models),
-            "segm_detectors": await _named_info(self.models.segm_detectors.models),
-            "sam_models": await _named_info(self.models.sam_models.models),
+            "detectors": await _named_info(self.models.detectors.models, calls),
+            "segm_detectors": await _named_info(self.models.segm_detectors.models, calls),
+            "sam_models": await _named_info(self.models.sam_models.models, calls),
             "controlnets": inpainter_info.get("controlnets", {}),
             "checkpoints": await self._checkpoint_descriptions(),
             "samplers": samplers,
@@ -439,16 +459,20 @@ class FaceDetailerIngress(VideoRoutes):
         return {name: described.get(name, {}) for name in self.checkpoints.names}
 
     async def stats(self) -> dict[str, Any]:
-        """Serving statistics: the inpainter engine's, summed over its replicas (``GET /v1/stats``)."""
-        stats = {"inpainter": await self.stages.inpainter.stats.remote()}
+        """Serving statistics: the inpainter engine's, summed over its replicas (``GET /v1/stats``),
+        the prompt cache's, and with API keys each key's quota usage."""
+        stats = {"inpainter": await _ask(self._model_calls(), "inpainter", self.stages.inpainter, "stats")}
         if self.text_encoder is not None:  # the prompt cache's hits and misses
             stats["text_encoder"] = await self.text_encoder.stats.remote()
+        if self.auth is not None:
+            stats["auth"] = await self.auth.usage()
         return stats
 
     async def _supported_names(self) -> tuple[list[str], list[str]]:
         if self._supported is None:
-            samplers = await self.stages.inpainter.supported_samplers.remote()
-            schedulers = await self.stages.inpainter.supported_schedulers.remote()
+            calls = self._model_calls()
+            samplers = await _ask(calls, "inpainter", self.stages.inpainter, "supported_samplers")
+            schedulers = await _ask(calls, "inpainter", self.stages.inpainter, "supported_schedulers")
             self._supported = (samplers, schedulers)
         return self._supported
 
@@ -507,9 +531,9 @@ class FaceDetailerIngress(VideoRoutes):
     async def _fetch_tokenizers(self, checkpoint: str) -> Any:
         """The checkpoint's tokenizers, from an inpainter replica that has it (``prompt_tokens``)."""
         if not self._route_checkpoints:
-            return await _cancellable(self.stages.inpainter.prompt_tokenizers.remote())
+            return await _ask(self._model_calls(), "inpainter", self.stages.inpainter, "prompt_tokenizers")
         inpainter = self.stages.inpainter.options(multiplexed_model_id=checkpoint)
-        return await _cancellable(inpainter.prompt_tokenizers.remote(checkpoint))
+        return await self._model_calls().call("inpainter", inpainter.prompt_tokenizers, checkpoint)
 
     async def _run(
         self,
@@ -518,11 +542,13 @@ class FaceDetailerIngress(VideoRoutes):
         on_face: Callable[[SegmentReport], None] | None = None,
         batch_faces: bool = True,
         progress: StepListener | None = None,
+        caller: Caller | None = None,
         preflight: Preflight | None = None,
     ) -> DetailResult:
         checked = preflight or await self._preflight(params)
-        stages = self._stages(checked, preview_every=getattr(progress, "preview_every", 0))
-        with pipeline_errors(self.limits):
+        stages = self._stages(checked, caller, preview_every=getattr(progress, "preview_every", 0))
+        lease = self.auth.lease(caller) if self.auth is not None else None
+        async with pipeline_errors(self.limits, lease, stages.calls):
             result = await asyncio.wait_for(
                 detail_batch(
                     images,
@@ -534,7 +560,7 @@ class FaceDetailerIngress(VideoRoutes):
                     has_segm=stages.segm_detector is not None,
                     on_face=on_face,
                     batch_faces=batch_faces,
-                    check_work=lambda faces: self._check_planned(params, faces, checked.prompt_windows),
+                    check_work=lambda faces: self._check_planned(params, faces, checked.prompt_windows, lease),
                     wildcard_files=self.wildcards,
                     control=checked.control,
                     progress=progress,
@@ -544,26 +570,41 @@ class FaceDetailerIngress(VideoRoutes):
         self.metrics.record(result)
         return result
 
-    def _stages(self, checked: Preflight, preview_every: int = 0) -> HandleStages:
-        """The stages a request's chosen models answer on (its checkpoint routed when there are several);
+    def _model_calls(self) -> ModelCalls:
+        """A request's model calls: retried on a live replica when theirs dies, within its deadline."""
+        return ModelCalls.within(
+            self.limits.request_timeout_s, self.limits.replica_loss_retries, on_retry=self.metrics.count_retry
+        )
+
+    def _stages(self, checked: Preflight, caller: Caller | None = None, preview_every: int = 0) -> HandleStages:
+        """The stages a request's chosen models answer on (its checkpoint routed when there are several),
+        shared fairly under the caller's key, each call retried on a live replica if its replica dies;
         ``preview_every``: step previews when a caller follows the sampler's steps."""
         chosen = checked.models
-        stages = HandleStages(
+        return HandleStages(
             chosen.detector,
             self.stages.inpainter,
             chosen.sam,
             chosen.segm_detector,
             checked.checkpoint if self._route_checkpoints else None,
+            self.auth.tenant(caller) if self.auth is not None else ("", 1.0),
+            self._model_calls(),
             preview_every=preview_every,
         )
-        return stages
 
     def _check_planned(
-        self, params: FaceDetailerParams, faces: list[PlannedFace], prompt_windows: PromptWindows
-    ) -> None:
-        """Before any inpainter work: work and prompt limits, and the file names the faces ask for."""
+        self,
+        params: FaceDetailerParams,
+        faces: list[PlannedFace],
+        prompt_windows: PromptWindows,
+        lease: QuotaLease | None = None,
+    ) -> Awaitable[None] | None:
+        """Before any inpainter work: work and prompt limits, the file names the faces ask for, the key's quotas."""
         check_planned_work(params, faces, self.limits, prompt_windows)
         check_planned_names(faces)
+        if lease is None:
+            return None
+        return lease.reserve(crops=len(faces), work_units=planned_work_units(params, faces))
 
     def _control(self, params: FaceDetailerParams) -> ControlChoice | None:
         """The request's ControlNet checked against the configured ones; its control image decoded."""
@@ -598,23 +639,33 @@ class FaceDetailerIngress(VideoRoutes):
         return JSONResponse(status, 200 if healthy else 503)
 
     @http_app.get("/v1/stats", operation_id="stats", responses=STATS_RESPONSES)
-    async def http_stats(self) -> JSONResponse:
-        """UNet batch sizes, queue wait and active crops of the inpainter engine, over all replicas."""
+    async def http_stats(self, caller: Caller | None = Depends(ADMIN)) -> JSONResponse:
+        """UNet batch sizes, queue wait and active crops of the inpainter engine, over all replicas;
+        with API keys, each key's quota usage (the ``admin`` scope)."""
         try:
             return JSONResponse(await self.stats())
         except MODEL_UNAVAILABLE as error:
             raise RequestError(503, f"the inpainter is unavailable ({type(error).__name__}); retry") from error
 
     @http_app.get("/v1/info", operation_id="info", responses=INFO_RESPONSES)
-    async def http_info(self) -> JSONResponse:
-        """Models (configured names and references), samplers, schedulers, limits and parameter defaults."""
+    async def http_info(self, request: Request) -> JSONResponse:
+        """Models (configured names and references), samplers, schedulers, limits and parameter defaults.
+
+        Public. ``auth`` says whether keys are required and, for a valid key sent, the key's scopes and quotas.
+        """
         try:
-            return JSONResponse(public_info(await self.info()))
+            info = public_info(await self.info())
         except MODEL_UNAVAILABLE as error:
             raise RequestError(503, f"a model deployment is unavailable ({type(error).__name__}); retry") from error
+        if self.auth is not None:
+            caller = self.auth.identify(request.headers.get("authorization"))
+            info["auth"] = {"required": True, "scheme": "Bearer", "key": caller.public() if caller else None}
+        return JSONResponse(info)
 
     @http_app.post("/v1/detail", operation_id="detail", responses=DETAIL_RESPONSES, openapi_extra=DETAIL_REQUEST_BODY)
-    async def http_detail(self, request: Request, format: Literal["png", "json"] = "png") -> Response:
+    async def http_detail(
+        self, request: Request, format: Literal["png", "json"] = "png", caller: Caller | None = Depends(DETAIL)
+    ) -> Response:
         """Detail an uploaded image. Returns the PNG, or with ``?format=json`` every output as JSON."""
         try:
             started = time.perf_counter()
@@ -622,7 +673,7 @@ class FaceDetailerIngress(VideoRoutes):
             try:
                 images, values = await read_detail_request(request, self.limits)
                 decoded = time.perf_counter()
-                result = await self.detail(images, values)
+                result = await self.detail(images, values, caller=caller)
             finally:
                 self._inflight -= 1
         except Exception as error:
@@ -646,7 +697,7 @@ class FaceDetailerIngress(VideoRoutes):
     @http_app.post(
         "/v1/detail/stream", operation_id="detail_stream", responses=STREAM_RESPONSES, openapi_extra=DETAIL_REQUEST_BODY
     )
-    async def http_detail_stream(self, request: Request) -> Response:
+    async def http_detail_stream(self, request: Request, caller: Caller | None = Depends(DETAIL)) -> Response:
         """``/v1/detail``'s inputs; Server-Sent Events: ``face`` per finished face, then ``result``.
 
         ``result`` carries what ``?format=json`` returns. Every error knowable before detection
@@ -668,7 +719,7 @@ class FaceDetailerIngress(VideoRoutes):
                 raise
         except Exception as error:
             return response_for_exception(error)
-        events = self._event_stream(images, params, preflight, options, started, decode_s)
+        events = self._event_stream(images, params, preflight, options, started, decode_s, caller)
         return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
     async def _event_stream(
@@ -679,6 +730,7 @@ class FaceDetailerIngress(VideoRoutes):
         options: StreamOptions,
         started: float,
         decode_s: float,
+        caller: Caller | None = None,
     ) -> AsyncIterator[bytes]:
         try:
             async for event in progress_events(
@@ -687,6 +739,7 @@ class FaceDetailerIngress(VideoRoutes):
                     params,
                     on_face=listener.face,
                     progress=listener if options.progress else None,
+                    caller=caller,
                     preflight=preflight,
                 ),
                 options,

@@ -200,6 +200,11 @@ def work_fields(params: FaceDetailerParams) -> tuple[str, ...]:
 # ---- checks ------------------------------------------------------------------------------------
 
 
+def planned_work_units(params: FaceDetailerParams, faces: Sequence[PlannedFace]) -> float:
+    """The request's work units over every planned face (``max_work_units`` and the keys' hourly quotas)."""
+    return sum(face_work_units(params, face.sample_size) for face in faces)
+
+
 def check_request(params: FaceDetailerParams, limits: Limits) -> None:
     """What the parameters alone exceed (on arrival, before any model work)."""
     if params.steps > limits.max_steps:
@@ -301,7 +306,7 @@ def check_planned_work(
                     f"repeated to a common {tokens // WINDOW_TOKENS}), over limits.max_prompt_tokens = "
                     f"{limits.max_prompt_tokens}; shorten the prompts or the wildcard, or use fewer BREAKs",
                 )
-    total = sum(face_work_units(params, face.sample_size) for face in faces)
+    total = planned_work_units(params, faces)
     if total > limits.max_work_units:
         raise LimitExceededError(
             "max_work_units",

@@ -565,7 +565,7 @@ async def detail_batch(
     has_segm: bool = False,
     batch_faces: bool = True,
     on_face: Callable[[SegmentReport], None] | None = None,
-    check_work: Callable[[list[PlannedFace]], None] | None = None,
+    check_work: Callable[[list[PlannedFace]], Awaitable[None] | None] | None = None,
     wildcard_files: Mapping[str, Sequence[str]] | None = None,
     control: ControlChoice | None = None,
     progress: StepListener | None = None,
@@ -574,7 +574,7 @@ async def detail_batch(
 
     Every image is prepared (detection, masks, wildcard plan) before any face is refined, so
     ``check_work`` sees every face the request would sample, with its size, and can refuse the
-    request (by raising) before the inpainter does any work.
+    request (by raising, also from the awaitable it may return) before the inpainter does any work.
     """
     check_hooks(params)
     start = time.perf_counter()
@@ -594,7 +594,9 @@ async def detail_batch(
     if check_work is not None or progress is not None:
         planned = [face for item in prepared for face in planned_faces(item, params)]
         if check_work is not None:
-            check_work(planned)
+            checked = check_work(planned)
+            if checked is not None:
+                await checked  # e.g. the caller's quota, asked of a shared ledger
         if progress is not None:
             progress.planned(planned)
     per_image = [

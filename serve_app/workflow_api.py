@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from facedetailer.json_bounds import JsonLimitError
 from facedetailer.params import FaceDetailerParams
 from facedetailer.workflow import WorkflowError, import_workflow
+from serve_app.auth import DETAIL_UNMETERED
 from serve_app.http_adapters.errors import RequestError, json_limit_error, json_object, validation_error, workflow_error
 from serve_app.http_adapters.openapi import WORKFLOW_IMPORT_BODY, WorkflowImportJson, error_responses, json_response
 from serve_app.http_adapters.request_reading import read_body
@@ -27,6 +28,7 @@ BODY_OVERHEAD = 64 * 1024  # the body's own keys around the workflow
 @workflow_router.post(
     "/v1/workflow/import",
     operation_id="workflow_import",
+    dependencies=[Depends(DETAIL_UNMETERED)],  # the detail scope
     openapi_extra=WORKFLOW_IMPORT_BODY,
     responses={
         **json_response(

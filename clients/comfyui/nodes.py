@@ -4,6 +4,8 @@ Its widgets come from ``widgets.json``, generated from the service's own paramet
 (``python -m facedetailer.widgets clients/comfyui/widgets.json``), so names, defaults and
 ranges are FaceDetailer's. Inputs and outputs use ComfyUI's layouts: IMAGE ``[B, H, W, C]``
 float in [0, 1], MASK ``[B, H, W]``; the crop lists are lists of ``[1, h, w, C]`` images.
+A service's API key comes from ComfyUI's environment (``FACEDETAILER_API_KEY``), never from a
+widget: widget values are saved in workflows and in every PNG's metadata.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ class FaceDetailerRayServe:
         cnet: list[Any] = []
         images: list[Any] = []
         masks: list[Any] = []
+        # the API key, if any: $FACEDETAILER_API_KEY (read by the client)
         with client_package.FaceDetailerClient(endpoint.rstrip("/")) as client:
             chunk = int(client.info()["limits"]["max_batch_images"])
             for start in range(0, len(frames), chunk):

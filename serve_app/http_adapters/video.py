@@ -19,20 +19,21 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from deployments.inpainter import RefineJob
 from facedetailer.params import FaceDetailerParams
 from facedetailer.video_params import VideoParams, split_video_values
+from serve_app.auth import DETAIL, Caller
 from serve_app.config import Limits
 from serve_app.http_adapters.encoding import error_body
 from serve_app.http_adapters.error_handling import INTERNAL_ERROR, request_error, response_for_exception
 from serve_app.http_adapters.errors import RequestError, json_object, parse_params, validation_error
 from serve_app.http_adapters.openapi import VIDEO_REQUEST_BODY, VIDEO_RESPONSES, VIDEO_STREAM_RESPONSES
 from serve_app.http_adapters.request_reading import MULTIPART_OVERHEAD, capped, check_parameters
-from serve_app.limits import MAX_WORKFLOW_BYTES, max_params_chars
+from serve_app.limits import MAX_WORKFLOW_BYTES, max_params_chars, planned_work_units
 from serve_app.streaming import HEARTBEAT_S, SSE_HEADERS, SSE_HEARTBEAT, SSE_MEDIA_TYPE, sse, with_progress
 from serve_app.video.codec import CONTAINERS, VideoInputError
 from serve_app.video.service import VideoResponse, detail_video_file
@@ -188,10 +189,12 @@ class VideoRoutes:
         container: str = "mp4",
         on_frames_done: Callable[[int, int], None] | None = None,
         preflight: Any = None,
+        caller: Caller | None = None,
     ) -> VideoResponse:
         """Detail a video file's bytes; ``params`` as for ``detail``, ``video`` the video options.
 
-        ``params`` may also carry the video options by name (they are split off).
+        ``params`` may also carry the video options by name (they are split off). ``caller``: the
+        HTTP request's API key (its quotas — the video's planned crops and work units — and fair share).
         """
         from serve_app.ingress import pipeline_errors  # the ingress imports this module
 
@@ -205,8 +208,14 @@ class VideoRoutes:
         options = parse_video_params(video)
         check_container(container)
         checked = preflight or await self._preflight(resolved)  # type: ignore[attr-defined]
-        stages = self._stages(checked)  # type: ignore[attr-defined]
-        with pipeline_errors(self.limits):
+        stages = self._stages(checked, caller)  # type: ignore[attr-defined]
+        auth = getattr(self, "auth", None)
+        lease = auth.lease(caller) if auth is not None else None
+        reserve = None
+        if lease is not None:
+            def reserve(faces: list[Any]) -> Any:
+                return lease.reserve(crops=len(faces), work_units=planned_work_units(resolved, faces))
+        async with pipeline_errors(self.limits, lease, stages.calls):
             try:
                 response = await asyncio.wait_for(
                     detail_video_file(
@@ -224,6 +233,7 @@ class VideoRoutes:
                         on_frames_done=on_frames_done,
                         wildcard_files=self.wildcards,
                         prompt_windows=checked.prompt_windows,
+                        reserve=reserve,
                     ),
                     timeout=self.limits.request_timeout_s,
                 )
@@ -256,14 +266,14 @@ class VideoRoutes:
     )
     async def http_detail_video(
         self, request: Request, container: Literal["mp4", "mov", "mkv"] = "mp4",
-        format: Literal["video", "json"] = "video",
+        format: Literal["video", "json"] = "video", caller: Caller | None = Depends(DETAIL),
     ) -> Response:  # fmt: skip
         """Detail an uploaded video. Returns the video file, or with ``?format=json`` everything as JSON."""
         try:
             self._admit()  # type: ignore[attr-defined]
             try:
                 data, values, options = await read_video_request(request, self.limits)
-                response = await self.detail_video(data, values, options, container)
+                response = await self.detail_video(data, values, options, container, caller=caller)
             finally:
                 self._inflight -= 1
         except Exception as error:
@@ -279,8 +289,9 @@ class VideoRoutes:
         openapi_extra=VIDEO_REQUEST_BODY,
     )
     async def http_detail_video_stream(
-        self, request: Request, container: Literal["mp4", "mov", "mkv"] = "mp4"
-    ) -> Response:
+        self, request: Request, container: Literal["mp4", "mov", "mkv"] = "mp4",
+        caller: Caller | None = Depends(DETAIL),
+    ) -> Response:  # fmt: skip
         """``/v1/detail/video``'s inputs; Server-Sent Events: ``progress`` as frames finish, then ``result``.
 
         Every error knowable before detection (body, parameters and their limits, models, sampler,
@@ -300,16 +311,17 @@ class VideoRoutes:
                 raise
         except Exception as error:
             return response_for_exception(error)
-        events = self._video_event_stream(data, params, video, container, preflight)
+        events = self._video_event_stream(data, params, video, container, preflight, caller)
         return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
     async def _video_event_stream(
-        self, data: bytes, params: FaceDetailerParams, video: VideoParams, container: str, preflight: Any
-    ) -> AsyncIterator[bytes]:
+        self, data: bytes, params: FaceDetailerParams, video: VideoParams, container: str, preflight: Any,
+        caller: Caller | None = None,
+    ) -> AsyncIterator[bytes]:  # fmt: skip
         try:
             async for event in with_progress(
                 lambda on_done: self.detail_video(
-                    data, params, video, container, on_frames_done=on_done, preflight=preflight
+                    data, params, video, container, on_frames_done=on_done, preflight=preflight, caller=caller
                 ),
                 heartbeat_s=HEARTBEAT_S,
                 event_of=FrameProgress(),

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,7 +150,7 @@ async def detail_video(
     has_segm: bool = False,
     control: ControlChoice | None = None,
     parallel_segments: int = 2,
-    check_work: Callable[[list[PlannedFace]], None] | None = None,
+    check_work: Callable[[list[PlannedFace]], Awaitable[None] | None] | None = None,
     on_frames_done: OnFramesDone | None = None,
     wildcard_files: Any = None,
 ) -> VideoDetailResult:
@@ -167,7 +168,9 @@ async def detail_video(
         faces, boxes, tracks = await _plan_tracks(frames, params, video, stages, wildcard_files=wildcard_files)
     timings["detect"] = time.perf_counter() - started
     if check_work is not None:
-        check_work(_planned_faces(faces, params))
+        reserved = check_work(_planned_faces(faces, params))
+        if inspect.isawaitable(reserved):  # the caller's quota, taken once the limits pass
+            await reserved
     refine_started = time.perf_counter()
     carry = None
     segment_frames = video.segment_frames

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,11 +70,13 @@ async def detail_video_file(
     wildcard_files: Any = None,
     keep_result: bool = False,
     prompt_windows: Callable[[tuple[str, ...]], int] | None = None,
+    reserve: Callable[[list[PlannedFace]], Awaitable[None]] | None = None,
 ) -> VideoResponse:
     """Detail ``data`` (a video file's bytes); a limit exceeded is a :class:`LimitExceededError`.
 
     ``prompt_windows`` counts a prompt's CLIP windows (the ingress' preflight): each face's prompt
-    tokens are then checked after detection, as for images.
+    tokens are then checked after detection, as for images. ``reserve``: the caller's quota for the
+    planned faces (crops and work units), taken after the limits pass and before any refinement.
     """
     started = time.perf_counter()
     if len(data) > limits.max_video_upload_bytes:
@@ -93,9 +95,10 @@ async def detail_video_file(
         raise
     decode_s = time.perf_counter() - started
 
-    def check_work(faces: list[PlannedFace]) -> None:
+    def check_work(faces: list[PlannedFace]) -> Awaitable[None] | None:
         check_video_work(params, faces, limits, prompt_windows)
         check_planned_names(faces)
+        return reserve(faces) if reserve is not None else None
 
     result = await detail_video(
         decoded.frames,

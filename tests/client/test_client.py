@@ -241,3 +241,58 @@ def test_async_client_retries_and_streams():
                 await client.detail(b"x")
 
     asyncio.run(scenario())
+
+
+def test_the_api_key_is_sent_as_a_bearer_token_from_the_argument_or_the_environment(monkeypatch):
+    monkeypatch.delenv("FACEDETAILER_API_KEY", raising=False)
+    script = Script(ok(), ok(), ok(), ok())
+    with script.client() as client:
+        client.detail(b"x")
+    with script.client(api_key="fdk_abc") as client:
+        client.detail(b"x")
+    monkeypatch.setenv("FACEDETAILER_API_KEY", "from-env")
+    with script.client() as client:
+        client.detail(b"x")
+    with script.client(api_key="explicit") as client:
+        client.detail(b"x")
+    headers = [request.headers.get("authorization") for request in script.requests]
+    assert headers == [None, "Bearer fdk_abc", "Bearer from-env", "Bearer explicit"]
+    async_script = Script(ok())
+
+    async def run() -> None:
+        async with async_script.async_client(api_key="async-key") as client:
+            await client.detail(b"x")
+
+    asyncio.run(run())
+    assert async_script.requests[0].headers["authorization"] == "Bearer async-key"
+
+
+def test_401_and_403_are_not_retried_and_say_why():
+    refused = httpx.Response(
+        401,
+        json={"error": "an API key is required: send it as 'Authorization: Bearer <key>'"},
+        headers={"WWW-Authenticate": 'Bearer realm="facedetailer"'},
+    )
+    forbidden = httpx.Response(403, json={"error": "API key 'ci' lacks the 'admin' scope this route needs"})
+    script = Script(refused, forbidden)
+    with script.client() as client:
+        with pytest.raises(ServiceError) as error:
+            client.detail(b"x")
+        assert error.value.status_code == 401 and "Authorization: Bearer" in str(error.value)
+        with pytest.raises(ServiceError) as error:
+            client.info()
+        assert error.value.status_code == 403
+    assert len(script.requests) == 2 and script.sleeps == []
+
+
+def test_a_quota_429_waits_as_long_as_it_asks():
+    over = httpx.Response(
+        429,
+        json={"error": "API key 'demo': requests_per_minute quota of 2 reached (2 requests in the last minute); "
+                       "retry in 37 s", "details": [{"quota": "requests_per_minute", "retry_after_s": 37}]},
+        headers={"Retry-After": "37"},
+    )  # fmt: skip
+    script = Script(over, ok())
+    with script.client(api_key="demo-detail-key") as client:
+        assert client.detail(b"x").faces_refined == 1
+    assert script.sleeps == [37.0]

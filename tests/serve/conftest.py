@@ -65,7 +65,11 @@ def serve_instance(
     env_vars.update({key: value for key, value in os.environ.items() if key.endswith(("_OFFLINE", "_PROXY", "_proxy"))})
     env_vars["FACEDETAILER_TINY_MODELS"] = os.environ["FACEDETAILER_TINY_MODELS"]
     started = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+    # address="local": always a private instance (without it ray.init joins a cluster another process on
+    # this machine started, e.g. tests/cluster's, and fails on num_cpus)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env_vars}, log_to_driver=False
+    )
     try:
         port = _free_port()
         http = dict(local_cpu_config["http_options"], port=port)
@@ -106,3 +110,53 @@ def serve_instance(
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+AUTH_APP_NAME = "facedetailer-auth"
+AUTH_ROUTE = "/auth"
+# The keys of the auth app (tests/serve/test_auth_http.py): {id: (scopes, quotas)}.
+AUTH_KEYS: dict[str, tuple[list[str], dict[str, Any]]] = {
+    "open": (["detail"], {}),
+    "admin": (["detail", "admin"], {}),
+    "rpm": (["detail"], {"requests_per_minute": 2}),
+    "crops": (["detail"], {"concurrent_crops": 4}),
+    "units": (["detail"], {"work_units_per_hour": 3}),
+    "rotate": (["detail"], {}),
+    "video": (["detail"], {"requests_per_minute": 100, "work_units_per_hour": 1000}),  # metered, never refused
+}
+
+
+@pytest.fixture(scope="session")
+def auth_instance(serve_instance: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A third, light app with API keys on, at ``/auth`` in the session's Ray: ``sim://`` models
+    (docs/simulated.md: no weights, each UNet call sleeps 50 ms), two ingress replicas sharing the
+    quota ledger, keys in a key file (re-read every 0.5 s) whose plain values the fixture returns.
+    0.01 CPU each: the local config (with its text encoder) and the segm app hold 1.85 of the 2 CPUs."""
+    import yaml
+    from ray import serve
+
+    from serve_app.app import build_app
+    from serve_app.auth.keys import key_entry, new_key
+
+    keys = {key_id: new_key() for key_id in AUTH_KEYS}
+    keys_file = tmp_path_factory.mktemp("auth") / "keys.yaml"
+    entries = [key_entry(key_id, keys[key_id], scopes, quotas=quotas) for key_id, (scopes, quotas) in AUTH_KEYS.items()]
+    keys_file.write_text(yaml.safe_dump({"keys": entries}))
+    light = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.01, "num_gpus": 0}}
+    args = {
+        "detector": {"model": "sim://detector?faces=4", "device": "cpu", "deployment": light},
+        "inpainter": {
+            "model": "sim://sd15-inpainting?a=0.05&b=0",
+            "device": "cpu",
+            "dtype": "float32",
+            # one crop at a time and a short queue: long requests and a full queue (503) are cheap to make
+            "max_batch_size": 1,
+            "max_queued_crops": 4,
+            "deployment": {**light, "max_ongoing_requests": 16},
+        },
+        "ingress": {**light, "num_replicas": 2},
+        "limits": {"request_timeout_s": 6},
+        "auth": {"keys_file": str(keys_file), "reload_interval_s": 0.5},
+    }
+    serve.run(build_app(args), name=AUTH_APP_NAME, route_prefix=AUTH_ROUTE)
+    return {"url": serve_instance["url"] + AUTH_ROUTE, "keys": keys, "keys_file": keys_file}

@@ -124,8 +124,10 @@ def timeout_handle(serve_instance):
     from serve_app.ingress import FaceDetailerIngress
 
     models = {name: serve.get_deployment_handle(name, app_name=SERVED_APP) for name in ("Detector", "Inpainter", "Sam")}
+    # a hundredth of a CPU: the session's 2 CPUs are nearly all taken by the apps of conftest.py (the
+    # auth app included), and 0.1 left this replica unschedulable
     ingress = FaceDetailerIngress.options(
-        name="TimeoutIngress", ray_actor_options={"num_cpus": 0.1, "num_gpus": 0}, max_ongoing_requests=8
+        name="TimeoutIngress", ray_actor_options={"num_cpus": 0.01, "num_gpus": 0}, max_ongoing_requests=8
     )
     app = ingress.bind(models["Detector"], models["Inpainter"], sam=models["Sam"], limits={"request_timeout_s": 2.0})
     handle = serve.run(app, name="facedetailer-timeout", route_prefix=None)

@@ -51,6 +51,12 @@ def test_gpu_config_builds_with_fractional_gpus_and_autoscaling():
     assert deployments["Detector"].init_args[0] == "hf://Bingsu/adetailer/face_yolov8m.pt"
     assert deployments["Sam"].init_kwargs["model_type"] == "vit_b"
     assert deployments["FaceDetailerIngress"].max_ongoing_requests == 64
+    # API keys on, from the mounted Kubernetes secret; the shared quota ledger beside the ingress
+    ingress = deployments["FaceDetailerIngress"]
+    assert ingress.init_kwargs["auth"]["keys_file"] == "/etc/facedetailer/keys/keys.yaml"
+    assert ingress.init_kwargs["auth"]["keys"] == [] and ingress.init_kwargs["auth"]["fair_queueing"] is True
+    [ledger] = ingress._deployment_config.deployment_actors
+    assert ledger.name == "quota_ledger"
     # Flux.1 dev in fp8 from ComfyUI's folders; its text encoders in the TextEncoder deployment, which every
     # inpainter replica and the ingress (for /v1/stats) reach by handle
     [checkpoints] = deployments["Inpainter"].init_args
@@ -82,6 +88,25 @@ def test_local_cpu_config_fits_two_cores_without_gpu():
     assert total_cpus <= 2.0
     assert deployments["Detector"].init_args[0] == "pkg://faceghost/model/v0-1.onnx"
     assert deployments["Sam"].init_kwargs["model_type"] == "lite_medsam"
+    # open, exactly as before API keys existed: no auth argument, no ledger actor
+    assert "auth" not in deployments["FaceDetailerIngress"].init_kwargs
+    assert not deployments["FaceDetailerIngress"]._deployment_config.deployment_actors
+
+
+def test_auth_demo_overlay_turns_keys_on_for_the_local_config_with_the_documented_demo_keys():
+    from serve_app.auth.keys import KeyStore
+    from serve_app.overlay import apply_overlays, validate_config
+
+    config = apply_overlays(load_serve_config(CONFIGS / "local-cpu.yaml"), [CONFIGS / "overlays" / "auth-demo.yaml"])
+    validate_config(config)
+    auth = app_args_from_config(config).auth
+    assert auth is not None and auth.keys_file is None
+    store = KeyStore(auth.keys)
+    detail, admin = store.find("demo-detail-key"), store.find("demo-admin-key")
+    assert detail.scopes == ["detail"] and detail.quotas.requests_per_minute == 2
+    assert admin.scopes == ["detail", "admin"] and admin.quotas.requests_per_minute is None
+    ingress = deployments_of(build_app(app_args_from_config(config)))["FaceDetailerIngress"]
+    assert [key["id"] for key in ingress.init_kwargs["auth"]["keys"]] == ["demo-detail", "demo-admin"]
 
 
 def test_bad_app_args_name_the_field():

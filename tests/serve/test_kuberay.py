@@ -48,3 +48,20 @@ def test_cluster_has_a_head_and_an_autoscaled_gpu_group_with_health_readiness():
     assert gpu_group["maxReplicas"] * per_node >= inpainter.autoscaling_config.max_replicas
     assert gpu_group["minReplicas"] >= 1
     assert {"name": "model-cache", "mountPath": "/models"} in worker["volumeMounts"]
+
+
+def test_the_key_file_of_gpu_yaml_comes_from_a_secret_mounted_on_every_node_that_can_run_the_ingress():
+    args = app_args_from_config(yaml.safe_load(manifest()["spec"]["serveConfigV2"]))
+    assert args.auth is not None and args.auth.keys_file is not None
+    key_dir = str(Path(args.auth.keys_file).parent)
+    cluster = manifest()["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]]
+    pods += [group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        [container] = pod["containers"]
+        [mount] = [mount for mount in container["volumeMounts"] if mount["mountPath"] == key_dir]
+        assert mount.get("readOnly") is True and "subPath" not in mount, "a subPath mount never sees an update"
+        [volume] = [volume for volume in pod["volumes"] if volume["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == "facedetailer-api-keys"
+        # Ray's metrics port is not published by the pods (API keys guard the app's routes only)
+        assert 8080 not in {port["containerPort"] for port in container.get("ports", [])}

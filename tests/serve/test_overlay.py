@@ -72,6 +72,12 @@ def test_simulated_overlay_keeps_the_gpu_graph_and_swaps_only_models():
     assert swapped["Sam"].init_args[0] == "sim://sam"
     assert {swapped[name].init_kwargs["device"] for name in ("Inpainter", "Detector", "Sam")} == {"cpu"}
     assert app_args_from_config(simulated).limits == app_args_from_config(gpu).limits
+    # gpu.yaml's key file is a Kubernetes secret: the rehearsal runs open, or with the demo keys
+    assert app_args_from_config(gpu).auth is not None and app_args_from_config(simulated).auth is None
+    with_keys = apply_overlays(gpu, [SIMULATED, CONFIGS / "overlays" / "auth-demo.yaml"])
+    validate_config(with_keys)
+    auth = app_args_from_config(with_keys).auth
+    assert auth.keys_file is None and [key.id for key in auth.keys] == ["demo-detail", "demo-admin"]
 
 
 def test_misspelt_paths_fail_naming_the_field(capsys):
