@@ -126,8 +126,10 @@ AUTH_KEYS: dict[str, tuple[list[str], dict[str, Any]]] = {
 }
 
 
-@pytest.fixture(scope="session")
-def auth_instance(serve_instance: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def auth_instance(
+    serve_instance: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
     """A third, light app with API keys on, at ``/auth`` in the session's Ray: ``sim://`` models
     (docs/simulated.md: no weights, each UNet call sleeps 50 ms), two ingress replicas sharing the
     quota ledger, keys in a key file (re-read every 0.5 s) whose plain values the fixture returns.
@@ -159,4 +161,7 @@ def auth_instance(serve_instance: dict[str, Any], tmp_path_factory: pytest.TempP
         "auth": {"keys_file": str(keys_file), "reload_interval_s": 0.5},
     }
     serve.run(build_app(args), name=AUTH_APP_NAME, route_prefix=AUTH_ROUTE)
-    return {"url": serve_instance["url"] + AUTH_ROUTE, "keys": keys, "keys_file": keys_file}
+    try:
+        yield {"url": serve_instance["url"] + AUTH_ROUTE, "keys": keys, "keys_file": keys_file}
+    finally:  # its CPUs go back to the session: later modules deploy apps of their own
+        serve.delete(AUTH_APP_NAME)
