@@ -82,21 +82,23 @@ def build_weights(seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.T
     return unet.state_dict(), vae.state_dict()
 
 
-def ours(unet_sd: dict, vae_sd: dict, precision: str) -> dict[str, Callable[..., torch.Tensor]]:
+def ours(unet_sd: dict, vae_sd: dict, precision: str, vae_only: bool = False) -> dict[str, Callable[..., torch.Tensor]]:
     """Our stage calls, as the inpainter makes them (deployments/families/base.py, sd.py)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET)
+        unet = None if vae_only else UNet2DConditionModel(**SD15_UNET)
         vae = AutoencoderKL(**SD_VAE)
-    unet.load_state_dict(unet_sd, assign=True)
     vae.load_state_dict(vae_sd, assign=True)
-    unet = unet.to(dtype).eval().requires_grad_(False)
     vae = vae.to(dtype).eval().requires_grad_(False)
+    if unet is not None:
+        unet.load_state_dict(unet_sd, assign=True)
+        unet = unet.to(dtype).eval().requires_grad_(False)
     if precision.endswith("-cl"):
-        unet = unet.to(memory_format=torch.channels_last)
         vae = vae.to(memory_format=torch.channels_last)
+        if unet is not None:
+            unet = unet.to(memory_format=torch.channels_last)
     scale = SD_VAE["scaling_factor"]
 
     def encode(pixels: torch.Tensor) -> torch.Tensor:  # pixels [B, 3, H, W] in [-1, 1]
@@ -111,7 +113,9 @@ def ours(unet_sd: dict, vae_sd: dict, precision: str) -> dict[str, Callable[...,
     return {"vae_encode": encode, "unet": step, "vae_decode": decode}
 
 
-def comfy_side(comfy: Any, unet_sd: dict, vae_sd: dict, precision: str) -> dict[str, Callable[..., torch.Tensor]]:
+def comfy_side(
+    comfy: Any, unet_sd: dict, vae_sd: dict, precision: str, vae_only: bool = False
+) -> dict[str, Callable[..., torch.Tensor]]:
     """ComfyUI's stage calls on the same weights; ``bf16`` = its --bf16-unet --bf16-vae flags."""
     import logging
 
@@ -120,6 +124,13 @@ def comfy_side(comfy: Any, unet_sd: dict, vae_sd: dict, precision: str) -> dict[
     args.bf16_unet = args.bf16_vae = precision == "bf16"
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         vae = comfy.sd.VAE(sd={key: value.clone() for key, value in vae_sd.items()})
+        if vae_only:  # the SD 1.x latent scaling without a UNet
+            from comfy.latent_formats import SD15
+
+            latent_format = SD15()
+            vae.latent_format = latent_format
+            return {"vae_encode": lambda pixels: latent_format.process_in(vae.encode((pixels.movedim(1, -1) + 1) / 2)),
+                    "vae_decode": lambda latent: vae.decode(latent_format.process_out(latent)).movedim(-1, 1) * 2 - 1}
         patcher = comfy.sd.load_diffusion_model_state_dict({key: value.clone() for key, value in unet_sd.items()})
     model = patcher.model
 
