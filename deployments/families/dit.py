@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from deployments.families.base import FamilyRow
+from deployments.families.base import FamilyRow, ModelFamily, PromptEncoder
 
-__all__ = ["DiTComponents", "RowBatch", "pad_to_patch_size", "rows_by_length"]
+__all__ = ["DiTComponents", "DiTFamily", "RowBatch", "pad_to_patch_size", "rows_by_length"]
 
 
 @dataclass
@@ -36,6 +36,33 @@ class DiTComponents:
     @property
     def unet(self) -> Any:  # the inpainter's health check and ControlNet checks look for a denoiser here
         return self.transformer
+
+
+class DiTFamily(ModelFamily):
+    """A transformer checkpoint (SD3, Flux) made of :class:`DiTComponents`; the family reads its
+    transformer's config, model sampling and text encoders in :meth:`configure`."""
+
+    def __init__(
+        self,
+        components: DiTComponents,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        vae_dtype: torch.dtype,
+        shift: float | None = None,
+        prompt_encoder: PromptEncoder | None = None,
+    ) -> None:
+        self.components = components
+        self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
+        self.denoiser = components.transformer
+        self.vae = components.vae
+        self.source, self.format = components.source, components.format
+        # shared text encoding (deployments.text_encoder) hands the encoder in; else the checkpoint's own
+        self.text_encoding = "local" if prompt_encoder is None else "shared"
+        self.configure(self.denoiser.config, shift, prompt_encoder)
+
+    def configure(self, config: Any, shift: float | None, prompt_encoder: PromptEncoder | None) -> None:
+        raise NotImplementedError
 
 
 @dataclass

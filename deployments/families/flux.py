@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from deployments.families.base import FamilyRow, LatentFormat, ModelFamily, PromptEncoder, TextConditioning
-from deployments.families.dit import DiTComponents, RowBatch, pad_to_patch_size, rows_by_length
+from deployments.families.base import FamilyRow, LatentFormat, PromptEncoder, TextConditioning
+from deployments.families.dit import DiTFamily, RowBatch, pad_to_patch_size, rows_by_length
 from deployments.families.text import ClipEncoder, T5Encoder
 from deployments.sampling import ModelSampling
 
@@ -128,28 +128,13 @@ def flux_prompt_encoder(
     )
 
 
-class FluxFamily(ModelFamily):
+class FluxFamily(DiTFamily):
     """A Flux.1 checkpoint: dev, schnell or Fill (see the module docstring)."""
 
     name = "flux"
     patch_size = PATCH
 
-    def __init__(
-        self,
-        components: DiTComponents,
-        *,
-        device: torch.device,
-        dtype: torch.dtype,
-        vae_dtype: torch.dtype,
-        shift: float | None = None,
-        prompt_encoder: PromptEncoder | None = None,
-    ) -> None:
-        self.components = components
-        self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
-        self.denoiser = components.transformer
-        self.vae = components.vae
-        self.source, self.format = components.source, components.format
-        config = self.denoiser.config
+    def configure(self, config: Any, shift: float | None, prompt_encoder: PromptEncoder | None) -> None:
         self.latent_format = FLUX_LATENT
         self.out_channels = int(config.out_channels or config.in_channels) // (PATCH * PATCH)
         in_channels = int(config.in_channels) // (PATCH * PATCH)
@@ -164,11 +149,9 @@ class FluxFamily(ModelFamily):
         model_class = {"fill": "FluxInpaint", "dev": "Flux", "schnell": "FluxSchnell"}[self.variant]
         overrides = {"shift": float(shift)} if shift is not None else {}
         self.model_sampling = ModelSampling.for_comfy_model(model_class, **overrides)
-        # shared text encoding (deployments.text_encoder) hands the encoder in; else the checkpoint's own
         self.prompt_encoder = prompt_encoder or flux_prompt_encoder(
-            components.tokenizers, components.text_encoders, device=device, dtype=dtype
+            self.components.tokenizers, self.components.text_encoders, device=self.device, dtype=self.dtype
         )
-        self.text_encoding = "local" if prompt_encoder is None else "shared"
 
     def describe(self) -> dict[str, Any]:
         return {

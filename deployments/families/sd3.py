@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from deployments.families.base import FamilyRow, LatentFormat, ModelFamily, PromptEncoder, TextConditioning
-from deployments.families.dit import DiTComponents, RowBatch, pad_to_patch_size, rows_by_length
+from deployments.families.base import FamilyRow, LatentFormat, PromptEncoder, TextConditioning
+from deployments.families.dit import DiTFamily, RowBatch, pad_to_patch_size, rows_by_length
 from deployments.families.text import ClipEncoder, T5Encoder
 from deployments.sampling import ModelSampling
 
@@ -127,37 +127,20 @@ def sd3_prompt_encoder(
     return encoder
 
 
-class SD3Family(ModelFamily):
+class SD3Family(DiTFamily):
     """An SD3/SD3.5 checkpoint (see the module docstring)."""
 
     name = "sd3"
     patch_size = 2
 
-    def __init__(
-        self,
-        components: DiTComponents,
-        *,
-        device: torch.device,
-        dtype: torch.dtype,
-        vae_dtype: torch.dtype,
-        shift: float | None = None,
-        prompt_encoder: PromptEncoder | None = None,
-    ) -> None:
-        self.components = components
-        self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
-        self.denoiser = components.transformer
-        self.vae = components.vae
-        self.source, self.format = components.source, components.format
-        config = self.denoiser.config
+    def configure(self, config: Any, shift: float | None, prompt_encoder: PromptEncoder | None) -> None:
         self.patch_size = int(config.patch_size)
         self.latent_format = SD3_LATENT
         overrides = {"shift": float(shift)} if shift is not None else {}
         self.model_sampling = ModelSampling.for_comfy_model("SD3", **overrides)
-        # shared text encoding (deployments.text_encoder) hands the encoder in; else the checkpoint's own
         self.prompt_encoder = prompt_encoder or sd3_prompt_encoder(
-            components.tokenizers, components.text_encoders, config, device=device, dtype=dtype
+            self.components.tokenizers, self.components.text_encoders, config, device=self.device, dtype=self.dtype
         )
-        self.text_encoding = "local" if prompt_encoder is None else "shared"
         self.text_encoder_names = list(self.prompt_encoder.names)
 
     def describe(self) -> dict[str, Any]:

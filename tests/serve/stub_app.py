@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,7 +24,9 @@ from deployments.inpainter_hooks import check_cycle_plan
 from deployments.sam import SamPrediction
 from deployments.sampling import SAMPLER_NAMES, SCHEDULER_NAMES, validate
 from deployments.simulated import SimulatedTokenizer
+from deployments.step_progress import StepEvent
 from facedetailer.segs import Detection
+from tests.serve.frozen_app import kept_as_frozen
 
 MIN_FACE_IMAGE = 32
 # Serve's ingress wrapper has an ``async def __del__`` (Serve awaits it); kept here, the instances
@@ -46,17 +48,41 @@ class _Method:
         return asyncio.ensure_future(call())
 
 
+class _StreamingMethod:
+    """``handle.options(stream=True).method``: ``remote`` gives the async generator (Serve's has ``cancel``)."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+
+    def remote(self, *args: Any, **kwargs: Any) -> _Stream:
+        return _Stream(self.function(*args, **kwargs))
+
+
+class _Stream:
+    def __init__(self, generator: Any) -> None:
+        self.generator = generator
+
+    def __aiter__(self) -> Any:
+        return self.generator
+
+    def cancel(self) -> None:
+        return None
+
+
 class StubHandle:
-    """A deployment handle over a plain object; ``options(...)`` (e.g. a multiplexed model id) is ignored."""
+    """A deployment handle over a plain object; ``options(...)`` other than ``stream`` (e.g. a
+    multiplexed model id) is ignored."""
 
-    def __init__(self, target: Any) -> None:
+    def __init__(self, target: Any, stream: bool = False) -> None:
         self._target = target
+        self._stream = stream
 
-    def options(self, **_: Any) -> StubHandle:
-        return self
+    def options(self, stream: bool | None = None, **_: Any) -> StubHandle:
+        return StubHandle(self._target, self._stream if stream is None else stream)
 
-    def __getattr__(self, name: str) -> _Method:
-        return _Method(getattr(self._target, name))
+    def __getattr__(self, name: str) -> _Method | _StreamingMethod:
+        function = getattr(self._target, name)
+        return _StreamingMethod(function) if self._stream else _Method(function)
 
 
 class StubDetector:
@@ -116,6 +142,15 @@ class StubInpainter:
         self.refined += len(jobs)
         return RefineResult(images=[255 - job.image for job in jobs])
 
+    async def refine_stream(
+        self, jobs: list, settings: Any, model: str | None = None, *, preview_every: int = 0, **_: Any
+    ) -> AsyncIterator[list[StepEvent] | RefineResult]:
+        """:meth:`refine` as the inpainter streams it: each step of every crop, then the result."""
+        result = self.refine(jobs, settings, model)  # the crops are checked before the first step
+        for step in range(1, settings.steps + 1):
+            yield [StepEvent(index, 0, 1, step, settings.steps) for index in range(len(jobs))]
+        yield result
+
     def info(self) -> dict[str, Any]:
         return {"model": "stub://inpainter", "source": "/srv/models/stub/inpainter", "controlnets": {}}
 
@@ -159,11 +194,9 @@ def ingress_app(limits: dict[str, Any] | None = None, **kwargs: Any) -> Iterator
         )
     )
     _INSTANCES.append(instance)
-    app = instance.app  # one app object per process (Serve's frozen copy): nested uses restore the outer one
-    outer = dict(app.dependency_overrides)
-    bind_to_instance(app, instance)
-    try:
+    # one app object per process (Serve's frozen copy, pickled by later serve.run calls): given back
+    # as it was, so nested uses restore the outer one and served apps get no in-process state
+    with kept_as_frozen() as app:
+        assert app is instance.app
+        bind_to_instance(app, instance)
         yield app, stubs
-    finally:
-        app.dependency_overrides.clear()
-        app.dependency_overrides.update(outer)

@@ -39,7 +39,7 @@ def test_tiny_run_end_to_end(gpu_bench, serve_instance, tiny_sd: dict) -> None:
 
     options = gpu_bench.parse_args([
         "--tiny", "--models", "sd15", "--variants", "fp32,compiled", "--levels", "1,2", "--warmup", "1",
-        "--repeats", "1", "--per-client", "1", "--min-requests", "2", "--cpus", "0.05",
+        "--repeats", "1", "--per-client", "1", "--min-requests", "2", "--cpus", "0.01",
     ])  # fmt: skip
     results = gpu_bench.measure(options)
     figures = results["variants"]["fp32"]["sd15"]

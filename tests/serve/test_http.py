@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import time
 from pathlib import Path
 
@@ -401,10 +400,10 @@ def test_errors_carry_the_request_id_that_serve_logs(client, serve_instance):
     assert found == {body["request_id"], "issue19-id"}
 
 
-def test_info_names_models_without_server_paths(client):
+def test_info_names_models_without_server_paths(client, cache_dir):
     for route in ("", SEGM_ROUTE):
         text = client.get(f"{route}/v1/info").text
-        for local in (os.environ["FACEDETAILER_TEST_CACHE"], "site-packages", str(Path.home()), "/tmp/"):
+        for local in (str(cache_dir), "site-packages", str(Path.home()), "/tmp/"):
             assert local not in text, (route, local)
 
 

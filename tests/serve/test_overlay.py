@@ -58,19 +58,21 @@ def test_simulated_overlay_keeps_the_gpu_graph_and_swaps_only_models():
     original, swapped = deployments_of(build_app(app_args_from_config(gpu))), deployments_of(
         build_app(app_args_from_config(simulated))
     )
-    assert set(original) == set(swapped) == {"FaceDetailerIngress", "Detector", "Sam", "Inpainter"}
+    assert set(original) == set(swapped) == {"FaceDetailerIngress", "Detector", "Sam", "Inpainter", "TextEncoder"}
     for name, deployment in original.items():
         other = swapped[name]
         assert other.ray_actor_options == deployment.ray_actor_options, name
         assert other._deployment_config.autoscaling_config == deployment._deployment_config.autoscaling_config, name
         assert other.max_ongoing_requests == deployment.max_ongoing_requests, name
     # gpu.yaml's checkpoints by name become the one simulated checkpoint (named "default")
-    assert swapped["Inpainter"].init_args[0] == {
-        "default": {"model": "sim://sd15-inpainting?a=0.01", "single_file_config": None}
-    }
+    [(name, checkpoint)] = swapped["Inpainter"].init_args[0].items()
+    assert name == "default" and checkpoint["model"] == "sim://sd15-inpainting?a=0.01"
+    assert {field for field, value in checkpoint.items() if value is not None} == {"model"}, checkpoint
+    assert swapped["TextEncoder"].init_args == swapped["Inpainter"].init_args  # the encoders of those checkpoints
     assert swapped["Detector"].init_args[0].startswith("sim://detector")
     assert swapped["Sam"].init_args[0] == "sim://sam"
-    assert {swapped[name].init_kwargs["device"] for name in ("Inpainter", "Detector", "Sam")} == {"cpu"}
+    assert {swapped[name].init_kwargs["device"] for name in ("Inpainter", "Detector", "Sam", "TextEncoder")} == {"cpu"}
+    assert swapped["TextEncoder"].init_kwargs["preload"] is False
     assert app_args_from_config(simulated).limits == app_args_from_config(gpu).limits
     # gpu.yaml's key file is a Kubernetes secret: the rehearsal runs open, or with the demo keys
     assert app_args_from_config(gpu).auth is not None and app_args_from_config(simulated).auth is None

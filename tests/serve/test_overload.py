@@ -21,6 +21,7 @@ from deployments.inpainter_engine import EngineBusyError
 from facedetailer.segs import Detection
 from serve_app.http_adapters.encoding import error_response
 from serve_app.ingress import FaceDetailerIngress, RequestError
+from tests.serve.frozen_app import kept_as_frozen
 
 EVENTS: list[str] = []  # the stubs run in this process (local testing mode)
 SLOW_MARK = 255  # an image whose first pixel is this makes the detector take 30 s
@@ -75,7 +76,8 @@ def handle():
     app = FaceDetailerIngress.bind(
         OneFaceDetector.bind(), FullInpainter.bind(), sam=RecordingSam.bind(), limits={"request_timeout_s": 1.0}
     )
-    return serve.run(app, name="overload", route_prefix=None, _local_testing_mode=True)
+    with kept_as_frozen():  # local testing mode binds Serve's handlers to this process's app copy
+        yield serve.run(app, name="overload", route_prefix=None, _local_testing_mode=True)
 
 
 def image(first_pixel: int) -> np.ndarray:
