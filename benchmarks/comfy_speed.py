@@ -17,9 +17,12 @@ random weights, in memory, no files) and loads the SAME weights into ComfyUI's o
 Precisions: ``fp32`` on both sides; ``bf16``: ours with ``precision: bf16`` (the checkpoint's UNet
 and VAE in bfloat16, computed in bfloat16 by oneDNN), ComfyUI with its ``--bf16-unet --bf16-vae``
 flags set (``comfy.cli_args.args``), which on a CPU store the weights in bf16 and — its
-``should_use_bf16`` says no for CPUs — cast them back to fp32 per layer. Our opt-in ``fp32-cl``
-(channels_last memory format) is timed as well. Each of our stages reports its max |difference| to
-ComfyUI's output of the same precision.
+``should_use_bf16`` says no for CPUs — cast them back to fp32 per layer. Further variants of ours
+(``--ours-extra``): ``fp32-cl`` (channels_last memory format) and ``fp32-diffusers`` (diffusers' own
+ResNet-block forward instead of the served SD family's in-place one,
+``deployments/families/lean_forward.py``). Each of our stages reports its max |difference| to
+ComfyUI's output of the same precision. ``modelled_face`` adds encode + ``--steps`` × UNet step +
+decode: the model time of one face at node defaults (detection, SAM and the paste are not in it).
 
     python benchmarks/comfy_speed.py --comfyui /tmp/comfyui [--crop 512] [--repeats 5] [--json out.json]
 
@@ -33,6 +36,7 @@ import contextlib
 import gc
 import io
 import json
+import os
 import statistics
 import sys
 import time
@@ -82,21 +86,27 @@ def build_weights(seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.T
     return unet.state_dict(), vae.state_dict()
 
 
-def ours(unet_sd: dict, vae_sd: dict, precision: str) -> dict[str, Callable[..., torch.Tensor]]:
+def ours(unet_sd: dict, vae_sd: dict, precision: str, vae_only: bool = False) -> dict[str, Callable[..., torch.Tensor]]:
     """Our stage calls, as the inpainter makes them (deployments/families/base.py, sd.py)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from deployments.families.lean_forward import use_lean_forward
+
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET)
+        unet = None if vae_only else UNet2DConditionModel(**SD15_UNET)
         vae = AutoencoderKL(**SD_VAE)
-    unet.load_state_dict(unet_sd, assign=True)
     vae.load_state_dict(vae_sd, assign=True)
-    unet = unet.to(dtype).eval().requires_grad_(False)
     vae = vae.to(dtype).eval().requires_grad_(False)
+    if not precision.endswith("-diffusers"):  # the served SD family's VAE (deployments/families/sd.py)
+        use_lean_forward(vae)
+    if unet is not None:
+        unet.load_state_dict(unet_sd, assign=True)
+        unet = unet.to(dtype).eval().requires_grad_(False)
     if precision.endswith("-cl"):
-        unet = unet.to(memory_format=torch.channels_last)
         vae = vae.to(memory_format=torch.channels_last)
+        if unet is not None:
+            unet = unet.to(memory_format=torch.channels_last)
     scale = SD_VAE["scaling_factor"]
 
     def encode(pixels: torch.Tensor) -> torch.Tensor:  # pixels [B, 3, H, W] in [-1, 1]
@@ -111,7 +121,9 @@ def ours(unet_sd: dict, vae_sd: dict, precision: str) -> dict[str, Callable[...,
     return {"vae_encode": encode, "unet": step, "vae_decode": decode}
 
 
-def comfy_side(comfy: Any, unet_sd: dict, vae_sd: dict, precision: str) -> dict[str, Callable[..., torch.Tensor]]:
+def comfy_side(
+    comfy: Any, unet_sd: dict, vae_sd: dict, precision: str, vae_only: bool = False
+) -> dict[str, Callable[..., torch.Tensor]]:
     """ComfyUI's stage calls on the same weights; ``bf16`` = its --bf16-unet --bf16-vae flags."""
     import logging
 
@@ -120,6 +132,13 @@ def comfy_side(comfy: Any, unet_sd: dict, vae_sd: dict, precision: str) -> dict[
     args.bf16_unet = args.bf16_vae = precision == "bf16"
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         vae = comfy.sd.VAE(sd={key: value.clone() for key, value in vae_sd.items()})
+        if vae_only:  # the SD 1.x latent scaling without a UNet
+            from comfy.latent_formats import SD15
+
+            latent_format = SD15()
+            vae.latent_format = latent_format
+            return {"vae_encode": lambda pixels: latent_format.process_in(vae.encode((pixels.movedim(1, -1) + 1) / 2)),
+                    "vae_decode": lambda latent: vae.decode(latent_format.process_out(latent)).movedim(-1, 1) * 2 - 1}
         patcher = comfy.sd.load_diffusion_model_state_dict({key: value.clone() for key, value in unet_sd.items()})
     model = patcher.model
 
@@ -153,12 +172,14 @@ def main() -> None:
     parser.add_argument("--ours-extra", default="fp32-cl", help="our further variants (no ComfyUI counterpart)")
     parser.add_argument("--extra-stages", default="vae_encode,vae_decode", help="stages the further variants run")
     parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--steps", type=int, default=20, help="modelled face: encode + steps × UNet + decode")
     parser.add_argument("--json", type=Path)
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     stages = options.stages.split(",")
     conditions = {"loadavg_start": loadavg(), "threads": options.threads, "torch": torch.__version__,
-                  "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}  # fmt: skip
+                  "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                  "malloc_env": {key: val for key, val in os.environ.items() if key.startswith("MALLOC_")}}  # fmt: skip
     comfy = load_comfy(options.comfyui)
     unet_sd, vae_sd = build_weights(0)
     generator = torch.Generator().manual_seed(1)
@@ -225,8 +246,27 @@ def main() -> None:
                 ratio = figures["median_s"] / reference["median_s"] if reference else float("nan")
                 print(f"{stage:10s} {name:14s} {figures['median_s'] * 1000:8.0f} ms  ×{ratio:5.2f} of comfy-{precision}"
                       f"  max|Δ| {figures['max_abs_diff_vs_comfy']:.3g} (of {figures['reference_max_abs']:.3g})")
+    faces = modelled_faces(results["stages"], options.steps)
+    if faces:
+        results["modelled_face"] = faces
+        for name, seconds in faces.items():
+            reference = faces.get("comfy-" + name.split("-")[1])  # ours-fp32-cl → comfy-fp32
+            ratio = seconds / reference if reference else float("nan")
+            print(f"face (encode + {options.steps} × UNet + decode) {name:14s} {seconds:7.1f} s  ×{ratio:5.2f}")
     if options.json:
         options.json.write_text(json.dumps(results, indent=1))
+
+
+def modelled_faces(stages: dict[str, dict[str, Any]], steps: int) -> dict[str, float]:
+    """Per contender: encode + ``steps`` × one CFG UNet step + decode (medians) — the model time of one face."""
+    if set(STAGES) - set(stages):
+        return {}
+    names = set.intersection(*(set(stages[stage]) for stage in STAGES))
+    return {
+        name: stages["vae_encode"][name]["median_s"] + steps * stages["unet"][name]["median_s"]
+        + stages["vae_decode"][name]["median_s"]
+        for name in sorted(names)
+    }
 
 
 if __name__ == "__main__":

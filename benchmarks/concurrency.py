@@ -111,8 +111,8 @@ class Served:
             ray.shutdown()
 
 
-def process_cpu_seconds() -> dict[str, float]:
-    """CPU seconds (user + system) of this process and every process under it, by process title.
+def own_processes() -> dict[int, str]:
+    """This process and every process under it, by pid → group name (deployment, Ray part, driver).
 
     The private Ray instance's raylet, GCS and workers all descend from this driver; each Serve
     replica is titled ``ray::ServeReplica:<app>:<deployment>``, so the figures say which part of
@@ -131,16 +131,39 @@ def process_cpu_seconds() -> dict[str, float]:
         before = len(mine)
         mine |= {pid for pid, parent in parents.items() if parent in mine}
         grew = len(mine) > before
-    ticks = os.sysconf("SC_CLK_TCK")
-    totals: dict[str, float] = {}
+    names: dict[int, str] = {}
     for pid in mine:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        name = "driver (clients)" if pid == os.getpid() else _group(title)
+        names[pid] = "driver (clients)" if pid == os.getpid() else _group(title)
+    return names
+
+
+def process_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) of our processes, by group (:func:`own_processes`)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    for pid, name in own_processes().items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
         totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return totals
+
+
+def process_rss_mb() -> dict[str, float]:
+    """Resident memory (MiB) of our processes, by group: what the replicas keep between requests."""
+    totals: dict[str, float] = {}
+    for pid, name in own_processes().items():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        totals[name] = round(totals.get(name, 0.0) + kib / 1024, 1)
     return totals
 
 
@@ -197,6 +220,7 @@ def run_level(served: Served, png: bytes, params: dict[str, Any], clients: int, 
         "mean_unet_batch": round(sum(k * v for k, v in batches.items()) / calls, 2) if calls else None,
         "stage_p50_s": {stage: round(statistics.median(values), 4) for stage, values in stages.items()},
         "cpu_s_per_request": {name: round(value, 4) for name, value in sorted(cpu.items()) if value >= 0.0005},
+        "rss_mb_after": process_rss_mb(),
     }
 
 
@@ -254,7 +278,9 @@ def main() -> None:
         key, value = item.split("=", 1)
         params[key] = json.loads(value)
     started_utc = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-    conditions = {"loadavg_at_start": loadavg(), "cpus": os.cpu_count(), "started_utc": started_utc}
+    conditions = {"loadavg_at_start": loadavg(), "cpus": os.cpu_count(), "started_utc": started_utc,
+                  "replica_env": {key: value for item in options.set if item.startswith("app.runtime_env.env_vars.")
+                                  for key, value in [item.removeprefix("app.runtime_env.env_vars.").split("=", 1)]}}
     log(f"load average {conditions['loadavg_at_start']}")
     png = astronaut_png()
     served = Served(options)
@@ -286,6 +312,9 @@ def main() -> None:
               + " ".join(f"{stage} {seconds:.3f}" for stage, seconds in row["stage_p50_s"].items()))  # fmt: skip
         print("        CPU s per request: " + ", ".join(f"{name} {value:.3f}"
                                                     for name, value in row["cpu_s_per_request"].items()))
+    if rounds:
+        print("RSS after the last level (MiB): " + ", ".join(f"{name} {value:.0f}"
+                                                          for name, value in rounds[-1][-1]["rss_mb_after"].items()))
     conditions["loadavg_at_end"] = loadavg()
     if options.json:
         options.json.write_text(json.dumps({"label": options.label, "config": str(options.config),

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from deployments.families.base import FamilyRow, LatentFormat, ModelFamily, PromptEncoder, TextConditioning
+from deployments.families.lean_forward import use_lean_forward
 from deployments.families.text import ClipEncoder, repeat_to_common_length
 from deployments.sampling import ModelSampling, inpaint_concat
 
@@ -98,6 +99,7 @@ class SDFamily(ModelFamily):
         self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
         self.denoiser = components.unet
         self.vae = components.vae
+        use_lean_forward(self.vae)  # same bits, less memory traffic (deployments/families/lean_forward.py)
         self.source, self.format = components.source, components.format
         self.name = "sdxl" if components.is_sdxl else "sd"
         self.is_inpaint = components.is_inpaint

@@ -77,6 +77,9 @@ def test_local_cpu_config_fits_two_cores_without_gpu():
     for switch in ("HF_HUB_OFFLINE", "YOLO_OFFLINE", "TRANSFORMERS_OFFLINE"):
         assert env[switch] == "1"
     assert env["YOLO_AUTOINSTALL"] == "0" and "YOLO_CONFIG_DIR" in env
+    # replicas reuse freed memory instead of faulting in fresh pages per large tensor (docs/performance.md)
+    assert env["MALLOC_MMAP_MAX_"] == "0" and env["MALLOC_ARENA_MAX"] == "1"
+    assert int(env["MALLOC_TRIM_THRESHOLD_"]) >= 2**32
     deployments = deployments_of(build_app(app_args_from_config(config)))
     assert set(deployments) == {"FaceDetailerIngress", "Detector", "Sam", "Inpainter", "TextEncoder"}
     total_cpus = 0.0
