@@ -38,10 +38,10 @@ from serve_app.auth import ADMIN, DETAIL, AuthGate, Caller, QuotaLease, install_
 from serve_app.config import Limits
 from serve_app.http_adapters.encoding import error_body, public_info, result_to_json
 from serve_app.http_adapters.error_handling import (
-    INTERNAL_ERROR,
     install_error_handling,
     request_error,
     response_for_exception,
+    stream_error,
 )
 from serve_app.http_adapters.errors import RequestError, parse_params, unsafe_name_error, validation_error
 from serve_app.http_adapters.openapi import (
@@ -757,11 +757,7 @@ class FaceDetailerIngress(VideoRoutes):
                     body["timings"]["total"] = time.perf_counter() - started
                     yield sse("result", body)
         except Exception as error:
-            client_error = request_error(error)
-            if client_error is None:
-                logger.exception("request failed in /v1/detail/stream")
-                client_error = RequestError(500, INTERNAL_ERROR)
-            yield sse("error", error_body(client_error))
+            yield sse("error", error_body(stream_error(error, "/v1/detail/stream")))
         finally:
             self._inflight -= 1
 

@@ -56,6 +56,16 @@ def request_error(error: BaseException) -> RequestError | None:
     return None
 
 
+def stream_error(error: BaseException, route: str) -> RequestError:
+    """What a stream's ``error`` event says of an exception: the client error, or a 500 logged
+    with its traceback (the stream has started: no error handler will see it)."""
+    client_error = request_error(error)
+    if client_error is None:
+        logger.error("request failed in %s", route, exc_info=error)
+        client_error = RequestError(500, INTERNAL_ERROR)
+    return client_error
+
+
 def response_for_exception(error: BaseException) -> JSONResponse:
     """A client error's response, or a logged 500 that tells nothing but the request id."""
     client_error = request_error(error)

@@ -104,14 +104,20 @@ async def _form_contents(form: Any, limits: Limits) -> tuple[list[np.ndarray], d
             raise RequestError.for_field(422, "image", "must be a file upload, not a text field")
         data = await upload.read(limits.max_upload_bytes + 1)
         images.append(decode_image(data, limits, f"image[{index}]" if len(uploads) > 1 else "image"))
-    values: dict[str, Any] = {}
-    if "params" in form:
-        values.update(json_object(form["params"], "params", max_bytes=max_params_chars(limits)))
     for key in form:
         if key != "image" and len(form.getlist(key)) > 1:
             raise RequestError.for_field(422, key, "given more than once")
+    return images, await form_parameters(form, "image", limits)
+
+
+async def form_parameters(form: Any, upload_field: str, limits: Limits) -> dict[str, Any]:
+    """A multipart request's parameters: the ``params`` JSON, then every other text field (a
+    ``workflow`` may come as a file), checked against the limits; ``upload_field`` is the media."""
+    values: dict[str, Any] = {}
+    if "params" in form:
+        values.update(json_object(form["params"], "params", max_bytes=max_params_chars(limits)))
     for key, value in form.multi_items():
-        if key in ("image", "params"):
+        if key in (upload_field, "params"):
             continue
         if key == "workflow" and not isinstance(value, str):  # a workflow .json file uploaded as a file
             data = await value.read(MAX_WORKFLOW_BYTES + 1)
@@ -122,7 +128,7 @@ async def _form_contents(form: Any, limits: Limits) -> tuple[list[np.ndarray], d
             raise RequestError.for_field(422, key, "must be a text field, not a file")
         values[key] = value
     check_parameters(values, limits)
-    return images, values
+    return values
 
 
 async def read_json(request: Request, limits: Limits) -> tuple[list[np.ndarray], dict[str, Any]]:

@@ -14,7 +14,6 @@ limits and admission count); the orchestration is :mod:`serve_app.video`.
 import asyncio
 import base64
 import dataclasses
-import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
@@ -29,18 +28,17 @@ from facedetailer.video_params import VideoParams, split_video_values
 from serve_app.auth import DETAIL, Caller
 from serve_app.config import Limits
 from serve_app.http_adapters.encoding import error_body
-from serve_app.http_adapters.error_handling import INTERNAL_ERROR, request_error, response_for_exception
-from serve_app.http_adapters.errors import RequestError, json_object, parse_params, validation_error
+from serve_app.http_adapters.error_handling import response_for_exception, stream_error
+from serve_app.http_adapters.errors import RequestError, parse_params, validation_error
 from serve_app.http_adapters.openapi import VIDEO_REQUEST_BODY, VIDEO_RESPONSES, VIDEO_STREAM_RESPONSES
-from serve_app.http_adapters.request_reading import MULTIPART_OVERHEAD, capped, check_parameters
-from serve_app.limits import MAX_WORKFLOW_BYTES, max_params_chars, planned_work_units
+from serve_app.http_adapters.request_reading import MULTIPART_OVERHEAD, capped, form_parameters
+from serve_app.limits import MAX_WORKFLOW_BYTES, planned_work_units
 from serve_app.streaming import HEARTBEAT_S, SSE_HEADERS, SSE_HEARTBEAT, SSE_MEDIA_TYPE, sse, with_progress
 from serve_app.video.codec import CONTAINERS, VideoInputError
 from serve_app.video.service import VideoResponse, detail_video_file
 
-logger = logging.getLogger("ray.serve")
-
 video_router = APIRouter()
+
 
 async def read_video_request(request: Request, limits: Limits) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
     """The uploaded file's bytes, FaceDetailer's values and the video options (not yet validated).
@@ -78,22 +76,7 @@ async def _form_contents(form: Any, limits: Limits) -> tuple[bytes, dict[str, An
         raise RequestError.for_field(
             413, "video", f"larger than limits.max_video_upload_bytes = {limits.max_video_upload_bytes} bytes"
         )
-    values: dict[str, Any] = {}
-    if "params" in form:
-        values.update(json_object(form["params"], "params", max_bytes=max_params_chars(limits)))
-    for key, value in form.multi_items():
-        if key in ("video", "params"):
-            continue
-        if key == "workflow" and not isinstance(value, str):  # a workflow .json file uploaded as a file
-            raw = await value.read(MAX_WORKFLOW_BYTES + 1)
-            if len(raw) > MAX_WORKFLOW_BYTES:
-                raise RequestError(413, f"workflow: larger than {MAX_WORKFLOW_BYTES} bytes")
-            value = raw.decode("utf-8", "replace")
-        elif not isinstance(value, str):
-            raise RequestError.for_field(422, key, "must be a text field, not a file")
-        values[key] = value
-    check_parameters(values, limits)
-    face, video = split_video_values(values)
+    face, video = split_video_values(await form_parameters(form, "video", limits))
     return data, face, video
 
 
@@ -333,10 +316,6 @@ class VideoRoutes:
                 else:
                     yield sse("result", video_json(event["result"]))
         except Exception as error:
-            client_error = request_error(error)
-            if client_error is None:
-                logger.exception("request failed in /v1/detail/video/stream")
-                client_error = RequestError(500, INTERNAL_ERROR)
-            yield sse("error", error_body(client_error))
+            yield sse("error", error_body(stream_error(error, "/v1/detail/video/stream")))
         finally:
             self._inflight -= 1
