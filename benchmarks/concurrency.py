@@ -27,10 +27,8 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from closed_loop import closed_loop  # noqa: E402
 from run_benchmarks import CpuMeter, call_with_timeout, free_port, loadavg, log, png_bytes  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "local-cpu.yaml"
@@ -177,31 +176,16 @@ def _group(title: str) -> str:
 
 def run_level(served: Served, png: bytes, params: dict[str, Any], clients: int, requests: int) -> dict[str, Any]:
     """``requests`` requests from ``clients`` closed-loop client threads."""
-    latencies: list[float] = []
-    stages: dict[str, list[float]] = {}
-    lock = threading.Lock()
-    remaining = [requests]
-
-    def client() -> None:
-        while True:
-            with lock:
-                if remaining[0] == 0:
-                    return
-                remaining[0] -= 1
-            latency, timings = served.detail(png, params)
-            with lock:
-                latencies.append(latency)
-                for stage, seconds in timings.items():
-                    stages.setdefault(stage, []).append(float(seconds))
-
     before = served.batch_sizes()
     cpu_before = process_cpu_seconds()
     load = loadavg()[0]
-    with CpuMeter() as meter, ThreadPoolExecutor(clients) as pool:
-        started = time.perf_counter()
-        for future in [pool.submit(client) for _ in range(clients)]:
-            future.result()
-        wall = time.perf_counter() - started
+    with CpuMeter() as meter:
+        answers, wall = closed_loop(clients, requests, lambda: served.detail(png, params))
+    latencies = [latency for latency, _ in answers]
+    stages: dict[str, list[float]] = {}
+    for _, timings in answers:
+        for stage, seconds in timings.items():
+            stages.setdefault(stage, []).append(float(seconds))
     cpu_after = process_cpu_seconds()
     cpu = {name: (seconds - cpu_before.get(name, 0.0)) / requests for name, seconds in cpu_after.items()}
     batches = served.batch_sizes() - before

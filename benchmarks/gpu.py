@@ -31,10 +31,8 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 for entry in (REPO, REPO / "benchmarks"):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
+
+from closed_loop import closed_loop  # noqa: E402
 
 GPU_CONFIG = REPO / "configs" / "gpu.yaml"
 APP_NAME = "gpu-bench"
@@ -153,25 +153,8 @@ def level(run: Run, image: np.ndarray, params: dict[str, Any], clients: int, req
     """``requests`` requests from ``clients`` closed-loop threads: requests/s, latency, UNet batch sizes."""
     checkpoint = params["model"]
     before = run.engine(checkpoint)
-    latencies: list[float] = []
-    lock = threading.Lock()
-    remaining = [requests]
-
-    def client() -> None:
-        while True:
-            with lock:
-                if remaining[0] == 0:
-                    return
-                remaining[0] -= 1
-            latency, _ = run.detail(image, params)
-            with lock:
-                latencies.append(latency)
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        for future in [pool.submit(client) for _ in range(clients)]:
-            future.result()
-    wall = time.perf_counter() - started
+    answers, wall = closed_loop(clients, requests, lambda: run.detail(image, params))
+    latencies = [latency for latency, _ in answers]
     after = run.engine(checkpoint)
     sizes = Counter({int(k): v for k, v in after.get("unet_batch_sizes", {}).items()})
     sizes.subtract({int(k): v for k, v in before.get("unet_batch_sizes", {}).items()})
