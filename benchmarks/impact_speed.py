@@ -21,12 +21,15 @@ SAMLoader reads segment-anything ViT checkpoints, none of which exist here). Whe
 crop is not a multiple of 8, ComfyUI's VAEEncode drops the extra rows and columns and we pad
 (spec Decision 5), so the images differ by design and our VAE sees ~2 % more pixels; ``--align``
 lowers ``max_size`` (from the round-0 detection, with our copy of Impact's upscale rule) to the
-largest value whose upscaled crop is a multiple of 8 both ways, where the two must agree. Rounds alternate the
-order; round 0 warms up with ``--warmup-steps`` and is not counted; the median of ``--repeats``
-is reported with the machine's load average. Per side it prints the wall time, the time inside
-the detector, VAE encode/decode and sampling (Impact: timers around its detector and ComfyUI's
-VAE calls; ours: the pipeline's stage timings), and it compares the final 8-bit images (max
-level difference and pixels more than 2 levels apart) and the crop regions.
+largest value whose upscaled crop is a multiple of 8 both ways, where the two must agree.
+
+Rounds alternate the order; round 0 warms up with ``--warmup-steps`` and is not counted; the
+median of ``--repeats`` is reported with the machine's load average. Per side it prints the
+wall time and the time inside the detector, VAE encode, the UNet calls and VAE decode (timers
+around Impact's detector, ComfyUI's ``VAE.encode``/``decode`` and ``BaseModel.apply_model``;
+around our family's ``encode_pixels``, ``forward`` and ``decode_latents``) and the rest: the
+sampler's own arithmetic, resizes, masks and the paste. It compares the final 8-bit images (max
+level difference, pixels more than 2 levels apart) and the crop regions.
 
 Impact imports ComfyUI's web server, ``piexif`` and the upscale-model node (spandrel); none of
 them is reached by FaceDetailer, so stand-ins are registered when they cannot be imported; the
@@ -37,9 +40,13 @@ Subpack needs ``dill``. Extract the checkouts (never committed) and run it under
     PYTHONPATH=/tmp/deps python benchmarks/impact_speed.py --comfyui /tmp/comfyui \\
         --impact /tmp/impact --subpack /tmp/subpack --model <sd15 folder> --repeats 2 --json out.json
 
-Start the process with the shipped config's malloc settings (``MALLOC_ARENA_MAX=1
-MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184``) to time both sides with them; the JSON
-records which were set.
+Both sides share one process by default, and so its allocator: ComfyUI's model loading leaves
+gigabytes of freed, already-faulted memory inside glibc's heap, which then serves the big
+temporaries of *both* sides without page faults. Start the process with the shipped config's
+malloc settings (``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184``) to
+time both sides with those, or give ``--ours-env configs/local-cpu.yaml`` to run our side in a
+process of its own with the env vars the config gives its replicas, against ComfyUI as it ships
+(each side as a user runs it; rounds still alternate). The JSON records which were set.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import contextlib
 import importlib
 import io
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -187,15 +195,15 @@ def impact_arguments(params: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def aligned_max_size(segments: list[Any], params: Any) -> float:
+def aligned_max_size(segments: list[dict[str, Any]], params: Any) -> float:
     """The largest max_size ≤ the asked one whose upscaled crops are multiples of 8 both ways (no Decision 5)."""
     from facedetailer.guide_size import plan_upscale
 
     for max_size in range(int(params.max_size), 63, -1):
         sizes = []
         for segment in segments:
-            x1, y1, x2, y2 = segment.crop_region
-            plan = plan_upscale((x2 - x1, y2 - y1), segment.bbox, guide_size=params.guide_size,
+            x1, y1, x2, y2 = segment["crop_region"]
+            plan = plan_upscale((x2 - x1, y2 - y1), segment["bbox"], guide_size=params.guide_size,
                                 guide_size_for_bbox=params.guide_size_for, max_size=max_size,
                                 force_inpaint=params.force_inpaint)  # fmt: skip
             sizes.append(plan.new_size)
@@ -219,6 +227,105 @@ def compare(ours: np.ndarray, theirs: np.ndarray) -> dict[str, Any]:
     }
 
 
+class OursInProcess:
+    """Our side: ``LocalStages.detail`` on the checkpoint, with timers around the family's model stages."""
+
+    def __init__(self, model_dir: str) -> None:
+        from deployments.detector import FaceDetector
+        from deployments.model_loading import load_inpainter
+        from deployments.testing import assets
+        from serve_app.local import LocalStages
+
+        self.inpainter = load_inpainter(model_dir, device="cpu", dtype="float32")
+        detector = FaceDetector(str(assets.faceghost_face_onnx()), task="detect", device="cpu")
+        self.stages = LocalStages(detector=detector, inpainter=self.inpainter)
+        self.clock = StageClock()
+        family = self.inpainter.family
+        family.encode_pixels = self.clock.wrap("vae_encode", family.encode_pixels)
+        family.decode_latents = self.clock.wrap("vae_decode", family.decode_latents)
+        family.forward = self.clock.wrap("unet", family.forward)
+        self.image = np.ascontiguousarray(assets.astronaut())
+
+    def conditioning(self, text: str) -> tuple[Any, Any]:
+        """(context, pooled) as the inpainter encodes ``text``: what Impact is given as CONDITIONING."""
+        return self.inpainter._encode_prompt((text,))
+
+    def run(self, steps: int, max_size: float, threads: int) -> dict[str, Any]:
+        import torch
+
+        from facedetailer.params import FaceDetailerParams
+
+        torch.set_num_threads(threads)  # ultralytics resets it process-wide
+        started = time.perf_counter()
+        result = self.stages.detail([self.image], FaceDetailerParams(steps=steps, max_size=max_size, seed=0))
+        wall = time.perf_counter() - started
+        per_image = result.per_image[0]
+        segments = [
+            {"crop_region": list(segment.crop_region), "bbox": list(segment.bbox),
+             "upscaled_size": list(segment.upscaled_size or ())}
+            for segment in per_image.segments if not segment.skipped
+        ]  # fmt: skip
+        timings = {f"pipeline_{stage}": seconds for stage, seconds in result.timings.items()}
+        timings.update(self.clock.take())
+        timings["detect"] = timings.get("pipeline_detect", 0.0)
+        return {"image": per_image.image, "timings": timings, "segments": segments, "wall": wall}
+
+    def close(self) -> None:
+        pass
+
+
+def ours_worker(connection: Any, model_dir: str) -> None:
+    """Our side in a process of its own, answering (method, args) messages until None."""
+    side = OursInProcess(model_dir)
+    connection.send("ready")
+    while (message := connection.recv()) is not None:
+        method, args = message
+        connection.send(getattr(side, method)(*args))
+
+
+class OursInChild:
+    """Our side in a spawned process started with the served replicas' environment (their malloc settings)."""
+
+    def __init__(self, model_dir: str, env: dict[str, str]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)  # read by the child's glibc and OpenMP at start
+        try:
+            self.process = context.Process(target=ours_worker, args=(child, model_dir), daemon=True)
+            self.process.start()
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        if self.connection.recv() != "ready":
+            raise SystemExit("our side's process did not start")
+
+    def _call(self, method: str, *args: Any) -> Any:
+        self.connection.send((method, args))
+        return self.connection.recv()
+
+    def conditioning(self, text: str) -> tuple[Any, Any]:
+        return self._call("conditioning", text)
+
+    def run(self, steps: int, max_size: float, threads: int) -> dict[str, Any]:
+        return self._call("run", steps, max_size, threads)
+
+    def close(self) -> None:
+        self.connection.send(None)
+        self.process.join(timeout=60)
+
+
+def served_env(config: Path) -> dict[str, str]:
+    """The first application's ``runtime_env.env_vars`` of a Serve config: what its replicas run with."""
+    import yaml
+
+    application = yaml.safe_load(config.read_text())["applications"][0]
+    return {name: str(value) for name, value in application.get("runtime_env", {}).get("env_vars", {}).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI checkout")
@@ -233,6 +340,11 @@ def main() -> None:
         "--align", action="store_true", help="lower max_size to put the upscaled crop on the latent grid"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--ours-env",
+        type=Path,
+        help="run our side in its own process with this Serve config's env_vars (e.g. configs/local-cpu.yaml)",
+    )
     parser.add_argument("--json", type=Path)
     options = parser.parse_args()
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE", "YOLO_OFFLINE"):
@@ -240,30 +352,30 @@ def main() -> None:
     os.environ.setdefault("YOLO_CONFIG_DIR", "/tmp/facedetailer-ultralytics")
     import torch
 
-    from deployments.detector import FaceDetector
-    from deployments.model_loading import load_inpainter
     from deployments.testing import assets
     from facedetailer.params import FaceDetailerParams
-    from serve_app.local import LocalStages
 
     model_dir = options.model
     if model_dir is None:
         from random_models import build
 
         model_dir = Path(build("sd15")["pipeline"])
+    ours_env = served_env(options.ours_env) if options.ours_env else None
     conditions = {"loadavg_start": loadavg(), "threads": options.threads,
                   "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-                  "malloc": {name: os.environ.get(name) for name in MALLOC_VARIABLES}}  # fmt: skip
+                  "malloc_impact": {name: os.environ.get(name) for name in MALLOC_VARIABLES},
+                  "ours": "own process" if ours_env else "same process",
+                  "malloc_ours": {name: (ours_env or os.environ).get(name) for name in MALLOC_VARIABLES}}  # fmt: skip
+    # our side first: a spawned child must not inherit the checkouts on sys.path
+    ours = OursInChild(str(model_dir), ours_env) if ours_env is not None else OursInProcess(str(model_dir))
     comfy, impact_pack, subcore = load_impact(options.comfyui, options.impact, options.subpack)
     detector_path = str(assets.faceghost_face_onnx())
-
-    inpainter = load_inpainter(str(model_dir), device="cpu", dtype="float32")
-    ours = LocalStages(detector=FaceDetector(detector_path, task="detect", device="cpu"), inpainter=inpainter)
 
     clock = StageClock()
     patcher, vae = comfy_models(comfy, model_dir)
     vae.encode = clock.wrap("vae_encode", vae.encode)
     vae.decode = clock.wrap("vae_decode", vae.decode)
+    patcher.model.apply_model = clock.wrap("unet", patcher.model.apply_model)  # every clone shares this model
     with contextlib.redirect_stdout(io.StringIO()):
         bbox_detector = subcore.UltraBBoxDetector(subcore.load_yolo(detector_path))
     detected: list[Any] = []
@@ -277,7 +389,7 @@ def main() -> None:
     bbox_detector.detect = detect_and_keep
 
     def conditioning(text: str) -> list:
-        context, pooled = inpainter._encode_prompt((text,))
+        context, pooled = ours.conditioning(text)
         return [[context, {"pooled_output": pooled} if pooled is not None else {}]]
 
     image = np.ascontiguousarray(assets.astronaut())
@@ -291,14 +403,7 @@ def main() -> None:
                                **impact_arguments(params))  # fmt: skip
         return save_image_quantised(result[0]), clock.take()
 
-    segments: list[Any] = []
-
-    def run_ours(params: FaceDetailerParams) -> tuple[np.ndarray, dict[str, float], list]:
-        result = ours.detail([image], params)
-        per_image = result.per_image[0]
-        segments[:] = [segment for segment in per_image.segments if not segment.skipped]
-        return per_image.image, dict(result.timings), [list(segment.crop_region) for segment in segments]
-
+    segments: list[dict[str, Any]] = []
     max_size = options.max_size
 
     sides = ("impact", "ours")
@@ -312,17 +417,25 @@ def main() -> None:
             max_size = aligned_max_size(segments, FaceDetailerParams(max_size=options.max_size))
         params = FaceDetailerParams(steps=steps, max_size=max_size, seed=0)
         for side in sides if repeat % 2 == 0 else sides[::-1]:
-            torch.set_num_threads(options.threads)  # ultralytics resets it process-wide
-            started = time.perf_counter()
             if side == "impact":
+                torch.set_num_threads(options.threads)  # ultralytics resets it process-wide
+                started = time.perf_counter()
                 final, timings = run_impact(params)
+                wall = time.perf_counter() - started
                 regions[side] = [list(region) for region in detected]
             else:
-                final, timings, regions[side] = run_ours(params)
-            wall = time.perf_counter() - started
+                answer = ours.run(steps, max_size, options.threads)
+                final, timings, wall, segments[:] = (
+                    answer["image"],
+                    answer["timings"],
+                    answer["wall"],
+                    answer["segments"],
+                )
+                regions[side] = [segment["crop_region"] for segment in segments]
             finals[side] = final
-            if side == "impact":  # sampling, the crop's resizes, masks and the paste
-                timings["rest"] = wall - sum(timings.values())
+            model_stages = ("detect", "vae_encode", "unet", "vae_decode")
+            # the sampler's own arithmetic, the crop's resizes, masks and the paste
+            timings["rest"] = wall - sum(timings.get(stage, 0.0) for stage in model_stages)
             if repeat:
                 walls[side].append(wall)
                 for stage, seconds in timings.items():
@@ -333,7 +446,7 @@ def main() -> None:
     faces = len(regions["ours"])
     results: dict[str, Any] = {
         "conditions": conditions, "model": str(model_dir), "steps": options.steps, "max_size": max_size,
-        "upscaled_sizes": [list(segment.upscaled_size) for segment in segments],
+        "upscaled_sizes": [segment["upscaled_size"] for segment in segments],
         "repeats": options.repeats, "faces": faces, "crop_regions": regions,
         "sides": {side: {"wall_s": statistics.median(walls[side]), "walls_s": walls[side],
                          "stages_s": {stage: statistics.median(values) for stage, values in stages[side].items()}}
@@ -342,7 +455,8 @@ def main() -> None:
     }  # fmt: skip
     results["wall_ratio"] = results["sides"]["ours"]["wall_s"] / results["sides"]["impact"]["wall_s"]
     print(f"astronaut, {faces} face(s), {options.steps} steps, max_size {max_size:g} (upscaled crops "
-          f"{results['upscaled_sizes']}); {options.threads} threads; malloc {conditions['malloc']}; "
+          f"{results['upscaled_sizes']}); {options.threads} threads; ours in the {conditions['ours']}; malloc: "
+          f"Impact {conditions['malloc_impact']}, ours {conditions['malloc_ours']}; "
           f"load {conditions['loadavg_start']} → {conditions['loadavg_end']}")  # fmt: skip
     print(f"crop regions: ours {regions['ours']}, Impact {regions['impact']}")
     for side in sides:
@@ -353,6 +467,7 @@ def main() -> None:
     print(f"ours / Impact wall: {results['wall_ratio']:.3f}×; image: {results['image_ours_vs_impact']}")
     if options.json:
         options.json.write_text(json.dumps(results, indent=1))
+    ours.close()
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Where the VAE's time goes, ours against ComfyUI's, on the same weights and the same crop.
+"""Where a model stage's time goes, ours against ComfyUI's, on the same weights and the same crop.
 
-Builds the full-size SD VAE (its published config, seeded random weights, ``random_models.py``),
-loads the SAME weights into ComfyUI's ``comfy.sd.VAE`` (a checkout given with ``--comfyui``; not a
-dependency) and runs encode and decode of a ``--crop``-px crop on both sides under
-``torch.profiler`` with the replicas' thread count. Prints, per stage and side, the wall time of the
-profiled call, the operator table (self CPU time, calls) and the number of bytes allocated, so that
-a difference can be pinned to operators (convolutions, GroupNorm, SiLU, attention, copies).
+Builds the full-size SD 1.5 VAE and UNet (published configs, seeded random weights, as
+``comfy_speed.py``), loads the SAME weights into ComfyUI's ``comfy.sd.VAE`` and its UNet (a
+checkout given with ``--comfyui``; not a dependency) and runs VAE encode and decode of a
+``--crop``-px crop (``--crop W``, or ``WxH`` for a non-square one) and one CFG step of the UNet
+(2 rows, 77 tokens) on its latent, on both sides under ``torch.profiler`` with the replicas'
+thread count. Prints, per stage and side, the wall time of the profiled call, the operator table
+(self CPU time, calls) and the bytes allocated, so that a difference can be pinned to operators
+(convolutions, GroupNorm, SiLU, attention, copies).
 
-    PYTHONPATH=/tmp/deps python benchmarks/vae_profile.py --comfyui /tmp/comfyui [--crop 512] [--json out.json]
+    PYTHONPATH=/tmp/deps python benchmarks/stage_profile.py --comfyui /tmp/comfyui [--crop 512] \
+        [--stages vae_encode,unet,vae_decode] [--json out.json]
 
 Run it under the heavy lock on an otherwise quiet machine.
 """
@@ -30,7 +33,7 @@ for entry in (REPO, REPO / "benchmarks"):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
 
-from comfy_speed import SD15_UNET, build_weights, comfy_side, load_comfy, loadavg, ours  # noqa: E402, F401
+from comfy_speed import SD15_UNET, build_weights, comfy_side, load_comfy, loadavg, ours  # noqa: E402
 
 
 def op_table(prof: Any, rows: int) -> list[dict[str, Any]]:
@@ -49,7 +52,8 @@ def op_table(prof: Any, rows: int) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", type=Path, required=True)
-    parser.add_argument("--crop", type=int, default=512)
+    parser.add_argument("--crop", default="512", help="W or WxH, multiples of 8")
+    parser.add_argument("--stages", default="vae_encode,vae_decode")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--sides", default="ours,comfy")
@@ -58,21 +62,36 @@ def main() -> None:
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     comfy = load_comfy(options.comfyui)
+    stages = options.stages.split(",")
+    vae_only = "unet" not in stages
     unet_sd, vae_sd = build_weights(0)
-    del unet_sd
+    if vae_only:
+        unet_sd = {}
     generator = torch.Generator().manual_seed(1)
-    side = options.crop
+    width, _, height = options.crop.partition("x")
+    width, height = int(width), int(height or width)
+    latent = torch.randn(2, 4, height // 8, width // 8, generator=generator)
     inputs = {
-        "vae_encode": (torch.rand(1, 3, side, side, generator=generator) * 2 - 1,),
-        "vae_decode": (torch.randn(1, 4, side // 8, side // 8, generator=generator),),
+        "vae_encode": (torch.rand(1, 3, height, width, generator=generator) * 2 - 1,),
+        "unet": (
+            latent,
+            torch.tensor([500.0, 500.0]),
+            torch.randn(2, 77, SD15_UNET["cross_attention_dim"], generator=generator),
+        ),
+        "vae_decode": (latent[:1],),
     }
-    results: dict[str, Any] = {"loadavg_start": loadavg(), "crop": side, "threads": options.threads, "runs": {}}
-    empty_unet: dict = {}
+    inputs = {stage: inputs[stage] for stage in stages}
+    results: dict[str, Any] = {
+        "loadavg_start": loadavg(),
+        "crop": [width, height],
+        "threads": options.threads,
+        "runs": {},
+    }
     for name in options.sides.split(","):
         if name == "ours":
-            calls = ours(empty_unet, vae_sd, options.precision, vae_only=True)
+            calls = ours(unet_sd, vae_sd, options.precision, vae_only=vae_only)
         else:
-            calls = comfy_side(comfy, empty_unet, vae_sd, options.precision, vae_only=True)
+            calls = comfy_side(comfy, unet_sd, vae_sd, options.precision, vae_only=vae_only)
         calls.pop("dtypes", None)
         with torch.inference_mode():
             for stage, args in inputs.items():
