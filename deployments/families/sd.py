@@ -50,8 +50,9 @@ class SDPromptEncoder(PromptEncoder):
                  dtype: torch.dtype) -> None:  # fmt: skip
         layer = "penultimate" if sdxl else "last"
         self.encoders = [
-            ClipEncoder(tokenizer, encoder, layer=layer, pooled="projected" if sdxl and index == 1 else None,
-                        device=device)  # fmt: skip
+            ClipEncoder(
+                tokenizer, encoder, layer=layer, pooled="projected" if sdxl and index == 1 else None, device=device
+            )  # fmt: skip
             for index, (tokenizer, encoder) in enumerate(zip(tokenizers, encoders, strict=True))
         ]
         self.dtype = dtype
@@ -100,6 +101,7 @@ class SDFamily(ModelFamily):
         self.denoiser = components.unet
         self.vae = components.vae
         use_lean_forward(self.vae)  # same bits, less memory traffic (deployments/families/lean_forward.py)
+        use_lean_forward(self.denoiser)
         self.source, self.format = components.source, components.format
         self.name = "sdxl" if components.is_sdxl else "sd"
         self.is_inpaint = components.is_inpaint

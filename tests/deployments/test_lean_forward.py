@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
+from diffusers.models.activations import GEGLU
 from diffusers.models.resnet import ResnetBlock2D
 
-from deployments.families.lean_forward import LeanResnetBlock2D, use_lean_forward
+from deployments.families.lean_forward import LeanGEGLU, LeanResnetBlock2D, use_lean_forward
 from deployments.testing.tiny_sd import _unet, _vae
 
 
@@ -39,6 +40,8 @@ def test_the_unet_blocks_with_a_time_embedding_give_the_same_bits() -> None:
     plain = _seeded(_unet)
     lean = copy.deepcopy(plain)
     assert use_lean_forward(lean) > 0
+    assert any(type(module) is LeanResnetBlock2D for module in lean.modules())
+    assert any(type(module) is LeanGEGLU for module in lean.modules())  # the transformer blocks' feed-forward
     generator = torch.Generator().manual_seed(2)
     sample, context = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 7, 32, generator=generator)
     timesteps = torch.tensor([999.0, 10.0])
@@ -54,6 +57,19 @@ def test_with_gradients_or_in_training_the_block_runs_diffusers_own_forward() ->
     inputs = torch.randn(1, 8, 6, 6, requires_grad=True)
     block(inputs, None).sum().backward()  # in-place ops on a graph would raise here
     assert inputs.grad is not None
+
+
+def test_geglu_gives_the_same_bits_and_keeps_diffusers_forward_with_gradients() -> None:
+    torch.manual_seed(3)
+    plain = GEGLU(16, 24).eval()
+    lean = copy.deepcopy(plain)
+    assert use_lean_forward(lean) == 1 and type(lean) is LeanGEGLU
+    inputs = torch.randn(2, 5, 16)
+    with torch.inference_mode():
+        assert torch.equal(lean(inputs), plain(inputs))
+    graph_inputs = inputs.clone().requires_grad_(True)
+    lean(graph_inputs).sum().backward()  # an in-place product on a graph would raise here
+    assert graph_inputs.grad is not None
 
 
 @pytest.mark.parametrize(
