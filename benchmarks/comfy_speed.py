@@ -103,6 +103,8 @@ def ours(unet_sd: dict, vae_sd: dict, precision: str, vae_only: bool = False) ->
     if unet is not None:
         unet.load_state_dict(unet_sd, assign=True)
         unet = unet.to(dtype).eval().requires_grad_(False)
+        if not precision.endswith("-diffusers"):  # the served SD family's UNet, likewise
+            use_lean_forward(unet)
     if precision.endswith("-cl"):
         vae = vae.to(memory_format=torch.channels_last)
         if unet is not None:
