@@ -74,11 +74,9 @@ for entry in (REPO, REPO / "benchmarks"):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
 
+from comfy_speed import load_comfy, loadavg  # noqa: E402
+
 MALLOC_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
-
-
-def loadavg() -> list[float]:
-    return [float(value) for value in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 class _PromptServerStandIn:
@@ -108,18 +106,8 @@ def _stand_in(name: str, **attributes: Any) -> None:
 
 def load_impact(comfyui: Path, impact: Path, subpack: Path) -> tuple[Any, Any, Any]:
     """(comfy, Impact's impact_pack module, the Subpack's subcore module), imported from checkouts."""
-    sys.path.insert(0, str(comfyui))
+    comfy = load_comfy(comfyui)
     sys.path.insert(0, str(impact / "modules"))
-    argv = sys.argv
-    sys.argv = [argv[0], "--cpu"]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.cli_args
-        import comfy.sd
-    finally:
-        sys.argv = argv
     _stand_in("server", PromptServer=type("PromptServer", (), {"instance": _PromptServerStandIn()}))
     _stand_in("piexif")
     _stand_in("comfy_extras.nodes_upscale_model")
