@@ -77,7 +77,8 @@ def encode_clip(frames: list[np.ndarray], spec: ClipSpec = ClipSpec(), container
             audio = output.add_stream("aac", rate=spec.sample_rate)
             audio.layout = "mono"
         for index, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            # single-threaded conversion, as serve_app.video.codec does (a threaded one hangs a later fork)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p", threads=1)
             frame.pts = index
             output.mux(video.encode(frame))
         output.mux(video.encode(None))

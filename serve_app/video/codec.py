@@ -11,6 +11,10 @@ with their original timestamps, the audio packets copied untouched.
   by time with the video packets.
 - **Container**: ``mp4`` (default), ``mov`` or ``mkv``; an audio codec the chosen container cannot
   hold (e.g. PCM or Vorbis in mp4) moves the output to Matroska (``mkv``), and the result says so.
+- **Pixel conversion** (RGB <-> YUV) runs single-threaded (``SWS_THREADS``): swscale's slice-thread
+  pool would otherwise live in a thread-local (PyAV caches one converter per thread) or in the
+  encoder's context, and a process that forks with ``preexec_fn`` after that (``ray.init`` does)
+  frees it in the child, where its threads do not exist, and hangs. The pixels are the same.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ _AUDIO_IN_MOV = _AUDIO_IN_MP4 | {"pcm_s16le", "pcm_s16be", "pcm_s24le", "pcm_s24
 
 Source = str | Path | bytes
 FF_QP2LAMBDA = 118  # FFmpeg: a quantiser in lambda units
+SWS_THREADS = 1  # swscale without its slice-thread pool (see the module docstring)
 
 
 class VideoInputError(ValueError):
@@ -146,7 +151,7 @@ def decode_video(source: Source, *, max_frames: int | None = None) -> DecodedVid
                         f"video: more than {max_frames} frames, over limits.max_video_frames",
                         limit="max_video_frames",
                     )
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(frame.to_ndarray(format="rgb24", threads=SWS_THREADS))
                 stamp = frame.pts if frame.pts is not None else (pts[-1] + step if pts else 0)
                 pts.append(int(stamp))
         except av.FFmpegError as error:
@@ -252,7 +257,9 @@ def encode_video(
         for image, stamp in zip(frames, pts, strict=True):
             if pad != (0, 0):
                 image = np.pad(image, ((0, pad[0]), (0, pad[1]), (0, 0)), mode="edge")
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            # converted here, so the encoder's context never builds a threaded converter of its own
+            frame = rgb.reformat(format=pixel_format, threads=SWS_THREADS)
             frame.pts = int(stamp)
             frame.time_base = info.time_base
             mux_video(stream.encode(frame))
