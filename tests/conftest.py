@@ -20,6 +20,7 @@ CACHE_DIR = Path(os.environ.get("FACEDETAILER_TEST_CACHE", REPO_ROOT / ".cache" 
 CACHE_DIR.mkdir(parents=True, exist_ok=True)
 
 from deployments.runtime_env import apply_offline_env  # noqa: E402
+from tests.ast_parse_retry import install_ast_parse_retry  # noqa: E402
 
 apply_offline_env(CACHE_DIR / "ultralytics")
 os.environ.setdefault("FACEDETAILER_CACHE", str(CACHE_DIR / "weights"))
@@ -62,6 +63,9 @@ def _guarded_connect_ex(self: socket.socket, address: object) -> int:
 
 socket.socket.connect = _guarded_connect  # type: ignore[method-assign]
 socket.socket.connect_ex = _guarded_connect_ex  # type: ignore[method-assign]
+
+
+install_ast_parse_retry()  # CPython 3.11.7's threads-vs-ast.parse bug (see tests/ast_parse_retry.py)
 
 
 @pytest.fixture(scope="session")
