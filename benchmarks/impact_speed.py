@@ -335,9 +335,9 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path)
     options = parser.parse_args()
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE", "YOLO_OFFLINE"):
-        os.environ[name] = "1"
-    os.environ.setdefault("YOLO_CONFIG_DIR", "/tmp/facedetailer-ultralytics")
+    from deployments.runtime_env import apply_offline_env
+
+    apply_offline_env(Path(os.environ.get("YOLO_CONFIG_DIR", "/tmp/facedetailer-ultralytics")))
     import torch
 
     from deployments.testing import assets

@@ -92,9 +92,9 @@ def main() -> None:
         parser.error("--json is required to measure")
 
     os.environ.setdefault("FACEDETAILER_TINY_MODELS", str(DEFAULT_TINY_MODELS))
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE", "YOLO_OFFLINE"):
-        os.environ[name] = "1"
-    os.environ.setdefault("YOLO_CONFIG_DIR", "/tmp/facedetailer-ultralytics")
+    from deployments.runtime_env import apply_offline_env
+
+    apply_offline_env(Path(os.environ.get("YOLO_CONFIG_DIR", "/tmp/facedetailer-ultralytics")))
     import numpy as np
 
     import deployments
